@@ -1,0 +1,89 @@
+"""What a person sees: progress bars over trials and epochs, and the closing summary."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from sweep.storage import mask_url
+
+
+class EpochBar:
+    """A training listener that shows the current trial's epochs."""
+
+    def __init__(self, trial_number: int, epochs: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=epochs, desc=f"trial {trial_number} epochs", position=1,
+                        leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def on_steps(self, first_step: int, lrs: Sequence[float], losses: Sequence[float]) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        self.bar.set_postfix(val_acc=f"{metrics['val_acc']:.3f}", refresh=False)
+        self.bar.update(1)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
+
+
+class TrialBar:
+    def __init__(self, budget: int, used: int, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=budget, initial=used, desc="trials", position=0,
+                            file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, number: int, outcome) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(last=f"#{number} {outcome.state.name.lower()}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    out = {"complete": 0, "pruned": 0, "diverged": 0, "failed": 0, "running": 0}
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            out["complete"] += 1
+        elif t.state == TrialState.PRUNED:
+            out["diverged" if t.user_attrs.get("prune_reason") == "diverged" else "pruned"] += 1
+        elif t.state == TrialState.FAIL and not t.user_attrs.get("sweep.over_budget"):
+            out["failed"] += 1
+        elif t.state == TrialState.RUNNING:
+            out["running"] += 1
+    return out
+
+
+def summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> str:
+    """The closing text: best trial, counts, and how to open the MLflow UI."""
+    c = counts(study)
+    lines = [f"study {study.study_name!r}: {used}/{budget} trials used; {c['complete']} complete, "
+             f"{c['pruned']} pruned, {c['diverged']} diverged, {c['failed']} failed"]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        test = best.user_attrs.get("test_acc")
+        lines.append(f"best trial #{best.number}: {study.direction.name.lower()}d value "
+                     f"{best.value:.4f}" + (f", test_acc {test:.4f}" if test is not None else "")
+                     + f", mlflow run {best.user_attrs.get('mlflow_run_id', '?')}")
+        lines.append("  params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
+    else:
+        lines.append("no complete trial yet")
+    if tracking_uri.startswith(("sqlite:", "postgresql", "mysql")):
+        lines.append(f"compare trials: mlflow ui --backend-store-uri {mask_url(tracking_uri)}")
+    else:
+        lines.append(f"compare trials: open {mask_url(tracking_uri)}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

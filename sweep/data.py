@@ -1,0 +1,177 @@
+"""CIFAR-10 on the trial's device: loaded once per worker, augmented a whole batch at a time.
+
+Following airbench: the training split lives on the device as uint8 NCHW; every epoch is a
+random permutation; random crop (4-pixel zero padding) and horizontal flip are done on whole
+batches with tensor ops, on the CPU and on CUDA alike. No PIL, no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sweep.errors import DataError
+from sweep.spec import DataSpec
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+# Per-channel statistics of the CIFAR-10 training set (0..1 pixel scale).
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sweep" / "data"
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Loads only what a CIFAR batch holds (dicts, lists, bytes, numpy arrays): a pickle from a
+    folder we did not write must not be able to run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (uint8 images N x 3 x 32 x 32, int64 labels N). Any record count."""
+    try:
+        with open(path, "rb") as f:
+            batch = _SafeUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"CIFAR-10 file missing: {path}; point --data-dir (or SWEEP_DATA_DIR) at a "
+                        f"folder holding a complete {FOLDER}/") from None
+    except Exception as err:  # truncated or foreign pickle: name the file, not the internals
+        raise DataError(f"CIFAR-10 file {path} is corrupt ({type(err).__name__}: {err}); "
+                        f"replace it with the official file") from None
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise DataError(f"CIFAR-10 file {path} has no 'data'/'labels' entries; replace it with the "
+                        f"official file")
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"CIFAR-10 file {path}: 'data' must be uint8 of shape (N, 3072), got "
+                        f"{data.dtype} {data.shape}")
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"CIFAR-10 file {path}: {labels.shape[0] if labels.ndim else 0} labels for "
+                        f"{data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"CIFAR-10 file {path}: labels out of range 0..9 "
+                        f"(min {labels.min()}, max {labels.max()})")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def locate(data_dir: str | Path | None, download: bool = True) -> Path:
+    """The ``cifar-10-batches-py`` folder under ``data_dir``; downloads it when absent."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    for candidate in (root / FOLDER, root):
+        if (candidate / TEST_FILE).is_file() or (candidate / TRAIN_FILES[0]).is_file():
+            return candidate
+    if not download:
+        raise DataError(f"CIFAR-10 not found: no {FOLDER}/ in {root}; point --data-dir (or "
+                        f"SWEEP_DATA_DIR) at the folder that holds it")
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        root.mkdir(parents=True, exist_ok=True)
+        download_and_extract_archive(ARCHIVE_URL, str(root), md5=ARCHIVE_MD5)
+    except Exception as err:
+        raise DataError(f"CIFAR-10 not found in {root / FOLDER} and the download failed "
+                        f"({type(err).__name__}); copy cifar-10-batches-py/ there or point "
+                        f"--data-dir (or SWEEP_DATA_DIR) at a folder that holds it") from None
+    return root / FOLDER
+
+
+@dataclass
+class Splits:
+    """uint8 NCHW images and int64 labels, already on the device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+
+
+def load_splits(data_dir: str | Path | None, spec: DataSpec, device: torch.device,
+                download: bool = True) -> Splits:
+    """Read the folder once and carve train/val from the training batches with a fixed seed.
+
+    The validation split never overlaps the training split, and the test batch is only used
+    for the final test accuracy: the objective is tuned on validation, never on test.
+    """
+    folder = locate(data_dir, download)
+    parts = [_read_batch(folder / name) for name in TRAIN_FILES]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    test_x, test_y = _read_batch(folder / TEST_FILE)
+    need = spec.train_size + spec.val_size
+    if need > len(train_y):
+        raise DataError(f"{folder} holds {len(train_y)} training images but data.train_size + "
+                        f"data.val_size = {need}; lower them (e.g. --set data.train_size=...)")
+    order = np.random.default_rng(spec.split_seed).permutation(len(train_y))
+    val_idx, train_idx = order[: spec.val_size], order[spec.val_size: need]
+    if spec.test_size is not None:
+        test_x, test_y = test_x[: spec.test_size], test_y[: spec.test_size]
+
+    def put(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    return Splits(put(train_x[train_idx]), put(train_y[train_idx]), put(train_x[val_idx]),
+                  put(train_y[val_idx]), put(test_x), put(test_y), str(folder))
+
+
+class Normalizer:
+    """uint8 NCHW -> normalized float NCHW (channels_last on request), on the device."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        x = (images_u8.float() - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip of a whole NCHW batch at once."""
+    n, _, h, w = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    chans = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    cropped = padded[batch, chans, rows, cols]
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def train_batches(splits: Splits, batch_size: int, generator: torch.Generator,
+                  normalize: Normalizer):
+    """One epoch: a random permutation cut into full batches (the last partial one dropped,
+    so every epoch has exactly ``len // batch_size`` optimizer steps)."""
+    n = splits.train_y.shape[0]
+    order = torch.randperm(n, generator=generator, device=splits.train_y.device)
+    for start in range(0, n - batch_size + 1, batch_size):
+        idx = order[start: start + batch_size]
+        x = normalize(augment(splits.train_x[idx], generator))
+        yield x, splits.train_y[idx]

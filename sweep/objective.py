@@ -1,0 +1,128 @@
+"""One Optuna trial: suggest -> train -> report -> outcome.
+
+The MLflow run of a trial always ends: FINISHED (complete), KILLED (pruned, diverged or
+interrupted) or FAILED (the trial raised). Nothing here decides the study loop; see
+``sweep.worker``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Sequence
+
+import optuna
+
+from sweep.data import Splits
+from sweep.divergence import DivergenceMonitor
+from sweep.pruning import describe_pruner
+from sweep.space import trial_config
+from sweep.spec import StudySpec
+from sweep.tracking import REASON, STATE, Tracker
+from sweep.train import StopTraining, train
+
+import torch
+
+
+class PruningListener:
+    """Reports the objective metric each epoch and asks the study's pruner."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, pruner_name: str, steps_per_epoch: int):
+        self.trial, self.metric, self.pruner_name = trial, metric, pruner_name
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_steps(self, first_step: int, lrs: Sequence[float], losses: Sequence[float]) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        value = metrics[self.metric]
+        if not math.isfinite(value) or not math.isfinite(metrics["val_loss"]):
+            return  # a non-finite epoch is divergence, handled by DivergenceMonitor
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise StopTraining("pruner", (epoch + 1) * self.steps_per_epoch - 1, epoch,
+                               {"pruner": self.pruner_name, "value": value})
+
+
+@dataclass
+class WorkerContext:
+    """What a worker loads once and reuses for all its trials."""
+
+    spec: StudySpec
+    splits: Splits
+    device: torch.device
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+    code_version: str
+    progress: object | None = None  # an optional listener factory for the console
+
+
+@dataclass
+class Outcome:
+    state: optuna.trial.TrialState
+    value: float | None = None
+    run_id: str = ""
+    detail: str = ""
+
+
+def run_trial(trial: optuna.Trial, ctx: WorkerContext) -> Outcome:
+    """Train one trial; returns its outcome. Re-raises only interruptions (BaseException)."""
+    spec = ctx.spec
+    cfg = trial_config(trial, spec)
+    steps_per_epoch = spec.steps_per_epoch
+    run = ctx.tracker.start_trial(
+        ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
+        params={**cfg.flat_params(), "device": str(ctx.device)},
+        tags={"sweep.code_version": ctx.code_version, "sweep.study_file": str(spec.path),
+              "sweep.host": socket.gethostname(), "sweep.pid": os.getpid()})
+    for key, value in (("seed", cfg.seed), ("mlflow_run_id", run.run_id),
+                       ("host", socket.gethostname()), ("pid", os.getpid())):
+        trial.set_user_attr(key, value)
+    listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch),
+                 PruningListener(trial, spec.objective.metric, describe_pruner(spec.pruner),
+                                 steps_per_epoch)]
+    if ctx.progress is not None:
+        listeners.append(ctx.progress(trial.number, spec.train.epochs))
+    try:
+        result = train(cfg, ctx.splits, ctx.device, listeners)
+    except StopTraining as stop:
+        for key, value in (("prune_reason", stop.reason), ("prune_step", stop.step),
+                           ("prune_epoch", stop.epoch), *stop.detail.items()):
+            trial.set_user_attr(key if key.startswith("prune") else f"prune_{key}", value)
+        run.finish("KILLED", {STATE: "PRUNED", REASON: stop.reason, "sweep.prune_step": stop.step,
+                              "sweep.prune_epoch": stop.epoch,
+                              **{f"sweep.prune_{k}": v for k, v in stop.detail.items()}})
+        return Outcome(optuna.trial.TrialState.PRUNED, run_id=run.run_id, detail=str(stop))
+    except BaseException as err:  # interruption, or a bug/OOM in the trial
+        interrupted = not isinstance(err, Exception)
+        message = f"{type(err).__name__}: {err}".strip()[:2000]
+        trial.set_user_attr("error", "interrupted" if interrupted else message)
+        try:
+            run.finish("KILLED" if interrupted else "FAILED",
+                       {STATE: "FAIL", "sweep.error": "interrupted" if interrupted else message,
+                        "sweep.traceback": "" if interrupted else traceback.format_exc()[-4000:]},
+                       curve_png=not interrupted)
+        except Exception:
+            pass  # the store failing too must not hide the trial's own error
+        if interrupted:
+            raise
+        return Outcome(optuna.trial.TrialState.FAIL, run_id=run.run_id, detail=message)
+    final = result.history[-1]
+    value = final[spec.objective.metric]
+    epoch_seconds = sum(h["epoch_seconds"] for h in result.history) / len(result.history)
+    trial.set_user_attr("test_acc", result.test_acc)
+    trial.set_user_attr("epoch_seconds", epoch_seconds)
+    run.log_metric("test_acc", result.test_acc)
+    run.log_metric("epoch_seconds", epoch_seconds)
+    if result.compile_seconds:
+        run.log_metric("compile_seconds", result.compile_seconds)
+    try:
+        run.finish("FINISHED", {STATE: "COMPLETE"})
+    except Exception as err:
+        trial.set_user_attr("error", str(err))
+        return Outcome(optuna.trial.TrialState.FAIL, run_id=run.run_id, detail=str(err))
+    return Outcome(optuna.trial.TrialState.COMPLETE, value, run.run_id)

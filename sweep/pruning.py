@@ -1,0 +1,77 @@
+"""Pruners: the study file's ``pruner:`` section turned into an Optuna pruner.
+
+Epochs are the resource: trials report the objective once per epoch (step = epoch index), so
+``n_warmup_steps``, ``min_resource`` and ``max_resource`` are counted in epochs. Divergence is
+not a pruner's business (it is per optimizer step, see ``sweep.divergence``).
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from sweep.spec import PrunerSpec
+
+
+def _non_negative(v):
+    return None if v >= 0 else f"must be >= 0, got {v!r}"
+
+
+def _positive(v):
+    return None if v >= 1 else f"must be >= 1, got {v!r}"
+
+
+def _percent(v):
+    return None if 0 <= v <= 100 else f"must be in [0, 100], got {v!r}"
+
+
+def _reduction(v):
+    return None if v >= 2 else f"must be >= 2, got {v!r}"
+
+
+_MEDIAN = {"n_startup_trials": (int, _non_negative), "n_warmup_steps": (int, _non_negative),
+           "interval_steps": (int, _positive), "n_min_trials": (int, _positive)}
+
+#: pruner type -> parameter -> (type, check). Counts of steps are epochs.
+PRUNER_PARAMS: dict[str, dict] = {
+    "none": {},
+    "median": _MEDIAN,
+    "percentile": {**_MEDIAN, "percentile": (float, _percent)},
+    "successive_halving": {"min_resource": (int, _positive), "reduction_factor": (int, _reduction),
+                           "min_early_stopping_rate": (int, _non_negative)},
+    "hyperband": {"min_resource": (int, _positive), "reduction_factor": (int, _reduction)},
+    "threshold": {"lower": (float, None), "upper": (float, None),
+                  "n_warmup_steps": (int, _non_negative), "interval_steps": (int, _positive)},
+    "patient": {"patience": (int, _non_negative), "min_delta": (float, _non_negative)},
+}
+
+DEFAULT_MEDIAN = {"n_startup_trials": 5, "n_warmup_steps": 2}
+
+
+def build_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
+    """The Optuna pruner for ``spec``; hyperband's ``max_resource`` is the study's epochs."""
+    p = dict(spec.params)
+    kind = spec.type
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "median":
+        return optuna.pruners.MedianPruner(**{**DEFAULT_MEDIAN, **p})
+    if kind == "percentile":
+        return optuna.pruners.PercentilePruner(**{**DEFAULT_MEDIAN, "percentile": 25.0, **p})
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **p})
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(**{"min_resource": 1, **p}, max_resource=epochs)
+    if kind == "threshold":
+        if "lower" not in p and "upper" not in p:
+            raise ValueError("pruner 'threshold' needs lower or upper")
+        return optuna.pruners.ThresholdPruner(**p)
+    if kind == "patient":
+        return optuna.pruners.PatientPruner(build_pruner(spec.wrapped, epochs),
+                                            patience=p.get("patience", 2),
+                                            min_delta=p.get("min_delta", 0.0))
+    raise ValueError(f"unknown pruner {kind!r}")  # unreachable: the spec validated the name
+
+
+def describe_pruner(spec: PrunerSpec) -> str:
+    """A short name for logs and user attributes, e.g. ``patient(median)``."""
+    return f"patient({describe_pruner(spec.wrapped)})" if spec.type == "patient" else spec.type

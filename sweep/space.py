@@ -1,0 +1,71 @@
+"""The one place that calls ``trial.suggest_*``: an Optuna trial becomes a ``TrialConfig``.
+
+Parameter names in Optuna are the study file's names (``warmup_steps``, ``base_lr``,
+``scheduler``, ``gamma``, ``step_size_epochs`` ...), so Optuna, MLflow and the study file agree.
+Conditional parameters are suggested only for the scheduler that uses them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+
+from sweep.schedules import ScheduleConfig, resolve_params
+from sweep.spec import CategoricalParam, FloatParam, Fixed, IntParam, Param, SearchSpace, StudySpec
+from sweep.spec import DataSpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial's training needs; no Optuna object past this point."""
+
+    base_lr: float
+    schedule: ScheduleConfig
+    train: TrainSpec
+    data: DataSpec
+    seed: int
+    sampled: dict  # the hyperparameters as sampled, by study-file name
+
+    def flat_params(self) -> dict[str, Any]:
+        """The resolved configuration as flat ``name -> value`` pairs (MLflow params)."""
+        out = dict(self.sampled)
+        out.update({f"sched.{k}": v for k, v in self.schedule.params.items() if v is not None})
+        out.update(asdict(self.train))
+        out.update({k: v for k, v in asdict(self.data).items()})
+        out.update(base_lr=self.base_lr, scheduler=self.schedule.name,
+                   warmup_steps=self.schedule.warmup_steps, seed=self.seed,
+                   steps_per_epoch=self.data.train_size // self.train.batch_size)
+        return {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
+
+
+def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
+    if isinstance(param, Fixed):
+        return param.value
+    if isinstance(param, CategoricalParam):
+        return trial.suggest_categorical(name, list(param.choices))
+    if isinstance(param, IntParam):
+        return trial.suggest_int(name, param.low, param.high, step=param.step, log=param.log)
+    if isinstance(param, FloatParam):
+        return trial.suggest_float(name, param.low, param.high, step=param.step, log=param.log)
+    raise TypeError(f"not a parameter spec: {param!r}")
+
+
+def trial_config(trial: optuna.Trial, spec: StudySpec) -> TrialConfig:
+    """Sample one trial's hyperparameters from ``spec.space``; the only sampler of the project."""
+    space: SearchSpace = spec.space
+    sampled: dict[str, Any] = {}
+    names = list(space.scheduler)
+    scheduler = names[0] if len(names) == 1 else trial.suggest_categorical("scheduler", names)
+    sampled["scheduler"] = scheduler
+    sampled["warmup_steps"] = suggest(trial, "warmup_steps", space.warmup_steps)
+    sampled["base_lr"] = suggest(trial, "base_lr", space.base_lr)
+    given = {k: suggest(trial, k, p) for k, p in space.scheduler[scheduler].items()}
+    sampled.update(given)
+    params = resolve_params(scheduler, given, spec.train.epochs)
+    schedule = ScheduleConfig(scheduler, int(sampled["warmup_steps"]), spec.train.warmup_shape,
+                              spec.train.warmup_start_factor, params)
+    return TrialConfig(base_lr=float(sampled["base_lr"]), schedule=schedule, train=spec.train,
+                       data=spec.data, seed=spec.seed + trial.number, sampled=sampled)

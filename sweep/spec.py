@@ -1,0 +1,561 @@
+"""Study files: YAML data, validated once at the edge into frozen typed specs.
+
+The core never sees raw dicts. Every problem raises ``StudyFileError`` with one line:
+``FILE: KEY.PATH (line N): problem; allowed values``. Nothing is created before a
+study file has passed validation in full.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from sweep.errors import OverrideError, StudyFileError
+from sweep.schedules import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_SHAPES, ScheduleConfig
+from sweep.schedules import check_schedule, resolve_params
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+          "resnet18")
+OPTIMIZERS = ("sgd", "adamw")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "threshold",
+           "patient")
+METRICS = ("val_acc", "val_loss")  # what the trainer produces each epoch
+DIRECTIONS = ("maximize", "minimize")
+SPACE_KEYS = ("warmup_steps", "base_lr", "scheduler")
+
+
+# --- typed specs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IntParam:
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class FloatParam:
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class CategoricalParam:
+    choices: tuple
+
+
+@dataclass(frozen=True)
+class Fixed:
+    value: Any
+
+
+Param = IntParam | FloatParam | CategoricalParam | Fixed
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """``scheduler`` maps each scheduler type to its conditional parameters."""
+
+    warmup_steps: Param
+    base_lr: Param
+    scheduler: Mapping[str, Mapping[str, Param]]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train_size: int = 45_000
+    val_size: int = 5_000
+    test_size: int | None = None  # None: the whole test batch
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    model: str = "resnet20"
+    width: int = 1
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    warmup_shape: str = "linear"
+    warmup_start_factor: float = 0.01
+    eval_batch_size: int = 1000
+    sync_every_steps: int = 10  # host reads the per-step losses this often (divergence latency)
+    compile: bool = False
+    bf16: bool = True  # autocast on CUDA only
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    enabled: bool = True
+    loss_factor: float = 4.0  # loss above factor x early reference ...
+    patience_steps: int = 20  # ... for this many consecutive steps means diverged
+    reference_steps: int = 10  # the reference is the mean loss of the first steps
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    metric: str = "val_acc"
+    direction: str = "maximize"
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    type: str = "tpe"
+    n_startup_trials: int = 10
+    multivariate: bool = True
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    type: str = "median"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    wrapped: "PrunerSpec | None" = None  # for type 'patient'
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    description: str
+    path: Path
+    seed: int
+    trials: int
+    objective: ObjectiveSpec
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    divergence: DivergenceSpec
+    data: DataSpec
+    train: TrainSpec
+    space: SearchSpace
+    raw: Mapping[str, Any]  # the validated document, for logging the study file as data
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.data.train_size // self.train.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.train.epochs
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
+
+class _LineDict(dict):
+    """A dict that remembers the line of each key, so errors can point into the file."""
+
+    lines: dict
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    result = _LineDict()
+    result.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise StudyFileError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Ctx:
+    """Builds one-line errors: ``file: key.path (line N): problem``."""
+
+    def __init__(self, source: str, doc: Mapping):
+        self.source, self.doc = source, doc
+
+    def fail(self, path: tuple, problem: str) -> StudyFileError:
+        line = self._line(path)
+        where = ".".join(map(str, path)) or "(top level)"
+        return StudyFileError(f"{self.source}: {where}{f' (line {line})' if line else ''}: {problem}")
+
+    def _line(self, path: tuple) -> int | None:
+        node, line = self.doc, None
+        for key in path:
+            if isinstance(node, dict) and key in node:
+                line = getattr(node, "lines", {}).get(key, line)
+                node = node[key]
+            else:
+                break
+        return line
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(ctx: _Ctx, path: tuple, section: Any, valid) -> Mapping:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ctx.fail(path, f"must be a mapping, got {type(section).__name__}")
+    for key in section:
+        if key not in valid:
+            raise ctx.fail(path + (key,), f"unknown key{_suggest(key, valid)}; valid keys: "
+                                          f"{', '.join(valid)}")
+    return section
+
+
+# --- fixed sections ---------------------------------------------------------------------------
+
+def _type_ok(value: Any, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    return False
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _section(ctx: _Ctx, doc: Mapping, name: str, cls, rules: Mapping[str, tuple]) -> Any:
+    """Validate ``doc[name]`` against ``rules``: key -> (kind, check(value)->problem|None).
+
+    Missing keys take the dataclass defaults.
+    """
+    section = _check_keys(ctx, (name,), doc.get(name), rules)
+    values = {}
+    for key, value in section.items():
+        kind, check = rules[key]
+        optional = value is None and cls.__dataclass_fields__[key].default is None
+        if not optional:
+            if not _type_ok(value, kind):
+                raise ctx.fail((name, key), f"must be {_KIND_NAMES[kind]}, got {value!r}")
+            problem = check(value) if check else None
+            if problem:
+                raise ctx.fail((name, key), problem)
+        values[key] = float(value) if kind is float and value is not None else value
+    return cls(**values)
+
+
+def _one_of(choices):
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
+def _at_least(low):
+    return lambda v: None if v >= low else f"must be >= {low}, got {v!r}"
+
+
+def _in_range(low, high, low_open=False):
+    def check(v):
+        ok = (v > low if low_open else v >= low) and v <= high
+        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}], got {v!r}"
+    return check
+
+
+_TRAIN_RULES = {
+    "model": (str, _one_of(MODELS)), "width": (int, _at_least(1)), "epochs": (int, _at_least(1)),
+    "batch_size": (int, _at_least(1)), "optimizer": (str, _one_of(OPTIMIZERS)),
+    "momentum": (float, _in_range(0, 1)), "nesterov": (bool, None),
+    "weight_decay": (float, _at_least(0)), "label_smoothing": (float, _in_range(0, 1)),
+    "warmup_shape": (str, _one_of(WARMUP_SHAPES)),
+    "warmup_start_factor": (float, _in_range(0, 1, low_open=True)),
+    "eval_batch_size": (int, _at_least(1)), "sync_every_steps": (int, _at_least(1)),
+    "compile": (bool, None), "bf16": (bool, None),
+}
+_DATA_RULES = {"train_size": (int, _at_least(1)), "val_size": (int, _at_least(1)),
+               "test_size": (int, _at_least(1)), "split_seed": (int, _at_least(0))}
+_DIVERGENCE_RULES = {"enabled": (bool, None), "loss_factor": (float, _in_range(1, 1e12, True)),
+                     "patience_steps": (int, _at_least(1)), "reference_steps": (int, _at_least(1))}
+_OBJECTIVE_RULES = {"metric": (str, _one_of(METRICS)), "direction": (str, _one_of(DIRECTIONS))}
+_SAMPLER_RULES = {"type": (str, _one_of(SAMPLERS)), "n_startup_trials": (int, _at_least(0)),
+                  "multivariate": (bool, None)}
+TOP_KEYS = ("name", "description", "seed", "trials", "objective", "sampler", "pruner",
+            "divergence", "data", "train", "space")
+#: sections whose fields ``--set`` may override (everything but the search space)
+OVERRIDABLE = {"train": _TRAIN_RULES, "data": _DATA_RULES, "divergence": _DIVERGENCE_RULES,
+               "objective": _OBJECTIVE_RULES, "sampler": _SAMPLER_RULES}
+
+
+def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
+    from sweep.pruning import PRUNER_PARAMS  # the pruner module owns its parameter rules
+
+    if raw is None:
+        return PrunerSpec()
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    section = _check_keys(ctx, path, raw, ("type", *sorted({k for r in PRUNER_PARAMS.values()
+                                                              for k in r}), "wrapped"))
+    kind = section.get("type", "median")
+    if kind not in PRUNERS:
+        raise ctx.fail(path + ("type",), f"unknown pruner {kind!r}{_suggest(kind, PRUNERS)}; "
+                                         f"choose one of {', '.join(PRUNERS)}")
+    params = {}
+    for key, value in section.items():
+        if key in ("type", "wrapped"):
+            continue
+        rules = PRUNER_PARAMS[kind]
+        if key not in rules:
+            raise ctx.fail(path + (key,), f"not a parameter of pruner {kind!r} (its parameters: "
+                                          f"{', '.join(rules) or 'none'})")
+        kind_, check = rules[key]
+        if not _type_ok(value, kind_) or (check and check(value)):
+            raise ctx.fail(path + (key,), check(value) if _type_ok(value, kind_) and check
+                           else f"must be {_KIND_NAMES[kind_]}, got {value!r}")
+        params[key] = value
+    wrapped = None
+    if kind == "patient":
+        if "wrapped" not in section:
+            raise ctx.fail(path, "pruner 'patient' needs 'wrapped:' (the pruner it wraps)")
+        wrapped = _pruner(ctx, section["wrapped"], path + ("wrapped",))
+    elif "wrapped" in section:
+        raise ctx.fail(path + ("wrapped",), "only pruner 'patient' wraps another pruner")
+    return PrunerSpec(kind, params, wrapped)
+
+
+# --- search space -----------------------------------------------------------------------------
+
+def _param(ctx: _Ctx, path: tuple, raw: Any, kind: str, total_steps: int | None = None) -> Param:
+    """Parse one parameter: a plain value (fixed) or ``{type: int|float|categorical, ...}``."""
+    if not isinstance(raw, dict):
+        return Fixed(list(raw) if isinstance(raw, (list, tuple)) else raw)
+    dist = raw.get("type")
+    if dist == "categorical":
+        _check_keys(ctx, path, raw, ("type", "choices"))
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ctx.fail(path + ("choices",), "must be a non-empty list")
+        if len(set(map(repr, choices))) != len(choices):
+            raise ctx.fail(path + ("choices",), f"has duplicate choices: {choices!r}")
+        return CategoricalParam(tuple(choices))
+    if dist not in ("int", "float"):
+        raise ctx.fail(path + ("type",), f"must be one of int, float, categorical, got {dist!r}")
+    valid = ("type", "low", "high", "step", "log") + (("high_fraction",) if dist == "int" else ())
+    _check_keys(ctx, path, raw, valid)
+    num = int if dist == "int" else float
+    if "high_fraction" in raw:
+        if "high" in raw:
+            raise ctx.fail(path, "give high or high_fraction, not both")
+        frac = raw["high_fraction"]
+        if not _type_ok(frac, float) or not 0 < frac < 1:
+            raise ctx.fail(path + ("high_fraction",), f"must be a number in (0, 1), got {frac!r}")
+        raw = {**raw, "high": int(math.floor(frac * total_steps))}
+    for key in ("low", "high"):
+        if key not in raw:
+            raise ctx.fail(path, f"missing {key!r} for a {dist} parameter")
+        if not _type_ok(raw[key], num):
+            raise ctx.fail(path + (key,), f"must be {_KIND_NAMES[num]}, got {raw[key]!r}")
+    low, high, log = raw["low"], raw["high"], raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ctx.fail(path + ("log",), f"must be true or false, got {log!r}")
+    if low > high:
+        raise ctx.fail(path, f"low ({low}) > high ({high})")
+    if log and low <= 0:
+        raise ctx.fail(path + ("low",), f"a log range needs low > 0, got {low}")
+    step = raw.get("step", 1 if dist == "int" else None)
+    if step is not None and (not _type_ok(step, num) or step <= 0):
+        raise ctx.fail(path + ("step",), f"must be a positive {dist}, got {step!r}")
+    if log and step not in (None, 1):
+        raise ctx.fail(path + ("step",), "a log range cannot have a step")
+    if dist == "int":
+        return IntParam(low, high, step, log)
+    return FloatParam(float(low), float(high), log, None if step is None else float(step))
+
+
+def param_values(p: Param) -> list:
+    """The extreme values a parameter can take (for range checks at load time)."""
+    if isinstance(p, Fixed):
+        return [p.value]
+    if isinstance(p, CategoricalParam):
+        return list(p.choices)
+    return [p.low, p.high]
+
+
+def _space(ctx: _Ctx, raw: Any, train: TrainSpec, total_steps: int, steps_per_epoch: int) -> SearchSpace:
+    section = _check_keys(ctx, ("space",), raw, SPACE_KEYS)
+    for key in SPACE_KEYS:
+        if key not in section:
+            raise ctx.fail(("space",), f"missing {key!r}; the space needs {', '.join(SPACE_KEYS)}")
+    warmup = _param(ctx, ("space", "warmup_steps"), section["warmup_steps"], "int", total_steps)
+    base_lr = _param(ctx, ("space", "base_lr"), section["base_lr"], "float")
+    for value in param_values(warmup):
+        if not _type_ok(value, int) or not 0 <= value <= total_steps - 1:
+            raise ctx.fail(("space", "warmup_steps"),
+                           f"must lie in [0, {total_steps - 1}] (T-1 = {train.epochs} epochs x "
+                           f"{steps_per_epoch} steps/epoch - 1), got {value!r}; shorten warmup or "
+                           f"train longer")
+    for value in param_values(base_lr):
+        if not _type_ok(value, float) or value <= 0:
+            raise ctx.fail(("space", "base_lr"), f"must be a number > 0, got {value!r}")
+    schedulers = section["scheduler"]
+    if not isinstance(schedulers, dict) or not schedulers:
+        raise ctx.fail(("space", "scheduler"), "must map each scheduler type to its parameters, "
+                       f"e.g. {{cosine: {{}}, step: {{gamma: 0.1, step_size_epochs: 10}}}}; "
+                       f"types: {', '.join(SCHEDULERS)}")
+    parsed: dict[str, dict[str, Param]] = {}
+    for name, params in schedulers.items():
+        path = ("space", "scheduler", name)
+        if name not in SCHEDULER_PARAMS:
+            raise ctx.fail(path, f"unknown scheduler {name!r}{_suggest(name, SCHEDULERS)}; "
+                                 f"choose from {', '.join(SCHEDULERS)}")
+        params = _check_keys(ctx, path, params, SCHEDULER_PARAMS[name]) if params else {}
+        parsed[name] = {k: _param(ctx, path + (k,), v, SCHEDULER_PARAMS[name][k].kind)
+                        for k, v in params.items()}
+        _check_scheduler_extremes(ctx, path, name, parsed[name], warmup, base_lr, train,
+                                  steps_per_epoch)
+    return SearchSpace(warmup, base_lr, parsed)
+
+
+def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, steps_per_epoch):
+    """Check every combination of the parameters' extreme values against the schedule rules."""
+    import itertools
+
+    keys = list(params)
+    for combo in itertools.product(*(param_values(params[k]) for k in keys)):
+        given = dict(zip(keys, combo))
+        try:
+            resolved = resolve_params(name, given, train.epochs)
+        except ValueError as err:
+            key, _, problem = str(err).partition(": ")
+            raise ctx.fail(path + (key,), problem) from None
+        for w in param_values(warmup):
+            for lr in param_values(base_lr):
+                cfg = ScheduleConfig(name, w, train.warmup_shape, train.warmup_start_factor, resolved)
+                try:
+                    check_schedule(cfg, steps_per_epoch, train.epochs, lr)
+                except ValueError as err:
+                    key, _, problem = str(err).partition(": ")
+                    where = ("space", "warmup_steps") if key == "warmup_steps" else path + (key,)
+                    raise ctx.fail(where, problem) from None
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+def available_studies() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def find_study(name_or_path: str) -> Path:
+    """A name in ``studies/`` (without .yaml) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = STUDIES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise StudyFileError(f"unknown study {name_or_path!r}: no file {candidate} and no YAML file at "
+                         f"that path; available studies: {', '.join(available_studies()) or 'none'}")
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
+    """``["train.epochs=3"]`` -> ``[(("train", "epochs"), 3)]``; values are parsed as YAML."""
+    parsed = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise OverrideError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+        path = tuple(key.strip().split("."))
+        if path in (("seed",), ("trials",)):
+            pass
+        elif len(path) != 2 or path[0] not in OVERRIDABLE and path[0] != "pruner":
+            valid = ["seed", "trials"] + [f"{s}.{k}" for s, r in OVERRIDABLE.items() for k in r]
+            raise OverrideError(f"--set {key}: unknown key{_suggest(key, valid)}; overridable keys "
+                                f"are seed, trials, pruner.*, " + ", ".join(f"{s}.*" for s in OVERRIDABLE))
+        elif path[0] in OVERRIDABLE and path[1] not in OVERRIDABLE[path[0]]:
+            valid = list(OVERRIDABLE[path[0]])
+            raise OverrideError(f"--set {key}: unknown key{_suggest(path[1], valid)}; valid keys "
+                                f"of {path[0]}: {', '.join(valid)}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        parsed.append((path, value))
+    return parsed
+
+
+def load_study(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    """Read, override and validate a study file. Raises StudyFileError/OverrideError."""
+    path = find_study(str(name_or_path))
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise StudyFileError(f"{path}: cannot read ({err.strerror})") from None
+    return parse_study(text, str(path), path, overrides)
+
+
+def parse_study(text: str, source: str, path: Path,
+                overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except StudyFileError as err:
+        raise StudyFileError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise StudyFileError(f"{source}{line}: not valid YAML: {problem}") from None
+    if not isinstance(doc, dict):
+        raise StudyFileError(f"{source}: a study file must be a YAML mapping with keys "
+                             f"{', '.join(TOP_KEYS)}")
+    for key_path, value in parse_overrides(overrides):
+        node = doc
+        for key in key_path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = _LineDict()
+                node[key].lines = {}
+            node = node[key]
+        node[key_path[-1]] = value
+    return _validate(_Ctx(source, doc), doc, path)
+
+
+def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
+    _check_keys(ctx, (), doc, TOP_KEYS)
+    name = doc.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip():
+        raise ctx.fail(("name",), f"must be a non-empty string, got {name!r}")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise ctx.fail(("description",), "must be a string")
+    for key, low in (("seed", 0), ("trials", 1)):
+        value = doc.get(key, 0 if key == "seed" else None)
+        if not _type_ok(value, int) or value < low:
+            raise ctx.fail((key,), f"must be an integer >= {low}, got {value!r}")
+    train = _section(ctx, doc, "train", TrainSpec, _TRAIN_RULES)
+    data = _section(ctx, doc, "data", DataSpec, _DATA_RULES)
+    if train.model == "resnet18" and train.width != 1:
+        raise ctx.fail(("train", "width"), "resnet18 has a fixed width; width must be 1")
+    if train.batch_size > data.train_size:
+        raise ctx.fail(("train", "batch_size"), f"batch size {train.batch_size} is larger than the "
+                       f"training split (data.train_size = {data.train_size})")
+    steps_per_epoch = data.train_size // train.batch_size
+    total_steps = steps_per_epoch * train.epochs
+    return StudySpec(
+        name=name, description=description.strip(), path=path, seed=doc.get("seed", 0),
+        trials=doc["trials"],
+        objective=_section(ctx, doc, "objective", ObjectiveSpec, _OBJECTIVE_RULES),
+        sampler=_section(ctx, doc, "sampler", SamplerSpec, _SAMPLER_RULES),
+        pruner=_pruner(ctx, doc.get("pruner"), ("pruner",)),
+        divergence=_section(ctx, doc, "divergence", DivergenceSpec, _DIVERGENCE_RULES),
+        data=data, train=train,
+        space=_space(ctx, doc.get("space"), train, total_steps, steps_per_epoch),
+        raw=copy.deepcopy(dict(doc)),
+    )

@@ -1,0 +1,127 @@
+"""Optuna storages from a URL, and the masking of credentials in any URL we print.
+
+* ``sqlite:///path.db`` (the embedded default): WAL journal, a 60 s busy timeout and
+  heartbeats, so several local workers never crash on "database is locked".
+* ``journal:///path/file.log``: Optuna's JournalStorage on a file (shared file systems).
+* ``postgresql://user:pass@host/db``: the cluster storage (``pip install sweep[postgres]``).
+
+Heartbeats (RDB storages): a trial whose worker died is failed after the grace period and its
+parameters are re-enqueued once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import optuna
+
+from sweep.errors import StorageError
+
+DEFAULT_STORAGE = "sqlite:///sweep.db"
+_PASSWORD_IN_NETLOC = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^/:@\s]*:)(?P<pw>[^@\s]*)(?=@)")
+_PASSWORD_IN_QUERY = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|token)=)(?P<pw>[^&;\s]*)",
+                                re.IGNORECASE)
+
+
+def mask_url(text: str) -> str:
+    """Hide every password in ``text``: ``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
+    text = _PASSWORD_IN_NETLOC.sub(lambda m: m.group("head") + "***", text)
+    return _PASSWORD_IN_QUERY.sub(lambda m: m.group("head") + "***", text)
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace period) in seconds; ``SWEEP_HEARTBEAT_INTERVAL``/``SWEEP_GRACE_PERIOD``."""
+    interval = int(os.environ.get("SWEEP_HEARTBEAT_INTERVAL", "15"))
+    grace = int(os.environ.get("SWEEP_GRACE_PERIOD", str(4 * interval)))
+    return interval, grace
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a ``sqlite:///`` URL (None for other schemes or in-memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def check_writable_file(path: Path, what: str, error=StorageError) -> None:
+    """Raise ``error`` unless ``path`` can be created or written; creates nothing."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise error(f"{what} {path} is not writable; fix its permissions or choose another")
+        return
+    if not parent.is_dir():
+        raise error(f"{what} {path}: folder {parent} does not exist; create it or choose another")
+    if not os.access(parent, os.W_OK):
+        raise error(f"{what} {path}: folder {parent} is not writable; choose another")
+
+
+@contextlib.contextmanager
+def creation_lock(path: Path):
+    """Serialise the creation of a store file across processes (fresh-store migrations race)."""
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_storage_url(url: str) -> None:
+    """Validate a storage URL without creating or writing anything."""
+    scheme = urlsplit(url).scheme
+    if url.startswith("journal:///"):
+        check_writable_file(Path(url[len("journal://"):]), "journal file")
+    elif scheme == "sqlite":
+        path = sqlite_path(url)
+        if path is None:
+            raise StorageError(f"storage {url!r}: use sqlite:///PATH.db (a file, so workers share it)")
+        check_writable_file(path, "SQLite storage")
+    elif scheme.startswith("postgresql") or scheme.startswith("mysql"):
+        if not urlsplit(url).hostname and "host=" not in url:
+            raise StorageError(f"storage {mask_url(url)!r}: no host; expected "
+                               f"postgresql://USER:PASSWORD@HOST:PORT/DB")
+    else:
+        raise StorageError(f"storage {mask_url(url)!r}: unsupported URL; use sqlite:///PATH.db, "
+                           f"journal:///PATH.log or postgresql://USER:PASSWORD@HOST/DB")
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open (creating if needed) the Optuna storage at ``url``. Raises StorageError."""
+    check_storage_url(url)
+    if url.startswith("journal:///"):
+        path = Path(url[len("journal://"):])
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    interval, grace = heartbeat_settings()
+    kwargs = dict(
+        heartbeat_interval=interval, grace_period=grace,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+    )
+    path = sqlite_path(url)
+    try:
+        if path is not None:
+            with creation_lock(path):
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
+                with storage.engine.connect() as conn:  # WAL persists in the file once set
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            return storage
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
+            **kwargs)
+    except ModuleNotFoundError as err:
+        raise StorageError(f"storage {mask_url(url)!r} needs the Python module {err.name!r}; "
+                           f"install it with: pip install 'sweep[postgres]'") from None
+    except Exception as err:
+        reason = mask_url(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise StorageError(f"storage {mask_url(url)!r} is unreachable: {reason}; check the URL, "
+                           f"the server and the credentials") from None

@@ -1,0 +1,192 @@
+"""The training loop. It knows nothing of Optuna or MLflow.
+
+It takes a ``TrialConfig``, the device-resident data splits and listeners. Listeners hear
+about every optimizer step (in chunks of ``train.sync_every_steps``: the per-step losses stay
+on the device until then, so CUDA is not synchronised every step) and about every epoch.
+A listener stops training by raising ``StopTraining``; tracking and pruning are listeners.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+
+from sweep.data import Normalizer, Splits, train_batches
+from sweep.models import build_model
+from sweep.schedules import LRSchedule
+from sweep.space import TrialConfig
+
+
+class StopTraining(Exception):
+    """Raised by a listener to end training early (``reason``: "diverged", "pruner", ...)."""
+
+    def __init__(self, reason: str, step: int, epoch: int, detail: dict | None = None):
+        super().__init__(f"{reason} at step {step} (epoch {epoch})")
+        self.reason, self.step, self.epoch, self.detail = reason, step, epoch, detail or {}
+
+
+class Listener(Protocol):
+    def on_steps(self, first_step: int, lrs: Sequence[float], losses: Sequence[float]) -> None:
+        """Steps ``first_step ..`` ran with these LRs and produced these (maybe NaN) losses."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        """Epoch ``epoch`` ended; ``metrics`` has val_loss, val_acc, lr_reduced, epoch_seconds."""
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one metrics dict per finished epoch
+    test_acc: float | None = None
+    steps: int = 0
+    compile_seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Raises ValueError for a device that is absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use "
+                             f"--device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    # No weight decay on BatchNorm and bias parameters; both groups start at base_lr.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.base_lr)
+    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=t.momentum,
+                           nesterov=t.nesterov and t.momentum > 0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, normalize: Normalizer,
+             batch_size: int, autocast) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over a whole split, without augmentation; one sync."""
+    model.eval()
+    loss_sum = torch.zeros((), device=y.device)
+    correct = torch.zeros((), device=y.device, dtype=torch.long)
+    for start in range(0, y.shape[0], batch_size):
+        xb, yb = normalize(x_u8[start: start + batch_size]), y[start: start + batch_size]
+        with autocast():
+            logits = model(xb)
+        loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    model.train()
+    n = y.shape[0]
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _autocast_for(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, enabled=False)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+
+def train(cfg: TrialConfig, splits: Splits, device: torch.device,
+          listeners: Sequence[Listener] = (), checkpoint: Path | None = None) -> TrainResult:
+    """Train one trial. With ``checkpoint``, state is saved after every epoch and a run that
+    finds the file resumes from it with the same batches and the same LR sequence."""
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    channels_last = True  # faster on CPU (1.3x here) and on CUDA tensor cores alike
+    model = build_model(t.model, t.width).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    base_lrs = [cfg.base_lr for _ in optimizer.param_groups]
+    steps_per_epoch = splits.train_y.shape[0] // t.batch_size
+    schedule = LRSchedule(cfg.schedule, steps_per_epoch, t.epochs)
+    normalize = Normalizer(device, channels_last)
+    autocast = _autocast_for(device, t.bf16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    result, start_epoch = TrainResult(), 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"].to(generator.get_state().device))
+        start_epoch, result.history = state["epoch"] + 1, list(state["history"])
+    step_fn = model
+    if t.compile:
+        began = time.perf_counter()
+        step_fn = torch.compile(model)
+        _warm_compile(step_fn, model, normalize(splits.train_x[: t.batch_size]), autocast)
+        result.compile_seconds = time.perf_counter() - began
+
+    sync_every = t.sync_every_steps
+    losses = torch.zeros(sync_every, device=device)
+    for epoch in range(start_epoch, t.epochs):
+        began = time.perf_counter()
+        pending: list[float] = []
+        first = epoch * steps_per_epoch
+        for i, (x, y) in enumerate(train_batches(splits, t.batch_size, generator, normalize)):
+            step = epoch * steps_per_epoch + i
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = schedule.lr_at(step, base)
+            with autocast():
+                loss = criterion(step_fn(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses[len(pending)] = loss.detach()
+            pending.append(optimizer.param_groups[0]["lr"])
+            if len(pending) == sync_every or i == steps_per_epoch - 1:
+                host = losses[: len(pending)].tolist()  # the one host sync per chunk
+                for listener in listeners:
+                    listener.on_steps(first, pending, host)
+                first, pending = step + 1, []
+        val_loss, val_acc = evaluate(model, splits.val_x, splits.val_y, normalize,
+                                     t.eval_batch_size, autocast)
+        metrics = {"val_loss": val_loss, "val_acc": val_acc,
+                   "epoch_seconds": time.perf_counter() - began}
+        if math.isfinite(val_loss):
+            metrics["lr_reduced"] = schedule.end_of_epoch(epoch, val_loss)
+        result.history.append(metrics)
+        result.steps = (epoch + 1) * steps_per_epoch
+        for listener in listeners:
+            listener.on_epoch_end(epoch, metrics)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                "epoch": epoch, "history": result.history})
+    _, result.test_acc = evaluate(model, splits.test_x, splits.test_y, normalize,
+                                  t.eval_batch_size, autocast)
+    return result
+
+
+def _warm_compile(compiled, model: nn.Module, x: torch.Tensor, autocast) -> None:
+    """Run one forward/backward so compilation happens outside the timed epochs; the model's
+    state (BatchNorm running statistics) is restored afterwards."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with autocast():
+        compiled(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(saved)

@@ -1,0 +1,231 @@
+"""The study loop of one worker process: create or resume the study, then ask -> run -> tell
+until the study's budget is used.
+
+The budget counts finished trials (complete + pruned + failed) across every worker and every
+resume. A trial that failed because its worker died or was interrupted is re-enqueued once;
+the failed original then no longer counts (its retry takes its place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from sweep import __version__
+from sweep.errors import SpaceChangedError
+from sweep.objective import Outcome, WorkerContext, run_trial
+from sweep.pruning import build_pruner
+from sweep.spec import StudySpec
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+OVER_BUDGET = "sweep.over_budget"
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived while a trial was training."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalGuard:
+    """First SIGINT/SIGTERM: interrupt the running trial (or stop before the next one).
+    Second: exit at once (storages are transactional, so nothing is corrupted)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.in_trial = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        if self.in_trial:
+            raise Interrupted(signum)
+
+
+def code_version() -> str:
+    """The package version and, when run from a git checkout, its commit."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def space_fingerprint(spec: StudySpec) -> str:
+    """The search space as canonical JSON (what a resumed study must still agree with)."""
+    return json.dumps(spec.raw.get("space"), sort_keys=True, default=str)
+
+
+def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    if spec.sampler.type == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.sampler.n_startup_trials,
+                                      multivariate=spec.sampler.multivariate,
+                                      group=spec.sampler.multivariate)
+
+
+def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
+               create: bool = True) -> optuna.Study:
+    """Create the study or resume it; refuses a changed search space unless allowed."""
+    sampler, pruner = build_sampler(spec), build_pruner(spec.pruner, spec.train.epochs)
+    fingerprint = space_fingerprint(spec)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                  pruner=pruner)
+    except KeyError:
+        if not create:
+            raise
+        try:
+            study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                        pruner=pruner, direction=spec.objective.direction)
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
+            return open_study(spec, storage, allow_space_change, create)
+        study.set_user_attr("sweep.space", fingerprint)
+        study.set_user_attr("sweep.description", spec.description)
+        study.set_user_attr("sweep.study_file", str(spec.path))
+        return study
+    stored = study.user_attrs.get("sweep.space")
+    if stored is not None and stored != fingerprint:
+        if not allow_space_change:
+            raise SpaceChangedError(
+                f"study {spec.name!r} was created with another search space than {spec.path} now "
+                f"declares; restore the file, use a new study name, or pass --allow-space-change")
+        changes = list(study.user_attrs.get("sweep.space_changes", []))
+        changes.append({"from": stored, "to": fingerprint})
+        study.set_user_attr("sweep.space_changes", changes)
+        study.set_user_attr("sweep.space", fingerprint)
+    return study
+
+
+def _replaced(trials) -> set[int]:
+    """Numbers of failed trials whose parameters were re-enqueued (their retry replaces them)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def counted(trials) -> list:
+    """The trials that count towards the budget or occupy a slot of it (running)."""
+    replaced = _replaced(trials)
+    return [t for t in trials if t.number not in replaced and not t.user_attrs.get(OVER_BUDGET)
+            and t.state in (*FINISHED, TrialState.RUNNING)]
+
+
+def budget_used(study: optuna.Study) -> int:
+    return sum(1 for t in counted(study.get_trials(deepcopy=False)) if t.state in FINISHED)
+
+
+def retry_later(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Re-enqueue an interrupted trial's parameters once (as Optuna's heartbeat retry does)."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    history = list(frozen.system_attrs.get("retry_history", []))
+    if history:
+        return  # already a retry: once is enough
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+        system_attrs={"failed_trial": frozen.number, "retry_history": [frozen.number]}))
+
+
+class _Heartbeat:
+    """Records the running trial's heartbeat so a dead worker's trial is failed after the grace
+    period (RDB storages only; the journal storage has no heartbeat)."""
+
+    def __init__(self, storage, trial_id: int):
+        self._storage, self._trial_id = storage, trial_id
+        self._stop = threading.Event()
+        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self._thread = None
+        if interval:
+            self._interval = interval
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
+            self._thread.start()
+
+    def _beat(self):
+        while True:
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:
+                pass  # a missed beat is harmless; a dead storage shows up at tell()
+            if self._stop.wait(self._interval):
+                return
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@dataclass
+class WorkerReport:
+    ran: list[Outcome] = field(default_factory=list)
+    interrupted_by: int | None = None
+
+
+def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=None) -> WorkerReport:
+    """Run trials until the study's budget is used (or a signal arrives)."""
+    report = WorkerReport()
+    storage = study._storage
+    with SignalGuard() as guard:
+        while guard.signum is None:
+            optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if len(counted(trials)) >= budget:
+                break
+            trial = study.ask()
+            if _over_budget(study, trial, budget):
+                continue
+            heartbeat = _Heartbeat(storage, trial._trial_id)
+            try:
+                guard.in_trial = True
+                outcome = run_trial(trial, ctx)
+            except Interrupted as sig:
+                guard.in_trial = False
+                heartbeat.stop()
+                study.tell(trial, state=TrialState.FAIL)
+                retry_later(study, trial)
+                report.interrupted_by = sig.signum
+                break
+            finally:
+                guard.in_trial = False
+                heartbeat.stop()
+            if outcome.state == TrialState.COMPLETE:
+                study.tell(trial, outcome.value)
+            else:
+                study.tell(trial, state=outcome.state)
+            report.ran.append(outcome)
+            if on_trial is not None:
+                on_trial(trial.number, outcome)
+        if guard.signum is not None and report.interrupted_by is None:
+            report.interrupted_by = guard.signum
+    return report
+
+
+def _over_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
+    """Two workers may both pass the budget check at once; the later-numbered trial yields."""
+    ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
+    if len(ahead) < budget:
+        return False
+    trial.set_user_attr(OVER_BUDGET, True)
+    study.tell(trial, state=TrialState.FAIL)
+    return True
