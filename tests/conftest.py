@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny CIFAR-format folders written by the tests, and the real subset."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SWEEP_DATA_DIR", REPO.parent / "shared/data/cifar10-subset"))
+
+
+def write_cifar(root: Path, per_batch: int = 40, test: int = 40, seed: int = 0) -> Path:
+    """Write a CIFAR-10 folder in the official pickle format with ``per_batch`` records per
+    training batch. Images are class-dependent noise, so a model can learn something."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n: int) -> dict:
+        labels = rng.integers(0, 10, n)
+        base = (labels[:, None] * 23 % 256).astype(np.int16)
+        data = np.clip(base + rng.integers(-40, 40, (n, 3072)), 0, 255).astype(np.uint8)
+        return {"data": data, "labels": labels.tolist(), "batch_label": "synthetic"}
+
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(per_batch), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(test), f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A folder holding cifar-10-batches-py/ with 5 x 40 training and 40 test images."""
+    return write_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def shared_cifar() -> Path:
+    if not (SHARED_DATA / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.skip(f"the shared CIFAR-10 subset is not at {SHARED_DATA} (set SWEEP_DATA_DIR)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in an empty folder so the default ./sweep.db and ./mlflow.db land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
