@@ -278,7 +278,7 @@ _TRAIN_RULES = {
     "momentum": (float, _in_range(0, 1)), "nesterov": (bool, None),
     "weight_decay": (float, _at_least(0)), "label_smoothing": (float, _in_range(0, 1)),
     "warmup_shape": (str, _one_of(WARMUP_SHAPES)),
-    "warmup_start_factor": (float, _in_range(0, 1, low_open=True)),
+    "warmup_start_factor": (float, _in_range(0, 1)),  # exponential shape: > 0, see check_schedule
     "eval_batch_size": (int, _at_least(1)), "sync_every_steps": (int, _at_least(1)),
     "compile": (bool, None), "bf16": (bool, None),
 }
@@ -417,7 +417,15 @@ def _space(ctx: _Ctx, raw: Any, train: TrainSpec, total_steps: int, steps_per_ep
         if name not in SCHEDULER_PARAMS:
             raise ctx.fail(path, f"unknown scheduler {name!r}{_suggest(name, SCHEDULERS)}; "
                                  f"choose from {', '.join(SCHEDULERS)}")
-        params = _check_keys(ctx, path, params, SCHEDULER_PARAMS[name]) if params else {}
+        params = params or {}
+        if not isinstance(params, dict):
+            raise ctx.fail(path, f"must map parameter names to values, got {params!r}")
+        valid = SCHEDULER_PARAMS[name]
+        for key in params:
+            if key not in valid:
+                raise ctx.fail(path + (key,), f"not a parameter of scheduler {name!r}"
+                                              f"{_suggest(key, valid)}; its parameters: "
+                                              f"{', '.join(valid) or 'none'}")
         parsed[name] = {k: _param(ctx, path + (k,), v, SCHEDULER_PARAMS[name][k].kind)
                         for k, v in params.items()}
         _check_scheduler_extremes(ctx, path, name, parsed[name], warmup, base_lr, train,
@@ -444,7 +452,8 @@ def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, s
                     check_schedule(cfg, steps_per_epoch, train.epochs, lr)
                 except ValueError as err:
                     key, _, problem = str(err).partition(": ")
-                    where = ("space", "warmup_steps") if key == "warmup_steps" else path + (key,)
+                    where = (("space", "warmup_steps") if key == "warmup_steps" else
+                             ("train", key) if key == "warmup_start_factor" else path + (key,))
                     raise ctx.fail(where, problem) from None
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from sweep import __version__
@@ -120,6 +123,15 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
     return study
 
 
+def fail_stale(study: optuna.Study) -> None:
+    """Fail trials whose worker stopped beating (and re-enqueue them once, see storage.py)."""
+    with warnings.catch_warnings():
+        # Optuna marks this experimental and warns that heartbeats are meant for optimize();
+        # sweep owns the ask/tell loop and beats itself (_Heartbeat), which is what optimize does.
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+
+
 def _replaced(trials) -> set[int]:
     """Numbers of failed trials whose parameters were re-enqueued (their retry replaces them)."""
     return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
@@ -183,16 +195,31 @@ class WorkerReport:
 
 
 def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=None) -> WorkerReport:
-    """Run trials until the study's budget is used (or a signal arrives)."""
+    """Run trials until the study's budget is used (or a signal arrives).
+
+    The budget is met when ``budget`` trials have *finished*. While the remaining slots are held
+    by RUNNING trials of other workers, this worker waits (polling every second) instead of
+    leaving: if such a worker died, its trial is failed (heartbeat or dead local pid) and its
+    re-enqueued retry must still be run by someone.
+    """
+    from sweep.status import end_stale_runs, fail_dead_trials
+
     report = WorkerReport()
     storage = study._storage
+    end_stale_runs(study, ctx.tracker, ctx.experiment_id)
     with SignalGuard() as guard:
         while guard.signum is None:
-            optuna.storages.fail_stale_trials(study)
+            if fail_dead_trials(study):
+                end_stale_runs(study, ctx.tracker, ctx.experiment_id)
             trials = study.get_trials(deepcopy=False)
             if len(counted(trials)) >= budget:
-                break
-            trial = study.ask()
+                if budget_used(study) >= budget or not _can_wait(study, trials):
+                    break
+                time.sleep(_POLL_SECONDS)  # others' trials are running; one may be dead
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # the same heartbeat warning
+                trial = study.ask()
             if _over_budget(study, trial, budget):
                 continue
             heartbeat = _Heartbeat(storage, trial._trial_id)
@@ -202,7 +229,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
             except Interrupted as sig:
                 guard.in_trial = False
                 heartbeat.stop()
-                study.tell(trial, state=TrialState.FAIL)
+                _tell(study, trial, state=TrialState.FAIL)
                 retry_later(study, trial)
                 report.interrupted_by = sig.signum
                 break
@@ -210,15 +237,46 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                 guard.in_trial = False
                 heartbeat.stop()
             if outcome.state == TrialState.COMPLETE:
-                study.tell(trial, outcome.value)
+                _tell(study, trial, outcome.value)
             else:
-                study.tell(trial, state=outcome.state)
+                _tell(study, trial, state=outcome.state)
             report.ran.append(outcome)
             if on_trial is not None:
                 on_trial(trial.number, outcome)
         if guard.signum is not None and report.interrupted_by is None:
             report.interrupted_by = guard.signum
+    try:
+        end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+    except Exception:
+        pass  # best effort on the way out; `sweep status --repair` does it again
     return report
+
+
+_POLL_SECONDS = 1.0
+
+
+def _can_wait(study: optuna.Study, trials) -> bool:
+    """Whether a dead worker's RUNNING trial would ever be noticed: always with heartbeats;
+    without them (journal storage) only when every running trial is on this host (pid check)."""
+    if is_heartbeat_enabled(study._storage):
+        return True
+    host = socket.gethostname()
+    return all(t.user_attrs.get("host") == host for t in trials if t.state == TrialState.RUNNING)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value=None, state=None) -> None:
+    """``study.tell`` that tolerates a trial already failed by another worker's stale check
+    (a worker that stalled longer than the grace period): its retry is already queued."""
+    try:
+        if state is None:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+    except ValueError as err:
+        if "finished" not in str(err).lower():
+            raise
 
 
 def _over_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:

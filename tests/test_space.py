@@ -1,0 +1,49 @@
+"""trial_config: the one function that turns an Optuna trial into a TrialConfig."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from sweep.space import trial_config
+from sweep.spec import load_study
+
+
+def test_fixed_trial_gives_complete_config():
+    spec = load_study("warmup_vs_plateau")
+    trial = optuna.trial.FixedTrial({"scheduler": "step", "warmup_steps": 300, "base_lr": 0.4,
+                                     "gamma": 0.2, "step_size_epochs": 10})
+    cfg = trial_config(trial, spec)
+    assert cfg.base_lr == 0.4 and cfg.schedule.name == "step"
+    assert cfg.schedule.warmup_steps == 300 and cfg.schedule.params["gamma"] == 0.2
+    flat = cfg.flat_params()
+    for key in ("warmup_steps", "base_lr", "gamma", "scheduler", "step_size_epochs", "model",
+                "epochs", "batch_size", "steps_per_epoch", "train_size", "val_size", "optimizer",
+                "momentum", "weight_decay", "warmup_start_factor", "seed"):
+        assert key in flat, key
+    assert flat["steps_per_epoch"] == 45000 // 128
+
+
+def test_conditional_params_only_for_their_scheduler():
+    spec = load_study("warmup_vs_plateau")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        cfg = trial_config(trial, spec)
+        seen.add(cfg.schedule.name)
+        names = set(trial.params)
+        if cfg.schedule.name == "cosine":
+            assert "gamma" not in names
+        if cfg.schedule.name == "plateau":
+            assert {"gamma", "patience_epochs"} <= names and "step_size_epochs" not in names
+        if cfg.schedule.name == "multistep":
+            assert cfg.schedule.params["milestones_epochs"] == [15, 22]
+        study.tell(trial, 0.0)
+    assert seen == {"step", "multistep", "exponential", "cosine", "plateau"}
+
+
+def test_fixed_trial_missing_param_is_an_error():
+    spec = load_study("smoke")
+    with pytest.raises(ValueError):
+        trial_config(optuna.trial.FixedTrial({"scheduler": "cosine"}), spec)
