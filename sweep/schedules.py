@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 WARMUP_SHAPES = ("linear", "exponential", "constant")
+PLATEAU_EPS = 1e-8  # torch ReduceLROnPlateau's default eps: smaller reductions are not applied
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ SCHEDULER_PARAMS: dict[str, dict[str, ParamRule]] = {
                                      doc="defaults to warmup_steps, or 10000 without warmup"),
     },
     "wsd": {
-        "decay_fraction": ParamRule("float", default=0.2, low=0.0, high=1.0, low_open=True),
+        "decay_fraction": ParamRule("float", default=0.2, low=0.0, high=1.0, low_open=True,
+                                    doc="share of the T steps spent decaying, at the end"),
         "decay_shape": ParamRule("choice", default="linear", choices=("linear", "1-sqrt", "cosine")),
         "min_lr": _MIN_LR,
     },
@@ -195,17 +197,26 @@ def check_schedule(cfg: ScheduleConfig, steps_per_epoch: int, epochs: int, base_
     if cfg.warmup_shape not in WARMUP_SHAPES:
         raise ValueError(f"warmup_shape: must be one of {', '.join(WARMUP_SHAPES)}, "
                          f"got {cfg.warmup_shape!r}")
-    if not 0.0 < cfg.warmup_start_factor <= 1.0:
-        raise ValueError(f"warmup_start_factor: must be in (0, 1], got {cfg.warmup_start_factor!r}")
+    # 0 is allowed for the linear and constant shapes (Hugging Face's warmups ramp from 0); the
+    # exponential shape f0 ** (1 - t/W) needs f0 > 0.
+    low_open = cfg.warmup_shape == "exponential"
+    if not (0.0 < cfg.warmup_start_factor if low_open else 0.0 <= cfg.warmup_start_factor) \
+            or cfg.warmup_start_factor > 1.0:
+        raise ValueError(f"warmup_start_factor: must be in {'(' if low_open else '['}0, 1] for "
+                         f"warmup_shape {cfg.warmup_shape!r}, got {cfg.warmup_start_factor!r}")
     if not 0 <= cfg.warmup_steps <= total - 1:
         raise ValueError(f"warmup_steps: must be in [0, {total - 1}] (T-1 for {epochs} epochs x "
                          f"{steps_per_epoch} steps), got {cfg.warmup_steps}")
     if cfg.name == "onecycle" and cfg.warmup_steps:
-        raise ValueError("warmup_steps: onecycle has its own warmup ramp (pct_start); warmup "
-                         "given twice, set warmup_steps to 0")
+        raise ValueError(f"warmup_steps: must be 0 for scheduler 'onecycle' (its own ramp, "
+                         f"pct_start, is the warmup: warmup given twice), got {cfg.warmup_steps}")
+    if cfg.name == "onecycle" and cfg.params["pct_start"] * total <= 1.0:
+        # torch OneCycleLR divides by pct_start * T - 1: the ramp must span more than one step.
+        raise ValueError(f"pct_start: must be in ({1.0 / total:g}, 1) so that the ramp spans more "
+                         f"than one of the T = {total} steps, got {cfg.params['pct_start']!r}")
     min_lr = cfg.params.get("min_lr") or 0.0
     if min_lr > base_lr:
-        raise ValueError(f"min_lr: must not exceed base_lr={base_lr:g}, got {min_lr:g}")
+        raise ValueError(f"min_lr: must be in [0, base_lr] = [0, {base_lr:g}], got {min_lr:g}")
 
 
 # --- main schedules: lr = f(tau, base_lr) on the post-warmup clock ----------------------------
@@ -267,7 +278,9 @@ def _inverse_sqrt(p, base, tau, c):
 
 
 def _wsd(p, base, tau, c):
-    decay_steps = max(1, round(p["decay_fraction"] * c.main_steps))
+    # The decay covers the last decay_fraction of the whole run (T steps, rounded), but never
+    # reaches back into warmup.
+    decay_steps = min(c.main_steps, max(1, round(p["decay_fraction"] * c.total_steps)))
     stable_steps = c.main_steps - decay_steps
     if tau < stable_steps:
         return base
@@ -370,10 +383,13 @@ class LRSchedule:
             return base_lr * _warmup_factor(self.cfg.warmup_shape, self.cfg.warmup_start_factor,
                                             step, w)
         lr = self._main(self.cfg.params, base_lr, step - w, self.clock)
-        if self._plateau is not None and self._plateau.reductions:
-            # torch: lr_k = max(lr_{k-1} * factor, min_lr), i.e. max(base * factor**k, min_lr).
-            lr = max(lr * self.cfg.params["gamma"] ** self._plateau.reductions,
-                     self.cfg.params["min_lr"])
+        if self._plateau is not None:
+            for _ in range(self._plateau.reductions):
+                # torch ReduceLROnPlateau._reduce_lr, per group: a reduction smaller than
+                # eps = 1e-8 is skipped (so a group with a tiny LR or at min_lr stays put).
+                new = max(lr * self.cfg.params["gamma"], self.cfg.params["min_lr"])
+                if lr - new > PLATEAU_EPS:
+                    lr = new
         return lr
 
     def end_of_epoch(self, epoch: int, val_loss: float) -> bool:
@@ -385,22 +401,34 @@ class LRSchedule:
             return False
         return self._plateau.observe(float(val_loss))
 
+    def _identity(self) -> list:
+        return [self.cfg.name, self.cfg.warmup_steps, self.clock.steps_per_epoch,
+                self.clock.total_steps]
+
     def state_dict(self) -> dict:
-        return {"plateau": self._plateau.state_dict() if self._plateau else None}
+        """Plain ints/floats/strings only, so ``torch.load(weights_only=True)`` reads it back."""
+        return {"schedule": self._identity(),
+                "plateau": self._plateau.state_dict() if self._plateau else None}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Restore the plateau state. Raises ValueError when ``state`` is another schedule's
+        (resuming it would silently follow a different curve)."""
+        if list(state.get("schedule", self._identity())) != self._identity():
+            raise ValueError(f"checkpoint holds the state of schedule {state['schedule']} "
+                             f"(name, W, S, T), not of {self._identity()}")
         if self._plateau is not None and state.get("plateau") is not None:
             self._plateau.load_state_dict(state["plateau"])
 
 
 def lr_curve(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epochs: int,
-             val_losses: list[float] | None = None) -> list[float]:
-    """The LR of every step 0..T-1; ``val_losses[e]`` feeds plateau at the end of epoch e."""
+             val_losses: list[float | None] | None = None) -> list[float]:
+    """The LR of every step 0..T-1; ``val_losses[e]`` feeds plateau at the end of epoch e
+    (None, or a missing tail, means that epoch fed nothing, as a non-finite loss in training)."""
     schedule = LRSchedule(cfg, steps_per_epoch, epochs)
     curve: list[float] = []
     for epoch in range(epochs):
         for s in range(steps_per_epoch):
             curve.append(schedule.lr_at(epoch * steps_per_epoch + s, base_lr))
-        if val_losses is not None and epoch < len(val_losses):
+        if val_losses is not None and epoch < len(val_losses) and val_losses[epoch] is not None:
             schedule.end_of_epoch(epoch, val_losses[epoch])
     return curve

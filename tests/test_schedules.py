@@ -1,0 +1,431 @@
+"""sweep.schedules against torch's own scheduler classes and Hugging Face's documented curves.
+
+The torch reference for a warmup W and a main scheduler is built the way ``SequentialLR`` would
+run it: for t < W a ``LinearLR`` on a one-parameter-per-group SGD stepped t times; for t >= W a
+fresh optimizer at the base LRs whose main scheduler was stepped t - W times (per-epoch
+schedulers: floor((t - W) / S) times). Every step is compared, 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from torch.optim import lr_scheduler as tl
+
+from sweep.errors import StudyFileError
+from sweep.schedules import (SCHEDULERS, LRSchedule, ScheduleConfig, check_schedule, lr_curve,
+                             resolve_params)
+
+S, E = 7, 6
+T = S * E  # 42 steps
+WARMUPS = [0, 5, T - 1]  # none; odd and not a multiple of S; the longest allowed (T - 1)
+BASE_LRS = [(0.4,), (0.4, 0.03)]  # one group; two groups with different base LRs
+F0 = 0.01  # torch LinearLR needs start_factor > 0
+VAL_LOSSES = [2.0, 1.5, 1.6, 1.55, 1.2, 1.3]  # one per epoch: improvements and plateaus
+REL = 1e-9
+
+
+def _optimizer(base_lrs) -> torch.optim.SGD:
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in base_lrs]
+    return torch.optim.SGD(groups, lr=base_lrs[0])
+
+
+def _lrs(opt) -> list[float]:
+    return [float(g["lr"]) for g in opt.param_groups]
+
+
+def torch_reference(main, base_lrs, warmup, f0=F0, per_epoch=False, val_losses=None):
+    """``curve[t][g]`` from torch classes; ``main(opt, n_main)`` builds the main scheduler.
+
+    With ``val_losses`` the main scheduler is ReduceLROnPlateau, stepped with the loss of every
+    epoch e whose end (e + 1) * S is not inside warmup.
+    """
+    curve = []
+    if warmup:
+        opt = _optimizer(base_lrs)
+        ramp = tl.LinearLR(opt, start_factor=f0, end_factor=1.0, total_iters=warmup)
+        for _ in range(warmup):
+            curve.append(_lrs(opt))
+            opt.step()
+            ramp.step()
+    opt = _optimizer(base_lrs)
+    scheduler = main(opt, T - warmup)
+    if val_losses is not None and warmup % S == 0 and warmup:
+        scheduler.step(val_losses[warmup // S - 1])  # the epoch that ends exactly at W is fed
+    for t in range(warmup, T):
+        curve.append(_lrs(opt))
+        opt.step()
+        tau = t - warmup
+        if val_losses is not None:
+            if (t + 1) % S == 0:
+                scheduler.step(val_losses[t // S])
+        elif t < T - 1 and (not per_epoch or (tau + 1) % S == 0):
+            scheduler.step()  # OneCycleLR refuses a step past total_steps
+    return curve
+
+
+def sweep_curve(name, params, base_lrs, warmup, f0=F0, shape="linear", val_losses=None):
+    resolved = resolve_params(name, params, E)
+    cfg = ScheduleConfig(name, warmup, shape, f0, resolved)
+    for base in base_lrs:
+        check_schedule(cfg, S, E, base)
+    per_group = [lr_curve(cfg, base, S, E, val_losses) for base in base_lrs]
+    return [list(step) for step in zip(*per_group)]
+
+
+def assert_curves_equal(ours, ref):
+    assert len(ours) == len(ref) == T
+    for t, (a, b) in enumerate(zip(ours, ref)):
+        assert a == pytest.approx(b, rel=REL, abs=0), f"step {t}: sweep {a} vs reference {b}"
+
+
+# name, sweep params, torch main-scheduler factory (opt, N) -> scheduler, stepped per epoch
+TORCH_CASES = {
+    "constant": ({}, lambda o, n: tl.LambdaLR(o, lambda k: 1.0), False),
+    "step": ({"gamma": 0.5, "step_size_epochs": 2},
+             lambda o, n: tl.StepLR(o, step_size=2 * S, gamma=0.5), False),
+    "step_per_epoch": ({"gamma": 0.7, "step_size_epochs": 1},
+                       lambda o, n: tl.StepLR(o, step_size=1, gamma=0.7), True),
+    "multistep": ({"gamma": 0.1, "milestones_epochs": [1, 4]},
+                  lambda o, n: tl.MultiStepLR(o, milestones=[S, 4 * S], gamma=0.1), False),
+    "multistep_fraction": ({"gamma": 0.2, "milestones_fraction": [0.3, 0.7]},  # epochs 1 and 4
+                           lambda o, n: tl.MultiStepLR(o, milestones=[1, 4], gamma=0.2), True),
+    "exponential": ({"gamma": 0.8}, lambda o, n: tl.ExponentialLR(o, gamma=0.8), True),
+    "cosine": ({}, lambda o, n: tl.CosineAnnealingLR(o, T_max=n), False),
+    "cosine_min_lr": ({"min_lr": 0.002},
+                      lambda o, n: tl.CosineAnnealingLR(o, T_max=n, eta_min=0.002), False),
+    "cosine_restarts": ({"t0_epochs": 1, "t_mult": 2, "min_lr": 0.001},
+                        lambda o, n: tl.CosineAnnealingWarmRestarts(o, T_0=S, T_mult=2,
+                                                                    eta_min=0.001), False),
+    "cosine_restarts_flat": ({"t0_epochs": 2},
+                             lambda o, n: tl.CosineAnnealingWarmRestarts(o, T_0=2 * S), False),
+    "linear": ({}, lambda o, n: tl.LinearLR(o, start_factor=1.0, end_factor=0.0, total_iters=n),
+               False),
+    "polynomial": ({"power": 2.0}, lambda o, n: tl.PolynomialLR(o, total_iters=n, power=2.0),
+                   False),
+    "polynomial_sqrt": ({"power": 0.5}, lambda o, n: tl.PolynomialLR(o, total_iters=n, power=0.5),
+                        False),
+}
+
+
+def _scheduler_name(case: str) -> str:
+    return next(name for name in sorted(SCHEDULERS, key=len, reverse=True) if case.startswith(name))
+
+
+@pytest.mark.parametrize("base_lrs", BASE_LRS, ids=["1group", "2groups"])
+@pytest.mark.parametrize("warmup", WARMUPS, ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_matches_torch_class(case, warmup, base_lrs):
+    params, factory, per_epoch = TORCH_CASES[case]
+    ours = sweep_curve(_scheduler_name(case), params, base_lrs, warmup)
+    assert_curves_equal(ours, torch_reference(factory, base_lrs, warmup, per_epoch=per_epoch))
+
+
+@pytest.mark.parametrize("base_lrs", BASE_LRS, ids=["1group", "2groups"])
+@pytest.mark.parametrize("pct_start", [0.3, 0.25, 0.5])
+def test_onecycle_matches_torch(pct_start, base_lrs):
+    params = {"pct_start": pct_start, "div_factor": 10.0, "final_div_factor": 100.0}
+    ours = sweep_curve("onecycle", params, base_lrs, 0)
+    ref = torch_reference(lambda o, n: tl.OneCycleLR(
+        o, max_lr=list(base_lrs), total_steps=T, pct_start=pct_start, anneal_strategy="cos",
+        cycle_momentum=False, div_factor=10.0, final_div_factor=100.0, three_phase=False),
+        base_lrs, 0)
+    assert_curves_equal(ours, ref)
+    assert max(row[0] for row in ours) == pytest.approx(base_lrs[0], rel=0.01)
+
+
+PLATEAU_CASES = {
+    "patience0": {"gamma": 0.5, "patience_epochs": 0},
+    "patience1_cooldown_min_lr": {"gamma": 0.3, "patience_epochs": 1, "threshold": 0.1,
+                                  "cooldown_epochs": 1, "min_lr": 0.02},
+}
+
+
+@pytest.mark.parametrize("base_lrs", BASE_LRS, ids=["1group", "2groups"])
+@pytest.mark.parametrize("warmup", WARMUPS, ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("case", PLATEAU_CASES)
+def test_plateau_matches_torch(case, warmup, base_lrs):
+    p = resolve_params("plateau", PLATEAU_CASES[case], E)
+    ours = sweep_curve("plateau", PLATEAU_CASES[case], base_lrs, warmup, val_losses=VAL_LOSSES)
+    ref = torch_reference(lambda o, n: tl.ReduceLROnPlateau(
+        o, mode="min", factor=p["gamma"], patience=p["patience_epochs"], threshold=p["threshold"],
+        threshold_mode="rel", cooldown=p["cooldown_epochs"], min_lr=p["min_lr"]),
+        base_lrs, warmup, val_losses=VAL_LOSSES)
+    assert_curves_equal(ours, ref)
+
+
+def test_plateau_reductions_happen_and_skip_tiny_ones_like_torch():
+    """The fixture must reduce; and torch skips a reduction smaller than eps = 1e-8, per group."""
+    base_lrs = (0.4, 3e-8)  # the second group can be reduced once (1.5e-8 > eps), then no more
+    params = {"gamma": 0.5, "patience_epochs": 0}
+    ours = sweep_curve("plateau", params, base_lrs, 0, val_losses=VAL_LOSSES)
+    ref = torch_reference(lambda o, n: tl.ReduceLROnPlateau(o, factor=0.5, patience=0),
+                          base_lrs, 0, val_losses=VAL_LOSSES)
+    assert_curves_equal(ours, ref)
+    assert ours[-1][0] == pytest.approx(0.4 * 0.5 ** 2, rel=1e-15)  # reduced after epochs 2, 3
+    assert ours[-1][1] == 1.5e-8
+
+
+# --- Hugging Face transformers' schedules, written from its documentation ---------------------
+# (LambdaLR multipliers of the optimizer's initial LR; the LR of optimizer step t is lambda(t).)
+
+def hf_linear(t, w, total):
+    if t < w:
+        return t / max(1, w)
+    return max(0.0, (total - t) / max(1, total - w))
+
+
+def hf_cosine(t, w, total, num_cycles=0.5, min_lr_rate=0.0):
+    if t < w:
+        return t / max(1, w)
+    progress = (t - w) / max(1, total - w)
+    factor = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
+    return max(0.0, factor * (1 - min_lr_rate) + min_lr_rate)
+
+
+def hf_inverse_sqrt(t, w, timescale=None):
+    if timescale is None:
+        timescale = w or 10_000
+    if t < w:
+        return t / max(1, w)
+    shift = timescale - w
+    return 1.0 / math.sqrt((t + shift) / timescale)
+
+
+def hf_polynomial(t, w, total, lr_init, lr_end=1e-7, power=1.0):
+    if t < w:
+        return t / max(1, w)
+    if t > total:
+        return lr_end / lr_init
+    pct_remaining = 1 - (t - w) / (total - w)
+    return ((lr_init - lr_end) * pct_remaining ** power + lr_end) / lr_init
+
+
+def hf_wsd(t, w, decay, total, decay_type="cosine", min_lr_ratio=0.0, num_cycles=0.5):
+    stable = total - w - decay
+    if t < w:
+        return max(0.0, t / max(1, w) * (1.0 - min_lr_ratio) + min_lr_ratio)
+    if t < w + stable:
+        return 1.0
+    if t < w + stable + decay:
+        progress = (t - w - stable) / max(1, decay)
+        factor = {"linear": 1.0 - progress, "1-sqrt": 1.0 - math.sqrt(progress),
+                  "cosine": 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))}[decay_type]
+        return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+    return min_lr_ratio
+
+
+def _hf_curve(lam, base_lrs):
+    return [[base * lam(t) for base in base_lrs] for t in range(T)]
+
+
+@pytest.mark.parametrize("base_lrs", BASE_LRS, ids=["1group", "2groups"])
+@pytest.mark.parametrize("warmup", WARMUPS, ids=lambda w: f"W{w}")
+def test_matches_hugging_face(warmup, base_lrs):
+    """HF warmups ramp from 0, i.e. warmup_start_factor 0 with the linear shape."""
+    w = warmup
+    cases = [
+        ("linear", {}, lambda t: hf_linear(t, w, T)),
+        ("cosine", {}, lambda t: hf_cosine(t, w, T)),
+        ("inverse_sqrt", {}, lambda t: hf_inverse_sqrt(t, w)),
+        ("inverse_sqrt", {"timescale_steps": 3}, lambda t: hf_inverse_sqrt(t, w, 3)),
+        ("polynomial", {"power": 2.0, "min_lr": 1e-7},
+         lambda t: hf_polynomial(t, w, T, base_lrs[0], 1e-7, 2.0)),
+    ]
+    for name, params, lam in cases:
+        if name == "polynomial" and len(base_lrs) > 1:
+            continue  # HF's lr_end is absolute but applied as a ratio of the first group's LR
+        ours = sweep_curve(name, params, base_lrs, warmup, f0=0.0)
+        assert_curves_equal(ours, _hf_curve(lam, base_lrs))
+
+
+@pytest.mark.parametrize("warmup", WARMUPS, ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt", "cosine"])
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.05])
+def test_wsd_matches_hugging_face(shape, warmup, min_lr_ratio):
+    """HF's WSD warms up from min_lr_ratio and decays to it: f0 = ratio, min_lr = ratio * base."""
+    base = 0.4
+    fraction = 0.25
+    decay = min(T - warmup, max(1, round(fraction * T)))  # sweep: last 25% of T, after warmup
+    params = {"decay_fraction": fraction, "decay_shape": shape, "min_lr": min_lr_ratio * base}
+    ours = sweep_curve("wsd", params, (base,), warmup, f0=min_lr_ratio)
+    ref = _hf_curve(lambda t: hf_wsd(t, warmup, decay, T, shape, min_lr_ratio), (base,))
+    assert_curves_equal(ours, ref)
+
+
+def test_cosine_with_min_lr_matches_hugging_face():
+    base, rate = 0.4, 0.1  # HF get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=0.1)
+    ours = sweep_curve("cosine", {"min_lr": rate * base}, (base,), 5, f0=0.0)
+    assert_curves_equal(ours, _hf_curve(lambda t: hf_cosine(t, 5, T, min_lr_rate=rate), (base,)))
+
+
+# --- warmup shapes: one implementation composed with every main schedule ---------------------
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("shape", ["exponential", "constant"])
+def test_warmup_shapes_compose_with_every_schedule(name, shape):
+    """Warmup shapes differ only before W; from W on every shape gives the same curve."""
+    params = dict(RESUME_CASES[name])
+    w = 0 if name == "onecycle" else 11
+    f0 = 0.05
+    linear = sweep_curve(name, params, (0.4,), w, f0, "linear", VAL_LOSSES)
+    other = sweep_curve(name, params, (0.4,), w, f0, shape, VAL_LOSSES)
+    assert other[w:] == linear[w:]
+    for t in range(w):
+        expected = f0 ** (1 - t / w) if shape == "exponential" else f0
+        assert other[t][0] == pytest.approx(0.4 * expected, rel=REL)
+    if w and shape == "exponential":  # a geometric ramp: a constant ratio between steps
+        ratios = [other[t + 1][0] / other[t][0] for t in range(w - 1)]
+        assert ratios == pytest.approx([f0 ** (-1 / w)] * (w - 1), rel=1e-12)
+
+
+def test_linear_warmup_from_zero_reaches_base_lr_at_w():
+    cfg = ScheduleConfig("constant", 4, "linear", 0.0, {})
+    assert lr_curve(cfg, 0.2, 2, 3) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.2], rel=1e-15)
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+RESUME_CASES = {
+    "constant": {},
+    "step": {"gamma": 0.5, "step_size_epochs": 2},
+    "multistep": {"gamma": 0.1, "milestones_epochs": [1, 4]},
+    "exponential": {"gamma": 0.8},
+    "cosine": {"min_lr": 0.001},
+    "cosine_restarts": {"t0_epochs": 1, "t_mult": 2},
+    "plateau": {"gamma": 0.5, "patience_epochs": 0, "cooldown_epochs": 1},
+    "onecycle": {"pct_start": 0.25},
+    "linear": {"min_lr": 0.01},
+    "polynomial": {"power": 2.0},
+    "inverse_sqrt": {},
+    "wsd": {"decay_fraction": 0.3, "decay_shape": "1-sqrt"},
+}
+assert set(RESUME_CASES) == set(SCHEDULERS)
+
+
+def _run(schedule: LRSchedule, start: int, stop: int, base: float) -> list[float]:
+    """Steps start..stop-1 as the trainer drives them: lr_at, and end_of_epoch after an epoch."""
+    out = []
+    for t in range(start, stop):
+        out.append(schedule.lr_at(t, base))
+        if (t + 1) % S == 0:
+            schedule.end_of_epoch(t // S, VAL_LOSSES[t // S])
+    return out
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_resume_after_any_step_gives_the_same_sequence(name):
+    warmup = 0 if name == "onecycle" else 5
+    cfg = ScheduleConfig(name, warmup, "linear", F0, resolve_params(name, RESUME_CASES[name], E))
+    full = _run(LRSchedule(cfg, S, E), 0, T, 0.4)
+    assert len(set(full)) > 2  # the case really changes the LR (plateau included)
+    for k in range(T + 1):
+        first = LRSchedule(cfg, S, E)
+        head = _run(first, 0, k, 0.4)
+        buffer = io.BytesIO()
+        torch.save(first.state_dict(), buffer)  # the same path as train.py's checkpoint
+        buffer.seek(0)
+        second = LRSchedule(cfg, S, E)
+        second.load_state_dict(torch.load(buffer, weights_only=True))
+        assert head + _run(second, k, T, 0.4) == full, f"interrupted after {k} steps"
+
+
+def test_loading_another_schedules_state_is_refused():
+    cosine = LRSchedule(ScheduleConfig("cosine", 5, params={"min_lr": 0.0}), S, E)
+    other = LRSchedule(ScheduleConfig("cosine", 6, params={"min_lr": 0.0}), S, E)
+    with pytest.raises(ValueError, match="not of"):
+        other.load_state_dict(cosine.state_dict())
+
+
+# --- validation at study load -----------------------------------------------------------------
+
+def _study(scheduler_yaml: str, warmup: str = "0", base_lr: str = "0.1", train: str = "",
+           epochs: int = 3) -> str:
+    return f"""
+name: v
+trials: 1
+data: {{train_size: 1000, val_size: 100}}
+train: {{epochs: {epochs}, batch_size: 100{', ' + train if train else ''}}}
+space:
+  warmup_steps: {warmup}
+  base_lr: {base_lr}
+  scheduler:
+    {scheduler_yaml}
+"""
+
+
+def _load(text: str):
+    from sweep.spec import parse_study
+
+    return parse_study(text, "v.yaml", Path("v.yaml"))
+
+
+BAD_STUDIES = [  # (scheduler yaml, warmup, base_lr, train extras, key path, words in the message)
+    ("step: {gamma: 0, step_size_epochs: 1}", "0", "0.1", "",
+     "space.scheduler.step.gamma", ["(0, 1]", "got 0"]),
+    ("exponential: {gamma: 1.5}", "0", "0.1", "", "space.scheduler.exponential.gamma", ["(0, 1]"]),
+    ("exponential: {gamma: {type: float, low: -0.1, high: 0.9}}", "0", "0.1", "",
+     "space.scheduler.exponential.gamma", ["(0, 1]", "-0.1"]),
+    ("plateau: {gamma: 1.0, patience_epochs: 1}", "0", "0.1", "",
+     "space.scheduler.plateau.gamma", ["(0, 1)"]),
+    ("multistep: {gamma: 0.1, milestones_epochs: [2, 1]}", "0", "0.1", "",
+     "space.scheduler.multistep.milestones_epochs", ["strictly increasing"]),
+    ("multistep: {gamma: 0.1, milestones_epochs: [1, 3]}", "0", "0.1", "",
+     "space.scheduler.multistep.milestones_epochs", ["[1, 2]", "epochs=3"]),
+    ("multistep: {gamma: 0.1, milestones_epochs: [0, 2]}", "0", "0.1", "",
+     "space.scheduler.multistep.milestones_epochs", ["[1, inf]"]),
+    ("multistep: {gamma: 0.1, milestones_fraction: [0.1, 0.5]}", "0", "0.1", "",  # floor -> 0
+     "space.scheduler.multistep.milestones_epochs", ["[1, 2]"]),
+    ("cosine: {min_lr: 0.5}", "0", "0.1", "", "space.scheduler.cosine.min_lr",
+     ["[0, base_lr]", "0.1"]),
+    ("linear: {min_lr: 0.05}", "0", "{type: float, low: 0.01, high: 0.1, log: true}", "",
+     "space.scheduler.linear.min_lr", ["[0, base_lr]", "0.01"]),
+    ("cosine: {}", "30", "0.1", "", "space.warmup_steps", ["[0, 29]"]),
+    ("cosine: {}", "{type: int, low: 0, high: 40}", "0.1", "", "space.warmup_steps", ["[0, 29]"]),
+    ("onecycle: {}", "5", "0.1", "", "space.warmup_steps", ["onecycle", "must be 0"]),
+    ("cosine: {}", "5", "0.1", "warmup_shape: exponential, warmup_start_factor: 0",
+     "train.warmup_start_factor", ["(0, 1]", "exponential"]),
+    ("cosine: {}", "5", "0.1", "warmup_start_factor: 1.5", "train.warmup_start_factor",
+     ["[0, 1]"]),
+    ("wsd: {decay_shape: exp}", "0", "0.1", "", "space.scheduler.wsd.decay_shape",
+     ["linear, 1-sqrt, cosine"]),
+    ("onecycle: {pct_start: 0.01}", "0", "0.1", "", "space.scheduler.onecycle.pct_start",
+     ["more than one"]),
+]
+
+
+@pytest.mark.parametrize("sched,warmup,base_lr,train,key,words", BAD_STUDIES,
+                         ids=[f"{b[4].split('.')[-1]}-{i}" for i, b in enumerate(BAD_STUDIES)])
+def test_nonsense_is_rejected_at_load_naming_the_key(sched, warmup, base_lr, train, key, words):
+    with pytest.raises(StudyFileError) as info:
+        _load(_study(sched, warmup, base_lr, train))
+    message = str(info.value)
+    assert message.startswith(f"v.yaml: {key} (line ") and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_every_type_loads_and_resolves_through_trial_config():
+    from sweep.space import trial_config
+
+    lines = "\n    ".join(f"{name}: {_yaml_map(RESUME_CASES[name])}" for name in SCHEDULERS)
+    spec = _load(_study(lines, "0", "0.1", "warmup_start_factor: 0", epochs=E))
+    assert list(spec.space.scheduler) == list(SCHEDULERS)
+    for number, name in enumerate(SCHEDULERS):
+        cfg = trial_config(optuna.trial.FixedTrial({"scheduler": name}, number), spec)
+        assert cfg.schedule.name == name and cfg.schedule.warmup_start_factor == 0.0
+        assert len(lr_curve(cfg.schedule, cfg.base_lr, spec.steps_per_epoch, E)) == 10 * E
+
+
+def _yaml_map(params: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"
+
+
+def test_milestones_fraction_resolves_to_floored_epochs():
+    assert resolve_params("multistep", {"gamma": 0.1, "milestones_fraction": [0.3, 0.7]}, 6) == {
+        "gamma": 0.1, "milestones_epochs": [1, 4]}
