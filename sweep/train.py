@@ -52,7 +52,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Raises ValueError for a device that is absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine; use "
@@ -170,13 +173,13 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
             metrics["lr_reduced"] = schedule.end_of_epoch(epoch, val_loss)
         result.history.append(metrics)
         result.steps = (epoch + 1) * steps_per_epoch
-        for listener in listeners:
-            listener.on_epoch_end(epoch, metrics)
-        if checkpoint is not None:
+        if checkpoint is not None:  # before the listeners: a stop at this epoch's end keeps it
             _save_checkpoint(checkpoint, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "generator": generator.get_state(),
                 "epoch": epoch, "history": result.history})
+        for listener in listeners:
+            listener.on_epoch_end(epoch, metrics)
     _, result.test_acc = evaluate(model, splits.test_x, splits.test_y, normalize,
                                   t.eval_batch_size, autocast)
     return result

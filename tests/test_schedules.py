@@ -429,3 +429,59 @@ def _yaml_map(params: dict) -> str:
 def test_milestones_fraction_resolves_to_floored_epochs():
     assert resolve_params("multistep", {"gamma": 0.1, "milestones_fraction": [0.3, 0.7]}, 6) == {
         "gamma": 0.1, "milestones_epochs": [1, 4]}
+
+
+# --- resume in real training ------------------------------------------------------------------
+
+class _Recorder:
+    """Collects the LR of every step and stops training at the end of ``stop_after`` epoch."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.lrs: dict[int, float] = {}
+        self.stop_after = stop_after
+
+    def on_steps(self, first_step, lrs, losses):
+        self.lrs.update(enumerate(lrs, start=first_step))
+
+    def on_epoch_end(self, epoch, metrics):
+        from sweep.train import StopTraining
+
+        if epoch == self.stop_after:
+            raise StopTraining("test", (epoch + 1) * 6 - 1, epoch)
+
+
+@pytest.mark.slow
+def test_training_resumed_from_checkpoint_follows_the_same_lr_sequence(tiny_cifar, tmp_path):
+    """Plateau with warmup W = 5 (S = 6): the reduction decided at the end of epoch 1 is in the
+    checkpoint written before the listener stops training there."""
+    from sweep.data import load_splits
+    from sweep.space import TrialConfig
+    from sweep.spec import DataSpec, TrainSpec
+    from sweep.train import StopTraining, train
+
+    data = DataSpec(train_size=120, val_size=40, test_size=40)
+    params = resolve_params("plateau", {"gamma": 0.5, "patience_epochs": 0, "threshold": 0.9}, 3)
+    cfg = TrialConfig(base_lr=0.2, schedule=ScheduleConfig("plateau", 5, "linear", 0.1, params),
+                      train=TrainSpec(model="resnet8", width=1, epochs=3, batch_size=20,
+                                      sync_every_steps=4, bf16=False),
+                      data=data, seed=3, sampled={})
+    device = torch.device("cpu")
+    splits = load_splits(tiny_cifar, data, device, download=False)
+
+    whole = _Recorder()
+    reference = train(cfg, splits, device, [whole])
+    checkpoint = tmp_path / "trial.pt"
+    first = _Recorder(stop_after=1)
+    with pytest.raises(StopTraining):
+        train(cfg, splits, device, [first], checkpoint=checkpoint)
+    assert checkpoint.is_file() and sorted(first.lrs) == list(range(12))
+    second = _Recorder()
+    resumed = train(cfg, splits, device, [second], checkpoint=checkpoint)
+
+    assert sorted(second.lrs) == list(range(12, 18))  # only epoch 2 ran again
+    assert {**first.lrs, **second.lrs} == whole.lrs
+    assert whole.lrs[17] == pytest.approx(0.1, rel=1e-15)  # warmup, then one reduction
+    assert [h["lr_reduced"] for h in reference.history] == [False, True, True]
+    for key in ("val_loss", "val_acc"):
+        assert resumed.history[-1][key] == reference.history[-1][key]
+    assert resumed.test_acc == reference.test_acc
