@@ -74,9 +74,19 @@ def prepare(spec: StudySpec, opts: LaunchOptions):
     return study, ctx
 
 
+def resolve_budget(study, spec: StudySpec, trials: int | None) -> int:
+    """The study's total budget: ``--trials`` (then stored), else the stored ``sweep.budget``,
+    else the study file's ``trials`` (then stored, so later workers agree)."""
+    stored = study.user_attrs.get("sweep.budget")
+    budget = trials or stored or spec.trials
+    if budget != stored:
+        study.set_user_attr("sweep.budget", budget)
+    return budget
+
+
 def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
-    budget = opts.trials or spec.trials
     study, ctx = prepare(spec, opts)
+    budget = opts.trials or spec.trials
     study.set_user_attr("sweep.budget", budget)
     used = budget_used(study)
     if used >= budget:
@@ -94,3 +104,33 @@ def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
                             "and will be retried by the next launch\n" + text,
                             128 + report.interrupted_by)
     return LaunchResult(text)
+
+
+def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
+    """``sweep worker``: one of many processes pulling trials from a shared study until its total
+    budget is used. ``log`` receives one line per finished trial (batch jobs' output files)."""
+    import os
+    import socket
+
+    from sweep.status import reconcile
+
+    study, ctx = prepare(spec, opts)
+    budget = resolve_budget(study, spec, opts.trials)
+    fixed = reconcile(study, ctx.tracker, ctx.experiment_id)
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    if fixed.failed_trials or fixed.ended_runs:
+        log(f"worker {me}: failed stale trial(s) {fixed.failed_trials}, ended "
+            f"{len(fixed.ended_runs)} stale MLflow run(s)")
+
+    def on_trial(number, outcome):
+        value = f" value {outcome.value:.4f}" if outcome.value is not None else ""
+        log(f"worker {me}: trial #{number} {outcome.state.name.lower()}{value}")
+
+    report = run_worker(study, ctx, budget, on_trial=on_trial)
+    used = budget_used(study)
+    if report.interrupted_by is not None:
+        return LaunchResult(f"worker {me}: interrupted; its trial was marked FAIL (KILLED in "
+                            f"MLflow) and re-enqueued; {used}/{budget} trials used",
+                            128 + report.interrupted_by)
+    return LaunchResult(f"worker {me}: done, ran {len(report.ran)} trial(s); study "
+                        f"{spec.name!r} has used {used}/{budget} trials")
