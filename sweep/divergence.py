@@ -1,10 +1,29 @@
 """Divergence detection on every optimizer step, independent of the study's pruner.
 
-A trial has diverged when its loss is non-finite, or when the loss stays above
-``loss_factor`` x the early reference (mean loss of the first ``reference_steps`` steps) for
-``patience_steps`` consecutive steps. During warmup the excess-loss rule only counts: a spike
-that recovers before warmup ends is not divergence. A plateau reduction resets the count,
+A trial has diverged when
+
+* its training loss is non-finite (always checked, even with ``divergence.enabled: false``:
+  the weights are then NaN/inf and further training cannot recover), or its validation loss
+  is; or
+* its loss stays above ``loss_factor`` x the early reference for ``patience_steps``
+  consecutive steps. The reference is the *lowest* loss of the first ``reference_steps`` steps:
+  the mean would be inflated by a run that explodes within those steps (LR 50 does at step 1),
+  which then could never exceed a multiple of it.
+
+Non-finite gradients are not checked separately. An optimizer step with a NaN/inf gradient
+writes NaN/inf into the weights, so the very next step's forward pass gives a non-finite loss:
+detection costs nothing extra and comes one step later. (Checking the gradients at the sync
+points only would miss the steps in between; checking every step costs one reduction per
+parameter tensor and, on CUDA, is useless without a host sync.) The last step of an epoch has
+no next step in that epoch: its effect shows in the validation loss, which is checked.
+
+Aware of warmup: the excess-loss count runs during warmup, but a trial is only stopped by it
+from step ``warmup_steps`` on, so a spike that recovers during warmup (the count resets as
+soon as a loss is back under the bar) is not divergence. A plateau reduction resets the count,
 since the lower LR deserves a chance to bring the loss back.
+
+Losses arrive in chunks (``train.sync_every_steps``), so a trial stops at most that many steps
+after the step that decided it; the recorded step is the deciding step itself.
 """
 
 from __future__ import annotations
@@ -17,11 +36,13 @@ from sweep.train import StopTraining
 
 
 class DivergenceMonitor:
-    """A training listener that raises ``StopTraining("diverged", ...)``."""
+    """A training listener that raises ``StopTraining("diverged", step, epoch, detail)``;
+    ``detail`` has ``loss`` (a float, or the string 'nan'/'inf' so that no NaN is ever
+    stored as a number) and ``cause``."""
 
     def __init__(self, spec: DivergenceSpec, warmup_steps: int, steps_per_epoch: int):
         self.spec, self.warmup_steps, self.steps_per_epoch = spec, warmup_steps, steps_per_epoch
-        self._early: list[float] = []
+        self._seen = 0
         self.reference: float | None = None
         self.bad_steps = 0
 
@@ -30,15 +51,14 @@ class DivergenceMonitor:
                             {"loss": loss if math.isfinite(loss) else repr(loss), "cause": cause})
 
     def on_steps(self, first_step: int, lrs: Sequence[float], losses: Sequence[float]) -> None:
-        if not self.spec.enabled:
-            return
         for step, loss in enumerate(losses, start=first_step):
             if not math.isfinite(loss):
                 raise self._stop(step, loss, "non-finite loss")
-            if self.reference is None:
-                self._early.append(loss)
-                if len(self._early) >= self.spec.reference_steps:
-                    self.reference = sum(self._early) / len(self._early)
+            if not self.spec.enabled:
+                continue
+            if self._seen < self.spec.reference_steps:
+                self._seen += 1
+                self.reference = loss if self.reference is None else min(self.reference, loss)
                 continue
             self.bad_steps = self.bad_steps + 1 if loss > self.spec.loss_factor * self.reference else 0
             if self.bad_steps >= self.spec.patience_steps and step >= self.warmup_steps:
@@ -47,8 +67,6 @@ class DivergenceMonitor:
                                              f"{self.bad_steps} steps")
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
-        if not self.spec.enabled:
-            return
         if not math.isfinite(metrics["val_loss"]):
             raise self._stop((epoch + 1) * self.steps_per_epoch - 1, metrics["val_loss"],
                              "non-finite validation loss")

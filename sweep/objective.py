@@ -90,9 +90,11 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext) -> Outcome:
     try:
         result = train(cfg, ctx.splits, ctx.device, listeners)
     except StopTraining as stop:
-        for key, value in (("prune_reason", stop.reason), ("prune_step", stop.step),
-                           ("prune_epoch", stop.epoch), *stop.detail.items()):
-            trial.set_user_attr(key if key.startswith("prune") else f"prune_{key}", value)
+        # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
+        # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
+        for key, value in (("reason", stop.reason), ("step", stop.step), ("epoch", stop.epoch),
+                           *stop.detail.items()):
+            trial.set_user_attr(f"prune_{key}", value)
         run.finish("KILLED", {STATE: "PRUNED", REASON: stop.reason, "sweep.prune_step": stop.step,
                               "sweep.prune_epoch": stop.epoch,
                               **{f"sweep.prune_{k}": v for k, v in stop.detail.items()}})

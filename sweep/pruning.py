@@ -1,11 +1,17 @@
 """Pruners: the study file's ``pruner:`` section turned into an Optuna pruner.
 
-Epochs are the resource: trials report the objective once per epoch (step = epoch index), so
-``n_warmup_steps``, ``min_resource`` and ``max_resource`` are counted in epochs. Divergence is
-not a pruner's business (it is per optimizer step, see ``sweep.divergence``).
+Epochs are the resource: trials report the objective once per epoch with step = the epoch
+index 0 .. epochs-1 (Optuna's own convention, and the ``step`` of ``val_acc`` in MLflow), so
+``n_warmup_steps``, ``interval_steps``, ``min_resource`` and ``max_resource`` count epochs.
+A step-``r`` decision happens after ``r + 1`` epochs: ``median`` with ``n_warmup_steps: 0``
+may stop a trial after its first epoch; ``hyperband``/``successive_halving`` rungs sit at
+steps ``min_resource * reduction_factor**k`` (k >= the bracket's early-stopping rate).
+Divergence is not a pruner's business (it is per optimizer step, see ``sweep.divergence``).
 """
 
 from __future__ import annotations
+
+import math
 
 import optuna
 
@@ -47,6 +53,18 @@ PRUNER_PARAMS: dict[str, dict] = {
 DEFAULT_MEDIAN = {"n_startup_trials": 5, "n_warmup_steps": 2}
 
 
+def pruner_problem(kind: str, params: dict) -> tuple[str, str] | None:
+    """Rules between a pruner's parameters, checked when the study file is loaded:
+    ``(key, problem)`` or None. (Each parameter alone is checked by ``PRUNER_PARAMS``.)"""
+    if kind == "threshold":
+        if "lower" not in params and "upper" not in params:
+            return "type", "pruner 'threshold' needs 'lower' or 'upper' (or both)"
+        if params.get("lower", -math.inf) > params.get("upper", math.inf):
+            return "lower", (f"must be <= upper, got lower={params['lower']!r} > "
+                             f"upper={params['upper']!r}")
+    return None
+
+
 def build_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
     """The Optuna pruner for ``spec``; hyperband's ``max_resource`` is the study's epochs."""
     p = dict(spec.params)
@@ -61,9 +79,7 @@ def build_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **p})
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(**{"min_resource": 1, **p}, max_resource=epochs)
-    if kind == "threshold":
-        if "lower" not in p and "upper" not in p:
-            raise ValueError("pruner 'threshold' needs lower or upper")
+    if kind == "threshold":  # lower/upper were checked at load (pruner_problem)
         return optuna.pruners.ThresholdPruner(**p)
     if kind == "patient":
         return optuna.pruners.PatientPruner(build_pruner(spec.wrapped, epochs),

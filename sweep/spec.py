@@ -322,6 +322,11 @@ def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
             raise ctx.fail(path + (key,), check(value) if _type_ok(value, kind_) and check
                            else f"must be {_KIND_NAMES[kind_]}, got {value!r}")
         params[key] = value
+    from sweep.pruning import pruner_problem
+
+    problem = pruner_problem(kind, params)
+    if problem:
+        raise ctx.fail(path + (problem[0],), problem[1])
     wrapped = None
     if kind == "patient":
         if "wrapped" not in section:

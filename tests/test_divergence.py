@@ -1,0 +1,174 @@
+"""Divergence detection: the monitor's rules on loss sequences, and real resnet8 training on tiny
+data that explodes (LR 50), gets a NaN in its loss, or a non-finite gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import optuna
+import pytest
+import torch
+
+import sweep.train
+from sweep.data import load_splits
+from sweep.divergence import DivergenceMonitor
+from sweep.spec import DivergenceSpec, parse_study
+from sweep.space import trial_config
+from sweep.train import StopTraining, train
+
+SPEC = DivergenceSpec(loss_factor=4.0, patience_steps=5, reference_steps=3)
+
+
+def feed(monitor: DivergenceMonitor, losses, chunk: int = 4, first: int = 0):
+    """Give the monitor ``losses`` in chunks, as the training loop does."""
+    for start in range(0, len(losses), chunk):
+        part = losses[start: start + chunk]
+        monitor.on_steps(first + start, [0.1] * len(part), part)
+
+
+def test_a_non_finite_loss_stops_at_its_step_even_when_disabled():
+    for spec in (SPEC, DivergenceSpec(enabled=False)):
+        monitor = DivergenceMonitor(spec, warmup_steps=100, steps_per_epoch=10)
+        with pytest.raises(StopTraining) as stop:
+            feed(monitor, [2.3, 2.2, 2.1, 2.0, 1.9, 1.8, 1.9, math.inf, 2.0])
+        assert (stop.value.reason, stop.value.step, stop.value.epoch) == ("diverged", 7, 0)
+        assert stop.value.detail == {"loss": "inf", "cause": "non-finite loss"}  # no float NaN/inf
+
+
+def test_a_loss_above_the_factor_stops_after_patience_steps():
+    monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=100)
+    losses = [2.3, 2.2, 2.4] + [2.0] * 4 + [9.0] * 10  # reference 2.2, bar 8.8
+    with pytest.raises(StopTraining) as stop:
+        feed(monitor, losses)
+    assert stop.value.step == 7 + SPEC.patience_steps - 1
+    assert stop.value.detail["loss"] == 9.0 and "4 x early reference 2.2" in stop.value.detail["cause"]
+
+
+def test_an_explosion_inside_the_reference_window_is_still_caught():
+    """LR 50 explodes at step 1: the reference is the lowest early loss, not an inflated mean."""
+    monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=100)
+    with pytest.raises(StopTraining) as stop:
+        feed(monitor, [2.3, 300.0, 5e4] + [1e4] * 10)
+    assert monitor.reference == 2.3 and stop.value.step == 3 + SPEC.patience_steps - 1
+
+
+def test_a_spike_that_recovers_during_warmup_is_not_divergence():
+    monitor = DivergenceMonitor(SPEC, warmup_steps=30, steps_per_epoch=100)
+    feed(monitor, [2.3] * 3 + [20.0] * 12 + [2.0] * 40)  # 12 bad steps inside warmup, recovered
+    assert monitor.bad_steps == 0
+
+
+def test_a_spike_lasting_past_warmup_stops_at_the_first_step_after_warmup():
+    monitor = DivergenceMonitor(SPEC, warmup_steps=30, steps_per_epoch=100)
+    with pytest.raises(StopTraining) as stop:
+        feed(monitor, [2.3] * 3 + [20.0] * 40)
+    assert stop.value.step == 30
+
+
+def test_a_plateau_reduction_resets_the_count():
+    monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=10)
+    feed(monitor, [2.3] * 3 + [2.0] * 3 + [20.0] * 4)  # 4 bad steps: one short of patience
+    monitor.on_epoch_end(0, {"val_loss": 2.0, "val_acc": 0.2, "lr_reduced": True})
+    feed(monitor, [20.0] * 4, first=10)  # 4 more after the reset: still alive
+    assert monitor.bad_steps == 4
+    with pytest.raises(StopTraining):
+        monitor.on_epoch_end(1, {"val_loss": math.nan, "val_acc": 0.1, "lr_reduced": False})
+
+
+# --- real training -----------------------------------------------------------------------------
+
+STUDY = """
+name: div
+trials: 1
+divergence: {loss_factor: 4.0, patience_steps: 5, reference_steps: 3}
+data: {train_size: 160, val_size: 40, test_size: 40}
+train: {model: resnet8, width: 1, epochs: 2, batch_size: 8, sync_every_steps: 4}
+space: {warmup_steps: 0, base_lr: 0.1, scheduler: {constant: {}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_cifar, tmp_path_factory):
+    path = tmp_path_factory.mktemp("div") / "div.yaml"
+    spec = parse_study(STUDY, str(path), path)
+    splits = load_splits(tiny_cifar, spec.data, torch.device("cpu"), download=False)
+    return spec, splits
+
+
+def run(setup, lr: float, listeners=()):
+    spec, splits = setup
+    cfg = trial_config(optuna.trial.FixedTrial({}), spec)
+    cfg = dataclasses.replace(cfg, base_lr=lr)
+    monitor = DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, spec.steps_per_epoch)
+    seen = Recorder()
+    with pytest.raises(StopTraining) as stop:
+        train(cfg, splits, torch.device("cpu"), [seen, monitor, *listeners])
+    return stop.value, seen
+
+
+class Recorder:
+    """A listener that keeps what the loop reported."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_steps(self, first_step, lrs, losses):
+        assert first_step == len(self.losses)
+        self.losses.extend(losses)
+
+    def on_epoch_end(self, epoch, metrics):
+        pass
+
+
+@pytest.mark.slow
+def test_an_absurd_lr_is_pruned_as_diverged_inside_its_first_epoch(setup):
+    stop, seen = run(setup, lr=50.0)
+    spec = setup[0]
+    assert stop.reason == "diverged" and stop.epoch == 0
+    assert stop.step < spec.steps_per_epoch  # 20 steps per epoch
+    assert len(seen.losses) <= stop.step + spec.train.sync_every_steps
+
+
+def _nan_at_forward(k: int, what: str):
+    """A ``build_model`` that returns the real model with a hook making the k-th training
+    forward's output NaN (``what="loss"``) or the k-th backward's gradient inf (``"grad"``)."""
+    real = sweep.train.build_model
+
+    def build(name, width=1):
+        model = real(name, width)
+        calls = {"forward": 0, "backward": 0}
+
+        def forward_hook(module, args, output):
+            if module.training:
+                calls["forward"] += 1
+                if what == "loss" and calls["forward"] == k + 1:
+                    return output * math.nan
+            return output
+
+        def grad_hook(grad):
+            calls["backward"] += 1
+            return grad * math.inf if what == "grad" and calls["backward"] == k + 1 else grad
+
+        model.register_forward_hook(forward_hook)
+        model.head.weight.register_hook(grad_hook)
+        return model
+
+    return build
+
+
+@pytest.mark.slow
+def test_a_nan_in_the_loss_stops_training_at_that_step(setup, monkeypatch):
+    monkeypatch.setattr(sweep.train, "build_model", _nan_at_forward(6, "loss"))
+    stop, seen = run(setup, lr=0.1)
+    assert (stop.reason, stop.step, stop.epoch) == ("diverged", 6, 0)
+    assert stop.detail == {"loss": "nan", "cause": "non-finite loss"}
+    assert all(math.isfinite(x) for x in seen.losses[:6]) and math.isnan(seen.losses[6])
+
+
+@pytest.mark.slow
+def test_a_non_finite_gradient_is_caught_by_the_next_steps_loss(setup, monkeypatch):
+    monkeypatch.setattr(sweep.train, "build_model", _nan_at_forward(9, "grad"))
+    stop, seen = run(setup, lr=0.1)
+    assert (stop.reason, stop.step, stop.detail["cause"]) == ("diverged", 10, "non-finite loss")
+    assert all(math.isfinite(x) for x in seen.losses[:10])
