@@ -83,5 +83,76 @@ def validate(files):
     sys.exit(2 if bad else 0)
 
 
+@main.command()
+@click.option("--scheduler", help="Scheduler type (constant, step, multistep, exponential, cosine, "
+                                  "cosine_restarts, plateau, onecycle, linear, polynomial, "
+                                  "inverse_sqrt, wsd).")
+@click.option("--base-lr", type=float, help="Base learning rate (absolute).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training length in epochs.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), help="Optimizer steps per epoch (S).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Warmup length W in optimizer steps.")
+@click.option("--warmup-shape", default="linear", show_default=True,
+              type=click.Choice(["linear", "exponential", "constant"]))
+@click.option("--warmup-start-factor", type=float, default=0.01, show_default=True,
+              help="Warmup starts at this fraction of base_lr.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A scheduler parameter, as in the study file (repeatable), e.g. gamma=0.1.")
+@click.option("--val-losses", metavar="L0,L1,...",
+              help="plateau: validation loss at the end of each epoch (else no reductions).")
+@click.option("--study", "study_name", help="Redraw a trial of this study (with --trial).")
+@click.option("--trial", "trial_number", type=click.IntRange(min=0), help="Trial number.")
+@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
+              help="Optuna storage URL [env SWEEP_STORAGE].")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
+              show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+@click.option("--csv", "as_csv", is_flag=True, help="Write the curve as CSV (step,lr) to stdout.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the curve to FILE.csv or FILE.png.")
+@friendly_errors
+def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_shape,
+             warmup_start_factor, params, val_losses, study_name, trial_number, storage,
+             tracking_uri, as_csv, output):
+    """Preview a learning-rate curve without training, or redraw a finished trial's curve and
+    check it against the lr metric in MLflow (exit 0 when equal to 1e-9, else 1)."""
+    from pathlib import Path
+
+    from sweep import preview
+
+    output = Path(output) if output else None
+    if output is not None:
+        preview.check_output(output)
+    if study_name is not None or trial_number is not None:
+        if study_name is None or trial_number is None or scheduler is not None:
+            raise preview.ScheduleError("redraw a trial with --study NAME --trial N (and no "
+                                        "--scheduler), or preview with --scheduler ...")
+        check = preview.check_trial(study_name, trial_number, storage, tracking_uri)
+        curve, verdict = check.curve, check.report()
+    else:
+        missing = [flag for flag, value in (("--scheduler", scheduler), ("--base-lr", base_lr),
+                                            ("--epochs", epochs),
+                                            ("--steps-per-epoch", steps_per_epoch))
+                   if value is None]
+        if missing:
+            raise preview.ScheduleError(f"missing {', '.join(missing)}; e.g. sweep schedule "
+                                        f"--scheduler cosine --base-lr 0.4 --epochs 30 "
+                                        f"--steps-per-epoch 352, or --study NAME --trial N")
+        losses = preview.parse_losses(val_losses) if val_losses else None
+        curve = preview.preview_curve(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps,
+                                      preview.parse_params(params), warmup_shape,
+                                      warmup_start_factor, losses)
+        check, verdict = None, None
+    to_stdout = as_csv and output is None  # stdout carries the CSV alone; the summary goes to stderr
+    click.echo(preview.summary(curve), err=to_stdout)
+    if verdict:
+        click.echo(mask_url(verdict), err=to_stdout)
+    if output is not None:
+        preview.save(curve, output)
+        click.echo(f"wrote {output}", err=to_stdout)
+    elif as_csv:
+        click.echo(preview.csv_text(curve), nl=False)
+    sys.exit(0 if check is None or check.matches else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,279 @@
+"""``sweep schedule``: draw a learning-rate curve without training, or redraw a finished trial's.
+
+A preview is built from flags (``preview_curve``); a trial's curve is rebuilt from its stored
+Optuna params through the same ``trial_config`` the worker used, with plateau fed the
+validation losses MLflow holds for that trial, and compared with the ``lr`` metric logged at
+every optimizer step (``check_trial``). Units: steps are optimizer steps, LRs are absolute.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import yaml
+
+from sweep.errors import SweepError
+from sweep.schedules import SCHEDULER_PARAMS, ScheduleConfig, check_schedule, lr_curve
+from sweep.schedules import resolve_params
+
+#: the relative difference up to which a redrawn curve counts as equal to the logged one
+MATCH_REL = 1e-9
+
+
+class ScheduleError(SweepError):
+    """Raised when ``sweep schedule`` gets a schedule that makes no sense, a bad output file,
+    or a study/trial it cannot redraw."""
+
+
+@dataclass(frozen=True)
+class Curve:
+    """The LR of every optimizer step t = 0 .. T-1 of one param group."""
+
+    schedule: ScheduleConfig
+    base_lr: float
+    steps_per_epoch: int
+    epochs: int
+    lrs: list[float]
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["gamma=0.1", "milestones_epochs=[10, 20]"]`` -> a dict; values are parsed as YAML."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ScheduleError(f"--param {pair!r}: expected KEY=VALUE, e.g. --param gamma=0.1")
+        try:
+            params[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ScheduleError(f"--param {pair!r}: {text!r} is not a value; write numbers as "
+                                f"0.1 and lists as [10, 20]") from None
+    return params
+
+
+def parse_losses(text: str) -> list[float]:
+    """``"2.1,1.9,1.95"`` -> the validation loss of epochs 0, 1, 2 (for plateau)."""
+    try:
+        losses = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise ScheduleError(f"--val-losses {text!r}: expected numbers separated by commas, "
+                            f"e.g. 2.1,1.9,1.95") from None
+    if not all(math.isfinite(loss) for loss in losses):
+        raise ScheduleError(f"--val-losses {text!r}: every loss must be a finite number")
+    return losses
+
+
+def preview_curve(scheduler: str, base_lr: float, epochs: int, steps_per_epoch: int,
+                  warmup_steps: int = 0, params: dict | None = None,
+                  warmup_shape: str = "linear", warmup_start_factor: float = 0.01,
+                  val_losses: Sequence[float] | None = None) -> Curve:
+    """Validate exactly as a study file is validated, then compute the curve."""
+    try:
+        resolved = resolve_params(scheduler, params or {}, epochs)
+        cfg = ScheduleConfig(scheduler, warmup_steps, warmup_shape, warmup_start_factor, resolved)
+        check_schedule(cfg, steps_per_epoch, epochs, base_lr)
+    except ValueError as err:
+        key, _, problem = str(err).partition(": ")
+        flag = {"warmup_steps": "--warmup-steps", "warmup_start_factor": "--warmup-start-factor",
+                "warmup_shape": "--warmup-shape", "min_lr": "--param min_lr"}.get(key)
+        if flag is None and key in SCHEDULER_PARAMS.get(scheduler, {}):
+            flag = f"--param {key}"
+        raise ScheduleError(f"{flag}: {problem}" if flag and problem else str(err)) from None
+    lrs = lr_curve(cfg, base_lr, steps_per_epoch, epochs, list(val_losses) if val_losses else None)
+    return Curve(cfg, base_lr, steps_per_epoch, epochs, lrs)
+
+
+def summary(curve: Curve) -> str:
+    """A few lines: the configuration, then the LR at the start, at the end of warmup (step W,
+    the first step of the main schedule), the minimum and the end."""
+    cfg, lrs, w = curve.schedule, curve.lrs, curve.schedule.warmup_steps
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in cfg.params.items() if v is not None)
+    warm = (f"warmup {w} steps ({cfg.warmup_shape} from {cfg.warmup_start_factor:g} x base_lr)"
+            if w else "no warmup")
+    low = min(range(len(lrs)), key=lrs.__getitem__)
+    rows = [("start", 0), ("end of warmup", w) if w else None, ("minimum", low),
+            ("end", len(lrs) - 1)]
+    lines = [f"{cfg.name}{f' ({shown})' if shown else ''}, base_lr {curve.base_lr:g}, {warm}",
+             f"T = {len(lrs)} steps ({curve.epochs} epochs x {curve.steps_per_epoch} steps/epoch)"]
+    lines += [f"  {label + ':':<15} step {t:>7}  lr {lrs[t]:.6g}" for label, t in filter(None, rows)]
+    return "\n".join(lines)
+
+
+def write_csv(curve: Curve, out: TextIO) -> None:
+    """``step,lr`` then one row per step; ``repr`` floats, so the file round-trips exactly."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "lr"])
+    writer.writerows((t, repr(lr)) for t, lr in enumerate(curve.lrs))
+
+
+def write_png(curve: Curve, path: Path) -> None:
+    """The curve on a log LR axis (steps where the LR is 0 are not drawn), warmup's end marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.6), dpi=110)
+    ax = fig.add_subplot()
+    ax.plot(range(len(curve.lrs)), curve.lrs, lw=1.3)
+    if any(lr > 0 for lr in curve.lrs):
+        ax.set_yscale("log")
+    if curve.schedule.warmup_steps:
+        ax.axvline(curve.schedule.warmup_steps, color="grey", lw=0.8, ls="--",
+                   label=f"end of warmup (step {curve.schedule.warmup_steps})")
+        ax.legend(loc="lower center", fontsize=8)
+    ax.set_xlabel(f"optimizer step t ({curve.steps_per_epoch} steps = 1 epoch)")
+    ax.set_ylabel("learning rate (absolute, log scale)")
+    ax.set_title(f"{curve.schedule.name}, base_lr {curve.base_lr:g}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output file we cannot write before computing anything."""
+    if path.suffix.lower() not in (".csv", ".png"):
+        raise ScheduleError(f"-o {path}: the file name must end in .csv (step,lr) or .png (a plot)")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ScheduleError(f"-o {path}: folder {folder} does not exist; create it first")
+
+
+def save(curve: Curve, path: Path) -> None:
+    check_output(path)
+    if path.suffix.lower() == ".png":
+        write_png(curve, path)
+    else:
+        with open(path, "w", newline="") as handle:
+            write_csv(curve, handle)
+
+
+def csv_text(curve: Curve) -> str:
+    buffer = io.StringIO()
+    write_csv(curve, buffer)
+    return buffer.getvalue()
+
+
+# --- a finished trial -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialCheck:
+    """A trial's redrawn curve against the ``lr`` metric MLflow holds for it."""
+
+    study: str
+    trial: int
+    run_id: str
+    curve: Curve
+    logged_steps: int
+    max_rel_diff: float
+    worst_step: int | None
+
+    @property
+    def matches(self) -> bool:
+        return self.logged_steps > 0 and self.max_rel_diff <= MATCH_REL
+
+    def report(self) -> str:
+        where = f" (worst at step {self.worst_step})" if self.worst_step is not None else ""
+        verdict = "matches" if self.matches else "DIFFERS from"
+        return (f"study {self.study!r} trial {self.trial} (MLflow run {self.run_id}): "
+                f"the redrawn curve {verdict} the logged lr metric; max relative difference "
+                f"{self.max_rel_diff:.3g} over {self.logged_steps} logged steps{where}")
+
+
+# run params that decide the curve and may have come from ``--set`` at launch (data.*, train.*)
+_CURVE_OVERRIDES = (("data", "train_size"), ("train", "batch_size"), ("train", "epochs"),
+                    ("train", "warmup_shape"), ("train", "warmup_start_factor"))
+
+
+def _existing_sqlite(url: str, what: str) -> None:
+    from sweep.storage import mask_url, sqlite_path
+
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise ScheduleError(f"{what} {mask_url(url)!r}: no such file; run this where the study "
+                            f"ran or pass the URL it used")
+
+
+def _load_trial(study_name: str, number: int, storage_url: str):
+    import optuna
+
+    from sweep.storage import mask_url, open_storage
+
+    _existing_sqlite(storage_url, "storage")
+    with warnings.catch_warnings():  # heartbeat options are "experimental": noise for a reader
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ScheduleError(f"no study {study_name!r} in {mask_url(storage_url)}; studies there: "
+                            f"{', '.join(names) or 'none'}") from None
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not found:
+        raise ScheduleError(f"study {study_name!r} has no trial {number} (it has "
+                            f"{len(study.trials)} trials, numbered from 0)")
+    trial = found[0]
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        raise ScheduleError(f"trial {number} of study {study_name!r} has no MLflow run "
+                            f"(user attr mlflow_run_id); it never started training")
+    return study, trial, run_id
+
+
+def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: str) -> TrialCheck:
+    """Redraw trial ``number`` from its Optuna params and compare with MLflow's ``lr`` metric."""
+    import optuna
+
+    from sweep.space import trial_config
+    from sweep.spec import load_study
+    from sweep.tracking import Tracker
+
+    study, trial, run_id = _load_trial(study_name, number, storage_url)
+    _existing_sqlite(tracking_uri, "MLflow tracking URI")
+    client = Tracker(tracking_uri).client
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise ScheduleError(f"MLflow run {run_id} of trial {number} is not in this tracking "
+                            f"store; pass the --tracking-uri the study used") from None
+    logged = run.data.params
+    overrides = [f"{section}.{key}={logged[key]}" for section, key in _CURVE_OVERRIDES
+                 if key in logged]
+    study_file = study.user_attrs.get("sweep.study_file")
+    source = study_file if study_file and Path(study_file).is_file() else study_name
+    spec = load_study(source, overrides)
+    try:
+        cfg = trial_config(optuna.trial.FixedTrial(trial.params, number=number), spec)
+    except ValueError as err:  # FixedTrial lacks a parameter the study file now declares
+        raise ScheduleError(f"trial {number}'s stored params do not fit {spec.path} as it is "
+                            f"now ({err}); restore the study file the trial ran with") from None
+    steps_per_epoch = spec.steps_per_epoch
+    val_losses = None
+    if cfg.schedule.name == "plateau":  # its reductions come from the logged validation losses
+        val_losses = [None] * spec.train.epochs
+        for m in client.get_metric_history(run_id, "val_loss"):
+            if 0 <= m.step < spec.train.epochs:
+                val_losses[m.step] = m.value
+    lrs = lr_curve(cfg.schedule, cfg.base_lr, steps_per_epoch, spec.train.epochs, val_losses)
+    curve = Curve(cfg.schedule, cfg.base_lr, steps_per_epoch, spec.train.epochs, lrs)
+    worst, worst_step, count = 0.0, None, 0
+    for m in client.get_metric_history(run_id, "lr"):
+        count += 1
+        if not 0 <= m.step < len(lrs):
+            return TrialCheck(study_name, number, run_id, curve, count, math.inf, m.step)
+        if m.value:
+            diff = abs(lrs[m.step] - m.value) / abs(m.value)
+        else:  # a logged 0 (warmup from 0) is matched only by 0
+            diff = 0.0 if lrs[m.step] == 0 else math.inf
+        if diff > worst or worst_step is None:
+            worst, worst_step = diff, m.step
+    return TrialCheck(study_name, number, run_id, curve, count, worst if count else math.inf,
+                      worst_step)
