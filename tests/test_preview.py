@@ -61,6 +61,29 @@ def test_csv_equals_torch_reference(warmup):
     assert "end of warmup" in result.stderr if warmup else "no warmup" in result.stderr
 
 
+@pytest.mark.parametrize("warmup", [0, 5, 41])
+@pytest.mark.parametrize("case", ["step_per_epoch", "cosine_restarts", "polynomial", "plateau"])
+def test_csv_equals_other_torch_classes(case, warmup):
+    """S = 7, E = 6 as in test_schedules, whose torch reference builder is reused."""
+    from test_schedules import PLATEAU_CASES, TORCH_CASES, VAL_LOSSES, torch_reference
+
+    if case == "plateau":
+        params, per_epoch = PLATEAU_CASES["patience1_cooldown_min_lr"], False
+        factory = lambda o, n: tl.ReduceLROnPlateau(o, factor=0.3, patience=1, threshold=0.1,
+                                                    cooldown=1, min_lr=0.02)
+    else:
+        params, factory, per_epoch = TORCH_CASES[case]
+    args = [f"--param={k}={v}" for k, v in params.items()]
+    if case == "plateau":
+        args.append("--val-losses=" + ",".join(map(str, VAL_LOSSES)))
+    result = invoke("--scheduler", case.split("_per_")[0], "--base-lr", "0.4", "--epochs", "6",
+                    "--steps-per-epoch", "7", "--warmup-steps", str(warmup), "--csv", *args)
+    assert result.exit_code == 0, result.output
+    ref = torch_reference(factory, (0.4,), warmup, per_epoch=per_epoch,
+                          val_losses=VAL_LOSSES if case == "plateau" else None)
+    assert read_csv(result.stdout) == pytest.approx([row[0] for row in ref], rel=1e-9, abs=0)
+
+
 def test_summary_names_start_end_of_warmup_minimum_and_end():
     result = invoke("--scheduler", "multistep", "--base-lr", "0.4", "--epochs", "4",
                     "--steps-per-epoch", "5", "--warmup-steps", "3", "--param", "gamma=0.1",
