@@ -40,6 +40,12 @@ class TrialBar:
                             file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, number: int, outcome) -> None:
+        if outcome.state == TrialState.FAIL:  # never silent, --quiet or not
+            line = f"trial {number} failed: {mask_url(outcome.detail)}"
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.set_postfix(last=f"#{number} {outcome.state.name.lower()}", refresh=False)
             self.bar.update(1)

@@ -21,6 +21,7 @@ from sweep.divergence import DivergenceMonitor
 from sweep.pruning import describe_pruner
 from sweep.space import trial_config
 from sweep.spec import StudySpec
+from sweep.storage import mask_url
 from sweep.tracking import REASON, STATE, Tracker
 from sweep.train import StopTraining, train
 
@@ -69,16 +70,23 @@ class Outcome:
     detail: str = ""
 
 
-def run_trial(trial: optuna.Trial, ctx: WorkerContext) -> Outcome:
-    """Train one trial; returns its outcome. Re-raises only interruptions (BaseException)."""
+def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcome:
+    """Train one trial; returns its outcome. Re-raises only interruptions (BaseException),
+    which the optional ``interrupt`` listener raises from the training loop."""
     spec = ctx.spec
-    cfg = trial_config(trial, spec)
     steps_per_epoch = spec.steps_per_epoch
-    run = ctx.tracker.start_trial(
-        ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
-        params={**cfg.flat_params(), "device": str(ctx.device)},
-        tags={"sweep.code_version": ctx.code_version, "sweep.study_file": str(spec.path),
-              "sweep.host": socket.gethostname(), "sweep.pid": os.getpid()})
+    try:
+        cfg = trial_config(trial, spec)
+        run = ctx.tracker.start_trial(
+            ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
+            params={**cfg.flat_params(), "device": str(ctx.device)},
+            tags={"sweep.code_version": ctx.code_version, "sweep.study_file": str(spec.path),
+                  "sweep.host": socket.gethostname(), "sweep.pid": os.getpid()})
+    except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
+        message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")[:2000]
+        trial.set_user_attr("error", message)
+        return Outcome(optuna.trial.TrialState.FAIL, detail=message)
     for key, value in (("seed", cfg.seed), ("mlflow_run_id", run.run_id),
                        ("host", socket.gethostname()), ("pid", os.getpid())):
         trial.set_user_attr(key, value)
@@ -87,7 +95,11 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext) -> Outcome:
                                  steps_per_epoch)]
     if ctx.progress is not None:
         listeners.append(ctx.progress(trial.number, spec.train.epochs))
+    if interrupt is not None:
+        listeners.append(interrupt)  # last: the steps it interrupts are logged first
     try:
+        if interrupt is not None:
+            interrupt.check()  # a signal that came while the trial was being set up
         result = train(cfg, ctx.splits, ctx.device, listeners)
     except StopTraining as stop:
         # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
@@ -101,7 +113,7 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext) -> Outcome:
         return Outcome(optuna.trial.TrialState.PRUNED, run_id=run.run_id, detail=str(stop))
     except BaseException as err:  # interruption, or a bug/OOM in the trial
         interrupted = not isinstance(err, Exception)
-        message = f"{type(err).__name__}: {err}".strip()[:2000]
+        message = mask_url(f"{type(err).__name__}: {err}".strip())[:2000]
         trial.set_user_attr("error", "interrupted" if interrupted else message)
         try:
             run.finish("KILLED" if interrupted else "FAILED",
