@@ -74,6 +74,8 @@ def preview_curve(scheduler: str, base_lr: float, epochs: int, steps_per_epoch: 
                   warmup_shape: str = "linear", warmup_start_factor: float = 0.01,
                   val_losses: Sequence[float] | None = None) -> Curve:
     """Validate exactly as a study file is validated, then compute the curve."""
+    if not (math.isfinite(base_lr) and base_lr > 0):
+        raise ScheduleError(f"--base-lr: must be a number > 0, got {base_lr!r}")
     try:
         resolved = resolve_params(scheduler, params or {}, epochs)
         cfg = ScheduleConfig(scheduler, warmup_steps, warmup_shape, warmup_start_factor, resolved)

@@ -123,6 +123,7 @@ def test_csv_and_png_files(tmp_path):
     (["--scheduler", "cosine", "--warmup-steps", "2", "--warmup-shape", "exponential",
       "--warmup-start-factor", "0"], ["--warmup-start-factor", "(0, 1]"]),
     (["--scheduler", "cosin"], ["unknown scheduler 'cosin'", "cosine"]),
+    (["--scheduler", "cosine", "--base-lr", "-1"], ["--base-lr", "> 0"]),
     (["--scheduler", "plateau", "--param", "gamma=0.5", "--param", "patience_epochs=0",
       "--val-losses", "1,x"], ["--val-losses", "numbers"]),
     (["--scheduler", "cosine", "-o", "{tmp}/lr.svg"], ["-o", ".csv", ".png"]),
@@ -131,7 +132,7 @@ def test_csv_and_png_files(tmp_path):
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, words):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     output = [] if "-o" in args else ["-o", str(tmp_path / "out.csv")]
-    result = invoke(*args, "--base-lr", "0.4", "--epochs", "4", "--steps-per-epoch", "5", *output)
+    result = invoke("--base-lr", "0.4", "--epochs", "4", "--steps-per-epoch", "5", *args, *output)
     assert result.exit_code == 2, result.output
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("error: ")
