@@ -154,5 +154,81 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
     sys.exit(0 if check is None or check.matches else 1)
 
 
+# --- report, MLflow UI, optuna-dashboard, list (issue 7) --------------------------------------
+
+@main.command()
+@click.option("--study", "study_name", required=True, help="Study name (as in the storage).")
+@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
+              help="Optuna storage URL [env SWEEP_STORAGE].")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
+              show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+@click.option("-o", "--output", "output", default=None, metavar="DIR",
+              help="Report folder [default: reports/STUDY].")
+@click.option("--top-k", type=click.IntRange(min=1, max=10), default=5, show_default=True,
+              help="How many of the best trials get LR and accuracy curves.")
+@friendly_errors
+def report(study_name, storage, tracking_uri, output, top_k):
+    """Write index.html + summary.md + PNG plots answering the study's question; log them to
+    the study's parent MLflow run under report/."""
+    import warnings
+
+    from sweep.report import write_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = write_report(study_name, storage, tracking_uri, output, top_k)
+    click.echo(mask_url(result.text))
+
+
+@main.command()
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
+              show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+@click.option("--study", "study_name", default=None, help="Print this study's experiment URL.")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
+              help="Port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; anything but loopback exposes the UI to the network.")
+@friendly_errors
+def ui(tracking_uri, study_name, port, host):
+    """Start the MLflow UI for the tracking store and print the study's experiment URL."""
+    from sweep.ui import serve_mlflow
+
+    sys.exit(serve_mlflow(tracking_uri, host, port, study_name, echo=click.echo))
+
+
+@main.command()
+@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
+              help="Optuna storage URL [env SWEEP_STORAGE].")
+@click.option("--study", "study_name", default=None, help="Print this study's page URL.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; anything but loopback exposes the dashboard to the network.")
+@friendly_errors
+def dashboard(storage, study_name, port, host):
+    """Start optuna-dashboard on the Optuna storage (pip install 'sweep[dashboard]')."""
+    import warnings
+
+    from sweep.ui import serve_dashboard
+
+    warnings.simplefilter("ignore")  # experimental-heartbeat warnings on every storage open
+    sys.exit(serve_dashboard(storage, host, port, study_name, echo=click.echo))
+
+
+@main.command(name="list")
+@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
+              help="Optuna storage URL [env SWEEP_STORAGE].")
+@friendly_errors
+def list_command(storage):
+    """Study files in studies/ and the studies in the storage (trials, best value)."""
+    import warnings
+
+    from sweep.ui import list_studies
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        click.echo(mask_url(list_studies(storage)))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,222 @@
+"""``sweep ui``, ``sweep dashboard`` and ``sweep list``: look at studies that already ran.
+
+Both servers bind 127.0.0.1 unless ``--host`` asks for another interface, and neither creates a
+store: they refuse a missing SQLite file instead of serving a fresh empty one.
+
+* ``sweep ui`` runs ``mlflow server`` for the tracking store in a child process (one worker;
+  MLflow's GenAI job runner is switched off since it starts a dozen processes this UI does not
+  need) and prints the URL of the study's experiment in the classic runs view
+  (``?workflowType=machine_learning``; MLflow 3 otherwise opens the GenAI trace overview).
+* ``sweep dashboard`` serves optuna-dashboard (``pip install 'sweep[dashboard]'``) in-process.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Callable
+
+from sweep.errors import StorageError, SweepError, TrackingError
+from sweep.report import open_existing_storage, open_existing_tracker
+from sweep.storage import mask_url, sqlite_path
+
+LOCALHOST = "127.0.0.1"
+START_TIMEOUT_S = 180  # mlflow server imports a lot; on a loaded 2-core machine it takes ~20 s
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The MLflow 3 UI page listing an experiment's runs (parent and nested trial runs)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def check_port(host: str, port: int) -> int:
+    """``port`` if it can be bound on ``host`` (0: pick a free one). Raises SweepError."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise SweepError(f"cannot listen on {host}:{port} ({err.strerror}); "
+                             f"pass another --port") from None
+        return s.getsockname()[1]
+
+
+def _public_note(host: str) -> str | None:
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    return f"note: listening on {host}, reachable from other machines; there is no login"
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return LOCALHOST
+    return f"[{host}]" if ":" in host else host
+
+
+def resolve_experiments(tracking_uri: str, study: str | None) -> list[tuple[str, str]]:
+    """(name, experiment id) of the study, or of every non-empty experiment when no study is
+    named. Raises TrackingError for a missing store or an unknown study."""
+    tracker = open_existing_tracker(tracking_uri)
+    if study is not None:
+        found = tracker.client.get_experiment_by_name(study)
+        if found is None:
+            names = [e.name for e in tracker.client.search_experiments() if e.name != "Default"]
+            raise TrackingError(f"no MLflow experiment {study!r} in {mask_url(tracking_uri)}; "
+                                f"experiments there: {', '.join(names) or 'none'}")
+        return [(found.name, found.experiment_id)]
+    return [(e.name, e.experiment_id) for e in tracker.client.search_experiments()
+            if e.name != "Default"]
+
+
+def serve_mlflow(tracking_uri: str, host: str = LOCALHOST, port: int = 5000,
+                 study: str | None = None, echo: Callable[[str], None] = print) -> int:
+    """Run the MLflow UI for ``tracking_uri`` until interrupted; returns the exit status."""
+    if tracking_uri.startswith(("http://", "https://")):
+        raise TrackingError(f"tracking URI {mask_url(tracking_uri)} is already an MLflow server: "
+                            f"open it in a browser")
+    experiments = resolve_experiments(tracking_uri, study)
+    port = check_port(host, port)
+    base = f"http://{_url_host(host)}:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+           "--host", host, "--port", str(port), "--workers", "1"]
+    path = sqlite_path(tracking_uri)
+    if path is not None:  # new experiments made from the UI keep artifacts beside the store
+        cmd += ["--default-artifact-root", (path.resolve().parent / "mlartifacts").as_uri()]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = tempfile.TemporaryFile(mode="w+")  # the server's log, quoted if it fails to start
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            text=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below
+    try:
+        _wait_ready(proc, log, f"{base}/health", "mlflow server")
+        echo(f"MLflow UI for {mask_url(tracking_uri)} at {base}/ (Ctrl-C stops it)")
+        for name, exp_id in experiments:
+            echo(f"experiment {name}: {experiment_url(base, exp_id)}")
+        if not experiments:
+            echo("no experiment yet: run `sweep launch` first")
+        note = _public_note(host)
+        if note:
+            echo(note)
+        sys.stdout.flush()
+        return 0 if proc.wait() == 0 else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(proc)
+        log.close()
+
+
+def _wait_ready(proc: subprocess.Popen, log, url: str, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            lines = [ln for ln in log.read().splitlines() if ln.strip()]
+            raise SweepError(f"{what} exited with status {proc.returncode}: "
+                             f"{mask_url(lines[-1] if lines else 'no message')[:300]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SweepError(f"{what} did not answer at {url} within {START_TIMEOUT_S} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # mlflow server forwards SIGTERM to its uvicorn worker
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def serve_dashboard(storage_url: str, host: str = LOCALHOST, port: int = 8080,
+                    study: str | None = None, echo: Callable[[str], None] = print) -> int:
+    """Run optuna-dashboard on the Optuna storage until interrupted."""
+    try:
+        from optuna_dashboard import wsgi
+    except ImportError:
+        raise SweepError("optuna-dashboard is not installed; install it with: "
+                         "pip install 'sweep[dashboard]' (or pip install optuna-dashboard)") from None
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    storage = open_existing_storage(storage_url)
+    path = ""
+    if study is not None:
+        try:
+            path = f"studies/{storage.get_study_id_from_name(study)}"
+        except KeyError:
+            raise StorageError(f"no study {study!r} in storage {mask_url(storage_url)} "
+                               f"(see `sweep list`)") from None
+    check_port(host, port)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):  # one line per request would drown the URL
+            pass
+
+    server_class = WSGIServer
+    if ":" in host:
+        class V6(WSGIServer):
+            address_family = socket.AF_INET6
+        server_class = V6
+    server = make_server(host, port, wsgi(storage), server_class=server_class, handler_class=Quiet)
+    base = f"http://{_url_host(host)}:{server.server_port}"
+    echo(f"optuna-dashboard for {mask_url(storage_url)} at {base}/dashboard/{path} (Ctrl-C stops it)")
+    note = _public_note(host)
+    if note:
+        echo(note)
+    sys.stdout.flush()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+    return 0
+
+
+def list_studies(storage_url: str) -> str:
+    """The study files in ``studies/`` and the studies in the storage (trials, best value)."""
+    import optuna
+
+    from sweep.spec import STUDIES_DIR, available_studies, load_study
+
+    lines = [f"study files in {STUDIES_DIR}:"]
+    for name in available_studies():
+        try:
+            spec = load_study(name)
+            about = " ".join(spec.description.split())
+            lines.append(f"  {name:<22} {spec.trials:>4} trials  {about[:80]}")
+        except SweepError as err:
+            lines.append(f"  {name:<22} invalid: {err}")
+    path = sqlite_path(storage_url)
+    if path is not None and not path.is_file():
+        lines.append(f"storage {mask_url(storage_url)}: no such file yet (no study launched here)")
+        return "\n".join(lines)
+    storage = open_existing_storage(storage_url)
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=True)
+    lines.append(f"studies in {mask_url(storage_url)}:" if summaries else
+                 f"studies in {mask_url(storage_url)}: none")
+    for s in sorted(summaries, key=lambda s: s.study_name):
+        best = s.best_trial
+        direction = s.direction.name.lower() if s.direction is not None else "?"
+        lines.append(f"  {s.study_name:<22} {s.n_trials:>4} trials  best "
+                     + (f"{best.value:.4g} (trial #{best.number}, {direction})" if best else "-"))
+    return "\n".join(lines)
