@@ -178,6 +178,7 @@ space:
 
 def _run_cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("SWEEP_STORAGE", "MLFLOW_TRACKING_URI")}
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model: a second thread only spins on a busy machine
     return subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -468,15 +468,20 @@ def test_training_resumed_from_checkpoint_follows_the_same_lr_sequence(tiny_cifa
     device = torch.device("cpu")
     splits = load_splits(tiny_cifar, data, device, download=False)
 
-    whole = _Recorder()
-    reference = train(cfg, splits, device, [whole])
-    checkpoint = tmp_path / "trial.pt"
-    first = _Recorder(stop_after=1)
-    with pytest.raises(StopTraining):
-        train(cfg, splits, device, [first], checkpoint=checkpoint)
-    assert checkpoint.is_file() and sorted(first.lrs) == list(range(12))
-    second = _Recorder()
-    resumed = train(cfg, splits, device, [second], checkpoint=checkpoint)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: 2 threads only spin against each other (10x slower
+    try:                      # when other processes load the cores)
+        whole = _Recorder()
+        reference = train(cfg, splits, device, [whole])
+        checkpoint = tmp_path / "trial.pt"
+        first = _Recorder(stop_after=1)
+        with pytest.raises(StopTraining):
+            train(cfg, splits, device, [first], checkpoint=checkpoint)
+        assert checkpoint.is_file() and sorted(first.lrs) == list(range(12))
+        second = _Recorder()
+        resumed = train(cfg, splits, device, [second], checkpoint=checkpoint)
+    finally:
+        torch.set_num_threads(threads)
 
     assert sorted(second.lrs) == list(range(12, 18))  # only epoch 2 ran again
     assert {**first.lrs, **second.lrs} == whole.lrs
