@@ -27,7 +27,10 @@ class EpochBar:
         self.bar.set_postfix(val_acc=f"{metrics['val_acc']:.3f}", refresh=False)
         self.bar.update(1)
         if self.bar.n >= self.bar.total:
-            self.bar.close()
+            self.close()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class TrialBar:

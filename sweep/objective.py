@@ -83,8 +83,8 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
             tags={"sweep.code_version": ctx.code_version, "sweep.study_file": str(spec.path),
                   "sweep.host": socket.gethostname(), "sweep.pid": os.getpid()})
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
-        message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: "
-                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")[:2000]
+        detail = " ".join(str(err).split())[:400]  # one line, with the driver's own reason
+        message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: {detail}")
         trial.set_user_attr("error", message)
         return Outcome(optuna.trial.TrialState.FAIL, detail=message)
     for key, value in (("seed", cfg.seed), ("mlflow_run_id", run.run_id),
@@ -93,8 +93,9 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
     listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch),
                  PruningListener(trial, spec.objective.metric, describe_pruner(spec.pruner),
                                  steps_per_epoch)]
-    if ctx.progress is not None:
-        listeners.append(ctx.progress(trial.number, spec.train.epochs))
+    progress = ctx.progress(trial.number, spec.train.epochs) if ctx.progress else None
+    if progress is not None:
+        listeners.append(progress)
     if interrupt is not None:
         listeners.append(interrupt)  # last: the steps it interrupts are logged first
     try:
@@ -102,6 +103,8 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
             interrupt.check()  # a signal that came while the trial was being set up
         result = train(cfg, ctx.splits, ctx.device, listeners)
     except StopTraining as stop:
+        if progress is not None:
+            progress.close()
         # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
         # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
         for key, value in (("reason", stop.reason), ("step", stop.step), ("epoch", stop.epoch),
@@ -112,6 +115,8 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
                               **{f"sweep.prune_{k}": v for k, v in stop.detail.items()}})
         return Outcome(optuna.trial.TrialState.PRUNED, run_id=run.run_id, detail=str(stop))
     except BaseException as err:  # interruption, or a bug/OOM in the trial
+        if progress is not None:
+            progress.close()
         interrupted = not isinstance(err, Exception)
         message = mask_url(f"{type(err).__name__}: {err}".strip())[:2000]
         trial.set_user_attr("error", "interrupted" if interrupted else message)

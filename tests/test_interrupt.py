@@ -1,0 +1,160 @@
+"""Interruptions on real processes with real signals, a read-only MLflow store, and a
+changed search space: nothing is lost, nothing stays RUNNING, nothing is silent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+FAST_HEARTBEAT = {"SWEEP_HEARTBEAT_INTERVAL": "1", "SWEEP_GRACE_PERIOD": "3"}
+SMALL = ["--set", "data.train_size=150", "--set", "data.val_size=50", "--set", "data.test_size=40",
+         "--set", "train.batch_size=15"]
+
+
+def launch_args(data: Path, *extra: str, study: str = "smoke") -> list[str]:
+    return [sys.executable, "-m", "sweep.cli", "launch", "--study", study, "--quiet",
+            "--data-dir", str(data), *SMALL, *extra]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", **FAST_HEARTBEAT, **extra}
+
+
+def run(args, folder, timeout=300):
+    return subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def load(folder: Path) -> optuna.Study:
+    return optuna.load_study(study_name="smoke", storage=f"sqlite:///{folder}/sweep.db")
+
+
+def wait_for_running_trial(folder: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a trial is RUNNING and has finished an epoch (so it has curves to keep).
+
+    Reads the SQLite file read-only: opening it with Optuna while the launch is still creating
+    the tables would race the creation."""
+    deadline = time.monotonic() + timeout
+    query = ("SELECT count(*) FROM trials t JOIN trial_intermediate_values v "
+             "ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'")
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with sqlite3.connect(f"file:{folder / 'sweep.db'}?mode=ro", uri=True) as conn:
+                if conn.execute(query).fetchone()[0]:
+                    return
+        except sqlite3.OperationalError:
+            pass  # not created yet
+        time.sleep(0.3)
+    raise AssertionError("no trial started training")
+
+
+def mlflow_runs(folder: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("smoke")
+    return client, client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def integrity_ok(db: Path) -> bool:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_ctrl_c_once_ends_trial_cleanly_and_it_is_retried(tmp_path, tiny_cifar):
+    proc = subprocess.Popen(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=200"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    wait_for_running_trial(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in out and "Traceback" not in err
+
+    trials = load(tmp_path).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(failed) == 1 and failed[0].user_attrs["error"] == "interrupted"
+    assert len(waiting) == 1 and waiting[0].params == failed[0].params
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    client, runs = mlflow_runs(tmp_path)
+    (killed,) = [r for r in runs if r.info.run_id == failed[0].user_attrs["mlflow_run_id"]]
+    assert killed.info.status == "KILLED" and killed.data.tags["sweep.state"] == "FAIL"
+    assert client.get_metric_history(killed.info.run_id, "lr")  # curves kept
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+    # The next launch runs the retry first; the interrupted trial does not use up the budget.
+    done = run(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=1"), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = load(tmp_path).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 2
+    assert any(t.params == failed[0].params for t in finished)
+    assert "2/2 trials used" in done.stdout
+
+
+def test_second_ctrl_c_exits_at_once_and_next_launch_reconciles(tmp_path, tiny_cifar):
+    proc = subprocess.Popen(launch_args(tiny_cifar, "--trials", "1", "--set", "train.epochs=200"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    wait_for_running_trial(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert integrity_ok(tmp_path / "sweep.db") and integrity_ok(tmp_path / "mlflow.db")
+    load(tmp_path).get_trials()  # both stores still open and read
+
+    time.sleep(4)  # past the grace period: the abandoned trial is stale
+    done = run(launch_args(tiny_cifar, "--trials", "1", "--set", "train.epochs=1"), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = load(tmp_path).get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 1
+    _, runs = mlflow_runs(tmp_path)
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_read_only_mlflow_store_fails_trials_loudly(tmp_path, tiny_cifar):
+    first = run(launch_args(tiny_cifar, "--trials", "1", "--set", "train.epochs=1"), tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    read_only = f"sqlite:///file:{tmp_path}/mlflow.db?mode=ro&uri=true"
+    second = run(launch_args(tiny_cifar, "--trials", "3", "--set", "train.epochs=1",
+                             "--tracking-uri", read_only), tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "trial 1 failed: could not start the trial's MLflow run" in second.stderr
+    assert "readonly database" in second.stderr
+    trials = load(tmp_path).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 2 and all("readonly" in t.user_attrs["error"] for t in failed)
+
+
+def test_changed_search_space_is_refused_unless_allowed(tmp_path, tiny_cifar):
+    first = run(launch_args(tiny_cifar, "--trials", "1", "--set", "train.epochs=1"), tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    original = (Path(__file__).resolve().parent.parent / "studies" / "smoke.yaml").read_text()
+    changed = tmp_path / "smoke_changed.yaml"
+    changed.write_text(original.replace("high: 0.5, log: true", "high: 0.9, log: true"))
+    assert changed.read_text() != original
+    refused = run(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=1",
+                              study=str(changed)), tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("error: study 'smoke' was created with another search space")
+    assert len(load(tmp_path).get_trials()) == 1
+
+    allowed = run(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=1",
+                              "--allow-space-change", study=str(changed)), tmp_path)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    study = load(tmp_path)
+    assert len(study.get_trials()) == 2 and len(study.user_attrs["sweep.space_changes"]) == 1
