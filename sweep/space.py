@@ -60,7 +60,11 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> TrialConfig:
     names = list(space.scheduler)
     scheduler = names[0] if len(names) == 1 else trial.suggest_categorical("scheduler", names)
     sampled["scheduler"] = scheduler
-    sampled["warmup_steps"] = suggest(trial, "warmup_steps", space.warmup_steps)
+    # onecycle's own ramp is its warmup: no warmup_steps is drawn for it (the spec rejects a
+    # fixed warmup > 0 with onecycle as warmup given twice).
+    warmup = space.warmup_steps
+    sampled["warmup_steps"] = (0 if scheduler == "onecycle" and not isinstance(warmup, Fixed)
+                               else suggest(trial, "warmup_steps", warmup))
     sampled["base_lr"] = suggest(trial, "base_lr", space.base_lr)
     given = {k: suggest(trial, k, p) for k, p in space.scheduler[scheduler].items()}
     sampled.update(given)

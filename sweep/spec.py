@@ -184,13 +184,17 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 class _Ctx:
     """Builds one-line errors: ``file: key.path (line N): problem``."""
 
-    def __init__(self, source: str, doc: Mapping):
-        self.source, self.doc = source, doc
+    def __init__(self, source: str, doc: Mapping, overridden: set[tuple] = frozenset()):
+        self.source, self.doc, self.overridden = source, doc, overridden
 
     def fail(self, path: tuple, problem: str) -> StudyFileError:
-        line = self._line(path)
         where = ".".join(map(str, path)) or "(top level)"
-        return StudyFileError(f"{self.source}: {where}{f' (line {line})' if line else ''}: {problem}")
+        if tuple(path) in self.overridden:
+            origin = " (--set)"  # the value came from the command line, not the file
+        else:
+            line = self._line(path)
+            origin = f" (line {line})" if line else ""
+        return StudyFileError(f"{self.source}: {where}{origin}: {problem}")
 
     def _line(self, path: tuple) -> int | None:
         node, line = self.doc, None
@@ -450,7 +454,10 @@ def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, s
         except ValueError as err:
             key, _, problem = str(err).partition(": ")
             raise ctx.fail(path + (key,), problem) from None
-        for w in param_values(warmup):
+        # onecycle brings its own ramp: a sampled warmup is not drawn for it (space.py), while
+        # a fixed warmup > 0 is warmup given twice and is rejected by check_schedule.
+        warmups = [0] if name == "onecycle" and not isinstance(warmup, Fixed) else param_values(warmup)
+        for w in warmups:
             for lr in param_values(base_lr):
                 cfg = ScheduleConfig(name, w, train.warmup_shape, train.warmup_start_factor, resolved)
                 try:
@@ -530,7 +537,8 @@ def parse_study(text: str, source: str, path: Path,
     if not isinstance(doc, dict):
         raise StudyFileError(f"{source}: a study file must be a YAML mapping with keys "
                              f"{', '.join(TOP_KEYS)}")
-    for key_path, value in parse_overrides(overrides):
+    overrides = parse_overrides(overrides)
+    for key_path, value in overrides:
         node = doc
         for key in key_path[:-1]:
             if not isinstance(node.get(key), dict):
@@ -538,7 +546,7 @@ def parse_study(text: str, source: str, path: Path,
                 node[key].lines = {}
             node = node[key]
         node[key_path[-1]] = value
-    return _validate(_Ctx(source, doc), doc, path)
+    return _validate(_Ctx(source, doc, {p for p, _ in overrides}), doc, path)
 
 
 def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:

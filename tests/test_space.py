@@ -47,3 +47,27 @@ def test_fixed_trial_missing_param_is_an_error():
     spec = load_study("smoke")
     with pytest.raises(ValueError):
         trial_config(optuna.trial.FixedTrial({"scheduler": "cosine"}), spec)
+
+
+def test_onecycle_gets_no_warmup_draw_but_fixed_warmup_is_refused():
+    from pathlib import Path
+
+    from sweep.errors import StudyFileError
+    from sweep.spec import parse_study
+
+    text = """
+trials: 2
+data: {train_size: 200, val_size: 50}
+train: {model: resnet8, epochs: 2, batch_size: 50}
+space:
+  warmup_steps: WARMUP
+  base_lr: 0.1
+  scheduler: {onecycle: {}, cosine: {}}
+"""
+    spec = parse_study(text.replace("WARMUP", "{type: int, low: 0, high: 4}"), "s.yaml", Path("s.yaml"))
+    cfg = trial_config(optuna.trial.FixedTrial({"scheduler": "onecycle"}), spec)
+    assert cfg.schedule.warmup_steps == 0
+    cfg = trial_config(optuna.trial.FixedTrial({"scheduler": "cosine", "warmup_steps": 3}), spec)
+    assert cfg.schedule.warmup_steps == 3
+    with pytest.raises(StudyFileError, match="space.warmup_steps.*warmup given twice"):
+        parse_study(text.replace("WARMUP", "3"), "s.yaml", Path("s.yaml"))
