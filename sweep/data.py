@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,12 +84,17 @@ def locate(data_dir: str | Path | None, download: bool = True) -> Path:
     if not download:
         raise DataError(f"CIFAR-10 not found: no {FOLDER}/ in {root}; point --data-dir (or "
                         f"SWEEP_DATA_DIR) at the folder that holds it")
+    created = [p for p in (root, *root.parents) if not p.exists()]  # to undo on failure
     try:
         from torchvision.datasets.utils import download_and_extract_archive
 
         root.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(ARCHIVE_URL, str(root), md5=ARCHIVE_MD5)
     except Exception as err:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)  # a failed download writes nothing
+        else:
+            (root / "cifar-10-python.tar.gz").unlink(missing_ok=True)
         raise DataError(f"CIFAR-10 not found in {root / FOLDER} and the download failed "
                         f"({type(err).__name__}); copy cifar-10-batches-py/ there or point "
                         f"--data-dir (or SWEEP_DATA_DIR) at a folder that holds it") from None

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -46,6 +48,8 @@ def sqlite_path(url: str) -> Path | None:
     if not url.startswith("sqlite:///"):
         return None
     path = url[len("sqlite:///"):]
+    if path.startswith("file:"):  # SQLite URI form, e.g. sqlite:///file:/x.db?mode=ro&uri=true
+        path = path[len("file:"):].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -65,7 +69,10 @@ def check_writable_file(path: Path, what: str, error=StorageError) -> None:
 @contextlib.contextmanager
 def creation_lock(path: Path):
     """Serialise the creation of a store file across processes (fresh-store migrations race)."""
-    lock_path = path.with_name(path.name + ".lock")
+    # The lock lives in the temp folder, keyed by the store's absolute path, so that the
+    # user's folder holds only the store itself.
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"sweep-{digest}.lock"
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
