@@ -49,17 +49,27 @@ def main():
 @click.option("--allow-space-change", is_flag=True,
               help="Resume even if the search space changed (the change is recorded).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes sharing the study (each its own GPU when there are several).")
+@click.option("--workers-per-device", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --workers and several GPUs: workers per GPU.")
 @friendly_errors
 def launch(study_name, trials, storage, tracking_uri, data_dir, device, overrides, seed,
-           allow_space_change, quiet):
+           allow_space_change, quiet, workers, workers_per_device):
     """Create or resume a study and run its trials on this machine."""
     from sweep.launch import LaunchOptions, launch as run_launch
     from sweep.spec import load_study
 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     spec = load_study(study_name, overrides)
-    result = run_launch(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials, quiet,
-                                            allow_space_change))
+    opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, quiet, allow_space_change)
+    if workers > 1:
+        from sweep.pool import PoolOptions, launch_pool
+
+        result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device,
+                                                     str(spec.path.resolve()), tuple(overrides)))
+    else:
+        result = run_launch(spec, opts)
     click.echo(mask_url(result.text))
     sys.exit(result.exit_code)
 
@@ -81,6 +91,108 @@ def validate(files):
             click.echo(f"error: {err}", err=True)
             bad += 1
     sys.exit(2 if bad else 0)
+
+
+
+# --- parallel workers, status, SLURM (issue 6) ------------------------------------------------
+
+def _quiet_optuna() -> None:
+    """Optuna warns on every storage opened with heartbeats (experimental); one line per
+    worker start would bury the per-trial lines in batch jobs' output files."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _storage_options(fn):
+    fn = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
+                      show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")(fn)
+    return click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE,
+                        show_default=True, help="Optuna storage URL [env SWEEP_STORAGE].")(fn)
+
+
+@main.command()
+@click.option("--study", "study_name", required=True, help="Name in studies/ or path to a YAML file.")
+@_storage_options
+@click.option("--trials", type=click.IntRange(min=1),
+              help="Total budget of the study [default: the stored budget, else the study file].")
+@click.option("--data-dir", envvar="SWEEP_DATA_DIR", default=None, help="Folder holding cifar-10-batches-py/.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a fixed field.")
+@click.option("--allow-space-change", is_flag=True, help="Resume even if the search space changed.")
+@click.option("--quiet", is_flag=True, help="No progress bars (one line per trial instead).")
+@friendly_errors
+def worker(study_name, storage, tracking_uri, trials, data_dir, device, overrides,
+           allow_space_change, quiet):
+    """Pull trials from a shared study until its total budget is used (one of many workers)."""
+    from sweep.launch import LaunchOptions, work
+    _quiet_optuna()
+    from sweep.spec import load_study
+
+    spec = load_study(study_name, list(overrides))
+    result = work(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials, True,
+                                      allow_space_change),
+                  log=lambda line: click.echo(mask_url(line)))
+    click.echo(mask_url(result.text))
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.option("--study", "study_name", required=True, help="Study name (or its study file).")
+@_storage_options
+@click.option("--repair", is_flag=True,
+              help="Fail stale RUNNING trials and end MLflow runs whose trial is finished.")
+@friendly_errors
+def status(study_name, storage, tracking_uri, repair):
+    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs."""
+    from sweep.status import open_for_status, reconcile, status_text
+    _quiet_optuna()
+
+    study, tracker, experiment_id = open_for_status(study_name, storage, tracking_uri)
+    fixed = reconcile(study, tracker, experiment_id) if repair and tracker is not None else None
+    if repair and tracker is None:
+        from sweep.status import Reconciled, fail_dead_trials
+
+        fixed = Reconciled(fail_dead_trials(study), [])
+    click.echo(mask_url(status_text(study, tracker, experiment_id, fixed)))
+
+
+@main.command()
+@click.option("--study", "study_name", required=True, help="Name in studies/ or path to a YAML file.")
+@click.option("--array", type=int, required=True, help="Number of array tasks (= workers).")
+@_storage_options
+@click.option("--partition", help="SLURM partition.")
+@click.option("--gpus-per-task", type=int, default=0, show_default=True, help="GPUs per worker.")
+@click.option("--cpus-per-task", type=int, help="CPUs per worker.")
+@click.option("--time", "time_limit", help="Time limit per task, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--trials", type=click.IntRange(min=1), help="Total trial budget of the study.")
+@click.option("--data-dir", envvar="SWEEP_DATA_DIR", default=None,
+              help="Folder holding cifar-10-batches-py/ (on a file system the nodes share).")
+@click.option("--device", default="auto", show_default=True, help="Device inside each task.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a fixed field.")
+@click.option("--job-dir", default="sweep-jobs", show_default=True,
+              help="Where the script, its 0600 env file and the tasks' output files go.")
+@click.option("--allow-space-change", is_flag=True, help="Resume even if the search space changed.")
+@click.option("--dry-run", is_flag=True, help="Print the sbatch script; create and submit nothing.")
+@friendly_errors
+def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, cpus_per_task,
+           time_limit, trials, data_dir, device, overrides, job_dir, allow_space_change, dry_run):
+    """Submit a SLURM job array of ``sweep worker`` tasks sharing one study."""
+    from pathlib import Path
+
+    from sweep.launch import LaunchOptions
+    from sweep.slurm import SubmitOptions, submit as run_submit
+    _quiet_optuna()
+    from sweep.spec import load_study
+
+    spec = load_study(study_name, list(overrides))
+    text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials, True,
+                                          allow_space_change),
+                      SubmitOptions(array, Path(job_dir), partition, gpus_per_task, time_limit,
+                                    cpus_per_task, dry_run), list(overrides))
+    click.echo(mask_url(text))
 
 
 @main.command()

@@ -115,6 +115,9 @@ def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
     from sweep.status import reconcile
 
     study, ctx = prepare(spec, opts)
+    # Every worker builds its sampler from the study's seed; unseeded, N workers would propose
+    # the same N parameter sets in lockstep. (A parallel sweep is not reproducible anyway.)
+    study.sampler.reseed_rng()
     budget = resolve_budget(study, spec, opts.trials)
     fixed = reconcile(study, ctx.tracker, ctx.experiment_id)
     me = f"{socket.gethostname()}:{os.getpid()}"

@@ -38,7 +38,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _retry_once(study: optuna.Study, frozen) -> None:
@@ -72,9 +76,9 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") == host and isinstance(pid, int) and pid != me \
                 and not _pid_alive(pid):
-            try:
+            try:  # the attribute first: a finished trial takes no more attributes
+                study._storage.set_trial_user_attr(t._trial_id, "error", "worker died")
                 if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                    study._storage.set_trial_user_attr(t._trial_id, "error", "worker died")
                     _retry_once(study, study._storage.get_trial(t._trial_id))
                     failed.append(t.number)
             except optuna.exceptions.UpdateFinishedTrialError:
