@@ -52,3 +52,28 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in an empty folder so the default ./sweep.db and ./mlflow.db land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+PG_PASSWORD = "pw-Zq81-secret"  # a known password the secrets tests grep every output for
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL 15 on 127.0.0.1 (scripts/start_postgres.sh): (optuna URL, mlflow URL).
+
+    Role ``sweep`` with password ``PG_PASSWORD`` owns databases ``optuna`` and ``mlflow``."""
+    import shutil
+    import socket
+    import subprocess
+
+    if not shutil.which("pg_ctlcluster") and not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.skip("PostgreSQL server binaries are absent (apt-get install postgresql)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = REPO / "scripts" / "start_postgres.sh"
+    out = subprocess.run(["bash", str(script), "start", str(port), PG_PASSWORD],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    folder, optuna_url, mlflow_url = out[-3:]
+    yield optuna_url, mlflow_url
+    subprocess.run(["bash", str(script), "stop", folder], capture_output=True, timeout=60)
