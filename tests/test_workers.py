@@ -70,22 +70,18 @@ def check_consistent(study: optuna.Study, runs: list, budget: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_four_workers_complete_twenty_trials(kind, tiny_cifar, tmp_path):
-    storage = (f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite"
-               else f"journal:///{tmp_path}/optuna.log")
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+def test_four_workers_on_a_journal_file_complete_twenty_trials(tiny_cifar, tmp_path):
+    storage, tracking = f"journal:///{tmp_path}/optuna.log", f"sqlite:///{tmp_path}/mlflow.db"
     done = subprocess.run(
         sweep_cmd("launch", "--study", str(TINY), "--workers", "4", "--trials", "20",
                   "--storage", storage, "--tracking-uri", tracking, "--quiet"),
         env=sweep_env(tiny_cifar), cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "database is locked" not in done.stderr
     study = optuna.load_study(study_name="tiny", storage=plain_storage(storage))
-    trials = study.get_trials(deepcopy=False)
-    real = [t for t in trials if not t.user_attrs.get(OVER_BUDGET)]
+    real = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_BUDGET)]
     assert len(real) == 20 and all(t.state == TrialState.COMPLETE for t in real)
-    # Four workers ran them (each wrote its pid), and none proposed another's parameters.
+    # Several workers ran them (each records its pid), and none proposed another's parameters
+    # (same-seeded samplers in lockstep would).
     assert len({t.user_attrs["pid"] for t in real}) >= 2
     assert len({tuple(sorted(t.params.items())) for t in real}) == 20
     check_consistent(study, trial_runs(tracking, "tiny"), 20)
@@ -122,17 +118,18 @@ def _wait_running(storage, study_name: str, exclude: set[int], deadline: float):
 
 
 @pytest.mark.slow
-def test_killed_workers_lose_nothing(tiny_cifar, tmp_path):
-    """One worker SIGKILLed (node loss) and one SIGTERMed (scancel) mid-trial: the third
-    finishes the budget; the killed trials end FAIL and are retried; their runs end
-    FAILED (SIGKILL, repaired by a survivor) and KILLED (SIGTERM, by the worker itself)."""
+def test_four_workers_on_sqlite_lose_nothing_when_two_are_killed(tiny_cifar, tmp_path):
+    """4 workers, 20 trials; one worker SIGKILLed (node loss) and one SIGTERMed (scancel)
+    mid-trial. The other two finish the budget, nothing is lost or duplicated, the killed
+    trials end FAIL and are retried once, their runs end FAILED (SIGKILL: repaired by a
+    survivor) and KILLED (SIGTERM: by the worker itself); no "database is locked"."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    budget = 6
+    budget = 20
     pool = subprocess.Popen(
-        sweep_cmd("launch", "--study", str(TINY), "--workers", "3", "--trials", str(budget),
+        sweep_cmd("launch", "--study", str(TINY), "--workers", "4", "--trials", str(budget),
                   "--storage", storage, "--tracking-uri", tracking, "--quiet",
-                  "--set", "train.epochs=8"),
+                  "--set", "train.epochs=3"),
         env=sweep_env(tiny_cifar), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
@@ -152,10 +149,12 @@ def test_killed_workers_lose_nothing(tiny_cifar, tmp_path):
     finally:
         if pool.poll() is None:
             pool.kill()
-    assert "2 of 3 workers failed" in out, out + err[-3000:]
+    assert "2 of 4 workers failed" in out, out + err[-3000:]
+    assert "database is locked" not in err
     study = optuna.load_study(study_name="tiny", storage=plain_storage(storage))
     runs = trial_runs(tracking, "tiny")
     check_consistent(study, runs, budget)
+    assert len({tuple(sorted(t.params.items())) for t in counted(study.trials)}) == budget
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     run_of = {int(r.data.tags["sweep.trial_number"]): r for r in runs}
     for victim, status in ((killed.number, "FAILED"), (termed.number, "KILLED")):
