@@ -21,7 +21,7 @@ def test_fixed_trial_gives_complete_config():
                 "epochs", "batch_size", "steps_per_epoch", "train_size", "val_size", "optimizer",
                 "momentum", "weight_decay", "warmup_start_factor", "seed"):
         assert key in flat, key
-    assert flat["steps_per_epoch"] == 45000 // 128
+    assert flat["steps_per_epoch"] == 48000 // 128
 
 
 def test_conditional_params_only_for_their_scheduler():
