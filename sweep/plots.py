@@ -55,17 +55,21 @@ def scheduler_strip(groups: Mapping[str, Sequence[float]], pruned: Mapping[str, 
     for pos, name in zip(positions, names):
         values = groups[name]
         ax.scatter(pos + rng.uniform(-0.15, 0.15, len(values)), values, s=28, zorder=3,
-                   color=colours[name], edgecolor="white", linewidth=0.5,
-                   label="complete" if pos == 1 else None)
+                   color=colours[name], edgecolor="white", linewidth=0.5)
         stopped = pruned.get(name, [])
         ax.scatter(pos + rng.uniform(-0.15, 0.15, len(stopped)), stopped, s=24, zorder=2,
-                   facecolor="none", edgecolor="#888888", label="pruned (last value)" if pos == 1 else None)
+                   facecolor="none", edgecolor="#888888")
     ax.set_xticks(list(positions), [f"{n}\n(n={len(groups[n])}"
                                     + (f" + {len(pruned.get(n, []))} pruned)" if pruned.get(n) else ")")
                                     for n in names])
     _style(ax, "scheduler type (number of complete trials)", metric_label,
            f"{metric_label} by scheduler type")
-    ax.legend(loc="best", fontsize=8)
+    from matplotlib.lines import Line2D
+
+    ax.legend(handles=[Line2D([], [], ls="", marker="o", color="#555555", label="complete trial"),
+                       Line2D([], [], ls="", marker="o", markerfacecolor="none",
+                              markeredgecolor="#888888", label="pruned or diverged (last value)")],
+              loc="best", fontsize=8)
     return fig
 
 
@@ -174,6 +178,9 @@ def history(points: Sequence[dict], metric_label: str, maximize: bool):
             ys.append(best)
     if xs:
         ax.step(xs, ys, where="post", color="black", lw=1.3, label="best so far")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _style(ax, "trial number", metric_label, "Optimization history")
     ax.legend(loc="best", fontsize=8)
     return fig
@@ -198,6 +205,9 @@ def timeline(rows: Sequence[dict], epochs: int | None):
     seen = [o for o in OUTCOME_COLOURS if any(r["outcome"] == o for r in rows)]
     ax.legend([Patch(color=OUTCOME_COLOURS[o]) for o in seen],
               [{"FAIL": "failed"}.get(o, o.lower()) for o in seen], loc="best", fontsize=8)
+    if len(rows) <= 40:
+        ax.set_yticks([r["number"] for r in rows])
+    ax.tick_params(axis="y", labelsize=8)
     ax.invert_yaxis()
     if epochs:
         ax.set_xlim(0, epochs)

@@ -285,7 +285,12 @@ def compute_importances(study: optuna.Study, trials, schedulers: list[str]):
         if not params:
             notes.append(f"{title}: no sampled parameter to rank")
             continue
-        sub = optuna.create_study(direction=study.direction)
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line per group
+        try:
+            sub = optuna.create_study(direction=study.direction)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         sub.add_trials(members)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -348,6 +353,14 @@ def at_a_glance(data: ReportData) -> list[str]:
         ranking = "; ".join(f"{r['scheduler']} best {_fmt(r['best'])}, median {_fmt(r['median'])} "
                             f"({r['complete']} complete of {r['trials']})" for r in table)
         lines.append(f"Scheduler types ranked by best {data.metric_label}: {ranking}.")
+        plateau = [r for r in table if r["scheduler"] == "plateau"]
+        fixed = [r for r in table if r["scheduler"] not in ("plateau", "constant")]
+        if plateau and fixed:  # the warmup_vs_plateau question: a fixed decay vs plateau
+            winner = fixed[0]  # table is sorted best first
+            better = (winner["best"] > plateau[0]["best"]) == data.maximize
+            lines.append(f"Fixed decay vs ReduceLROnPlateau: the best fixed decay ({winner['scheduler']}, "
+                         f"{_fmt(winner['best'])}) {'beats' if better else 'does not beat'} plateau "
+                         f"({_fmt(plateau[0]['best'])}) on best {data.metric}.")
     else:
         lines.append("No trial has completed yet, so no scheduler type can be ranked.")
     if data.best is not None:
