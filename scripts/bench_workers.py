@@ -58,7 +58,7 @@ def child(args) -> None:
     Path(args.out + ".ready").touch()
     while not Path(args.go).exists():
         time.sleep(0.01)
-    times = []
+    times, mlflow_times = [], []
     while True:
         began = time.perf_counter()
         fail_dead_trials(study)
@@ -71,23 +71,29 @@ def child(args) -> None:
         params = {"base_lr": trial.suggest_float("base_lr", 0.01, 0.5, log=True),
                   "warmup_steps": trial.suggest_int("warmup_steps", 0, 1),
                   "scheduler": trial.suggest_categorical("scheduler", ["cosine", "step"])}
+        tracked = time.perf_counter()
         run = tracker.start_trial(experiment_id, parent, spec.name, trial.number, params, {})
         now = int(time.time() * 1000)
         tracker.client.log_batch(run.run_id, metrics=[
             Metric(key, 0.5, now, step) for step in range(30) for key in ("lr", "train_loss")])
+        mlflow_s = time.perf_counter() - tracked
         for epoch in range(5):
             trial.report(0.1 * epoch, epoch)
             trial.should_prune()
+        tracked = time.perf_counter()
         run.finish("FINISHED", {"sweep.state": "COMPLETE"}, curve_png=False)
+        mlflow_times.append(mlflow_s + time.perf_counter() - tracked)
         beat.stop()
         study.tell(trial, 0.5)
         times.append(time.perf_counter() - began)
     done = len([t for t in study.get_trials(deepcopy=False) if t.state in FINISHED])
-    Path(args.out).write_text(json.dumps({"times": times, "finished": done}))
+    Path(args.out).write_text(json.dumps({"times": times, "mlflow": mlflow_times,
+                                          "finished": done}))
 
 
-def run_config(storage: str, tracking: str, workers: int, budget: int, folder: Path) -> dict:
-    """Create the stores, start ``workers`` children, time them from 'go' to the last exit."""
+def create(args) -> None:
+    """Create storage, study, MLflow store, experiment and parent run (in its own process:
+    MLflow caches a store per URI, which would outlive the tables dropped between runs)."""
     warnings.filterwarnings("ignore")
     from sweep.spec import load_study
     from sweep.storage import open_storage
@@ -95,12 +101,18 @@ def run_config(storage: str, tracking: str, workers: int, budget: int, folder: P
     from sweep.worker import open_study
 
     spec = load_study(STUDY)
-    open_study(spec, open_storage(storage))
-    tracker = Tracker(tracking)
+    open_study(spec, open_storage(args.storage))
+    tracker = Tracker(args.tracking)
     tracker.study_run(tracker.experiment_id(spec.name), spec.name, {}, None)
+
+
+def run_config(storage: str, tracking: str, workers: int, budget: int, folder: Path) -> dict:
+    """Create the stores, start ``workers`` children, time them from 'go' to the last exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    subprocess.run([sys.executable, __file__, "--create", "--storage", storage, "--tracking",
+                    tracking], env=env, check=True)
     go = folder / "go"
     outs = [folder / f"w{i}.json" for i in range(workers)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = [subprocess.Popen([sys.executable, __file__, "--child", "--storage", storage,
                                "--tracking", tracking, "--budget", str(budget), "--go", str(go),
                                "--out", str(out)], env=env) for out in outs]
@@ -115,8 +127,10 @@ def run_config(storage: str, tracking: str, workers: int, budget: int, folder: P
     assert codes == [0] * workers, codes
     results = [json.loads(o.read_text()) for o in outs]
     times = [t for r in results for t in r["times"]]
+    mlflow = [t for r in results for t in r["mlflow"]]
     finished = max(r["finished"] for r in results)
     return {"wall": wall, "finished": finished, "per_trial_ms": 1000 * statistics.median(times),
+            "mlflow_ms": 1000 * statistics.median(mlflow),
             "trials_per_min": 60 * finished / wall}
 
 
@@ -154,12 +168,15 @@ def main() -> None:
     parser.add_argument("--storages", nargs="+", default=["sqlite", "journal", "postgresql"])
     parser.add_argument("--postgres-url")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--create", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--storage", "--tracking", "--go", "--out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.create:
+        return create(args)
 
     pg_folder = None
     pg_optuna = pg_mlflow = args.postgres_url
@@ -169,7 +186,8 @@ def main() -> None:
         pg_folder, pg_optuna, pg_mlflow = start_postgres()
     print(f"{os.cpu_count()} CPUs; budget {args.trials} trials per configuration; "
           f"no training (bookkeeping only)")
-    print(f"{'storage':<11} {'workers':>7} {'trials/min':>11} {'per-trial ms':>13} {'wall s':>7}")
+    print(f"{'storage':<11} {'workers':>7} {'trials/min':>11} {'per-trial ms':>13} "
+          f"{'of it MLflow':>13} {'wall s':>7}")
     try:
         for kind in args.storages:
             for workers in args.workers:
@@ -189,7 +207,8 @@ def main() -> None:
                         storage, tracking = pg_optuna, pg_mlflow
                     r = run_config(storage, tracking, workers, args.trials, folder)
                     print(f"{kind:<11} {workers:>7} {r['trials_per_min']:>11.0f} "
-                          f"{r['per_trial_ms']:>13.0f} {r['wall']:>7.1f}", flush=True)
+                          f"{r['per_trial_ms']:>13.0f} {r['mlflow_ms']:>13.0f} "
+                          f"{r['wall']:>7.1f}", flush=True)
     finally:
         if pg_folder:
             subprocess.run([str(REPO / "scripts" / "start_postgres.sh"), "stop", pg_folder])

@@ -7,7 +7,7 @@
 # Needs root and Debian's `slurm-wlm` + `munge`. No systemd and no cgroups: munged runs as the
 # munge user (with /run/munge created first), slurmctld and slurmd run as root with
 # proctrack/linuxproc, task/none and select/cons_tres + CR_CPU. One node `localhost` with CPUS
-# CPUs (default 2), one partition `debug`. Ports are picked free, so clusters of several test
+# CPUs (default 2; may exceed the real cores: config_overrides), one partition `debug`. Ports are picked free, so clusters of several test
 # runs do not collide. No accounting (sacct needs slurmdbd): read results from job output files
 # or `scontrol show job`. Every client needs SLURM_CONF exported.
 set -euo pipefail
@@ -70,6 +70,8 @@ MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=30
 SchedulerParameters=sched_interval=1
+# Trust the CPU count below even where the machine has fewer cores (tests oversubscribe).
+SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -54,7 +54,8 @@ def postgres():
 
 @pytest.fixture(scope="session")
 def slurm():
-    """The SLURM_CONF of a fresh single-node cluster (2 CPUs); stopped after the session."""
+    """The SLURM_CONF of a fresh single-node cluster; stopped after the session. It declares 3
+    CPUs (on 2 real cores) so that all three array tasks start at once, as on a real cluster."""
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch")
                if not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
     if missing:
@@ -62,7 +63,7 @@ def slurm():
                     f"apt-get install slurm-wlm munge")
     if os.geteuid() != 0:
         pytest.skip("the test SLURM cluster runs its daemons as root")
-    done = subprocess.run([str(SCRIPTS / "start_test_cluster.sh"), "start", "2"],
+    done = subprocess.run([str(SCRIPTS / "start_test_cluster.sh"), "start", "3"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     folder, conf = done.stdout.split()
@@ -90,7 +91,7 @@ def test_submit_array_on_postgres(postgres, slurm, tiny_cifar, tmp_path):
     done = subprocess.run(
         sweep_cmd("submit", "--study", str(TINY), "--array", "3", "--trials", str(budget),
                   "--storage", optuna_url, "--tracking-uri", mlflow_url, "--cpus-per-task", "1",
-                  "--time", "00:10:00", "--data-dir", str(tiny_cifar), "--set", "train.epochs=6"),
+                  "--time", "00:10:00", "--data-dir", str(tiny_cifar), "--set", "train.epochs=3"),
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert PASSWORD not in done.stdout + done.stderr

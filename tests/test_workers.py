@@ -129,7 +129,7 @@ def test_four_workers_on_sqlite_lose_nothing_when_two_are_killed(tiny_cifar, tmp
     pool = subprocess.Popen(
         sweep_cmd("launch", "--study", str(TINY), "--workers", "4", "--trials", str(budget),
                   "--storage", storage, "--tracking-uri", tracking, "--quiet",
-                  "--set", "train.epochs=3"),
+                  "--set", "train.epochs=2"),
         env=sweep_env(tiny_cifar), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
