@@ -125,6 +125,7 @@ class ReportData:
     schedulers: list[str]
     epochs: int | None
     steps_per_epoch: int | None
+    training: dict  # model, batch_size, train_size, val_size as the trials logged them
     rows: list[TrialRow]
     best: TrialRow | None
     curves: list[Curve]
@@ -230,7 +231,9 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
         counts=counts(study),
         wall_seconds=(max(ends) - min(starts)).total_seconds() if starts and ends else None,
         trial_seconds=sum(r.seconds or 0.0 for r in rows), devices=devices, hosts=hosts,
-        schedulers=schedulers, epochs=epochs, steps_per_epoch=spe, rows=rows,
+        schedulers=schedulers, epochs=epochs, steps_per_epoch=spe,
+        training={k: (first.data.params if first else {}).get(k)
+                  for k in ("model", "batch_size", "train_size", "val_size")}, rows=rows,
         best=ranked[0] if ranked else None,
         curves=[_curve(client, r, spe) for r in ranked[:top_k] if r.run_id],
         importances=imp, importance_notes=notes, experiment_id=experiment_id,
@@ -446,7 +449,10 @@ def _facts(data: ReportData) -> list[tuple[str, str]]:
         ("device", ", ".join(data.devices) or "-"),
         ("hosts", ", ".join(data.hosts) or "-"),
         ("objective", f"{data.metric} of the last epoch, {'maximized' if data.maximize else 'minimized'}"),
-        ("training", f"{data.epochs or '?'} epochs x {data.steps_per_epoch or '?'} optimizer steps"),
+        ("training", f"{data.training.get('model') or '?'}, {data.epochs or '?'} epochs x "
+                     f"{data.steps_per_epoch or '?'} optimizer steps (batch "
+                     f"{data.training.get('batch_size') or '?'}; {data.training.get('train_size') or '?'} "
+                     f"training / {data.training.get('val_size') or '?'} validation images)"),
         ("Optuna storage", mask_url(data.storage_url)),
         ("MLflow", f"{mask_url(data.tracking_uri)}, experiment {data.experiment_id}, parent run "
                    f"{data.parent_run_id or '-'}"),
