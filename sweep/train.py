@@ -151,6 +151,8 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
         first = epoch * steps_per_epoch
         for i, (x, y) in enumerate(train_batches(splits, t.batch_size, generator, normalize)):
             step = epoch * steps_per_epoch + i
+            # A Python float written every step: only the model is compiled (never
+            # optimizer.step), so a new LR causes no recompilation and no device sync.
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = schedule.lr_at(step, base)
             with autocast():
