@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from sweep.console import summary
 from sweep.data import locate
@@ -61,8 +62,6 @@ def create_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool = Tru
     budget = resolve_budget(study, spec, opts.trials)
     tracker = Tracker(opts.tracking_uri)
     experiment_id = tracker.experiment_id(spec.name)
-    from pathlib import Path
-
     tracker.study_run(experiment_id, spec.name, study_params(spec, opts), Path(spec.path))
     return study, budget, tracker, experiment_id, device
 
