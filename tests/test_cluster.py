@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from test_workers import TINY, check_consistent, sweep_cmd, sweep_env, trial_runs
+from test_workers import TINY, check_consistent, in_training, sweep_cmd, sweep_env, trial_runs
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 PASSWORD = "sweep-test-pw"  # the test server's role `sweep`; never printed by sweep itself
@@ -91,7 +91,7 @@ def test_submit_array_on_postgres(postgres, slurm, tiny_cifar, tmp_path):
     done = subprocess.run(
         sweep_cmd("submit", "--study", str(TINY), "--array", "3", "--trials", str(budget),
                   "--storage", optuna_url, "--tracking-uri", mlflow_url, "--cpus-per-task", "1",
-                  "--time", "00:10:00", "--data-dir", str(tiny_cifar), "--set", "train.epochs=3"),
+                  "--time", "00:10:00", "--data-dir", str(tiny_cifar), "--set", "train.epochs=4"),
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert PASSWORD not in done.stdout + done.stderr
@@ -107,13 +107,12 @@ def test_submit_array_on_postgres(postgres, slurm, tiny_cifar, tmp_path):
     deadline, victim = time.time() + 200, None
     while victim is None and time.time() < deadline:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            pid = t.user_attrs.get("pid")
-            task_job = _slurm_job_of(pid) if pid else None
+            task_job = _slurm_job_of(t.user_attrs["pid"]) if in_training(t) else None
             if task_job and not t.system_attrs.get("retry_history"):
                 victim = t
                 subprocess.run(["scancel", task_job], env=env, check=True, timeout=60)
                 break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert victim is not None, "no trial ever ran"
 
     while time.time() < deadline:  # squeue lists the array until every task has ended

@@ -98,8 +98,15 @@ def _has_trials(path: Path) -> bool:
         return False
 
 
+def in_training(t) -> bool:
+    """Running, its worker's pid recorded, and mid-training: it has reported its first epoch
+    and (the tests train 4 epochs) has three more to go, so a signal lands inside training."""
+    return (t.state == TrialState.RUNNING and bool(t.user_attrs.get("pid"))
+            and len(t.intermediate_values) == 1)
+
+
 def _wait_running(storage, study_name: str, exclude: set[int], deadline: float):
-    """A RUNNING trial (with its worker's pid recorded) not in ``exclude``."""
+    """A trial ``in_training`` not in ``exclude``."""
     while True:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
@@ -110,10 +117,10 @@ def _wait_running(storage, study_name: str, exclude: set[int], deadline: float):
     while time.time() < deadline:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # A retry is not retried again (once is enough): pick originals only.
-            if t.user_attrs.get("pid") and t.number not in exclude \
+            if in_training(t) and t.number not in exclude \
                     and not t.system_attrs.get("retry_history"):
                 return t
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError("no running trial appeared")
 
 
@@ -129,7 +136,7 @@ def test_four_workers_on_sqlite_lose_nothing_when_two_are_killed(tiny_cifar, tmp
     pool = subprocess.Popen(
         sweep_cmd("launch", "--study", str(TINY), "--workers", "4", "--trials", str(budget),
                   "--storage", storage, "--tracking-uri", tracking, "--quiet",
-                  "--set", "train.epochs=2"),
+                  "--set", "train.epochs=4"),
         env=sweep_env(tiny_cifar), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
