@@ -132,8 +132,8 @@ def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
     report = run_worker(study, ctx, budget, on_trial=on_trial)
     used = budget_used(study)
     if report.interrupted_by is not None:
-        return LaunchResult(f"worker {me}: interrupted; its trial was marked FAIL (KILLED in "
-                            f"MLflow) and re-enqueued; {used}/{budget} trials used",
+        return LaunchResult(f"worker {me}: interrupted; a trial it was training was marked FAIL "
+                            f"(KILLED in MLflow) and re-enqueued; {used}/{budget} trials used",
                             128 + report.interrupted_by)
     return LaunchResult(f"worker {me}: done, ran {len(report.ran)} trial(s); study "
                         f"{spec.name!r} has used {used}/{budget} trials")
