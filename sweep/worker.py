@@ -42,12 +42,17 @@ class Interrupted(BaseException):
 
 
 class SignalGuard:
-    """First SIGINT/SIGTERM: interrupt the running trial (or stop before the next one).
-    Second: exit at once (storages are transactional, so nothing is corrupted)."""
+    """First SIGINT/SIGTERM: the running trial stops at its next check (a few optimizer steps)
+    or the worker stops before the next trial. Second: exit at once (the storages are
+    transactional, so nothing is corrupted; the next launch reconciles the abandoned trial).
+
+    The handler itself never raises: an exception raised from a signal handler can land in a
+    finalizer (``__del__``), where Python prints and ignores it and training goes on. The guard
+    is also a training listener and raises ``Interrupted`` from the loop at a safe point.
+    """
 
     def __init__(self):
         self.signum: int | None = None
-        self.in_trial = False
         self._old = {}
 
     def __enter__(self):
@@ -64,8 +69,16 @@ class SignalGuard:
         if self.signum is not None:
             os._exit(128 + signum)
         self.signum = signum
-        if self.in_trial:
-            raise Interrupted(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def on_steps(self, first_step, lrs, losses) -> None:
+        self.check()
+
+    def on_epoch_end(self, epoch, metrics) -> None:
+        self.check()
 
 
 def code_version() -> str:
@@ -225,17 +238,14 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                 continue
             heartbeat = _Heartbeat(storage, trial._trial_id)
             try:
-                guard.in_trial = True
-                outcome = run_trial(trial, ctx)
+                outcome = run_trial(trial, ctx, guard)
             except Interrupted as sig:
-                guard.in_trial = False
                 heartbeat.stop()
                 _tell(study, trial, state=TrialState.FAIL)
                 retry_later(study, trial)
                 report.interrupted_by = sig.signum
                 break
             finally:
-                guard.in_trial = False
                 heartbeat.stop()
             if outcome.state == TrialState.COMPLETE:
                 _tell(study, trial, outcome.value)
