@@ -130,7 +130,7 @@ def top_k_curves(curves: Sequence[dict], metric_label: str, epochs: int | None):
         top.set_yscale("log")
     _style(top, "", "learning rate (log scale)", f"Learning-rate schedule of the top {len(curves)} trials")
     _style(bottom, "epoch (1 epoch = steps_per_epoch optimizer steps)", "validation accuracy",
-           f"validation accuracy per epoch of the same trials")
+           "validation accuracy per epoch of the same trials")
     if epochs:
         bottom.set_xlim(0, epochs)
     if curves:
@@ -203,8 +203,10 @@ def timeline(rows: Sequence[dict], epochs: int | None):
     from matplotlib.patches import Patch
 
     seen = [o for o in OUTCOME_COLOURS if any(r["outcome"] == o for r in rows)]
-    ax.legend([Patch(color=OUTCOME_COLOURS[o]) for o in seen],
-              [{"FAIL": "failed"}.get(o, o.lower()) for o in seen], loc="best", fontsize=8)
+    # outside the axes: complete bars run the full width, so no corner inside is free
+    fig.legend([Patch(color=OUTCOME_COLOURS[o]) for o in seen],
+               [{"FAIL": "failed"}.get(o, o.lower()) for o in seen], loc="outside right upper",
+               fontsize=8, title="outcome")
     if len(rows) <= 40:
         ax.set_yticks([r["number"] for r in rows])
     ax.tick_params(axis="y", labelsize=8)

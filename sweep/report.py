@@ -31,8 +31,6 @@ from optuna.trial import TrialState
 from sweep.console import counts
 from sweep.errors import StorageError, SweepError, TrackingError
 from sweep.storage import mask_url, open_storage, sqlite_path
-from sweep.tracking import ROLE
-from sweep.worker import FINISHED, budget_used, counted
 
 DEFAULT_TOP_K = 5
 MIN_IMPORTANCE_TRIALS = 5  # fANOVA on fewer complete trials than this is noise
@@ -174,6 +172,8 @@ def _seconds(t) -> float | None:
 def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
                      top_k: int = DEFAULT_TOP_K) -> ReportData:
     """Everything the report shows, read from the two stores; writes nothing."""
+    from sweep.worker import FINISHED, budget_used, counted  # imports torch: not for `sweep ui`
+
     study = load_existing_study(study_name, storage_url)
     tracker = open_existing_tracker(tracking_uri)
     experiment_id = tracker.experiment_id(study_name, create=False)

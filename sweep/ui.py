@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from typing import Callable
@@ -181,13 +182,17 @@ def serve_dashboard(storage_url: str, host: str = LOCALHOST, port: int = 8080,
     if note:
         echo(note)
     sys.stdout.flush()
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C or SIGTERM stop the loop from another thread: an exception raised by the signal
+    # handler could land inside a request, where wsgiref's catch-all would swallow it.
+    def stop(*_):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.server_close()
     return 0
 

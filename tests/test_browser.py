@@ -154,14 +154,16 @@ def site(tmp_path_factory, shared_cifar):
     root = tmp_path_factory.mktemp("browser")
     _sweep("launch", "--study", "smoke", "--data-dir", str(shared_cifar), "--quiet", cwd=root)
     _sweep("report", "--study", "smoke", cwd=root)
+    # stderr to a file: an undrained pipe could fill up and block `sweep ui`
+    ui_log = open(root / "sweep_ui.log", "w")
     ui = subprocess.Popen([sys.executable, "-m", "sweep.cli", "ui", "--study", "smoke", "--port", "0"],
-                          cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=root, stdout=subprocess.PIPE, stderr=ui_log, text=True,
                           start_new_session=True)
     browser = None
     try:
         first = ui.stdout.readline()
         assert first.startswith("MLflow UI for sqlite:///mlflow.db at http://127.0.0.1:"), \
-            first + (ui.stderr.read() if ui.poll() is not None else "")
+            first + (root / "sweep_ui.log").read_text()[-2000:]
         exp_line = ui.stdout.readline().strip()
         assert exp_line.startswith("experiment smoke: http://127.0.0.1:"), exp_line
         browser = Browser(CHROMIUM)
@@ -175,6 +177,7 @@ def site(tmp_path_factory, shared_cifar):
         except subprocess.TimeoutExpired:
             os.killpg(ui.pid, signal.SIGKILL)  # the session we started: sweep ui and its child
             ui.wait()
+        ui_log.close()
 
 
 def test_mlflow_ui_shows_parent_run_nested_trials_and_lr_chart(site):

@@ -248,12 +248,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dashboard_serves_the_storage_on_localhost(fab):
+def test_dashboard_serves_the_storage_on_localhost(fab, tmp_path):
     pytest.importorskip("optuna_dashboard", reason="optuna-dashboard not installed (extra 'dashboard')")
     port = _free_port()
+    # stderr to a file: an undrained pipe fills up with Optuna's log lines and blocks the server
+    log = open(tmp_path / "dashboard.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "dashboard", "--storage",
                              fab["storage"], "--port", str(port), "--study", STUDY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"optuna-dashboard for {fab['storage']} at "
@@ -271,8 +273,9 @@ def test_dashboard_serves_the_storage_on_localhost(fab):
             assert s.connect_ex(("127.0.0.2", port)) != 0
     finally:
         proc.terminate()
-        proc.wait(15)
-    assert proc.returncode == 0
+        proc.wait(60)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "dashboard.log").read_text()[-2000:]
 
 
 def test_dashboard_missing_package_says_how_to_install(monkeypatch):
