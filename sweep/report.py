@@ -181,7 +181,7 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
         raise TrackingError(f"no MLflow experiment {study_name!r} in {mask_url(tracking_uri)}; "
                             f"pass --tracking-uri URI of the store the study logged to")
     client = tracker.client
-    parents = tracker._study_runs(experiment_id, study_name)
+    parents = tracker.study_runs(experiment_id, study_name)
     parent = parents[0] if parents else None
     runs = {r.info.run_id: r for r in tracker.trial_runs(experiment_id)}
     by_number = {r.data.tags.get("sweep.trial_number"): r for r in runs.values()}

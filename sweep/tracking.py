@@ -95,13 +95,13 @@ class Tracker:
     def study_run(self, experiment_id: str, study_name: str, params: Mapping[str, Any],
                   study_file: Path | None) -> str:
         """The study's parent run, created once. Concurrent creators converge on the oldest."""
-        existing = self._study_runs(experiment_id, study_name)
+        existing = self.study_runs(experiment_id, study_name)
         if existing:
             return existing[0].info.run_id
         run = self.client.create_run(experiment_id, run_name=study_name,
                                      tags={ROLE: "study", "optuna.study_name": study_name})
         run_id = run.info.run_id
-        winners = self._study_runs(experiment_id, study_name)
+        winners = self.study_runs(experiment_id, study_name)
         if winners and winners[0].info.run_id != run_id:
             self.client.delete_run(run_id)  # another worker won the race
             return winners[0].info.run_id
@@ -112,7 +112,8 @@ class Tracker:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def _study_runs(self, experiment_id: str, study_name: str):
+    def study_runs(self, experiment_id: str, study_name: str):
+        """The study's parent runs, oldest first (one, unless a creation race is being settled)."""
         runs = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{ROLE}` = 'study' and "
                                            f"tags.`optuna.study_name` = '{study_name}'",
