@@ -20,7 +20,8 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SweepError as err:
-            click.echo(f"error: {mask_url(str(err))}", err=True)
+            one_line = str(err).replace("\r", "\\r").replace("\n", "\\n")  # never two lines
+            click.echo(f"error: {mask_url(one_line)}", err=True)
             sys.exit(err.exit_code)
 
     return wrapper

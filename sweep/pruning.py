@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import warnings
+
 import optuna
 
 from sweep.spec import PrunerSpec
@@ -82,6 +84,7 @@ def build_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
     if kind == "threshold":  # lower/upper were checked at load (pruner_problem)
         return optuna.pruners.ThresholdPruner(**p)
     if kind == "patient":
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         return optuna.pruners.PatientPruner(build_pruner(spec.wrapped, epochs),
                                             patience=p.get("patience", 2),
                                             min_delta=p.get("min_delta", 0.0))

@@ -188,7 +188,7 @@ class _Ctx:
         self.source, self.doc, self.overridden = source, doc, overridden
 
     def fail(self, path: tuple, problem: str) -> StudyFileError:
-        where = ".".join(map(str, path)) or "(top level)"
+        where = ".".join(map(_key_text, path)) or "(top level)"
         if tuple(path) in self.overridden:
             origin = " (--set)"  # the value came from the command line, not the file
         else:
@@ -205,6 +205,13 @@ class _Ctx:
             else:
                 break
         return line
+
+
+def _key_text(key) -> str:
+    """A key as it appears in an error: plain when it is a plain word, else quoted (a key of
+    whitespace or control characters must not break the one-line message)."""
+    text = str(key)
+    return text if text and text.isprintable() and text.strip() == text else repr(key)
 
 
 def _suggest(key: str, valid) -> str:

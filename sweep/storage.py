@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -109,6 +110,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
         return JournalStorage(JournalFileBackend(str(path)))
     interval, grace = heartbeat_settings()
+    # Heartbeats and the retry callback are marked experimental in Optuna; they are the
+    # documented way to recover from dead workers, so the warning is noise for our users.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kwargs = dict(
         heartbeat_interval=interval, grace_period=grace,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),

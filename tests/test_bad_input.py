@@ -53,7 +53,9 @@ FILE_CASES = [
     ("bad-direction", ("trials: 2", "trials: 2\nobjective: {direction: max}"), "objective.direction"),
     ("gamma-above-one", ("low: 0.1, high: 0.5", "low: 0.1, high: 1.5"), "space.scheduler.step.gamma"),
     ("min-lr-above-base", ("cosine: {}", "cosine: {min_lr: 5.0}"), "space.scheduler.cosine.min_lr"),
-    ("onecycle-warmup-twice", ("cosine: {}", "onecycle: {}"), "space.warmup_steps"),
+    ("onecycle-warmup-twice", [("cosine: {}", "onecycle: {}"),
+                               ("{type: int, low: 0, high: 3}", "2")],
+     "space.warmup_steps (line 6): must be 0 for scheduler 'onecycle'"),
     ("missing-space", ("space:", "spaces:"), "spaces"),
     ("trials-zero", ("trials: 2", "trials: 0"), "trials (line 2): must be an integer >= 1"),
 ]
@@ -87,8 +89,11 @@ def test_bad_study_files(case, dirs, tiny_cifar):
     _, replacement, expected = case
     inputs, run = dirs
     study = inputs / "bad.yaml"
-    assert replacement[0] in GOOD
-    study.write_text(GOOD.replace(*replacement, 1))
+    text = GOOD
+    for old, new in replacement if isinstance(replacement, list) else [replacement]:
+        assert old in text
+        text = text.replace(old, new, 1)
+    study.write_text(text)
     for command in (["validate", str(study)],
                     ["launch", "--study", str(study), "--data-dir", str(tiny_cifar), "--quiet"]):
         code, err, _ = invoke(command)
