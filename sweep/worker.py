@@ -260,6 +260,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
         end_stale_runs(study, ctx.tracker, ctx.experiment_id)
     except Exception:
         pass  # best effort on the way out; `sweep status --repair` does it again
+    ctx.tracker.wait()  # the last trials' LR-curve figures
     return report
 
 
