@@ -71,11 +71,17 @@ def integrity_ok(db: Path) -> bool:
         return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_ctrl_c_once_ends_trial_cleanly_and_it_is_retried(tmp_path, tiny_cifar):
-    proc = subprocess.Popen(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=200"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def start_long_trial(folder: Path, data: Path, trials: int) -> subprocess.Popen:
+    """A launch whose first trial trains for long (200 epochs), returned once it is training."""
+    proc = subprocess.Popen(launch_args(data, "--trials", str(trials), "--set", "train.epochs=200"),
+                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env())
-    wait_for_running_trial(tmp_path, proc)
+    wait_for_running_trial(folder, proc)
+    return proc
+
+
+def test_ctrl_c_once_ends_trial_cleanly_and_it_is_retried(tmp_path, tiny_cifar):
+    proc = start_long_trial(tmp_path, tiny_cifar, trials=2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
@@ -104,10 +110,7 @@ def test_ctrl_c_once_ends_trial_cleanly_and_it_is_retried(tmp_path, tiny_cifar):
 
 
 def test_second_ctrl_c_exits_at_once_and_next_launch_reconciles(tmp_path, tiny_cifar):
-    proc = subprocess.Popen(launch_args(tiny_cifar, "--trials", "1", "--set", "train.epochs=200"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    wait_for_running_trial(tmp_path, proc)
+    proc = start_long_trial(tmp_path, tiny_cifar, trials=1)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
