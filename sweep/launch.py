@@ -127,7 +127,8 @@ def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
 
     def on_trial(number, outcome):
         value = f" value {outcome.value:.4f}" if outcome.value is not None else ""
-        log(f"worker {me}: trial #{number} {outcome.state.name.lower()}{value}")
+        why = f": {mask_url(outcome.detail)}" if outcome.state.name == "FAIL" and outcome.detail else ""
+        log(f"worker {me}: trial #{number} {outcome.state.name.lower()}{value}{why}")
 
     report = run_worker(study, ctx, budget, on_trial=on_trial)
     used = budget_used(study)
