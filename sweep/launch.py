@@ -86,8 +86,8 @@ def resolve_budget(study, spec: StudySpec, trials: int | None) -> int:
 
 def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
     study, ctx = prepare(spec, opts)
-    budget = opts.trials or spec.trials
-    study.set_user_attr("sweep.budget", budget)
+    # launch's default is the study file's budget (a worker's is the stored one).
+    budget = resolve_budget(study, spec, opts.trials or spec.trials)
     used = budget_used(study)
     if used >= budget:
         return LaunchResult(f"study {spec.name!r} has used its budget ({used}/{budget} trials): "
