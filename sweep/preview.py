@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -194,30 +193,10 @@ _CURVE_OVERRIDES = (("data", "train_size"), ("train", "batch_size"), ("train", "
                     ("train", "warmup_shape"), ("train", "warmup_start_factor"))
 
 
-def _existing_sqlite(url: str, what: str) -> None:
-    from sweep.storage import mask_url, sqlite_path
-
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise ScheduleError(f"{what} {mask_url(url)!r}: no such file; run this where the study "
-                            f"ran or pass the URL it used")
-
-
 def _load_trial(study_name: str, number: int, storage_url: str):
-    import optuna
+    from sweep.storage import load_existing_study
 
-    from sweep.storage import mask_url, open_storage
-
-    _existing_sqlite(storage_url, "storage")
-    with warnings.catch_warnings():  # heartbeat options are "experimental": noise for a reader
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = open_storage(storage_url)
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise ScheduleError(f"no study {study_name!r} in {mask_url(storage_url)}; studies there: "
-                            f"{', '.join(names) or 'none'}") from None
+    study = load_existing_study(study_name, storage_url)
     found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     if not found:
         raise ScheduleError(f"study {study_name!r} has no trial {number} (it has "
@@ -236,11 +215,10 @@ def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: st
 
     from sweep.space import trial_config
     from sweep.spec import load_study
-    from sweep.tracking import Tracker
+    from sweep.tracking import open_existing_tracker
 
     study, trial, run_id = _load_trial(study_name, number, storage_url)
-    _existing_sqlite(tracking_uri, "MLflow tracking URI")
-    client = Tracker(tracking_uri).client
+    client = open_existing_tracker(tracking_uri).client
     try:
         run = client.get_run(run_id)
     except Exception:

@@ -29,49 +29,14 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.console import counts
-from sweep.errors import StorageError, SweepError, TrackingError
-from sweep.storage import mask_url, open_storage, sqlite_path
+from sweep.errors import SweepError, TrackingError
+from sweep.storage import load_existing_study, mask_url
+from sweep.tracking import open_existing_tracker
 
 DEFAULT_TOP_K = 5
 MIN_IMPORTANCE_TRIALS = 5  # fANOVA on fewer complete trials than this is noise
 REPORT_ARTIFACT_PATH = "report"
 METRIC_LABELS = {"val_acc": "validation accuracy", "val_loss": "validation loss"}
-
-
-# --- opening stores without creating them --------------------------------------------------
-
-def open_existing_storage(url: str):
-    """Open an Optuna storage that must already exist; a missing SQLite/journal file is a
-    StorageError (opening it would create an empty one)."""
-    path = sqlite_path(url) or (Path(url[len("journal://"):]) if url.startswith("journal:///") else None)
-    if path is not None and not path.is_file():
-        raise StorageError(f"no Optuna storage at {path}: run `sweep launch` in this folder first, "
-                           f"or pass --storage URL of the study's storage")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # heartbeat settings are 'experimental' in Optuna
-        return open_storage(url)
-
-
-def load_existing_study(name: str, storage_url: str) -> optuna.Study:
-    storage = open_existing_storage(storage_url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, False))
-        raise StorageError(f"no study {name!r} in storage {mask_url(storage_url)}; studies there: "
-                           f"{', '.join(names) or 'none'} (see `sweep list`)") from None
-
-
-def open_existing_tracker(uri: str):
-    """An MLflow client for a store that must already exist (a missing SQLite file is a
-    TrackingError rather than a fresh empty store)."""
-    from sweep.tracking import Tracker
-
-    path = sqlite_path(uri)
-    if path is not None and not path.is_file():
-        raise TrackingError(f"no MLflow store at {path}: run `sweep launch` in this folder first, "
-                            f"or pass --tracking-uri URI of the study's MLflow store")
-    return Tracker(uri)
 
 
 # --- the data ---------------------------------------------------------------------------------

@@ -192,27 +192,13 @@ def open_for_status(study: str, storage_url: str, tracking_uri: str):
     """(study, tracker or None, experiment id or None) for ``sweep status``; creates no store.
 
     ``study`` is a study name, or a study file (its ``name`` is used)."""
-    from pathlib import Path
-
-    from sweep.errors import StorageError
-    from sweep.storage import check_storage_url, mask_url, open_storage, sqlite_path
+    from sweep.storage import load_existing_study, sqlite_path
 
     if study.endswith((".yaml", ".yml")) or "/" in study:
         from sweep.spec import load_study
 
         study = load_study(study).name
-    check_storage_url(storage_url)
-    path = sqlite_path(storage_url)
-    journal = Path(storage_url[len("journal://"):]) if storage_url.startswith("journal:///") else None
-    for file in (path, journal):
-        if file is not None and not file.is_file():
-            raise StorageError(f"storage {mask_url(storage_url)!r}: {file} does not exist; pass "
-                               f"the --storage the study was launched with")
-    try:
-        loaded = optuna.load_study(study_name=study, storage=open_storage(storage_url))
-    except KeyError:
-        raise StorageError(f"no study named {study!r} in {mask_url(storage_url)}; check --study "
-                           f"and --storage") from None
+    loaded = load_existing_study(study, storage_url)
     tracker, experiment_id = None, None
     mlflow_path = sqlite_path(tracking_uri)
     if mlflow_path is None or mlflow_path.is_file():

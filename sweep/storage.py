@@ -136,3 +136,25 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         reason = mask_url(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         raise StorageError(f"storage {mask_url(url)!r} is unreachable: {reason}; check the URL, "
                            f"the server and the credentials") from None
+
+
+def open_existing_storage(url: str):
+    """Open an Optuna storage that must already exist; a missing SQLite/journal file is a
+    StorageError (opening it would create an empty one)."""
+    path = sqlite_path(url) or (Path(url[len("journal://"):]) if url.startswith("journal:///") else None)
+    if path is not None and not path.is_file():
+        raise StorageError(f"no Optuna storage at {path}: run `sweep launch` in this folder first, "
+                           f"or pass --storage URL of the study's storage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeat settings are 'experimental' in Optuna
+        return open_storage(url)
+
+
+def load_existing_study(name: str, storage_url: str) -> optuna.Study:
+    storage = open_existing_storage(storage_url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, False))
+        raise StorageError(f"no study {name!r} in storage {mask_url(storage_url)}; studies there: "
+                           f"{', '.join(names) or 'none'} (see `sweep list`)") from None

@@ -276,3 +276,13 @@ def _curve_figure(curve: list[tuple[int, float]]):
     ax.grid(alpha=0.3)
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.16, top=0.95)  # tight_layout costs 40 ms
     return fig
+
+
+def open_existing_tracker(uri: str):
+    """An MLflow client for a store that must already exist (a missing SQLite file is a
+    TrackingError rather than a fresh empty store)."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise TrackingError(f"no MLflow store at {path}: run `sweep launch` in this folder first, "
+                            f"or pass --tracking-uri URI of the study's MLflow store")
+    return Tracker(uri)

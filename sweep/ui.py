@@ -25,7 +25,8 @@ import urllib.request
 from typing import Callable
 
 from sweep.errors import StorageError, SweepError, TrackingError
-from sweep.report import open_existing_storage, open_existing_tracker
+from sweep.storage import open_existing_storage
+from sweep.tracking import open_existing_tracker
 from sweep.storage import mask_url, sqlite_path
 
 LOCALHOST = "127.0.0.1"
