@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from sweep.console import counts
 from sweep.tracking import STATE, Tracker
-from sweep.worker import FINISHED, budget_used, fail_stale
+from sweep.worker import FINISHED, budget_used, fail_stale, retry_later
 
 _RUN_STATUS = {TrialState.COMPLETE: "FINISHED"}  # any other finished state -> FAILED
 
@@ -43,16 +43,6 @@ def _pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
-
-
-def _retry_once(study: optuna.Study, frozen) -> None:
-    """What Optuna's RetryHeartbeatStaleTrialCallback(max_retry=1) does for a stale trial."""
-    if frozen.system_attrs.get("retry_history"):
-        return
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-        user_attrs={}, system_attrs={"failed_trial": frozen.number,
-                                     "retry_history": [frozen.number]}))
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
@@ -79,7 +69,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
             try:  # the attribute first: a finished trial takes no more attributes
                 study._storage.set_trial_user_attr(t._trial_id, "error", "worker died")
                 if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                    _retry_once(study, study._storage.get_trial(t._trial_id))
+                    retry_later(study, study._storage.get_trial(t._trial_id))
                     failed.append(t.number)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker got there first

@@ -162,11 +162,10 @@ def budget_used(study: optuna.Study) -> int:
     return sum(1 for t in counted(study.get_trials(deepcopy=False)) if t.state in FINISHED)
 
 
-def retry_later(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Re-enqueue an interrupted trial's parameters once (as Optuna's heartbeat retry does)."""
-    frozen = study._storage.get_trial(trial._trial_id)
-    history = list(frozen.system_attrs.get("retry_history", []))
-    if history:
+def retry_later(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+    """Re-enqueue a failed trial's parameters once, as Optuna's
+    ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` does for a stale trial."""
+    if frozen.system_attrs.get("retry_history"):
         return  # already a retry: once is enough
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
@@ -242,7 +241,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
             except Interrupted as sig:
                 heartbeat.stop()
                 _tell(study, trial, state=TrialState.FAIL)
-                retry_later(study, trial)
+                retry_later(study, study._storage.get_trial(trial._trial_id))
                 report.interrupted_by = sig.signum
                 break
             finally:
