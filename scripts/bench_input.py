@@ -2,7 +2,7 @@
 """Input pipeline alone, side by side: images/s of sweep's batched on-device augmentation
 against torchvision's DataLoader on PIL images.
 
-* sweep: ``sweep.data.train_batches`` over the uint8 training split already on the device
+* sweep: ``sweep.training.data.train_batches`` over the uint8 training split already on the device
   (random permutation, random crop with 4-pixel zero padding, horizontal flip, normalisation
   to float, channels_last), one whole batch at a time;
 * torchvision: a Dataset that turns each uint8 image into a PIL image (as
@@ -51,7 +51,7 @@ class PILCifar:
 def time_sweep(splits, batch_size: int, epochs: int, device) -> float:
     import torch
 
-    from sweep.data import Normalizer, train_batches
+    from sweep.training.data import Normalizer, train_batches
 
     generator = torch.Generator(device=device).manual_seed(0)
     normalize = Normalizer(device, channels_last=True)
@@ -68,7 +68,7 @@ def make_loader(splits, batch_size: int, workers: int):
     import torch
     from torchvision import transforms
 
-    from sweep.data import MEAN, STD
+    from sweep.training.data import MEAN, STD
 
     transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
                                     transforms.RandomHorizontalFlip(), transforms.ToTensor(),
@@ -103,8 +103,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sweep.data import load_splits
-    from sweep.spec import DataSpec
+    from sweep.training.data import load_splits
+    from sweep.study.spec import DataSpec
 
     device = torch.device(args.device)
     splits = load_splits(args.data_dir, DataSpec(train_size=args.train_size, val_size=500,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the harness costs a trial, side by side in one process.
 
-* sweep: one trial through the real worker loop (``sweep.worker.run_worker``): Optuna ask /
+* sweep: one trial through the real worker loop (``sweep.orchestration.worker.run_worker``): Optuna ask /
   tell on a SQLite storage, a nested MLflow run on a SQLite store, ``lr`` and ``train_loss``
   logged at every optimizer step (batched, background thread), ``val_loss``/``val_acc`` per
   epoch, the pruner asked every epoch, divergence checks on every step, the LR-curve figure
@@ -48,9 +48,9 @@ def bare_trial(cfg, splits, device) -> float:
     import torch
     from torch import nn
 
-    from sweep.data import Normalizer, train_batches
-    from sweep.models import build_model
-    from sweep.schedules import LRSchedule
+    from sweep.training.data import Normalizer, train_batches
+    from sweep.training.models import build_model
+    from sweep.study.schedules import LRSchedule
 
     t = cfg.train
     torch.manual_seed(cfg.seed)
@@ -111,10 +111,10 @@ def main() -> int:
     import optuna
     import torch
 
-    from sweep.launch import LaunchOptions, prepare
-    from sweep.space import trial_config
-    from sweep.spec import parse_study
-    from sweep.worker import budget_used, run_worker
+    from sweep.orchestration.launch import LaunchOptions, prepare
+    from sweep.study.space import trial_config
+    from sweep.study.spec import parse_study
+    from sweep.orchestration.worker import budget_used, run_worker
 
     if args.threads:
         torch.set_num_threads(args.threads)

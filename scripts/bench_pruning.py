@@ -37,9 +37,9 @@ def run_study(spec, mode: str, data_dir: str, device: str, workdir: Path) -> dic
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from sweep.launch import LaunchOptions, prepare
-    from sweep.spec import PrunerSpec
-    from sweep.worker import run_worker
+    from sweep.orchestration.launch import LaunchOptions, prepare
+    from sweep.study.spec import PrunerSpec
+    from sweep.orchestration.worker import run_worker
 
     if mode == "off":
         spec = dataclasses.replace(spec, pruner=PrunerSpec("none"),
@@ -93,8 +93,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sweep.pruning import describe_pruner
-    from sweep.spec import load_study
+    from sweep.study.pruning import describe_pruner
+    from sweep.study.spec import load_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(args.study, args.overrides)

@@ -36,8 +36,8 @@ def make_step(model_name: str, variant: str, device_name: str, batch: int):
     import torch
     from torch import nn
 
-    from sweep.data import Normalizer, augment
-    from sweep.models import build_model
+    from sweep.training.data import Normalizer, augment
+    from sweep.training.models import build_model
 
     device = torch.device(device_name)
     channels_last = variant != "fp32"

@@ -42,11 +42,11 @@ def child(args) -> None:
     import optuna
     from mlflow.entities import Metric
 
-    from sweep.spec import load_study
-    from sweep.status import fail_dead_trials
-    from sweep.storage import open_storage
-    from sweep.tracking import Tracker
-    from sweep.worker import FINISHED, _Heartbeat, _over_budget, counted, open_study
+    from sweep.study.spec import load_study
+    from sweep.orchestration.status import fail_dead_trials
+    from sweep.orchestration.storage import open_storage
+    from sweep.orchestration.tracking import Tracker
+    from sweep.orchestration.worker import FINISHED, _Heartbeat, _over_budget, counted, open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(STUDY)
@@ -95,10 +95,10 @@ def create(args) -> None:
     """Create storage, study, MLflow store, experiment and parent run (in its own process:
     MLflow caches a store per URI, which would outlive the tables dropped between runs)."""
     warnings.filterwarnings("ignore")
-    from sweep.spec import load_study
-    from sweep.storage import open_storage
-    from sweep.tracking import Tracker
-    from sweep.worker import open_study
+    from sweep.study.spec import load_study
+    from sweep.orchestration.storage import open_storage
+    from sweep.orchestration.tracking import Tracker
+    from sweep.orchestration.worker import open_study
 
     spec = load_study(STUDY)
     open_study(spec, open_storage(args.storage))

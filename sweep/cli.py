@@ -8,8 +8,8 @@ import sys
 import click
 
 from sweep.errors import SweepError
-from sweep.storage import DEFAULT_STORAGE, mask_url
-from sweep.tracking import DEFAULT_TRACKING_URI
+from sweep.orchestration.storage import DEFAULT_STORAGE, mask_url
+from sweep.orchestration.tracking import DEFAULT_TRACKING_URI
 
 
 def friendly_errors(fn):
@@ -58,14 +58,14 @@ def main():
 def launch(study_name, trials, storage, tracking_uri, data_dir, device, overrides, seed,
            allow_space_change, quiet, workers, workers_per_device):
     """Create or resume a study and run its trials on this machine."""
-    from sweep.launch import LaunchOptions, launch as run_launch
-    from sweep.spec import load_study
+    from sweep.orchestration.launch import LaunchOptions, launch as run_launch
+    from sweep.study.spec import load_study
 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     spec = load_study(study_name, overrides)
     opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, quiet, allow_space_change)
     if workers > 1:
-        from sweep.pool import PoolOptions, launch_pool
+        from sweep.orchestration.pool import PoolOptions, launch_pool
 
         result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device,
                                                      str(spec.path.resolve()), tuple(overrides)))
@@ -80,7 +80,7 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
 @friendly_errors
 def validate(files):
     """Check study files without running anything (exit 0 when all are valid, else 2)."""
-    from sweep.spec import load_study
+    from sweep.study.spec import load_study
 
     bad = 0
     for name in files:
@@ -128,9 +128,9 @@ def _storage_options(fn):
 def worker(study_name, storage, tracking_uri, trials, data_dir, device, overrides,
            allow_space_change, quiet):
     """Pull trials from a shared study until its total budget is used (one of many workers)."""
-    from sweep.launch import LaunchOptions, work
+    from sweep.orchestration.launch import LaunchOptions, work
     _quiet_optuna()
-    from sweep.spec import load_study
+    from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
     result = work(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials, True,
@@ -148,13 +148,13 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
 @friendly_errors
 def status(study_name, storage, tracking_uri, repair):
     """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs."""
-    from sweep.status import open_for_status, reconcile, status_text
+    from sweep.orchestration.status import open_for_status, reconcile, status_text
     _quiet_optuna()
 
     study, tracker, experiment_id = open_for_status(study_name, storage, tracking_uri)
     fixed = reconcile(study, tracker, experiment_id) if repair and tracker is not None else None
     if repair and tracker is None:
-        from sweep.status import Reconciled, fail_dead_trials
+        from sweep.orchestration.status import Reconciled, fail_dead_trials
 
         fixed = Reconciled(fail_dead_trials(study), [])
     click.echo(mask_url(status_text(study, tracker, experiment_id, fixed)))
@@ -183,10 +183,10 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
     """Submit a SLURM job array of ``sweep worker`` tasks sharing one study."""
     from pathlib import Path
 
-    from sweep.launch import LaunchOptions
-    from sweep.slurm import SubmitOptions, submit as run_submit
+    from sweep.orchestration.launch import LaunchOptions
+    from sweep.orchestration.slurm import SubmitOptions, submit as run_submit
     _quiet_optuna()
-    from sweep.spec import load_study
+    from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
     text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials, True,
@@ -230,7 +230,7 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
     check it against the lr metric in MLflow (exit 0 when equal to 1e-9, else 1)."""
     from pathlib import Path
 
-    from sweep import preview
+    from sweep.views import preview
 
     output = Path(output) if output else None
     if output is not None:
@@ -285,7 +285,7 @@ def report(study_name, storage, tracking_uri, output, top_k):
     the study's parent MLflow run under report/."""
     import warnings
 
-    from sweep.report import write_report
+    from sweep.views.report import write_report
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -304,7 +304,7 @@ def report(study_name, storage, tracking_uri, output, top_k):
 @friendly_errors
 def ui(tracking_uri, study_name, port, host):
     """Start the MLflow UI for the tracking store and print the study's experiment URL."""
-    from sweep.ui import serve_mlflow
+    from sweep.views.ui import serve_mlflow
 
     sys.exit(serve_mlflow(tracking_uri, host, port, study_name, echo=click.echo))
 
@@ -322,7 +322,7 @@ def dashboard(storage, study_name, port, host):
     """Start optuna-dashboard on the Optuna storage (pip install 'sweep[dashboard]')."""
     import warnings
 
-    from sweep.ui import serve_dashboard
+    from sweep.views.ui import serve_dashboard
 
     warnings.simplefilter("ignore")  # experimental-heartbeat warnings on every storage open
     sys.exit(serve_dashboard(storage, host, port, study_name, echo=click.echo))
@@ -336,7 +336,7 @@ def list_command(storage):
     """Study files in studies/ and the studies in the storage (trials, best value)."""
     import warnings
 
-    from sweep.ui import list_studies
+    from sweep.views.ui import list_studies
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

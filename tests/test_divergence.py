@@ -10,12 +10,12 @@ import optuna
 import pytest
 import torch
 
-import sweep.train
-from sweep.data import load_splits
-from sweep.divergence import DivergenceMonitor
-from sweep.spec import DivergenceSpec, parse_study
-from sweep.space import trial_config
-from sweep.train import StopTraining, train
+import sweep.training.train
+from sweep.training.data import load_splits
+from sweep.training.divergence import DivergenceMonitor
+from sweep.study.spec import DivergenceSpec, parse_study
+from sweep.study.space import trial_config
+from sweep.training.train import StopTraining, train
 
 SPEC = DivergenceSpec(loss_factor=4.0, patience_steps=5, reference_steps=3)
 
@@ -133,7 +133,7 @@ def test_an_absurd_lr_is_pruned_as_diverged_inside_its_first_epoch(setup):
 def _nan_at_forward(k: int, what: str):
     """A ``build_model`` that returns the real model with a hook making the k-th training
     forward's output NaN (``what="loss"``) or the k-th backward's gradient inf (``"grad"``)."""
-    real = sweep.train.build_model
+    real = sweep.training.train.build_model
 
     def build(name, width=1):
         model = real(name, width)
@@ -159,7 +159,7 @@ def _nan_at_forward(k: int, what: str):
 
 @pytest.mark.slow
 def test_a_nan_in_the_loss_stops_training_at_that_step(setup, monkeypatch):
-    monkeypatch.setattr(sweep.train, "build_model", _nan_at_forward(6, "loss"))
+    monkeypatch.setattr(sweep.training.train, "build_model", _nan_at_forward(6, "loss"))
     stop, seen = run(setup, lr=0.1)
     assert (stop.reason, stop.step, stop.epoch) == ("diverged", 6, 0)
     assert stop.detail == {"loss": "nan", "cause": "non-finite loss"}
@@ -168,7 +168,7 @@ def test_a_nan_in_the_loss_stops_training_at_that_step(setup, monkeypatch):
 
 @pytest.mark.slow
 def test_a_non_finite_gradient_is_caught_by_the_next_steps_loss(setup, monkeypatch):
-    monkeypatch.setattr(sweep.train, "build_model", _nan_at_forward(9, "grad"))
+    monkeypatch.setattr(sweep.training.train, "build_model", _nan_at_forward(9, "grad"))
     stop, seen = run(setup, lr=0.1)
     assert (stop.reason, stop.step, stop.detail["cause"]) == ("diverged", 10, "non-finite loss")
     assert all(math.isfinite(x) for x in seen.losses[:10])

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sweep.cli import main
 from sweep.errors import StudyFileError
-from sweep.spec import StudySpec, parse_study
+from sweep.study.spec import StudySpec, parse_study
 
 BASE = yaml.safe_load((Path(__file__).resolve().parent.parent / "studies" / "smoke.yaml").read_text())
 

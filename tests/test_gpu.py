@@ -10,11 +10,11 @@ import optuna
 import pytest
 import torch
 
-from sweep.data import load_splits
-from sweep.schedules import LRSchedule
-from sweep.space import trial_config
-from sweep.spec import parse_study
-from sweep.train import train
+from sweep.training.data import load_splits
+from sweep.study.schedules import LRSchedule
+from sweep.study.space import trial_config
+from sweep.study.spec import parse_study
+from sweep.training.train import train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

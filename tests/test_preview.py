@@ -203,7 +203,7 @@ def test_redrawn_trials_match_the_logged_lr_metric(tiny_cifar, tmp_path, monkeyp
 
     from mlflow.tracking import MlflowClient
 
-    from sweep.preview import check_trial
+    from sweep.views.preview import check_trial
 
     monkeypatch.chdir(tmp_path)
     first = check_trial("lrcheck", 0, "sqlite:///sweep.db", "sqlite:///mlflow.db")

@@ -23,9 +23,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from sweep.cli import main
-from sweep.report import compute_importances, load_report_data, write_report
-from sweep.storage import open_storage
-from sweep.tracking import Tracker
+from sweep.views.report import compute_importances, load_report_data, write_report
+from sweep.orchestration.storage import open_storage
+from sweep.orchestration.tracking import Tracker
 
 # One real MLflow store is created per module (its schema migration alone takes 5-25 s here).
 pytestmark = pytest.mark.slow

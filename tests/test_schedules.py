@@ -1,4 +1,4 @@
-"""sweep.schedules against torch's own scheduler classes and Hugging Face's documented curves.
+"""sweep.study.schedules against torch's own scheduler classes and Hugging Face's documented curves.
 
 The torch reference for a warmup W and a main scheduler is built the way ``SequentialLR`` would
 run it: for t < W a ``LinearLR`` on a one-parameter-per-group SGD stepped t times; for t >= W a
@@ -18,7 +18,7 @@ import torch
 from torch.optim import lr_scheduler as tl
 
 from sweep.errors import StudyFileError
-from sweep.schedules import (SCHEDULERS, LRSchedule, ScheduleConfig, check_schedule, lr_curve,
+from sweep.study.schedules import (SCHEDULERS, LRSchedule, ScheduleConfig, check_schedule, lr_curve,
                              resolve_params)
 
 S, E = 7, 6
@@ -360,7 +360,7 @@ space:
 
 
 def _load(text: str):
-    from sweep.spec import parse_study
+    from sweep.study.spec import parse_study
 
     return parse_study(text, "v.yaml", Path("v.yaml"))
 
@@ -411,7 +411,7 @@ def test_nonsense_is_rejected_at_load_naming_the_key(sched, warmup, base_lr, tra
 
 
 def test_every_type_loads_and_resolves_through_trial_config():
-    from sweep.space import trial_config
+    from sweep.study.space import trial_config
 
     lines = "\n    ".join(f"{name}: {_yaml_map(RESUME_CASES[name])}" for name in SCHEDULERS)
     spec = _load(_study(lines, "0", "0.1", "warmup_start_factor: 0", epochs=E))
@@ -444,7 +444,7 @@ class _Recorder:
         self.lrs.update(enumerate(lrs, start=first_step))
 
     def on_epoch_end(self, epoch, metrics):
-        from sweep.train import StopTraining
+        from sweep.training.train import StopTraining
 
         if epoch == self.stop_after:
             raise StopTraining("test", (epoch + 1) * 6 - 1, epoch)
@@ -454,10 +454,10 @@ class _Recorder:
 def test_training_resumed_from_checkpoint_follows_the_same_lr_sequence(tiny_cifar, tmp_path):
     """Plateau with warmup W = 5 (S = 6): the reduction decided at the end of epoch 1 is in the
     checkpoint written before the listener stops training there."""
-    from sweep.data import load_splits
-    from sweep.space import TrialConfig
-    from sweep.spec import DataSpec, TrainSpec
-    from sweep.train import StopTraining, train
+    from sweep.training.data import load_splits
+    from sweep.study.space import TrialConfig
+    from sweep.study.spec import DataSpec, TrainSpec
+    from sweep.training.train import StopTraining, train
 
     data = DataSpec(train_size=120, val_size=40, test_size=40)
     params = resolve_params("plateau", {"gamma": 0.5, "patience_epochs": 0, "threshold": 0.9}, 3)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from sweep.space import trial_config
-from sweep.spec import load_study
+from sweep.study.space import trial_config
+from sweep.study.spec import load_study
 
 
 def test_fixed_trial_gives_complete_config():
@@ -53,7 +53,7 @@ def test_onecycle_gets_no_warmup_draw_but_fixed_warmup_is_refused():
     from pathlib import Path
 
     from sweep.errors import StudyFileError
-    from sweep.spec import parse_study
+    from sweep.study.spec import parse_study
 
     text = """
 trials: 2

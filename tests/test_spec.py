@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sweep.errors import OverrideError, StudyFileError
-from sweep.spec import CategoricalParam, FloatParam, IntParam, available_studies, load_study
-from sweep.spec import parse_study
+from sweep.study.spec import CategoricalParam, FloatParam, IntParam, available_studies, load_study
+from sweep.study.spec import parse_study
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 

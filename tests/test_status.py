@@ -16,13 +16,13 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from sweep.cli import main
-from sweep.launch import resolve_budget
-from sweep.pool import device_assignments
-from sweep.spec import load_study
-from sweep.status import fail_dead_trials, reconcile, stale_runs, status_text
-from sweep.storage import open_storage
-from sweep.tracking import Tracker
-from sweep.worker import open_study
+from sweep.orchestration.launch import resolve_budget
+from sweep.orchestration.pool import device_assignments
+from sweep.study.spec import load_study
+from sweep.orchestration.status import fail_dead_trials, reconcile, stale_runs, status_text
+from sweep.orchestration.storage import open_storage
+from sweep.orchestration.tracking import Tracker
+from sweep.orchestration.worker import open_study
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.yaml"
 

@@ -9,12 +9,12 @@ import optuna
 import pytest
 import torch
 
-from sweep.data import MEAN, STD, Normalizer, Splits, augment, load_splits, train_batches
-from sweep.models import build_model
-from sweep.schedules import LRSchedule
-from sweep.space import trial_config
-from sweep.spec import parse_study
-from sweep.train import evaluate, train
+from sweep.training.data import MEAN, STD, Normalizer, Splits, augment, load_splits, train_batches
+from sweep.training.models import build_model
+from sweep.study.schedules import LRSchedule
+from sweep.study.space import trial_config
+from sweep.study.spec import parse_study
+from sweep.training.train import evaluate, train
 
 CPU = torch.device("cpu")
 

@@ -7,9 +7,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from sweep.launch import LaunchOptions, prepare
-from sweep.spec import load_study
-from sweep.worker import run_worker
+from sweep.orchestration.launch import LaunchOptions, prepare
+from sweep.study.spec import load_study
+from sweep.orchestration.worker import run_worker
 
 pytestmark = pytest.mark.slow
 

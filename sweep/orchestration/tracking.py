@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sweep.errors import TrackingError
-from sweep.storage import check_writable_file, creation_lock, mask_url, sqlite_path
+from sweep.orchestration.storage import check_writable_file, creation_lock, mask_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch

@@ -25,9 +25,9 @@ from optuna.trial import TrialState
 
 from sweep import __version__
 from sweep.errors import SpaceChangedError
-from sweep.objective import Outcome, WorkerContext, run_trial
-from sweep.pruning import build_pruner
-from sweep.spec import StudySpec
+from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
+from sweep.study.pruning import build_pruner
+from sweep.study.spec import StudySpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 OVER_BUDGET = "sweep.over_budget"
@@ -120,11 +120,11 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
                                         pruner=pruner, direction=spec.objective.direction)
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
             return open_study(spec, storage, allow_space_change, create)
-        study.set_user_attr("sweep.space", fingerprint)
+        study.set_user_attr("sweep.study.space", fingerprint)
         study.set_user_attr("sweep.description", spec.description)
         study.set_user_attr("sweep.study_file", str(spec.path))
         return study
-    stored = study.user_attrs.get("sweep.space")
+    stored = study.user_attrs.get("sweep.study.space")
     if stored is not None and stored != fingerprint:
         if not allow_space_change:
             raise SpaceChangedError(
@@ -133,7 +133,7 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
         changes = list(study.user_attrs.get("sweep.space_changes", []))
         changes.append({"from": stored, "to": fingerprint})
         study.set_user_attr("sweep.space_changes", changes)
-        study.set_user_attr("sweep.space", fingerprint)
+        study.set_user_attr("sweep.study.space", fingerprint)
     return study
 
 
@@ -215,7 +215,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     leaving: if such a worker died, its trial is failed (heartbeat or dead local pid) and its
     re-enqueued retry must still be run by someone.
     """
-    from sweep.status import end_stale_runs, fail_dead_trials
+    from sweep.orchestration.status import end_stale_runs, fail_dead_trials
 
     report = WorkerReport()
     storage = study._storage

@@ -1,6 +1,6 @@
 """The report's figures: matplotlib ``Figure`` objects (Agg, no pyplot state), one per question.
 
-Every function takes plain data from ``sweep.report`` and returns a figure; nothing here reads a
+Every function takes plain data from ``sweep.views.report`` and returns a figure; nothing here reads a
 store or writes a file. Units go in axis labels; learning rates are on log axes; colours are
 fixed per scheduler type across all figures so a reader can follow one type from plot to plot.
 """

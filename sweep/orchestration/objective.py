@@ -2,7 +2,7 @@
 
 The MLflow run of a trial always ends: FINISHED (complete), KILLED (pruned, diverged or
 interrupted) or FAILED (the trial raised). Nothing here decides the study loop; see
-``sweep.worker``.
+``sweep.orchestration.worker``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Sequence
 
 import optuna
 
-from sweep.data import Splits
-from sweep.divergence import DivergenceMonitor
-from sweep.pruning import describe_pruner
-from sweep.space import trial_config
-from sweep.spec import StudySpec
-from sweep.storage import mask_url
-from sweep.tracking import REASON, STATE, Tracker
-from sweep.train import StopTraining, train
+from sweep.training.data import Splits
+from sweep.training.divergence import DivergenceMonitor
+from sweep.study.pruning import describe_pruner
+from sweep.study.space import trial_config
+from sweep.study.spec import StudySpec
+from sweep.orchestration.storage import mask_url
+from sweep.orchestration.tracking import REASON, STATE, Tracker
+from sweep.training.train import StopTraining, train
 
 import torch
 

@@ -20,15 +20,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweep.console import summary
-from sweep.data import locate
+from sweep.views.console import summary
+from sweep.training.data import locate
 from sweep.errors import DeviceError
-from sweep.launch import LaunchOptions, LaunchResult, resolve_budget, study_params
-from sweep.spec import StudySpec
-from sweep.storage import check_storage_url, open_storage
-from sweep.tracking import Tracker, check_tracking_uri
-from sweep.train import resolve_device
-from sweep.worker import budget_used, open_study
+from sweep.orchestration.launch import LaunchOptions, LaunchResult, resolve_budget, study_params
+from sweep.study.spec import StudySpec
+from sweep.orchestration.storage import check_storage_url, open_storage
+from sweep.orchestration.tracking import Tracker, check_tracking_uri
+from sweep.training.train import resolve_device
+from sweep.orchestration.worker import budget_used, open_study
 
 
 def device_assignments(workers: int, per_device: int, gpus: int) -> list[str | None]:
@@ -79,7 +79,7 @@ def worker_command(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions) -> l
 
 
 def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions) -> LaunchResult:
-    from sweep.status import reconcile
+    from sweep.orchestration.status import reconcile
 
     study, budget, tracker, experiment_id, device = create_stores(spec, opts)
     reconcile(study, tracker, experiment_id)

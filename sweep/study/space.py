@@ -13,9 +13,9 @@ from typing import Any
 
 import optuna
 
-from sweep.schedules import ScheduleConfig, resolve_params
-from sweep.spec import CategoricalParam, FloatParam, Fixed, IntParam, Param, SearchSpace, StudySpec
-from sweep.spec import DataSpec, TrainSpec
+from sweep.study.schedules import ScheduleConfig, resolve_params
+from sweep.study.spec import CategoricalParam, FloatParam, Fixed, IntParam, Param, SearchSpace, StudySpec
+from sweep.study.spec import DataSpec, TrainSpec
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.errors import SweepError
-from sweep.storage import mask_url, sqlite_path
+from sweep.orchestration.storage import mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
 _PARTITION = re.compile(r"^[\w.,-]+$")
@@ -155,10 +155,10 @@ def sbatch(script: Path) -> str:
 def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     """Check, create the stores, write env file + script, then ``sbatch`` (or, with
     ``dry_run``, only print the script: nothing is created or written). Returns the text to show."""
-    from sweep.launch import LaunchOptions
-    from sweep.pool import create_stores
-    from sweep.storage import check_storage_url
-    from sweep.tracking import check_tracking_uri
+    from sweep.orchestration.launch import LaunchOptions
+    from sweep.orchestration.pool import create_stores
+    from sweep.orchestration.storage import check_storage_url
+    from sweep.orchestration.tracking import check_tracking_uri
 
     check_submit(opts)
     storage, tracking = absolute_url(launch_opts.storage), absolute_url(launch_opts.tracking_uri)

@@ -18,8 +18,8 @@ from typing import Any, Sequence, TextIO
 import yaml
 
 from sweep.errors import SweepError
-from sweep.schedules import SCHEDULER_PARAMS, ScheduleConfig, check_schedule, lr_curve
-from sweep.schedules import resolve_params
+from sweep.study.schedules import SCHEDULER_PARAMS, ScheduleConfig, check_schedule, lr_curve
+from sweep.study.schedules import resolve_params
 
 #: the relative difference up to which a redrawn curve counts as equal to the logged one
 MATCH_REL = 1e-9
@@ -194,7 +194,7 @@ _CURVE_OVERRIDES = (("data", "train_size"), ("train", "batch_size"), ("train", "
 
 
 def _load_trial(study_name: str, number: int, storage_url: str):
-    from sweep.storage import load_existing_study
+    from sweep.orchestration.storage import load_existing_study
 
     study = load_existing_study(study_name, storage_url)
     found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
@@ -213,9 +213,9 @@ def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: st
     """Redraw trial ``number`` from its Optuna params and compare with MLflow's ``lr`` metric."""
     import optuna
 
-    from sweep.space import trial_config
-    from sweep.spec import load_study
-    from sweep.tracking import open_existing_tracker
+    from sweep.study.space import trial_config
+    from sweep.study.spec import load_study
+    from sweep.orchestration.tracking import open_existing_tracker
 
     study, trial, run_id = _load_trial(study_name, number, storage_url)
     client = open_existing_tracker(tracking_uri).client

@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from sweep.spec import DivergenceSpec
-from sweep.train import StopTraining
+from sweep.study.spec import DivergenceSpec
+from sweep.training.train import StopTraining
 
 
 class DivergenceMonitor:

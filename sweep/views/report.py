@@ -28,10 +28,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweep.console import counts
+from sweep.views.console import counts
 from sweep.errors import SweepError, TrackingError
-from sweep.storage import load_existing_study, mask_url
-from sweep.tracking import open_existing_tracker
+from sweep.orchestration.storage import load_existing_study, mask_url
+from sweep.orchestration.tracking import open_existing_tracker
 
 DEFAULT_TOP_K = 5
 MIN_IMPORTANCE_TRIALS = 5  # fANOVA on fewer complete trials than this is noise
@@ -137,7 +137,7 @@ def _seconds(t) -> float | None:
 def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
                      top_k: int = DEFAULT_TOP_K) -> ReportData:
     """Everything the report shows, read from the two stores; writes nothing."""
-    from sweep.worker import FINISHED, budget_used, counted  # imports torch: not for `sweep ui`
+    from sweep.orchestration.worker import FINISHED, budget_used, counted  # imports torch: not for `sweep ui`
 
     study = load_existing_study(study_name, storage_url)
     tracker = open_existing_tracker(tracking_uri)
@@ -363,7 +363,7 @@ class Figures:
 
 
 def draw_figures(data: ReportData, out_dir: Path) -> Figures:
-    from sweep import plots
+    from sweep.views import plots
 
     colours = plots.scheduler_colours(data.schedulers)
     made = Figures()

@@ -18,10 +18,10 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from sweep.data import Normalizer, Splits, train_batches
-from sweep.models import build_model
-from sweep.schedules import LRSchedule
-from sweep.space import TrialConfig
+from sweep.training.data import Normalizer, Splits, train_batches
+from sweep.training.models import build_model
+from sweep.study.schedules import LRSchedule
+from sweep.study.space import TrialConfig
 
 
 class StopTraining(Exception):

@@ -8,7 +8,7 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
-from sweep.storage import mask_url
+from sweep.orchestration.storage import mask_url
 
 
 class EpochBar:

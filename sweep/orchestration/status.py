@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from sweep.console import counts
-from sweep.tracking import STATE, Tracker
-from sweep.worker import FINISHED, budget_used, fail_stale, retry_later
+from sweep.views.console import counts
+from sweep.orchestration.tracking import STATE, Tracker
+from sweep.orchestration.worker import FINISHED, budget_used, fail_stale, retry_later
 
 _RUN_STATUS = {TrialState.COMPLETE: "FINISHED"}  # any other finished state -> FAILED
 
@@ -182,10 +182,10 @@ def open_for_status(study: str, storage_url: str, tracking_uri: str):
     """(study, tracker or None, experiment id or None) for ``sweep status``; creates no store.
 
     ``study`` is a study name, or a study file (its ``name`` is used)."""
-    from sweep.storage import load_existing_study, sqlite_path
+    from sweep.orchestration.storage import load_existing_study, sqlite_path
 
     if study.endswith((".yaml", ".yml")) or "/" in study:
-        from sweep.spec import load_study
+        from sweep.study.spec import load_study
 
         study = load_study(study).name
     loaded = load_existing_study(study, storage_url)

@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweep.console import EpochBar, TrialBar, summary
-from sweep.data import load_splits
+from sweep.views.console import EpochBar, TrialBar, summary
+from sweep.training.data import load_splits
 from sweep.errors import DeviceError
-from sweep.objective import WorkerContext
-from sweep.spec import StudySpec
-from sweep.storage import check_storage_url, mask_url, open_storage
-from sweep.tracking import Tracker, check_tracking_uri
-from sweep.train import resolve_device
-from sweep.worker import budget_used, code_version, open_study, run_worker
+from sweep.orchestration.objective import WorkerContext
+from sweep.study.spec import StudySpec
+from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
+from sweep.orchestration.tracking import Tracker, check_tracking_uri
+from sweep.training.train import resolve_device
+from sweep.orchestration.worker import budget_used, code_version, open_study, run_worker
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
     import os
     import socket
 
-    from sweep.status import reconcile
+    from sweep.orchestration.status import reconcile
 
     study, ctx = prepare(spec, opts)
     # Every worker builds its sampler from the study's seed; unseeded, N workers would propose

@@ -6,7 +6,7 @@ index 0 .. epochs-1 (Optuna's own convention, and the ``step`` of ``val_acc`` in
 A step-``r`` decision happens after ``r + 1`` epochs: ``median`` with ``n_warmup_steps: 0``
 may stop a trial after its first epoch; ``hyperband``/``successive_halving`` rungs sit at
 steps ``min_resource * reduction_factor**k`` (k >= the bracket's early-stopping rate).
-Divergence is not a pruner's business (it is per optimizer step, see ``sweep.divergence``).
+Divergence is not a pruner's business (it is per optimizer step, see ``sweep.training.divergence``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 
 import optuna
 
-from sweep.spec import PrunerSpec
+from sweep.study.spec import PrunerSpec
 
 
 def _non_negative(v):

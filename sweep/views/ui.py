@@ -25,9 +25,9 @@ import urllib.request
 from typing import Callable
 
 from sweep.errors import StorageError, SweepError, TrackingError
-from sweep.storage import open_existing_storage
-from sweep.tracking import open_existing_tracker
-from sweep.storage import mask_url, sqlite_path
+from sweep.orchestration.storage import open_existing_storage
+from sweep.orchestration.tracking import open_existing_tracker
+from sweep.orchestration.storage import mask_url, sqlite_path
 
 LOCALHOST = "127.0.0.1"
 START_TIMEOUT_S = 180  # mlflow server imports a lot; on a loaded 2-core machine it takes ~20 s
@@ -202,7 +202,7 @@ def list_studies(storage_url: str) -> str:
     """The study files in ``studies/`` and the studies in the storage (trials, best value)."""
     import optuna
 
-    from sweep.spec import STUDIES_DIR, available_studies, load_study
+    from sweep.study.spec import STUDIES_DIR, available_studies, load_study
 
     lines = [f"study files in {STUDIES_DIR}:"]
     for name in available_studies():

@@ -17,10 +17,10 @@ from typing import Any, Mapping
 import yaml
 
 from sweep.errors import OverrideError, StudyFileError
-from sweep.schedules import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_SHAPES, ScheduleConfig
-from sweep.schedules import check_schedule, resolve_params
+from sweep.study.schedules import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_SHAPES, ScheduleConfig
+from sweep.study.schedules import check_schedule, resolve_params
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 
 MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
           "resnet18")
@@ -308,7 +308,7 @@ OVERRIDABLE = {"train": _TRAIN_RULES, "data": _DATA_RULES, "divergence": _DIVERG
 
 
 def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
-    from sweep.pruning import PRUNER_PARAMS  # the pruner module owns its parameter rules
+    from sweep.study.pruning import PRUNER_PARAMS  # the pruner module owns its parameter rules
 
     if raw is None:
         return PrunerSpec()
@@ -333,7 +333,7 @@ def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
             raise ctx.fail(path + (key,), check(value) if _type_ok(value, kind_) and check
                            else f"must be {_KIND_NAMES[kind_]}, got {value!r}")
         params[key] = value
-    from sweep.pruning import pruner_problem
+    from sweep.study.pruning import pruner_problem
 
     problem = pruner_problem(kind, params)
     if problem:
