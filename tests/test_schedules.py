@@ -379,8 +379,6 @@ BAD_STUDIES = [  # (scheduler yaml, warmup, base_lr, train extras, key path, wor
      "space.scheduler.multistep.milestones_epochs", ["[1, 2]", "epochs=3"]),
     ("multistep: {gamma: 0.1, milestones_epochs: [0, 2]}", "0", "0.1", "",
      "space.scheduler.multistep.milestones_epochs", ["[1, inf]"]),
-    ("multistep: {gamma: 0.1, milestones_fraction: [0.1, 0.5]}", "0", "0.1", "",  # floor -> 0
-     "space.scheduler.multistep.milestones_epochs", ["[1, 2]"]),
     ("cosine: {min_lr: 0.5}", "0", "0.1", "", "space.scheduler.cosine.min_lr",
      ["[0, base_lr]", "0.1"]),
     ("linear: {min_lr: 0.05}", "0", "{type: float, low: 0.01, high: 0.1, log: true}", "",
@@ -429,6 +427,27 @@ def _yaml_map(params: dict) -> str:
 def test_milestones_fraction_resolves_to_floored_epochs():
     assert resolve_params("multistep", {"gamma": 0.1, "milestones_fraction": [0.3, 0.7]}, 6) == {
         "gamma": 0.1, "milestones_epochs": [1, 4]}
+
+
+@pytest.mark.parametrize("fractions,epochs,expected", [
+    ([0.5, 0.75], 2, [1]),        # both floor to 1: one milestone, gamma applied once
+    ([0.5, 0.75], 3, [1, 2]),
+    ([0.1, 0.5], 3, [1]),         # 0.1 floors to 0: clamped to 1, then merged with 0.5 -> 1
+    ([0.1, 0.95], 4, [1, 3]),     # floors 0 and 3: clamped / kept
+    ([0.5, 0.75], 1, []),         # no epoch can hold a milestone: constant after warmup
+    ([0.5, 0.75], 40, [20, 30]),
+])
+def test_milestones_fraction_clamps_and_merges(fractions, epochs, expected):
+    got = resolve_params("multistep", {"gamma": 0.1, "milestones_fraction": fractions}, epochs)
+    assert got["milestones_epochs"] == expected
+    # gamma once per distinct milestone: the LR at the end is 0.1 ** (number of milestones)
+    cfg = ScheduleConfig("multistep", 0, params=got)
+    assert lr_curve(cfg, 1.0, 1, epochs)[-1] == pytest.approx(0.1 ** len(expected))
+
+
+def test_explicit_milestones_epochs_stay_strict():
+    with pytest.raises(ValueError, match=r"strictly increasing in \[1, 1\] \(epochs=2\)"):
+        resolve_params("multistep", {"gamma": 0.1, "milestones_epochs": [1, 2]}, 2)
 
 
 # --- resume in real training ------------------------------------------------------------------

@@ -183,12 +183,27 @@ def resolve_params(name: str, given: Mapping[str, Any], epochs: int) -> dict[str
             raise ValueError("milestones_epochs: give exactly one of milestones_epochs or "
                              "milestones_fraction for scheduler 'multistep'")
         if fractions is not None:
-            resolved["milestones_epochs"] = [int(math.floor(f * epochs)) for f in fractions]
+            resolved["milestones_epochs"] = milestones_from_fractions(fractions, epochs)
+            return resolved
         milestones = resolved["milestones_epochs"]
         if list(milestones) != sorted(set(milestones)) or milestones[0] < 1 or milestones[-1] >= epochs:
             raise ValueError(f"milestones_epochs: must be strictly increasing in [1, {epochs - 1}] "
                              f"(epochs={epochs}), got {list(milestones)}")
     return resolved
+
+
+def milestones_from_fractions(fractions, epochs: int) -> list[int]:
+    """``milestones_fraction`` -> epochs: floored, clamped into [1, epochs - 1], merged.
+
+    Fractions describe a shape that must survive any training length (a user shrinking a study
+    to 2 epochs did not write its fractions): a fraction flooring to 0 or to ``epochs`` moves to
+    the nearest valid epoch, and fractions that land on the same epoch are one milestone, so
+    gamma is applied once there (torch's MultiStepLR would apply a repeated milestone twice,
+    a decay the study never asked for at that length). Below 2 epochs no epoch can hold a
+    milestone: the list is empty and the LR stays at base_lr (constant after warmup).
+    """
+    return sorted({min(max(int(math.floor(f * epochs)), 1), epochs - 1) for f in fractions}
+                  if epochs >= 2 else set())
 
 
 def check_schedule(cfg: ScheduleConfig, steps_per_epoch: int, epochs: int, base_lr: float) -> None:
