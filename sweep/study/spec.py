@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.resources
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,17 @@ from sweep.errors import OverrideError, StudyFileError
 from sweep.study.schedules import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_SHAPES, ScheduleConfig
 from sweep.study.schedules import check_schedule, resolve_params
 
-STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+
+def _studies_dir() -> Path:
+    """The shipped study files: ``studies/`` at the top of a source checkout (the one copy under
+    version control), else the copy a wheel installs as package data ``sweep/studies/``."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "studies").is_dir():
+        return checkout / "studies"
+    return Path(str(importlib.resources.files("sweep") / "studies"))
+
+
+STUDIES_DIR = _studies_dir()
 
 MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
           "resnet18")
@@ -98,6 +109,7 @@ class TrainSpec:
     sync_every_steps: int = 10  # host reads the per-step losses this often (divergence latency)
     compile: bool = False
     bf16: bool = True  # autocast on CUDA only
+    fuse: int | str = 1  # trials trained together as one grouped network; "auto": see pack.py
 
 
 @dataclass(frozen=True)
@@ -242,10 +254,14 @@ def _type_ok(value: Any, kind) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is str:
         return isinstance(value, str)
+    if kind == INT_OR_AUTO:
+        return value == "auto" or _type_ok(value, int)
     return False
 
 
-_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+INT_OR_AUTO = "int|auto"  # a count, or "auto" for a value the worker measures (train.fuse)
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               INT_OR_AUTO: "an integer or auto"}
 
 
 def _section(ctx: _Ctx, doc: Mapping, name: str, cls, rules: Mapping[str, tuple]) -> Any:
@@ -292,6 +308,7 @@ _TRAIN_RULES = {
     "warmup_start_factor": (float, _in_range(0, 1)),  # exponential shape: > 0, see check_schedule
     "eval_batch_size": (int, _at_least(1)), "sync_every_steps": (int, _at_least(1)),
     "compile": (bool, None), "bf16": (bool, None),
+    "fuse": (INT_OR_AUTO, lambda v: None if v == "auto" or v >= 1 else f"must be >= 1 or auto, got {v!r}"),
 }
 _DATA_RULES = {"train_size": (int, _at_least(1)), "val_size": (int, _at_least(1)),
                "test_size": (int, _at_least(1)), "split_seed": (int, _at_least(0))}
