@@ -111,10 +111,11 @@ def main() -> int:
     import optuna
     import torch
 
-    from sweep.orchestration.launch import LaunchOptions, prepare
+    from sweep.orchestration.launch import LaunchOptions, open_study_stores
     from sweep.study.space import trial_config
     from sweep.study.spec import parse_study
-    from sweep.orchestration.worker import budget_used, run_worker
+    from sweep.orchestration.bookkeeping import budget_used
+    from sweep.orchestration.worker import run_worker
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +127,8 @@ def main() -> int:
         spec = parse_study(path.read_text(), str(path), path)
         opts = LaunchOptions(f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db",
                              args.data_dir, args.device, quiet=True)
-        study, ctx = prepare(spec, opts)  # per worker: data on the device, stores, imports
+        stores = open_study_stores(spec, opts)
+        study, ctx = stores.study, stores.worker_context(spec)  # per worker: data on the device, stores, imports
         runs = []
         start_trial = ctx.tracker.start_trial
 

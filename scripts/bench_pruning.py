@@ -37,7 +37,7 @@ def run_study(spec, mode: str, data_dir: str, device: str, workdir: Path) -> dic
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from sweep.orchestration.launch import LaunchOptions, prepare
+    from sweep.orchestration.launch import LaunchOptions, open_study_stores
     from sweep.study.spec import PrunerSpec
     from sweep.orchestration.worker import run_worker
 
@@ -46,7 +46,8 @@ def run_study(spec, mode: str, data_dir: str, device: str, workdir: Path) -> dic
                                    divergence=dataclasses.replace(spec.divergence, enabled=False))
     opts = LaunchOptions(f"sqlite:///{workdir}/{mode}-optuna.db",
                          f"sqlite:///{workdir}/{mode}-mlflow.db", data_dir, device, quiet=True)
-    study, ctx = prepare(spec, opts)
+    stores = open_study_stores(spec, opts)
+    study, ctx = stores.study, stores.worker_context(spec)
     began = time.perf_counter()
     run_worker(study, ctx, spec.trials)
     wall = time.perf_counter() - began

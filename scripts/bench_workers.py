@@ -43,10 +43,10 @@ def child(args) -> None:
     from mlflow.entities import Metric
 
     from sweep.study.spec import load_study
-    from sweep.orchestration.status import fail_dead_trials
+    from sweep.orchestration.bookkeeping import FINISHED, counted, fail_dead_trials, over_budget
     from sweep.orchestration.storage import open_storage
     from sweep.orchestration.tracking import Tracker
-    from sweep.orchestration.worker import FINISHED, _Heartbeat, _over_budget, counted, open_study
+    from sweep.orchestration.worker import _Heartbeat, open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(STUDY)
@@ -65,7 +65,7 @@ def child(args) -> None:
         if len(counted(study.get_trials(deepcopy=False))) >= args.budget:
             break
         trial = study.ask()
-        if _over_budget(study, trial, args.budget):
+        if over_budget(study, trial, args.budget):
             continue
         beat = _Heartbeat(study._storage, trial._trial_id)
         params = {"base_lr": trial.suggest_float("base_lr", 0.01, 0.5, log=True),

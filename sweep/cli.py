@@ -67,8 +67,7 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
     if workers > 1:
         from sweep.orchestration.pool import PoolOptions, launch_pool
 
-        result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device,
-                                                     str(spec.path.resolve()), tuple(overrides)))
+        result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device, tuple(overrides)))
     else:
         result = run_launch(spec, opts)
     click.echo(mask_url(result.text))
@@ -148,16 +147,10 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
 @friendly_errors
 def status(study_name, storage, tracking_uri, repair):
     """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs."""
-    from sweep.orchestration.status import open_for_status, reconcile, status_text
+    from sweep.orchestration.status import show_status
     _quiet_optuna()
 
-    study, tracker, experiment_id = open_for_status(study_name, storage, tracking_uri)
-    fixed = reconcile(study, tracker, experiment_id) if repair and tracker is not None else None
-    if repair and tracker is None:
-        from sweep.orchestration.status import Reconciled, fail_dead_trials
-
-        fixed = Reconciled(fail_dead_trials(study), [])
-    click.echo(mask_url(status_text(study, tracker, experiment_id, fixed)))
+    click.echo(mask_url(show_status(study_name, storage, tracking_uri, repair)))
 
 
 @main.command()

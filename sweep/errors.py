@@ -38,3 +38,12 @@ class DeviceError(SweepError):
 
 class SpaceChangedError(SweepError):
     """Raised when resuming a study whose search space differs from the one it was created with."""
+
+
+class SubmitError(SweepError):
+    """Raised when a ``sweep submit`` flag is invalid or ``sbatch`` refuses the job."""
+
+
+class ScheduleError(SweepError):
+    """Raised when ``sweep schedule`` gets a schedule that makes no sense, a bad output file,
+    or a study/trial it cannot redraw."""

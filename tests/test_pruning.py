@@ -169,14 +169,15 @@ def test_a_real_run_agrees_between_optuna_and_mlflow(tmp_path):
     sweep.prune_reason=diverged and keeps its lr curve up to the step that stopped it."""
     from mlflow.tracking import MlflowClient
 
-    from sweep.orchestration.launch import LaunchOptions, prepare
+    from sweep.orchestration.launch import LaunchOptions, open_study_stores
     from sweep.orchestration.worker import run_worker
 
     data = write_cifar(tmp_path / "data", per_batch=80, test=40)
     spec = study_spec(tmp_path, "{type: median, n_startup_trials: 2, n_warmup_steps: 0}")
     opts = LaunchOptions(f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db",
                          str(data), device="cpu", quiet=True)
-    study, ctx = prepare(spec, opts)
+    stores = open_study_stores(spec, opts)
+    study, ctx = stores.study, stores.worker_context(spec)
     for lr, scheduler in ((50.0, "constant"), (0.1, "cosine"), (0.05, "constant"),
                           (1e-4, "constant")):
         study.enqueue_trial({"base_lr": lr, "scheduler": scheduler})

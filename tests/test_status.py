@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from sweep.cli import main
-from sweep.orchestration.launch import resolve_budget
 from sweep.orchestration.pool import device_assignments
 from sweep.study.spec import load_study
-from sweep.orchestration.status import fail_dead_trials, reconcile, stale_runs, status_text
+from sweep.orchestration.bookkeeping import fail_dead_trials, reconcile, resolve_budget, stale_runs
+from sweep.orchestration.status import status_text
 from sweep.orchestration.storage import open_storage
 from sweep.orchestration.tracking import Tracker
 from sweep.orchestration.worker import open_study

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from sweep.orchestration.launch import LaunchOptions, prepare
+from sweep.orchestration.launch import LaunchOptions, open_study_stores
 from sweep.study.spec import load_study
 from sweep.orchestration.worker import run_worker
 
@@ -37,7 +37,8 @@ def test_a_raising_trial_fails_and_the_study_goes_on(in_tmp, tiny_cifar):
     spec = load_study("smoke", SMALL)
     opts = LaunchOptions(f"sqlite:///{in_tmp}/s.db", f"sqlite:///{in_tmp}/m.db", str(tiny_cifar),
                          "cpu", 2, quiet=True)
-    study, ctx = prepare(spec, opts)
+    stores = open_study_stores(spec, opts)
+    study, ctx = stores.study, stores.worker_context(spec)
     ctx.progress = Buggy
     report = run_worker(study, ctx, budget=2)
     assert [o.state for o in report.ran] == [TrialState.FAIL, TrialState.FAIL]

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweep.orchestration.worker import OVER_BUDGET, budget_used, counted
+from sweep.orchestration.bookkeeping import OVER_BUDGET, budget_used, counted
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.yaml"
 REPO = Path(__file__).resolve().parent.parent

@@ -6,18 +6,26 @@ file, device, URLs, data folder) runs before the first store is created.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from sweep.views.console import EpochBar, TrialBar, summary
-from sweep.training.data import load_splits
-from sweep.errors import DeviceError
+import optuna
+import torch
+
+from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_budget,
+                                             update_parent_run)
 from sweep.orchestration.objective import WorkerContext
-from sweep.study.spec import StudySpec
 from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
 from sweep.orchestration.tracking import Tracker, check_tracking_uri
+from sweep.orchestration.worker import code_version, open_study, run_worker
+from sweep.study.spec import StudySpec
+from sweep.training.data import Splits, load_splits, locate
 from sweep.training.train import resolve_device
-from sweep.orchestration.worker import budget_used, code_version, open_study, run_worker
+from sweep.views.console import EpochBar, TrialBar, summary
 
 
 @dataclass(frozen=True)
@@ -37,10 +45,10 @@ class LaunchResult:
     exit_code: int = 0
 
 
-def study_params(spec: StudySpec, opts: LaunchOptions) -> dict:
+def study_params(spec: StudySpec, opts: LaunchOptions, budget: int) -> dict:
     """Study-level MLflow params: the fixed settings and the search space, flat."""
     raw = spec.raw
-    params = {"study": spec.name, "seed": spec.seed, "trials": opts.trials or spec.trials,
+    params = {"study": spec.name, "seed": spec.seed, "trials": budget,
               "storage": mask_url(opts.storage), "device": opts.device}
 
     def flatten(prefix: str, value) -> None:
@@ -55,49 +63,93 @@ def study_params(spec: StudySpec, opts: LaunchOptions) -> dict:
     return params
 
 
-def prepare(spec: StudySpec, opts: LaunchOptions):
-    """Validate the run's inputs, then open the stores and load the data once."""
-    try:
-        device = resolve_device(opts.device)
-    except ValueError as err:
-        raise DeviceError(str(err)) from None
+@dataclass
+class StudyStores:
+    """A study's opened stores, as every path holds them (launch, the pool's parent, submit and
+    each worker). ``splits`` is the data in memory, or None where this process does not train."""
+
+    study: optuna.Study
+    budget: int
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+    device: torch.device
+    splits: Splits | None = None
+
+    def worker_context(self, spec: StudySpec, quiet: bool = True) -> WorkerContext:
+        return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
+                             self.parent_run_id, code_version(),
+                             progress=None if quiet else EpochBar)
+
+
+def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool = True,
+                      load_data: bool = True) -> StudyStores:
+    """Check the run's inputs, then open the stores, creating what is absent: the Optuna study,
+    its budget (``bookkeeping.resolve_budget``), the MLflow experiment and the parent run.
+
+    Every check that can fail on user input (device, URLs, data folder) runs before the first
+    store is created. ``load_data``: read the data set into memory (a process that trains);
+    otherwise only find it, downloading it once, so workers started later never race to
+    download. ``check_device=False`` where the workers run elsewhere (``sweep submit`` on a
+    login node without GPUs)."""
+    device = resolve_device(opts.device if check_device else "cpu")
     check_storage_url(opts.storage)
     check_tracking_uri(opts.tracking_uri)
-    splits = load_splits(opts.data_dir, spec.data, device)
-    storage = open_storage(opts.storage)
-    study = open_study(spec, storage, opts.allow_space_change)
+    if load_data:
+        splits = load_splits(opts.data_dir, spec.data, device)
+    else:
+        splits = None
+        locate(opts.data_dir)
+    study = open_study(spec, open_storage(opts.storage), opts.allow_space_change)
+    budget = resolve_budget(study, spec, opts.trials)
     tracker = Tracker(opts.tracking_uri)
     experiment_id = tracker.experiment_id(spec.name)
-    parent = tracker.study_run(experiment_id, spec.name, study_params(spec, opts), Path(spec.path))
-    ctx = WorkerContext(spec, splits, device, tracker, experiment_id, parent, code_version(),
-                        progress=None if opts.quiet else EpochBar)
-    return study, ctx
+    parent = tracker.study_run(experiment_id, spec.name, study_params(spec, opts, budget),
+                               Path(spec.path))
+    return StudyStores(study, budget, tracker, experiment_id, parent, device, splits)
 
 
-def resolve_budget(study, spec: StudySpec, trials: int | None) -> int:
-    """The study's total budget: ``--trials`` (then stored), else the stored ``sweep.budget``,
-    else the study file's ``trials`` (then stored, so later workers agree)."""
-    stored = study.user_attrs.get("sweep.budget")
-    budget = trials or stored or spec.trials
-    if budget != stored:
-        study.set_user_attr("sweep.budget", budget)
-    return budget
+def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str],
+                   device: str | None = None) -> list[str]:
+    """The ``sweep worker`` command line that pool children and SLURM array tasks run.
+
+    No URLs: they travel in the environment (``ps`` shows command lines to every user). No
+    ``--trials``: the budget is stored in the study before any worker starts, and a worker
+    without ``--trials`` reads it there. The data folder is passed as given, which the CLI has
+    already made absolute."""
+    cmd = [sys.executable, "-m", "sweep.cli", "worker", "--study", str(Path(spec.path).resolve()),
+           "--device", device or opts.device, "--quiet"]
+    for item in overrides:
+        cmd += ["--set", item]
+    if opts.data_dir:
+        cmd += ["--data-dir", str(opts.data_dir)]
+    if opts.allow_space_change:
+        cmd.append("--allow-space-change")
+    return cmd
+
+
+def nothing_to_run(spec: StudySpec, stores: StudyStores, tracking_uri: str) -> LaunchResult | None:
+    """The answer when the study has already used its budget, else None."""
+    used = budget_used(stores.study)
+    if used < stores.budget:
+        return None
+    return LaunchResult(f"study {spec.name!r} has used its budget ({used}/{stores.budget} "
+                        f"trials): nothing to run; raise it with --trials N\n"
+                        + summary(stores.study, tracking_uri, stores.budget, used))
 
 
 def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
-    study, ctx = prepare(spec, opts)
-    # launch's default is the study file's budget (a worker's is the stored one).
-    budget = resolve_budget(study, spec, opts.trials or spec.trials)
-    used = budget_used(study)
-    if used >= budget:
-        return LaunchResult(f"study {spec.name!r} has used its budget ({used}/{budget} trials): "
-                            f"nothing to run; raise it with --trials N\n"
-                            + summary(study, opts.tracking_uri, budget, used))
-    bar = TrialBar(budget, used, opts.quiet)
+    stores = open_study_stores(spec, opts)
+    done = nothing_to_run(spec, stores, opts.tracking_uri)
+    if done is not None:
+        return done
+    study, budget = stores.study, stores.budget
+    bar = TrialBar(budget, budget_used(study), opts.quiet)
     try:
-        report = run_worker(study, ctx, budget, on_trial=bar)
+        report = run_worker(study, stores.worker_context(spec, opts.quiet), budget, on_trial=bar)
     finally:
         bar.close()
+        update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     text = summary(study, opts.tracking_uri, budget, budget_used(study))
     if report.interrupted_by is not None:
         return LaunchResult("interrupted: the running trial was marked FAIL (KILLED in MLflow) "
@@ -109,16 +161,11 @@ def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
 def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
     """``sweep worker``: one of many processes pulling trials from a shared study until its total
     budget is used. ``log`` receives one line per finished trial (batch jobs' output files)."""
-    import os
-    import socket
-
-    from sweep.orchestration.status import reconcile
-
-    study, ctx = prepare(spec, opts)
+    stores = open_study_stores(spec, opts)
+    study, budget, ctx = stores.study, stores.budget, stores.worker_context(spec)
     # Every worker builds its sampler from the study's seed; unseeded, N workers would propose
     # the same N parameter sets in lockstep. (A parallel sweep is not reproducible anyway.)
     study.sampler.reseed_rng()
-    budget = resolve_budget(study, spec, opts.trials)
     fixed = reconcile(study, ctx.tracker, ctx.experiment_id)
     me = f"{socket.gethostname()}:{os.getpid()}"
     if fixed.failed_trials or fixed.ended_runs:
@@ -130,7 +177,10 @@ def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
         why = f": {mask_url(outcome.detail)}" if outcome.state.name == "FAIL" and outcome.detail else ""
         log(f"worker {me}: trial #{number} {outcome.state.name.lower()}{value}{why}")
 
-    report = run_worker(study, ctx, budget, on_trial=on_trial)
+    try:
+        report = run_worker(study, ctx, budget, on_trial=on_trial)
+    finally:
+        update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     used = budget_used(study)
     if report.interrupted_by is not None:
         return LaunchResult(f"worker {me}: interrupted; a trial it was training was marked FAIL "

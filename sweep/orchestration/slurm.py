@@ -21,20 +21,15 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweep.errors import SweepError
+from sweep.errors import SubmitError
 from sweep.orchestration.storage import mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
 _PARTITION = re.compile(r"^[\w.,-]+$")
 KILL_NOTICE_S = 60  # SIGTERM this long before the time limit: enough to end a trial cleanly
-
-
-class SubmitError(SweepError):
-    """Raised when a ``sweep submit`` flag is invalid or ``sbatch`` refuses the job."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ def absolute_url(url: str) -> str:
     return url
 
 
-def render_script(study_name: str, worker_args: list[str], opts: SubmitOptions,
+def render_script(study_name: str, worker_cmd: list[str], opts: SubmitOptions,
                   env_file: Path) -> str:
     """The sbatch script (no credentials in it)."""
     job = f"sweep-{study_name}"
@@ -106,23 +101,10 @@ def render_script(study_name: str, worker_args: list[str], opts: SubmitOptions,
         'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
         'echo "task ${SLURM_ARRAY_TASK_ID} on $(hostname): job ${SLURM_JOB_ID}"',
         "# exec: the worker replaces this shell, so scancel/preemption SIGTERM reaches it.",
-        "exec " + " ".join(shlex.quote(a) for a in worker_args),
+        "exec " + " ".join(shlex.quote(a) for a in worker_cmd),
         "",
     ]
     return "\n".join(lines)
-
-
-def worker_args(study_file: Path, overrides: list[str], data_dir: str | None, device: str,
-                trials: int | None) -> list[str]:
-    args = [sys.executable, "-m", "sweep.cli", "worker", "--study", str(study_file.resolve()),
-            "--device", device, "--quiet"]
-    for item in overrides:
-        args += ["--set", item]
-    if data_dir:
-        args += ["--data-dir", str(Path(data_dir).resolve())]
-    if trials:
-        args += ["--trials", str(trials)]
-    return args
 
 
 def write_private(path: Path, text: str) -> None:
@@ -155,29 +137,26 @@ def sbatch(script: Path) -> str:
 def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     """Check, create the stores, write env file + script, then ``sbatch`` (or, with
     ``dry_run``, only print the script: nothing is created or written). Returns the text to show."""
-    from sweep.orchestration.launch import LaunchOptions
-    from sweep.orchestration.pool import create_stores
+    from dataclasses import replace
+
+    from sweep.orchestration.launch import open_study_stores, worker_command
     from sweep.orchestration.storage import check_storage_url
     from sweep.orchestration.tracking import check_tracking_uri
 
     check_submit(opts)
-    storage, tracking = absolute_url(launch_opts.storage), absolute_url(launch_opts.tracking_uri)
+    launch_opts = replace(launch_opts, storage=absolute_url(launch_opts.storage),
+                          tracking_uri=absolute_url(launch_opts.tracking_uri), quiet=True)
+    storage, tracking = launch_opts.storage, launch_opts.tracking_uri
     check_storage_url(storage)
     check_tracking_uri(tracking)
     name = f"sweep-{spec.name}"
     env_file, script_file = opts.job_dir / f"{name}.env", opts.job_dir / f"{name}.sbatch"
-    args = worker_args(Path(spec.path), overrides, launch_opts.data_dir, launch_opts.device,
-                       None)  # the budget is stored in the study; workers read it there
-    script = render_script(spec.name, args, opts, env_file)
+    script = render_script(spec.name, worker_command(spec, launch_opts, overrides), opts, env_file)
     if opts.dry_run:
         return (f"# dry run: nothing created, written or submitted. The job would read the "
                 f"storage and tracking URLs from {env_file} (mode 0600).\n" + script)
-    opts_abs = LaunchOptions(storage, tracking, launch_opts.data_dir, launch_opts.device,
-                             launch_opts.trials, True, launch_opts.allow_space_change)
-    study, budget, *_ = create_stores(spec, opts_abs, check_device=False)
+    budget = open_study_stores(spec, launch_opts, check_device=False, load_data=False).budget
     values = {"SWEEP_STORAGE": storage, "MLFLOW_TRACKING_URI": tracking}
-    if launch_opts.data_dir:
-        values["SWEEP_DATA_DIR"] = str(Path(launch_opts.data_dir).resolve())
     write_private(env_file, env_text(values))
     script_file.write_text(script)
     job_id = sbatch(script_file)

@@ -1,9 +1,5 @@
 """The study loop of one worker process: create or resume the study, then ask -> run -> tell
-until the study's budget is used.
-
-The budget counts finished trials (complete + pruned + failed) across every worker and every
-resume. A trial that failed because its worker died or was interrupted is re-enqueued once;
-the failed original then no longer counts (its retry takes its place).
+until the study's budget is used (what counts towards it: ``bookkeeping``).
 """
 
 from __future__ import annotations
@@ -25,12 +21,12 @@ from optuna.trial import TrialState
 
 from sweep import __version__
 from sweep.errors import SpaceChangedError
+from sweep.orchestration.bookkeeping import (budget_used, counted, end_stale_runs,
+                                             fail_dead_trials, over_budget, retry_later)
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
+from sweep.study.phases import SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-OVER_BUDGET = "sweep.over_budget"
 
 
 class Interrupted(BaseException):
@@ -97,11 +93,12 @@ def space_fingerprint(spec: StudySpec) -> str:
 
 
 def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The study file's sampler, blind to confirmation trials (``sweep.study.phases``)."""
     if spec.sampler.type == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.sampler.n_startup_trials,
+        return SearchOnlySampler(optuna.samplers.RandomSampler(seed=spec.seed))
+    return SearchOnlySampler(optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.sampler.n_startup_trials,
                                       multivariate=spec.sampler.multivariate,
-                                      group=spec.sampler.multivariate)
+                                      group=spec.sampler.multivariate))
 
 
 def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
@@ -135,41 +132,6 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
         study.set_user_attr("sweep.space_changes", changes)
         study.set_user_attr("sweep.study.space", fingerprint)
     return study
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped beating (and re-enqueue them once, see storage.py)."""
-    with warnings.catch_warnings():
-        # Optuna marks this experimental and warns that heartbeats are meant for optimize();
-        # sweep owns the ask/tell loop and beats itself (_Heartbeat), which is what optimize does.
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
-
-
-def _replaced(trials) -> set[int]:
-    """Numbers of failed trials whose parameters were re-enqueued (their retry replaces them)."""
-    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-
-
-def counted(trials) -> list:
-    """The trials that count towards the budget or occupy a slot of it (running)."""
-    replaced = _replaced(trials)
-    return [t for t in trials if t.number not in replaced and not t.user_attrs.get(OVER_BUDGET)
-            and t.state in (*FINISHED, TrialState.RUNNING)]
-
-
-def budget_used(study: optuna.Study) -> int:
-    return sum(1 for t in counted(study.get_trials(deepcopy=False)) if t.state in FINISHED)
-
-
-def retry_later(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-    """Re-enqueue a failed trial's parameters once, as Optuna's
-    ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` does for a stale trial."""
-    if frozen.system_attrs.get("retry_history"):
-        return  # already a retry: once is enough
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-        system_attrs={"failed_trial": frozen.number, "retry_history": [frozen.number]}))
 
 
 class _Heartbeat:
@@ -215,8 +177,6 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     leaving: if such a worker died, its trial is failed (heartbeat or dead local pid) and its
     re-enqueued retry must still be run by someone.
     """
-    from sweep.orchestration.status import end_stale_runs, fail_dead_trials
-
     report = WorkerReport()
     storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
@@ -233,7 +193,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the same heartbeat warning
                 trial = study.ask()
-            if _over_budget(study, trial, budget):
+            if over_budget(study, trial, budget):
                 continue
             heartbeat = _Heartbeat(storage, trial._trial_id)
             try:
@@ -288,13 +248,3 @@ def _tell(study: optuna.Study, trial: optuna.Trial, value=None, state=None) -> N
     except ValueError as err:
         if "finished" not in str(err).lower():
             raise
-
-
-def _over_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
-    """Two workers may both pass the budget check at once; the later-numbered trial yields."""
-    ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
-    if len(ahead) < budget:
-        return False
-    trial.set_user_attr(OVER_BUDGET, True)
-    study.tell(trial, state=TrialState.FAIL)
-    return True

@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
+from sweep.errors import DeviceError
 from sweep.training.data import Normalizer, Splits, train_batches
 from sweep.training.models import build_model
 from sweep.study.schedules import LRSchedule
@@ -49,21 +50,22 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Raises ValueError for a device that is absent."""
+    """``auto`` -> CUDA when available, else CPU. Raises DeviceError (a one-line
+    user error) for a device that does not exist here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+        raise DeviceError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use "
+            raise DeviceError(f"--device {name}: CUDA is not available on this machine; use "
                              f"--device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     return device
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 import optuna
 from optuna.trial import TrialState
 
+from sweep.orchestration.bookkeeping import state_counts
 from sweep.orchestration.storage import mask_url
 
 
@@ -58,23 +59,9 @@ class TrialBar:
             self.bar.close()
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
-    out = {"complete": 0, "pruned": 0, "diverged": 0, "failed": 0, "running": 0}
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE:
-            out["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            out["diverged" if t.user_attrs.get("prune_reason") == "diverged" else "pruned"] += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("sweep.over_budget"):
-            out["failed"] += 1
-        elif t.state == TrialState.RUNNING:
-            out["running"] += 1
-    return out
-
-
 def summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> str:
     """The closing text: best trial, counts, and how to open the MLflow UI."""
-    c = counts(study)
+    c = state_counts(study)
     lines = [f"study {study.study_name!r}: {used}/{budget} trials used; {c['complete']} complete, "
              f"{c['pruned']} pruned, {c['diverged']} diverged, {c['failed']} failed"]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]

@@ -17,17 +17,12 @@ from typing import Any, Sequence, TextIO
 
 import yaml
 
-from sweep.errors import SweepError
+from sweep.errors import ScheduleError, SweepError
 from sweep.study.schedules import SCHEDULER_PARAMS, ScheduleConfig, check_schedule, lr_curve
 from sweep.study.schedules import resolve_params
 
 #: the relative difference up to which a redrawn curve counts as equal to the logged one
 MATCH_REL = 1e-9
-
-
-class ScheduleError(SweepError):
-    """Raised when ``sweep schedule`` gets a schedule that makes no sense, a bad output file,
-    or a study/trial it cannot redraw."""
 
 
 @dataclass(frozen=True)

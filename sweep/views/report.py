@@ -28,7 +28,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweep.views.console import counts
+from sweep.orchestration.bookkeeping import FINISHED, budget_used, counted, state_counts
 from sweep.errors import SweepError, TrackingError
 from sweep.orchestration.storage import load_existing_study, mask_url
 from sweep.orchestration.tracking import open_existing_tracker
@@ -137,8 +137,6 @@ def _seconds(t) -> float | None:
 def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
                      top_k: int = DEFAULT_TOP_K) -> ReportData:
     """Everything the report shows, read from the two stores; writes nothing."""
-    from sweep.orchestration.worker import FINISHED, budget_used, counted  # imports torch: not for `sweep ui`
-
     study = load_existing_study(study_name, storage_url)
     tracker = open_existing_tracker(tracking_uri)
     experiment_id = tracker.experiment_id(study_name, create=False)
@@ -193,7 +191,7 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
     return ReportData(
         study=study_name, description=str(study.user_attrs.get("sweep.description", "")).strip(),
         metric=metric, maximize=maximize, budget=_int(budget), used=budget_used(study),
-        counts=counts(study),
+        counts=state_counts(study),
         wall_seconds=(max(ends) - min(starts)).total_seconds() if starts and ends else None,
         trial_seconds=sum(r.seconds or 0.0 for r in rows), devices=devices, hosts=hosts,
         schedulers=schedulers, epochs=epochs, steps_per_epoch=spe,
