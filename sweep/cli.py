@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -27,29 +28,75 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _absolute_dir(ctx, param, value):
+    """A relative --data-dir (or SWEEP_DATA_DIR) means "relative to where I ran the command":
+    made absolute here, once, so workers, SLURM tasks and subprocesses that start elsewhere
+    read the same folder."""
+    return str(Path(value).expanduser().resolve()) if value else None
+
+
+# Options that several commands share, declared once each (with one help text).
+study_option = click.option("--study", "study_name", required=True,
+                            help="Name in studies/ or path to a YAML file.")
+storage_option = click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE,
+                              show_default=True, help="Optuna storage URL [env SWEEP_STORAGE].")
+tracking_uri_option = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                   default=DEFAULT_TRACKING_URI, show_default=True,
+                                   help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+data_dir_option = click.option(
+    "--data-dir", envvar="SWEEP_DATA_DIR", default=None, callback=_absolute_dir,
+    help="Folder holding cifar-10-batches-py/, relative to where sweep runs [env SWEEP_DATA_DIR; "
+         "default: user cache, downloaded when absent; on a cluster: a folder the nodes share].")
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto, cpu, cuda or cuda:N (in each worker or array task).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a fixed field of the study file, e.g. train.epochs=3 "
+                               "(repeatable).")
+trials_option = click.option(
+    "--trials", type=click.IntRange(min=1),
+    help="Total trial budget of the study, stored for later launches and workers [default: the "
+         "stored budget, else the study file's trials].")
+allow_space_change_option = click.option(
+    "--allow-space-change", is_flag=True,
+    help="Resume even if the search space changed (the change is recorded).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def _silence_known_warnings() -> None:
+    """Every warning filter of sweep, in one place, set once per command (library modules set
+    none: a process-wide filter from a library would hide warnings its callers want).
+
+    Optuna marks heartbeats, the stale-trial retry callback and PatientPruner experimental and
+    warns that heartbeats are meant for ``study.optimize``; sweep relies on them deliberately
+    (it owns the ask/tell loop and beats itself), and one such line per storage opened would
+    bury the per-trial lines in batch jobs' output files."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with",
+                            category=UserWarning)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sweep")
 def main():
     """Hyperparameter sweeps over learning-rate schedules: Optuna trials, MLflow curves."""
+    _silence_known_warnings()
 
 
 @main.command()
-@click.option("--study", "study_name", required=True, help="Name in studies/ or path to a YAML file.")
-@click.option("--trials", type=click.IntRange(min=1), help="Total trial budget of the study.")
-@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
-              help="Optuna storage URL [env SWEEP_STORAGE].")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
-              show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
-@click.option("--data-dir", envvar="SWEEP_DATA_DIR", default=None,
-              help="Folder holding cifar-10-batches-py/ [env SWEEP_DATA_DIR; default: user cache, "
-                   "downloaded when absent].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a fixed field of the study file, e.g. train.epochs=3 (repeatable).")
+@study_option
+@trials_option
+@storage_option
+@tracking_uri_option
+@data_dir_option
+@device_option
+@set_option
 @click.option("--seed", type=int, help="Override the study's seed.")
-@click.option("--allow-space-change", is_flag=True,
-              help="Resume even if the search space changed (the change is recorded).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@allow_space_change_option
+@quiet_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes sharing the study (each its own GPU when there are several).")
 @click.option("--workers-per-device", type=click.IntRange(min=1), default=1, show_default=True,
@@ -96,79 +143,61 @@ def validate(files):
 
 # --- parallel workers, status, SLURM (issue 6) ------------------------------------------------
 
-def _quiet_optuna() -> None:
-    """Optuna warns on every storage opened with heartbeats (experimental); one line per
-    worker start would bury the per-trial lines in batch jobs' output files."""
-    import warnings
-
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def _storage_options(fn):
-    fn = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
-                      show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")(fn)
-    return click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE,
-                        show_default=True, help="Optuna storage URL [env SWEEP_STORAGE].")(fn)
-
-
 @main.command()
-@click.option("--study", "study_name", required=True, help="Name in studies/ or path to a YAML file.")
-@_storage_options
-@click.option("--trials", type=click.IntRange(min=1),
-              help="Total budget of the study [default: the stored budget, else the study file].")
-@click.option("--data-dir", envvar="SWEEP_DATA_DIR", default=None, help="Folder holding cifar-10-batches-py/.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a fixed field.")
-@click.option("--allow-space-change", is_flag=True, help="Resume even if the search space changed.")
-@click.option("--quiet", is_flag=True, help="No progress bars (one line per trial instead).")
+@study_option
+@storage_option
+@tracking_uri_option
+@trials_option
+@data_dir_option
+@device_option
+@set_option
+@allow_space_change_option
+@quiet_option
 @friendly_errors
 def worker(study_name, storage, tracking_uri, trials, data_dir, device, overrides,
            allow_space_change, quiet):
     """Pull trials from a shared study until its total budget is used (one of many workers)."""
-    from sweep.orchestration.launch import LaunchOptions, work
-    _quiet_optuna()
+    from sweep.orchestration.launch import LaunchOptions, worker_main
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
-    result = work(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials, True,
-                                      allow_space_change),
-                  log=lambda line: click.echo(mask_url(line)))
+    result = worker_main(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
+                                             True, allow_space_change),
+                         log=lambda line: click.echo(mask_url(line)))
     click.echo(mask_url(result.text))
     sys.exit(result.exit_code)
 
 
 @main.command()
 @click.option("--study", "study_name", required=True, help="Study name (or its study file).")
-@_storage_options
+@storage_option
+@tracking_uri_option
 @click.option("--repair", is_flag=True,
               help="Fail stale RUNNING trials and end MLflow runs whose trial is finished.")
 @friendly_errors
 def status(study_name, storage, tracking_uri, repair):
     """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs."""
     from sweep.orchestration.status import show_status
-    _quiet_optuna()
 
     click.echo(mask_url(show_status(study_name, storage, tracking_uri, repair)))
 
 
 @main.command()
-@click.option("--study", "study_name", required=True, help="Name in studies/ or path to a YAML file.")
+@study_option
 @click.option("--array", type=int, required=True, help="Number of array tasks (= workers).")
-@_storage_options
+@storage_option
+@tracking_uri_option
 @click.option("--partition", help="SLURM partition.")
 @click.option("--gpus-per-task", type=int, default=0, show_default=True, help="GPUs per worker.")
 @click.option("--cpus-per-task", type=int, help="CPUs per worker.")
 @click.option("--time", "time_limit", help="Time limit per task, HH:MM:SS or D-HH:MM:SS.")
-@click.option("--trials", type=click.IntRange(min=1), help="Total trial budget of the study.")
-@click.option("--data-dir", envvar="SWEEP_DATA_DIR", default=None,
-              help="Folder holding cifar-10-batches-py/ (on a file system the nodes share).")
-@click.option("--device", default="auto", show_default=True, help="Device inside each task.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a fixed field.")
+@trials_option
+@data_dir_option
+@device_option
+@set_option
 @click.option("--job-dir", default="sweep-jobs", show_default=True,
               help="Where the script, its 0600 env file and the tasks' output files go.")
-@click.option("--allow-space-change", is_flag=True, help="Resume even if the search space changed.")
+@allow_space_change_option
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script; create and submit nothing.")
 @friendly_errors
 def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, cpus_per_task,
@@ -178,7 +207,6 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
 
     from sweep.orchestration.launch import LaunchOptions
     from sweep.orchestration.slurm import SubmitOptions, submit as run_submit
-    _quiet_optuna()
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
@@ -208,10 +236,8 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
               help="plateau: validation loss at the end of each epoch (else no reductions).")
 @click.option("--study", "study_name", help="Redraw a trial of this study (with --trial).")
 @click.option("--trial", "trial_number", type=click.IntRange(min=0), help="Trial number.")
-@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
-              help="Optuna storage URL [env SWEEP_STORAGE].")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
-              show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+@storage_option
+@tracking_uri_option
 @click.option("--csv", "as_csv", is_flag=True, help="Write the curve as CSV (step,lr) to stdout.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the curve to FILE.csv or FILE.png.")
@@ -221,53 +247,25 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
              tracking_uri, as_csv, output):
     """Preview a learning-rate curve without training, or redraw a finished trial's curve and
     check it against the lr metric in MLflow (exit 0 when equal to 1e-9, else 1)."""
-    from pathlib import Path
+    from sweep.views.preview import schedule_command
 
-    from sweep.views import preview
-
-    output = Path(output) if output else None
-    if output is not None:
-        preview.check_output(output)
-    if study_name is not None or trial_number is not None:
-        if study_name is None or trial_number is None or scheduler is not None:
-            raise preview.ScheduleError("redraw a trial with --study NAME --trial N (and no "
-                                        "--scheduler), or preview with --scheduler ...")
-        check = preview.check_trial(study_name, trial_number, storage, tracking_uri)
-        curve, verdict = check.curve, check.report()
-    else:
-        missing = [flag for flag, value in (("--scheduler", scheduler), ("--base-lr", base_lr),
-                                            ("--epochs", epochs),
-                                            ("--steps-per-epoch", steps_per_epoch))
-                   if value is None]
-        if missing:
-            raise preview.ScheduleError(f"missing {', '.join(missing)}; e.g. sweep schedule "
-                                        f"--scheduler cosine --base-lr 0.4 --epochs 30 "
-                                        f"--steps-per-epoch 352, or --study NAME --trial N")
-        losses = preview.parse_losses(val_losses) if val_losses else None
-        curve = preview.preview_curve(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps,
-                                      preview.parse_params(params), warmup_shape,
-                                      warmup_start_factor, losses)
-        check, verdict = None, None
-    to_stdout = as_csv and output is None  # stdout carries the CSV alone; the summary goes to stderr
-    click.echo(preview.summary(curve), err=to_stdout)
-    if verdict:
-        click.echo(mask_url(verdict), err=to_stdout)
-    if output is not None:
-        preview.save(curve, output)
-        click.echo(f"wrote {output}", err=to_stdout)
-    elif as_csv:
-        click.echo(preview.csv_text(curve), nl=False)
-    sys.exit(0 if check is None or check.matches else 1)
+    answer = schedule_command(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps,
+                              warmup_shape, warmup_start_factor, params, val_losses, study_name,
+                              trial_number, storage, tracking_uri, as_csv,
+                              Path(output) if output else None)
+    # stdout carries the CSV alone; the description then goes to stderr
+    click.echo(mask_url(answer.text), err=answer.csv is not None)
+    if answer.csv is not None:
+        click.echo(answer.csv, nl=False)
+    sys.exit(answer.exit_code)
 
 
 # --- report, MLflow UI, optuna-dashboard, list (issue 7) --------------------------------------
 
 @main.command()
 @click.option("--study", "study_name", required=True, help="Study name (as in the storage).")
-@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
-              help="Optuna storage URL [env SWEEP_STORAGE].")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
-              show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+@storage_option
+@tracking_uri_option
 @click.option("-o", "--output", "output", default=None, metavar="DIR",
               help="Report folder [default: reports/STUDY].")
 @click.option("--top-k", type=click.IntRange(min=1, max=10), default=5, show_default=True,
@@ -276,19 +274,14 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
 def report(study_name, storage, tracking_uri, output, top_k):
     """Write index.html + summary.md + PNG plots answering the study's question; log them to
     the study's parent MLflow run under report/."""
-    import warnings
-
     from sweep.views.report import write_report
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = write_report(study_name, storage, tracking_uri, output, top_k)
+    result = write_report(study_name, storage, tracking_uri, output, top_k)
     click.echo(mask_url(result.text))
 
 
 @main.command()
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=DEFAULT_TRACKING_URI,
-              show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
+@tracking_uri_option
 @click.option("--study", "study_name", default=None, help="Print this study's experiment URL.")
 @click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
               help="Port (0: any free port).")
@@ -303,8 +296,7 @@ def ui(tracking_uri, study_name, port, host):
 
 
 @main.command()
-@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
-              help="Optuna storage URL [env SWEEP_STORAGE].")
+@storage_option
 @click.option("--study", "study_name", default=None, help="Print this study's page URL.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port (0: any free port).")
@@ -313,27 +305,19 @@ def ui(tracking_uri, study_name, port, host):
 @friendly_errors
 def dashboard(storage, study_name, port, host):
     """Start optuna-dashboard on the Optuna storage (pip install 'sweep[dashboard]')."""
-    import warnings
-
     from sweep.views.ui import serve_dashboard
 
-    warnings.simplefilter("ignore")  # experimental-heartbeat warnings on every storage open
     sys.exit(serve_dashboard(storage, host, port, study_name, echo=click.echo))
 
 
 @main.command(name="list")
-@click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE, show_default=True,
-              help="Optuna storage URL [env SWEEP_STORAGE].")
+@storage_option
 @friendly_errors
 def list_command(storage):
     """Study files in studies/ and the studies in the storage (trials, best value)."""
-    import warnings
-
     from sweep.views.ui import list_studies
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        click.echo(mask_url(list_studies(storage)))
+    click.echo(mask_url(list_studies(storage)))
 
 
 if __name__ == "__main__":

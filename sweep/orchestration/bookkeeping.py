@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 import optuna
@@ -145,12 +144,10 @@ def retry_later(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped beating (and re-enqueue them once, see storage.py)."""
-    with warnings.catch_warnings():
-        # Optuna marks this experimental and warns that heartbeats are meant for optimize();
-        # sweep owns the ask/tell loop and beats itself (worker._Heartbeat), as optimize does.
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
+    """Fail trials whose worker stopped beating (and re-enqueue them once, see storage.py).
+    Optuna marks this experimental and meant for ``optimize``; sweep owns the ask/tell loop and
+    beats itself (``worker._Heartbeat``), as optimize does (the CLI silences the warning)."""
+    optuna.storages.fail_stale_trials(study)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ from sweep.orchestration.worker import code_version, open_study, run_worker
 from sweep.study.spec import StudySpec
 from sweep.training.data import Splits, load_splits, locate
 from sweep.training.train import resolve_device
-from sweep.views.console import EpochBar, TrialBar, summary
+from sweep.views.console import EpochBar, TrialBar, closing_summary
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def nothing_to_run(spec: StudySpec, stores: StudyStores, tracking_uri: str) -> L
         return None
     return LaunchResult(f"study {spec.name!r} has used its budget ({used}/{stores.budget} "
                         f"trials): nothing to run; raise it with --trials N\n"
-                        + summary(stores.study, tracking_uri, stores.budget, used))
+                        + closing_summary(stores.study, tracking_uri, stores.budget, used))
 
 
 def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
@@ -150,7 +150,7 @@ def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
     finally:
         bar.close()
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
-    text = summary(study, opts.tracking_uri, budget, budget_used(study))
+    text = closing_summary(study, opts.tracking_uri, budget, budget_used(study))
     if report.interrupted_by is not None:
         return LaunchResult("interrupted: the running trial was marked FAIL (KILLED in MLflow) "
                             "and will be retried by the next launch\n" + text,
@@ -158,9 +158,10 @@ def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
     return LaunchResult(text)
 
 
-def work(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
-    """``sweep worker``: one of many processes pulling trials from a shared study until its total
-    budget is used. ``log`` receives one line per finished trial (batch jobs' output files)."""
+def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
+    """The body of a ``sweep worker`` process, one of many pulling trials from a shared study
+    until its total budget is used. ``log`` receives one line per finished trial (batch jobs'
+    output files)."""
     stores = open_study_stores(spec, opts)
     study, budget, ctx = stores.study, stores.budget, stores.worker_context(spec)
     # Every worker builds its sampler from the study's seed; unseeded, N workers would propose

@@ -22,7 +22,7 @@ from sweep.orchestration.bookkeeping import budget_used, reconcile, update_paren
 from sweep.orchestration.launch import (LaunchOptions, LaunchResult, nothing_to_run,
                                         open_study_stores, worker_command)
 from sweep.study.spec import StudySpec
-from sweep.views.console import summary
+from sweep.views.console import closing_summary
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions) -> Laun
         for sig, handler in old.items():
             signal.signal(sig, handler)
     update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
-    text = summary(study, opts.tracking_uri, budget, budget_used(study))
+    text = closing_summary(study, opts.tracking_uri, budget, budget_used(study))
     if received:
         return LaunchResult("interrupted: running trials were marked FAIL (KILLED in MLflow) and "
                             "will be retried by the next launch\n" + text, 128 + received[0])

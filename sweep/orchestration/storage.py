@@ -17,7 +17,6 @@ import hashlib
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -111,8 +110,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path)))
     interval, grace = heartbeat_settings()
     # Heartbeats and the retry callback are marked experimental in Optuna; they are the
-    # documented way to recover from dead workers, so the warning is noise for our users.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # documented way to recover from dead workers (the CLI silences that warning).
     kwargs = dict(
         heartbeat_interval=interval, grace_period=grace,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
@@ -145,9 +143,7 @@ def open_existing_storage(url: str):
     if path is not None and not path.is_file():
         raise StorageError(f"no Optuna storage at {path}: run `sweep launch` in this folder first, "
                            f"or pass --storage URL of the study's storage")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # heartbeat settings are 'experimental' in Optuna
-        return open_storage(url)
+    return open_storage(url)
 
 
 def load_existing_study(name: str, storage_url: str) -> optuna.Study:

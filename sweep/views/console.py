@@ -59,7 +59,7 @@ class TrialBar:
             self.bar.close()
 
 
-def summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> str:
+def closing_summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> str:
     """The closing text: best trial, counts, and how to open the MLflow UI."""
     c = state_counts(study)
     lines = [f"study {study.study_name!r}: {used}/{budget} trials used; {c['complete']} complete, "
@@ -71,7 +71,7 @@ def summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> s
         lines.append(f"best trial #{best.number}: {study.direction.name.lower()}d value "
                      f"{best.value:.4f}" + (f", test_acc {test:.4f}" if test is not None else "")
                      + f", mlflow run {best.user_attrs.get('mlflow_run_id', '?')}")
-        lines.append("  params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
+        lines.append("  params: " + ", ".join(f"{k}={_param_text(v)}" for k, v in best.params.items()))
     else:
         lines.append("no complete trial yet")
     if tracking_uri.startswith(("sqlite:", "postgresql", "mysql")):
@@ -81,5 +81,5 @@ def summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> s
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
+def _param_text(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -26,7 +26,7 @@ MATCH_REL = 1e-9
 
 
 @dataclass(frozen=True)
-class Curve:
+class LRCurve:
     """The LR of every optimizer step t = 0 .. T-1 of one param group."""
 
     schedule: ScheduleConfig
@@ -66,7 +66,7 @@ def parse_losses(text: str) -> list[float]:
 def preview_curve(scheduler: str, base_lr: float, epochs: int, steps_per_epoch: int,
                   warmup_steps: int = 0, params: dict | None = None,
                   warmup_shape: str = "linear", warmup_start_factor: float = 0.01,
-                  val_losses: Sequence[float] | None = None) -> Curve:
+                  val_losses: Sequence[float] | None = None) -> LRCurve:
     """Validate exactly as a study file is validated, then compute the curve."""
     if not (math.isfinite(base_lr) and base_lr > 0):
         raise ScheduleError(f"--base-lr: must be a number > 0, got {base_lr!r}")
@@ -82,10 +82,10 @@ def preview_curve(scheduler: str, base_lr: float, epochs: int, steps_per_epoch: 
             flag = f"--param {key}"
         raise ScheduleError(f"{flag}: {problem}" if flag and problem else str(err)) from None
     lrs = lr_curve(cfg, base_lr, steps_per_epoch, epochs, list(val_losses) if val_losses else None)
-    return Curve(cfg, base_lr, steps_per_epoch, epochs, lrs)
+    return LRCurve(cfg, base_lr, steps_per_epoch, epochs, lrs)
 
 
-def summary(curve: Curve) -> str:
+def describe_curve(curve: LRCurve) -> str:
     """A few lines: the configuration, then the LR at the start, at the end of warmup (step W,
     the first step of the main schedule), the minimum and the end."""
     cfg, lrs, w = curve.schedule, curve.lrs, curve.schedule.warmup_steps
@@ -102,14 +102,14 @@ def summary(curve: Curve) -> str:
     return "\n".join(lines)
 
 
-def write_csv(curve: Curve, out: TextIO) -> None:
+def write_csv(curve: LRCurve, out: TextIO) -> None:
     """``step,lr`` then one row per step; ``repr`` floats, so the file round-trips exactly."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["step", "lr"])
     writer.writerows((t, repr(lr)) for t, lr in enumerate(curve.lrs))
 
 
-def write_png(curve: Curve, path: Path) -> None:
+def write_png(curve: LRCurve, path: Path) -> None:
     """The curve on a log LR axis (steps where the LR is 0 are not drawn), warmup's end marked."""
     import matplotlib
 
@@ -142,7 +142,7 @@ def check_output(path: Path) -> None:
         raise ScheduleError(f"-o {path}: folder {folder} does not exist; create it first")
 
 
-def save(curve: Curve, path: Path) -> None:
+def save(curve: LRCurve, path: Path) -> None:
     check_output(path)
     if path.suffix.lower() == ".png":
         write_png(curve, path)
@@ -151,7 +151,7 @@ def save(curve: Curve, path: Path) -> None:
             write_csv(curve, handle)
 
 
-def csv_text(curve: Curve) -> str:
+def csv_text(curve: LRCurve) -> str:
     buffer = io.StringIO()
     write_csv(curve, buffer)
     return buffer.getvalue()
@@ -166,7 +166,7 @@ class TrialCheck:
     study: str
     trial: int
     run_id: str
-    curve: Curve
+    curve: LRCurve
     logged_steps: int
     max_rel_diff: float
     worst_step: int | None
@@ -238,7 +238,7 @@ def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: st
             if 0 <= m.step < spec.train.epochs:
                 val_losses[m.step] = m.value
     lrs = lr_curve(cfg.schedule, cfg.base_lr, steps_per_epoch, spec.train.epochs, val_losses)
-    curve = Curve(cfg.schedule, cfg.base_lr, steps_per_epoch, spec.train.epochs, lrs)
+    curve = LRCurve(cfg.schedule, cfg.base_lr, steps_per_epoch, spec.train.epochs, lrs)
     worst, worst_step, count = 0.0, None, 0
     for m in client.get_metric_history(run_id, "lr"):
         count += 1
@@ -252,3 +252,52 @@ def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: st
             worst, worst_step = diff, m.step
     return TrialCheck(study_name, number, run_id, curve, count, worst if count else math.inf,
                       worst_step)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScheduleAnswer:
+    """What ``sweep schedule`` shows: ``text`` (the curve's description, the verdict of a trial's
+    check, the file written) and ``csv`` (the curve for stdout, or None); exit 1 when a redrawn
+    trial's curve differs from the logged one."""
+
+    text: str
+    csv: str | None
+    exit_code: int
+
+
+def schedule_command(scheduler: str | None, base_lr: float | None, epochs: int | None,
+                     steps_per_epoch: int | None, warmup_steps: int, warmup_shape: str,
+                     warmup_start_factor: float, params: Sequence[str], val_losses: str | None,
+                     study_name: str | None, trial_number: int | None, storage_url: str,
+                     tracking_uri: str, as_csv: bool, output: Path | None) -> ScheduleAnswer:
+    """Preview a curve from flags, or redraw trial ``trial_number`` of ``study_name`` and check
+    it against MLflow; write it to ``output`` (.csv or .png) or return it as CSV."""
+    if output is not None:
+        check_output(output)
+    check = None
+    if study_name is not None or trial_number is not None:
+        if study_name is None or trial_number is None or scheduler is not None:
+            raise ScheduleError("redraw a trial with --study NAME --trial N (and no "
+                                "--scheduler), or preview with --scheduler ...")
+        check = check_trial(study_name, trial_number, storage_url, tracking_uri)
+        curve = check.curve
+    else:
+        missing = [flag for flag, value in (("--scheduler", scheduler), ("--base-lr", base_lr),
+                                            ("--epochs", epochs),
+                                            ("--steps-per-epoch", steps_per_epoch))
+                   if value is None]
+        if missing:
+            raise ScheduleError(f"missing {', '.join(missing)}; e.g. sweep schedule "
+                                f"--scheduler cosine --base-lr 0.4 --epochs 30 "
+                                f"--steps-per-epoch 352, or --study NAME --trial N")
+        losses = parse_losses(val_losses) if val_losses else None
+        curve = preview_curve(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps,
+                              parse_params(params), warmup_shape, warmup_start_factor, losses)
+    lines = [describe_curve(curve)] + ([check.report()] if check is not None else [])
+    if output is not None:
+        save(curve, output)
+        lines.append(f"wrote {output}")
+    return ScheduleAnswer("\n".join(lines), csv_text(curve) if as_csv and output is None else None,
+                          0 if check is None or check.matches else 1)
