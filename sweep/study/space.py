@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 
+from sweep.study.phases import SEED
 from sweep.study.schedules import ScheduleConfig, resolve_params
 from sweep.study.spec import CategoricalParam, FloatParam, Fixed, IntParam, Param, SearchSpace, StudySpec
 from sweep.study.spec import DataSpec, TrainSpec
@@ -72,4 +73,11 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> TrialConfig:
     schedule = ScheduleConfig(scheduler, int(sampled["warmup_steps"]), spec.train.warmup_shape,
                               spec.train.warmup_start_factor, params)
     return TrialConfig(base_lr=float(sampled["base_lr"]), schedule=schedule, train=spec.train,
-                       data=spec.data, seed=spec.seed + trial.number, sampled=sampled)
+                       data=spec.data, seed=trial_seed(trial, spec), sampled=sampled)
+
+
+def trial_seed(trial: optuna.Trial, spec: StudySpec) -> int:
+    """The study's seed + the trial number, unless the trial was enqueued with its own seed
+    (``sweep confirm``'s replicates: the same seeds for every configuration they compare)."""
+    given = trial.user_attrs.get(SEED)
+    return int(given) if given is not None else spec.seed + trial.number

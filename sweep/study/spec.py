@@ -117,7 +117,14 @@ class DivergenceSpec:
     enabled: bool = True
     loss_factor: float = 4.0  # loss above factor x early reference ...
     patience_steps: int = 20  # ... for this many consecutive steps means diverged
-    reference_steps: int = 10  # the reference is the mean loss of the first steps
+    reference_steps: int = 10  # the reference is the lowest loss of the first steps
+    # Loss above ceiling_factor x min(lowest loss so far, chance level ln C) is divergence at
+    # once. 100: healthy resnet8 runs on the shared subset peaked at 2.4x, runs left at chance
+    # at 4.8x (README, "Divergence").
+    ceiling_factor: float = 100.0
+    # Validation loss above val_loss_factor x ln C after an epoch is divergence. 1000: a healthy
+    # run's first-epoch val_loss reached 39x ln C (BatchNorm statistics still settling).
+    val_loss_factor: float = 1000.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ class PrunerSpec:
     type: str = "median"
     params: Mapping[str, Any] = field(default_factory=dict)
     wrapped: "PrunerSpec | None" = None  # for type 'patient'
+    per: str | None = None  # prune within groups of this categorical parameter (pruning.py)
 
 
 @dataclass(frozen=True)
@@ -313,7 +321,9 @@ _TRAIN_RULES = {
 _DATA_RULES = {"train_size": (int, _at_least(1)), "val_size": (int, _at_least(1)),
                "test_size": (int, _at_least(1)), "split_seed": (int, _at_least(0))}
 _DIVERGENCE_RULES = {"enabled": (bool, None), "loss_factor": (float, _in_range(1, 1e12, True)),
-                     "patience_steps": (int, _at_least(1)), "reference_steps": (int, _at_least(1))}
+                     "patience_steps": (int, _at_least(1)), "reference_steps": (int, _at_least(1)),
+                     "ceiling_factor": (float, _in_range(1, 1e12, True)),
+                     "val_loss_factor": (float, _in_range(1, 1e12, True))}
 _OBJECTIVE_RULES = {"metric": (str, _one_of(METRICS)), "direction": (str, _one_of(DIRECTIONS))}
 _SAMPLER_RULES = {"type": (str, _one_of(SAMPLERS)), "n_startup_trials": (int, _at_least(0)),
                   "multivariate": (bool, None)}
@@ -332,14 +342,14 @@ def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     section = _check_keys(ctx, path, raw, ("type", *sorted({k for r in PRUNER_PARAMS.values()
-                                                              for k in r}), "wrapped"))
+                                                              for k in r}), "wrapped", "per"))
     kind = section.get("type", "median")
     if kind not in PRUNERS:
         raise ctx.fail(path + ("type",), f"unknown pruner {kind!r}{_suggest(kind, PRUNERS)}; "
                                          f"choose one of {', '.join(PRUNERS)}")
     params = {}
     for key, value in section.items():
-        if key in ("type", "wrapped"):
+        if key in ("type", "wrapped", "per"):
             continue
         rules = PRUNER_PARAMS[kind]
         if key not in rules:
@@ -362,7 +372,37 @@ def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
         wrapped = _pruner(ctx, section["wrapped"], path + ("wrapped",))
     elif "wrapped" in section:
         raise ctx.fail(path + ("wrapped",), "only pruner 'patient' wraps another pruner")
-    return PrunerSpec(kind, params, wrapped)
+    per = section.get("per")
+    if per is not None and (not isinstance(per, str) or len(path) > 1):
+        raise ctx.fail(path + ("per",), "must be the name of a categorical parameter of the space, "
+                       f"e.g. per: scheduler, given once on the outer pruner; got {per!r}")
+    return PrunerSpec(kind, params, wrapped, per)
+
+
+def _check_pruner_groups(ctx: _Ctx, pruner: PrunerSpec, space: SearchSpace) -> None:
+    """``pruner.per`` names a categorical parameter every trial draws (the groups pruning
+    stays within); hyperband builds its own bracket studies, which would ignore the groups."""
+    if pruner.per is None:
+        return
+    choices = categorical_params(space)
+    if pruner.per not in choices:
+        raise ctx.fail(("pruner", "per"), f"{pruner.per!r} is not a categorical parameter of the "
+                       f"space{_suggest(pruner.per, choices)}; categorical parameters: "
+                       f"{', '.join(choices) or 'none (a study with one scheduler type has no groups)'}")
+    inner = pruner
+    while inner is not None:
+        if inner.type in ("hyperband", "none"):
+            raise ctx.fail(("pruner", "per"), f"pruner {inner.type!r} cannot prune per group; "
+                           f"use median, percentile, successive_halving or threshold")
+        inner = inner.wrapped
+
+
+def categorical_params(space: SearchSpace) -> list[str]:
+    """Names of the space's categorical parameters drawn by every trial."""
+    names = ["scheduler"] if len(space.scheduler) > 1 else []
+    names += [n for n, p in (("warmup_steps", space.warmup_steps), ("base_lr", space.base_lr))
+              if isinstance(p, CategoricalParam)]
+    return names
 
 
 # --- search space -----------------------------------------------------------------------------
@@ -573,6 +613,15 @@ def parse_study(text: str, source: str, path: Path,
     return _validate(_Ctx(source, doc, {p for p, _ in overrides}), doc, path)
 
 
+def _divergence(ctx: _Ctx, doc: Mapping) -> DivergenceSpec:
+    spec = _section(ctx, doc, "divergence", DivergenceSpec, _DIVERGENCE_RULES)
+    if spec.ceiling_factor <= spec.loss_factor:  # else the ceiling pre-empts the patience rule
+        raise ctx.fail(("divergence", "ceiling_factor"),
+                       f"must be above loss_factor ({spec.loss_factor:g}), got "
+                       f"{spec.ceiling_factor:g}; raise it or lower loss_factor")
+    return spec
+
+
 def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
     _check_keys(ctx, (), doc, TOP_KEYS)
     name = doc.get("name", path.stem)
@@ -594,14 +643,17 @@ def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
                        f"training split (data.train_size = {data.train_size})")
     steps_per_epoch = data.train_size // train.batch_size
     total_steps = steps_per_epoch * train.epochs
+    pruner = _pruner(ctx, doc.get("pruner"), ("pruner",))
+    space = _space(ctx, doc.get("space"), train, total_steps, steps_per_epoch)
+    _check_pruner_groups(ctx, pruner, space)
     return StudySpec(
         name=name, description=description.strip(), path=path, seed=doc.get("seed", 0),
         trials=doc["trials"],
         objective=_section(ctx, doc, "objective", ObjectiveSpec, _OBJECTIVE_RULES),
         sampler=_section(ctx, doc, "sampler", SamplerSpec, _SAMPLER_RULES),
-        pruner=_pruner(ctx, doc.get("pruner"), ("pruner",)),
-        divergence=_section(ctx, doc, "divergence", DivergenceSpec, _DIVERGENCE_RULES),
+        pruner=pruner,
+        divergence=_divergence(ctx, doc),
         data=data, train=train,
-        space=_space(ctx, doc.get("space"), train, total_steps, steps_per_epoch),
+        space=space,
         raw=copy.deepcopy(dict(doc)),
     )
