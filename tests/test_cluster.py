@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -50,25 +49,6 @@ def postgres():
     folder, optuna_url, mlflow_url = done.stdout.split()
     yield optuna_url, mlflow_url
     subprocess.run([str(SCRIPTS / "start_postgres.sh"), "stop", folder], timeout=60)
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """The SLURM_CONF of a fresh single-node cluster; stopped after the session. It declares 3
-    CPUs (on 2 real cores) so that all three array tasks start at once, as on a real cluster."""
-    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch")
-               if not shutil.which(b) and not os.path.exists(f"/usr/sbin/{b}")]
-    if missing:
-        pytest.skip(f"SLURM/munge binaries absent ({', '.join(missing)}): "
-                    f"apt-get install slurm-wlm munge")
-    if os.geteuid() != 0:
-        pytest.skip("the test SLURM cluster runs its daemons as root")
-    done = subprocess.run([str(SCRIPTS / "start_test_cluster.sh"), "start", "3"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    folder, conf = done.stdout.split()
-    yield conf.split("=", 1)[1]
-    subprocess.run([str(SCRIPTS / "start_test_cluster.sh"), "stop", folder], timeout=60)
 
 
 def _slurm_job_of(pid: int) -> str | None:

@@ -12,6 +12,7 @@ store: they refuse a missing SQLite file instead of serving a fresh empty one.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -87,34 +88,49 @@ def serve_mlflow(tracking_uri: str, host: str = LOCALHOST, port: int = 5000,
         raise TrackingError(f"tracking URI {mask_url(tracking_uri)} is already an MLflow server: "
                             f"open it in a browser")
     experiments = resolve_experiments(tracking_uri, study)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stops the server below
+    try:
+        with mlflow_server(tracking_uri, host, port) as (proc, base):
+            echo(f"MLflow UI for {mask_url(tracking_uri)} at {base}/ (Ctrl-C stops it)")
+            for name, exp_id in experiments:
+                echo(f"experiment {name}: {experiment_url(base, exp_id)}")
+            if not experiments:
+                echo("no experiment yet: run `sweep launch` first")
+            note = _public_note(host)
+            if note:
+                echo(note)
+            sys.stdout.flush()
+            return 0 if proc.wait() == 0 else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, host: str = LOCALHOST, port: int = 0,
+                  artifacts_destination: str | None = None):
+    """``mlflow server`` for ``backend_uri`` in a child process: yields (process, base URL) once
+    ``/health`` answers, and stops it on exit. With ``artifacts_destination`` the server stores
+    artifacts there and clients upload them over HTTP (``--serve-artifacts``), as a tracking
+    server shared by cluster nodes does; without, a SQLite store keeps them beside itself."""
     port = check_port(host, port)
     base = f"http://{_url_host(host)}:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
            "--host", host, "--port", str(port), "--workers", "1"]
-    path = sqlite_path(tracking_uri)
-    if path is not None:  # new experiments made from the UI keep artifacts beside the store
+    path = sqlite_path(backend_uri)
+    if artifacts_destination is not None:
+        cmd += ["--serve-artifacts", "--artifacts-destination", artifacts_destination]
+    elif path is not None:  # new experiments made from the UI keep artifacts beside the store
         cmd += ["--default-artifact-root", (path.resolve().parent / "mlartifacts").as_uri()]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = tempfile.TemporaryFile(mode="w+")  # the server's log, quoted if it fails to start
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             text=True)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below
     try:
         _wait_ready(proc, log, f"{base}/health", "mlflow server")
-        echo(f"MLflow UI for {mask_url(tracking_uri)} at {base}/ (Ctrl-C stops it)")
-        for name, exp_id in experiments:
-            echo(f"experiment {name}: {experiment_url(base, exp_id)}")
-        if not experiments:
-            echo("no experiment yet: run `sweep launch` first")
-        note = _public_note(host)
-        if note:
-            echo(note)
-        sys.stdout.flush()
-        return 0 if proc.wait() == 0 else 1
-    except KeyboardInterrupt:
-        return 0
+        yield proc, base
     finally:
-        signal.signal(signal.SIGTERM, previous)
         _stop(proc)
         log.close()
 
