@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -123,9 +124,37 @@ class Tracker:
         self.log_params(run_id, params)
         if study_file is not None:
             self.client.log_artifact(run_id, str(study_file))
-        # The parent is a container; ended at once so no crash can leave it RUNNING.
+        # The parent is a container; ended at once so no crash can leave it RUNNING. Its start
+        # (now, before the first trial) stays; update_study_run moves its end along the study.
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def update_study_run(self, run_id: str, summary: "StudySummary") -> None:
+        """Bring the study's parent run up to date, so the MLflow runs table answers "how did
+        this study go" without opening trials: metrics ``best_value``, ``budget``,
+        ``trials_used`` and ``trials_<outcome>`` (step = trials used, so their history follows
+        the study across launches), the same as ``sweep.*`` tags, and an end time spanning the
+        study so far. The run stays FINISHED (a container never left RUNNING by a crash); its
+        start time was set when it was created, before the first trial."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        values = {"budget": summary.budget, "trials_used": summary.used,
+                  **{f"trials_{k}": v for k, v in summary.counts.items()}}
+        if summary.best_value is not None and math.isfinite(summary.best_value):
+            values["best_value"] = summary.best_value
+        tags = {"sweep.budget": summary.budget, "sweep.trials_used": summary.used,
+                **{f"sweep.trials_{k}": v for k, v in summary.counts.items()}}
+        if summary.best_trial is not None:
+            tags["sweep.best_trial"] = summary.best_trial
+            tags["sweep.best_value"] = f"{summary.best_value:.6g}"
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, summary.used)
+                                               for k, v in values.items()],
+                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        start = self.client.get_run(run_id).info.start_time or now
+        # Trials still running: the study goes on now; otherwise it ended with its last trial.
+        end = now if summary.last_end_ms is None or summary.counts.get("running") else summary.last_end_ms
+        self.client.set_terminated(run_id, "FINISHED", end_time=max(end, start + 1))
 
     def study_runs(self, experiment_id: str, study_name: str):
         """The study's parent runs, oldest first (one, unless a creation race is being settled)."""
@@ -165,6 +194,19 @@ class Tracker:
             token = page.token
             if not token:
                 return runs
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """How a study stands, for its parent run (built from Optuna by
+    ``bookkeeping.study_summary``, where the counting rules live)."""
+
+    budget: int
+    used: int  # finished trials that count towards the budget
+    counts: Mapping[str, int]  # complete, pruned, diverged, failed, running
+    best_value: float | None = None
+    best_trial: int | None = None
+    last_end_ms: int | None = None  # when the last finished trial ended (ms since the epoch)
 
 
 class TrialRun:
