@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 import sweep.training.train
 from sweep.training.data import load_splits
@@ -46,11 +51,62 @@ def test_a_loss_above_the_factor_stops_after_patience_steps():
 
 
 def test_an_explosion_inside_the_reference_window_is_still_caught():
-    """LR 50 explodes at step 1: the reference is the lowest early loss, not an inflated mean."""
+    """LR 50 explodes at step 1: above 100 x the lowest loss so far, it stops at once, inside
+    the reference window and without patience."""
     monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=100)
     with pytest.raises(StopTraining) as stop:
         feed(monitor, [2.3, 300.0, 5e4] + [1e4] * 10)
-    assert monitor.reference == 2.3 and stop.value.step == 3 + SPEC.patience_steps - 1
+    assert monitor.reference == 2.3 and stop.value.step == 1
+    assert stop.value.detail["loss"] == 300.0
+    assert "100 x reference 2.3 (ceiling)" in stop.value.detail["cause"]
+
+
+def test_an_explosion_in_a_trial_shorter_than_patience_is_caught():
+    """The issue's trial: 20 steps in all, patience 20, LR 50 -> 2.37, 129, 2776, ..."""
+    spec = DivergenceSpec()  # defaults: patience 20, reference 10 steps, ceiling 100
+    monitor = DivergenceMonitor(spec, warmup_steps=0, steps_per_epoch=10)
+    with pytest.raises(StopTraining) as stop:
+        feed(monitor, [2.37, 129.0, 2776.0, 976.0, 34320.0] + [1e4] * 15, chunk=5)
+    assert (stop.value.reason, stop.value.step, stop.value.epoch) == ("diverged", 2, 0)
+
+
+def test_the_ceiling_acts_during_warmup():
+    monitor = DivergenceMonitor(SPEC, warmup_steps=100, steps_per_epoch=100)
+    with pytest.raises(StopTraining) as stop:
+        feed(monitor, [2.3] * 5 + [20.0] * 5 + [1000.0])  # 20 (8.7x) waits; 1000 (435x) does not
+    assert stop.value.step == 10
+
+
+def test_a_first_loss_far_above_chance_level_is_divergence():
+    """Step 0 is its own reference; the absolute rule (100 x ln 10 = 230) still applies."""
+    monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=100)
+    with pytest.raises(StopTraining) as stop:
+        feed(monitor, [500.0, 400.0])
+    assert stop.value.step == 0 and "chance-level loss 2.303" in stop.value.detail["cause"]
+
+
+def test_a_moderate_excess_still_needs_patience():
+    """10x the reference is moderate (below the ceiling): only patience_steps in a row stop it."""
+    monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=100)
+    feed(monitor, [2.3] * 3 + [23.0] * (SPEC.patience_steps - 1) + [2.0])
+    assert monitor.bad_steps == 0
+    with pytest.raises(StopTraining) as stop:
+        feed(monitor, [23.0] * SPEC.patience_steps, first=3 + SPEC.patience_steps)
+    assert stop.value.step == 3 + 2 * SPEC.patience_steps - 1
+    assert f"for {SPEC.patience_steps} steps" in stop.value.detail["cause"]
+
+
+def test_a_validation_loss_far_above_chance_level_ends_the_epoch_as_diverged():
+    monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=10)
+    feed(monitor, [2.3] * 10)
+    monitor.on_epoch_end(0, {"val_loss": 89.0, "val_acc": 0.08})  # a healthy run's first epoch
+    with pytest.raises(StopTraining) as stop:
+        monitor.on_epoch_end(1, {"val_loss": 4.7e7, "val_acc": 0.1})  # the issue's explosion
+    assert (stop.value.step, stop.value.epoch, stop.value.detail["loss"]) == (19, 1, 4.7e7)
+    assert "validation loss 4.7e+07 above 1000 x chance-level loss 2.303" in stop.value.detail["cause"]
+    # disabled: only a non-finite validation loss ends the trial
+    off = DivergenceMonitor(DivergenceSpec(enabled=False), warmup_steps=0, steps_per_epoch=10)
+    off.on_epoch_end(0, {"val_loss": 4.7e7, "val_acc": 0.1})
 
 
 def test_a_spike_that_recovers_during_warmup_is_not_divergence():
@@ -172,3 +228,63 @@ def test_a_non_finite_gradient_is_caught_by_the_next_steps_loss(setup, monkeypat
     stop, seen = run(setup, lr=0.1)
     assert (stop.reason, stop.step, stop.detail["cause"]) == ("diverged", 10, "non-finite loss")
     assert all(math.isfinite(x) for x in seen.losses[:10])
+
+
+# --- through `sweep launch`, read back from Optuna and MLflow ------------------------------------
+
+EXPLODE = Path(__file__).parent / "studies" / "explode.yaml"
+
+
+def launch_explode(folder: Path, data_dir: Path, *overrides: str):
+    """`sweep launch` of the exploding study in a subprocess; returns its Optuna trials and an
+    MLflow client with the trial runs by id."""
+    cmd = [sys.executable, "-m", "sweep.cli", "launch", "--study", str(EXPLODE), "--quiet",
+           "--data-dir", str(data_dir), *[x for o in overrides for x in ("--set", o)]]
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    study = optuna.load_study(study_name="explode", storage=f"sqlite:///{folder}/sweep.db")
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("explode")
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id],
+                                                         "tags.`sweep.role` = 'trial'")}
+    return study.get_trials(), client, runs
+
+
+def assert_diverged_in_epoch_0(trials, client, runs, cause: str):
+    assert len(trials) == 2 and len(runs) == 2
+    for t in trials:
+        assert t.state == optuna.trial.TrialState.PRUNED, (t.number, t.state, t.user_attrs)
+        attrs = t.user_attrs
+        assert (attrs["prune_reason"], attrs["prune_epoch"]) == ("diverged", 0), attrs
+        assert 0 <= attrs["prune_step"] < 10 and cause in attrs["prune_cause"], attrs
+        assert math.isfinite(attrs["prune_loss"]) and not t.intermediate_values
+        run = runs[attrs["mlflow_run_id"]]
+        assert run.info.status == "KILLED"
+        assert run.data.tags["sweep.prune_reason"] == "diverged"
+        assert run.data.tags["sweep.prune_epoch"] == "0"
+        for key in run.data.metrics:  # every value of every series: no NaN/inf stored
+            history = client.get_metric_history(run.info.run_id, key)
+            assert history and all(math.isfinite(m.value) for m in history), key
+    return trials
+
+
+@pytest.mark.slow
+def test_an_exploding_trial_through_sweep_launch_is_pruned_as_diverged(tmp_path, shared_cifar):
+    """The issue's case: smoke-sized trials (20 steps, shorter than patience_steps 20 with its
+    reference window), LR 50 -> stopped by the loss ceiling within the first steps."""
+    trials, client, runs = launch_explode(tmp_path, shared_cifar)
+    assert_diverged_in_epoch_0(trials, client, runs, "(ceiling)")
+    for t in trials:
+        losses = client.get_metric_history(t.user_attrs["mlflow_run_id"], "train_loss")
+        assert max(m.step for m in losses) < 10  # never reached the end of epoch 0
+
+
+@pytest.mark.slow
+def test_a_validation_loss_far_above_chance_level_through_sweep_launch(tmp_path, shared_cifar):
+    """With the training-loss ceiling out of reach, the validation loss after epoch 0 (millions,
+    against ln 10 = 2.3) ends the trial at that epoch's last step."""
+    trials, client, runs = launch_explode(tmp_path, shared_cifar, "divergence.ceiling_factor=1000000000",
+                                          "divergence.patience_steps=100")
+    assert_diverged_in_epoch_0(trials, client, runs, "validation loss")
+    assert all(t.user_attrs["prune_step"] == 9 for t in trials)

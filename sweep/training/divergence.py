@@ -5,10 +5,22 @@ A trial has diverged when
 * its training loss is non-finite (always checked, even with ``divergence.enabled: false``:
   the weights are then NaN/inf and further training cannot recover), or its validation loss
   is; or
+* its loss exceeds ``ceiling_factor`` x the reference, or ``ceiling_factor`` x the chance-level
+  loss ln C (the cross-entropy of a uniform guess over C classes), at any step, warmup and the
+  reference window included: at once, with no patience. Inside the window the reference is the
+  lowest loss so far. This is what catches an explosion (LR 50: 2.4 -> 129 -> 2,776 ...) in a
+  trial shorter than ``patience_steps``. Measured on healthy resnet8 runs on the shared subset
+  (LR 0.05-2 in the smoke study, 0.1-8 with and without warmup in pruning_bench), the largest
+  loss / running reference was 2.4, and 4.8 for runs that ended at chance; 100 leaves a
+  20x margin (README, "Divergence"); or
+* after an epoch, its validation loss exceeds ``val_loss_factor`` x ln C. The first epochs'
+  validation loss of a healthy run can be large (BatchNorm statistics still settling: 89, i.e.
+  39x ln 10, for LR 1.6 with warmup, which ended at 32% accuracy); the explosion of the issue
+  gave 4.7e7. Default 1000x; or
 * its loss stays above ``loss_factor`` x the early reference for ``patience_steps``
-  consecutive steps. The reference is the *lowest* loss of the first ``reference_steps`` steps:
-  the mean would be inflated by a run that explodes within those steps (LR 50 does at step 1),
-  which then could never exceed a multiple of it.
+  consecutive steps (moderate excess). The reference is the *lowest* loss of the first
+  ``reference_steps`` steps: the mean would be inflated by a run that explodes within those
+  steps (LR 50 does at step 1), which then could never exceed a multiple of it.
 
 Non-finite gradients are not checked separately. An optimizer step with a NaN/inf gradient
 writes NaN/inf into the weights, so the very next step's forward pass gives a non-finite loss:
@@ -38,10 +50,12 @@ from sweep.training.train import StopTraining
 class DivergenceMonitor:
     """A training listener that raises ``StopTraining("diverged", step, epoch, detail)``;
     ``detail`` has ``loss`` (a float, or the string 'nan'/'inf' so that no NaN is ever
-    stored as a number) and ``cause``."""
+    stored as a number) and ``cause`` (which rule decided)."""
 
-    def __init__(self, spec: DivergenceSpec, warmup_steps: int, steps_per_epoch: int):
+    def __init__(self, spec: DivergenceSpec, warmup_steps: int, steps_per_epoch: int,
+                 num_classes: int = 10):
         self.spec, self.warmup_steps, self.steps_per_epoch = spec, warmup_steps, steps_per_epoch
+        self.chance_loss = math.log(num_classes)  # CIFAR-10: ln 10 = 2.303
         self._seen = 0
         self.reference: float | None = None
         self.bad_steps = 0
@@ -56,9 +70,12 @@ class DivergenceMonitor:
                 raise self._stop(step, loss, "non-finite loss")
             if not self.spec.enabled:
                 continue
-            if self._seen < self.spec.reference_steps:
+            in_window = self._seen < self.spec.reference_steps
+            if in_window:  # the reference: the lowest loss so far, fixed once the window ends
                 self._seen += 1
                 self.reference = loss if self.reference is None else min(self.reference, loss)
+            self._check_ceiling(step, loss)
+            if in_window:
                 continue
             self.bad_steps = self.bad_steps + 1 if loss > self.spec.loss_factor * self.reference else 0
             if self.bad_steps >= self.spec.patience_steps and step >= self.warmup_steps:
@@ -66,9 +83,24 @@ class DivergenceMonitor:
                                              f"reference {self.reference:.4g} for "
                                              f"{self.bad_steps} steps")
 
+    def _check_ceiling(self, step: int, loss: float) -> None:
+        factor = self.spec.ceiling_factor
+        if loss > factor * self.reference:
+            raise self._stop(step, loss, f"loss {loss:.4g} above {factor:g} x reference "
+                                         f"{self.reference:.4g} (ceiling)")
+        if loss > factor * self.chance_loss:
+            raise self._stop(step, loss, f"loss {loss:.4g} above {factor:g} x chance-level loss "
+                                         f"{self.chance_loss:.4g} (ceiling)")
+
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
-        if not math.isfinite(metrics["val_loss"]):
-            raise self._stop((epoch + 1) * self.steps_per_epoch - 1, metrics["val_loss"],
-                             "non-finite validation loss")
+        last_step = (epoch + 1) * self.steps_per_epoch - 1
+        val_loss = metrics["val_loss"]
+        if not math.isfinite(val_loss):
+            raise self._stop(last_step, val_loss, "non-finite validation loss")
+        bar = self.spec.val_loss_factor * self.chance_loss
+        if self.spec.enabled and val_loss > bar:
+            raise self._stop(last_step, val_loss,
+                             f"validation loss {val_loss:.4g} above {self.spec.val_loss_factor:g} x "
+                             f"chance-level loss {self.chance_loss:.4g}")
         if metrics.get("lr_reduced"):
             self.bad_steps = 0
