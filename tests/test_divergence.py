@@ -99,11 +99,11 @@ def test_a_moderate_excess_still_needs_patience():
 def test_a_validation_loss_far_above_chance_level_ends_the_epoch_as_diverged():
     monitor = DivergenceMonitor(SPEC, warmup_steps=0, steps_per_epoch=10)
     feed(monitor, [2.3] * 10)
-    monitor.on_epoch_end(0, {"val_loss": 89.0, "val_acc": 0.08})  # a healthy run's first epoch
+    monitor.on_epoch_end(0, {"val_loss": 601.0, "val_acc": 0.08})  # measured, not diverged
     with pytest.raises(StopTraining) as stop:
         monitor.on_epoch_end(1, {"val_loss": 4.7e7, "val_acc": 0.1})  # the explosion
     assert (stop.value.step, stop.value.epoch, stop.value.detail["loss"]) == (19, 1, 4.7e7)
-    assert "validation loss 4.7e+07 above 1000 x chance-level loss 2.303" in stop.value.detail["cause"]
+    assert "validation loss 4.7e+07 above 10000 x chance-level loss 2.303" in stop.value.detail["cause"]
     # disabled: only a non-finite validation loss ends the trial
     off = DivergenceMonitor(DivergenceSpec(enabled=False), warmup_steps=0, steps_per_epoch=10)
     off.on_epoch_end(0, {"val_loss": 4.7e7, "val_acc": 0.1})

@@ -15,8 +15,9 @@ A trial has diverged when
   20x margin (README, "Divergence"); or
 * after an epoch, its validation loss exceeds ``val_loss_factor`` x ln C. The first epochs'
   validation loss of a healthy run can be large (BatchNorm statistics still settling: 89, i.e.
-  39x ln 10, for LR 1.6 with warmup, which ended at 32% accuracy); the explosion of the issue
-  gave 4.7e7. Default 1000x; or
+  39x ln 10, for resnet8 at LR 1.6 with warmup, which ended at 32% accuracy; 601 = 260x for a
+  2-epoch resnet20 at LR 2 with warmup); the explosion of issue 12 gave 4.7e7. Default
+  10,000x; or
 * its loss stays above ``loss_factor`` x the early reference for ``patience_steps``
   consecutive steps (moderate excess). The reference is the *lowest* loss of the first
   ``reference_steps`` steps: the mean would be inflated by a run that explodes within those
