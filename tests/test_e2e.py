@@ -75,9 +75,15 @@ def test_summary_is_printed(smoke_run):
 
 def test_optuna_and_mlflow_agree(smoke_run):
     folder, _ = smoke_run
+    check_smoke_stores(folder)
+
+
+def check_smoke_stores(folder, n_trials: int = 6, epochs: int = 3) -> dict:
+    """Optuna and MLflow agree on every trial of a smoke launch, and every logged LR curve equals
+    torch's; returns the trial runs by trial number (the fused test checks their tags too)."""
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{folder}/sweep.db")
     trials = study.get_trials()
-    assert len(trials) == 6
+    assert len(trials) == n_trials
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert any(t.state == TrialState.COMPLETE for t in trials)
 
@@ -87,7 +93,7 @@ def test_optuna_and_mlflow_agree(smoke_run):
     parents = [r for r in runs if r.data.tags.get("sweep.role") == "study"]
     children = {r.info.run_id: r for r in runs if r.data.tags.get("sweep.role") == "trial"}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 6
+    assert len(children) == n_trials
     assert all(r.info.status != "RUNNING" for r in runs)
 
     steps_per_epoch = 1000 // 100
@@ -115,18 +121,19 @@ def test_optuna_and_mlflow_agree(smoke_run):
         lr = sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
         epochs_run = len(val_acc)
         assert [m.step for m in lr] == list(range(epochs_run * steps_per_epoch))
-        reference = torch_reference(params, steps_per_epoch, 3 * steps_per_epoch, val_loss)
+        reference = torch_reference(params, steps_per_epoch, epochs * steps_per_epoch, val_loss)
         for logged, ref in zip(lr, reference):
             assert math.isclose(logged.value, ref, rel_tol=1e-9), (trial.params, logged.step)
         losses = client.get_metric_history(run.info.run_id, "train_loss")
         assert len(losses) == len(lr) and all(math.isfinite(m.value) for m in losses)
         if trial.state == TrialState.COMPLETE:
             assert trial.user_attrs["test_acc"] == run.data.metrics["test_acc"]
-            assert epochs_run == 3 and "epoch_seconds" in run.data.metrics
+            assert epochs_run == epochs and "epoch_seconds" in run.data.metrics
             assert "lr_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
         else:
             assert trial.user_attrs["prune_reason"] in ("pruner", "diverged")
             assert tags["sweep.prune_reason"] == trial.user_attrs["prune_reason"]
+    return {int(r.data.tags["sweep.trial_number"]): r for r in children.values()}
 
 
 def test_relaunch_on_finished_study_runs_nothing(smoke_run, shared_cifar):

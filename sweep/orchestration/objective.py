@@ -1,5 +1,9 @@
 """One Optuna trial: suggest -> train -> report -> outcome.
 
+``start_trial`` (config, MLflow run, user attributes, listeners) and ``end_trial`` (result,
+stop or exception -> outcome, run ended) are the two halves every trial goes through, alone
+(``run_trial``) or as a slot of a fused pack (``sweep.orchestration.pack``).
+
 The MLflow run of a trial always ends: FINISHED (complete), KILLED (pruned, diverged or
 interrupted) or FAILED (the trial raised). Nothing here decides the study loop; see
 ``sweep.orchestration.worker``.
@@ -12,18 +16,19 @@ import os
 import socket
 import traceback
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import optuna
 
 from sweep.training.data import Splits
 from sweep.training.divergence import DivergenceMonitor
+from sweep.study.phases import phase_tags
 from sweep.study.pruning import describe_pruner
-from sweep.study.space import trial_config
+from sweep.study.space import TrialConfig, trial_config
 from sweep.study.spec import StudySpec
 from sweep.orchestration.storage import mask_url
-from sweep.orchestration.tracking import REASON, STATE, Tracker
-from sweep.training.train import StopTraining, train
+from sweep.orchestration.tracking import REASON, STATE, Tracker, TrialRun
+from sweep.training.train import StopTraining, TrainResult, train
 
 import torch
 
@@ -70,9 +75,23 @@ class Outcome:
     detail: str = ""
 
 
-def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcome:
-    """Train one trial; returns its outcome. Re-raises only interruptions (BaseException),
-    which the optional ``interrupt`` listener raises from the training loop."""
+@dataclass
+class StartedTrial:
+    """A trial whose config is drawn and whose MLflow run is open: what ``end_trial`` needs."""
+
+    trial: optuna.Trial
+    cfg: TrialConfig
+    run: TrialRun
+    listeners: list  # tracking, divergence, pruning (and a progress bar) for this trial alone
+    metric: str  # the objective: which of the last epoch's metrics is the trial's value
+    progress: object | None = None
+
+
+def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, object] | None = None,
+                progress: bool = True) -> StartedTrial | Outcome:
+    """Draw the trial's config, open its MLflow run, record its user attributes and build its
+    listeners. Returns a FAIL ``Outcome`` (the trial's own, to be told) when the run cannot be
+    opened. Shared by the unfused trial (``run_trial``) and the fused pack (``pack``)."""
     spec = ctx.spec
     steps_per_epoch = spec.steps_per_epoch
     try:
@@ -81,7 +100,8 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
             ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
             params={**cfg.flat_params(), "device": str(ctx.device)},
             tags={"sweep.code_version": ctx.code_version, "sweep.study_file": str(spec.path),
-                  "sweep.host": socket.gethostname(), "sweep.pid": os.getpid()})
+                  "sweep.host": socket.gethostname(), "sweep.pid": os.getpid(), **phase_tags(trial),
+                  **(tags or {})})
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
         detail = " ".join(str(err).split())[:400]  # one line, with the driver's own reason
         message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: {detail}")
@@ -93,45 +113,52 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
     listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch),
                  PruningListener(trial, spec.objective.metric, describe_pruner(spec.pruner),
                                  steps_per_epoch)]
-    progress = ctx.progress(trial.number, spec.train.epochs) if ctx.progress else None
-    if progress is not None:
-        listeners.append(progress)
-    if interrupt is not None:
-        listeners.append(interrupt)  # last: the steps it interrupts are logged first
-    try:
-        if interrupt is not None:
-            interrupt.check()  # a signal that came while the trial was being set up
-        result = train(cfg, ctx.splits, ctx.device, listeners)
-    except StopTraining as stop:
-        if progress is not None:
-            progress.close()
+    bar = ctx.progress(trial.number, spec.train.epochs) if ctx.progress and progress else None
+    if bar is not None:
+        listeners.append(bar)
+    return StartedTrial(trial, cfg, run, listeners, spec.objective.metric, bar)
+
+
+def end_trial(started: StartedTrial, result: TrainResult | None = None,
+              stop: StopTraining | None = None, error: BaseException | None = None,
+              tags: Mapping[str, object] | None = None, background: bool = False) -> Outcome:
+    """Record how the trial ended (exactly one of ``result``, ``stop``, ``error``) in its
+    Optuna user attributes and its MLflow run, and end the run: FINISHED (complete), KILLED
+    (pruned, diverged or interrupted: ``error`` not an ``Exception``) or FAILED. Returns the
+    outcome to tell Optuna. With ``background`` the run is ended on the tracker's background
+    thread (flush, tags, status, LR-curve figure): the caller may tell Optuna at once, since
+    everything the run will hold is queued by then; a store failing that late is a warning."""
+    trial, run = started.trial, started.run
+    extra = dict(tags or {})
+    if started.progress is not None:
+        started.progress.close()
+    if stop is not None:
         # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
         # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
         for key, value in (("reason", stop.reason), ("step", stop.step), ("epoch", stop.epoch),
                            *stop.detail.items()):
             trial.set_user_attr(f"prune_{key}", value)
         run.finish("KILLED", {STATE: "PRUNED", REASON: stop.reason, "sweep.prune_step": stop.step,
-                              "sweep.prune_epoch": stop.epoch,
-                              **{f"sweep.prune_{k}": v for k, v in stop.detail.items()}})
+                              "sweep.prune_epoch": stop.epoch, **extra,
+                              **{f"sweep.prune_{k}": v for k, v in stop.detail.items()}},
+                   background=background)
         return Outcome(optuna.trial.TrialState.PRUNED, run_id=run.run_id, detail=str(stop))
-    except BaseException as err:  # interruption, or a bug/OOM in the trial
-        if progress is not None:
-            progress.close()
+    if error is not None or result is None:  # interruption, or a bug/OOM in the trial
+        err = error if error is not None else RuntimeError("the trial ended without a result")
         interrupted = not isinstance(err, Exception)
         message = mask_url(f"{type(err).__name__}: {err}".strip())[:2000]
         trial.set_user_attr("error", "interrupted" if interrupted else message)
+        trace = "" if interrupted else "".join(traceback.format_exception(err))[-4000:]
         try:
             run.finish("KILLED" if interrupted else "FAILED",
                        {STATE: "FAIL", "sweep.error": "interrupted" if interrupted else message,
-                        "sweep.traceback": "" if interrupted else traceback.format_exc()[-4000:]},
-                       curve_png=not interrupted)
+                        "sweep.traceback": trace, **extra},
+                       curve_png=not interrupted, background=background)
         except Exception:
             pass  # the store failing too must not hide the trial's own error
-        if interrupted:
-            raise
-        return Outcome(optuna.trial.TrialState.FAIL, run_id=run.run_id, detail=message)
-    final = result.history[-1]
-    value = final[spec.objective.metric]
+        return Outcome(optuna.trial.TrialState.FAIL, run_id=run.run_id,
+                       detail="interrupted" if interrupted else message)
+    value = result.history[-1][started.metric]
     epoch_seconds = sum(h["epoch_seconds"] for h in result.history) / len(result.history)
     trial.set_user_attr("test_acc", result.test_acc)
     trial.set_user_attr("epoch_seconds", epoch_seconds)
@@ -140,8 +167,31 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
     if result.compile_seconds:
         run.log_metric("compile_seconds", result.compile_seconds)
     try:
-        run.finish("FINISHED", {STATE: "COMPLETE"})
+        run.finish("FINISHED", {STATE: "COMPLETE", **extra}, background=background)
     except Exception as err:
         trial.set_user_attr("error", str(err))
         return Outcome(optuna.trial.TrialState.FAIL, run_id=run.run_id, detail=str(err))
     return Outcome(optuna.trial.TrialState.COMPLETE, value, run.run_id)
+
+
+def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcome:
+    """Train one trial; returns its outcome. Re-raises only interruptions (BaseException),
+    which the optional ``interrupt`` listener raises from the training loop."""
+    started = start_trial(trial, ctx)
+    if isinstance(started, Outcome):
+        return started
+    listeners = started.listeners
+    if interrupt is not None:
+        listeners = [*listeners, interrupt]  # last: the steps it interrupts are logged first
+    try:
+        if interrupt is not None:
+            interrupt.check()  # a signal that came while the trial was being set up
+        result = train(started.cfg, ctx.splits, ctx.device, listeners)
+    except StopTraining as stop:
+        return end_trial(started, stop=stop)
+    except BaseException as err:  # interruption, or a bug/OOM in the trial
+        outcome = end_trial(started, error=err)
+        if not isinstance(err, Exception):
+            raise
+        return outcome
+    return end_trial(started, result=result)
