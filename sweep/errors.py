@@ -47,3 +47,8 @@ class SubmitError(SweepError):
 class ScheduleError(SweepError):
     """Raised when ``sweep schedule`` gets a schedule that makes no sense, a bad output file,
     or a study/trial it cannot redraw."""
+
+
+class ConfirmError(SweepError):
+    """Raised when ``sweep confirm`` has nothing to confirm (no complete search trial) or its
+    flags contradict the confirmation plan already stored in the study."""

@@ -32,11 +32,13 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.orchestration.tracking import STATE, StudySummary, Tracker
+from sweep.study.phases import CONFIRM, ENQUEUED_ATTRS, SEARCH, is_search, phase_of
 from sweep.study.spec import StudySpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 OVER_BUDGET = "sweep.over_budget"
 BUDGET = "sweep.budget"  # study user attribute: the study's total trial budget
+CONFIRM_BUDGET = "sweep.confirm_budget"  # study user attribute: the confirmation's trials
 _RUN_STATUS = {TrialState.COMPLETE: "FINISHED"}  # any other finished state -> FAILED
 
 
@@ -59,22 +61,59 @@ def _replaced(trials) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
 
 
-def counted(trials) -> list:
-    """The trials that count towards the budget or occupy a slot of it (running)."""
+def counted(trials, phase: str = SEARCH) -> list:
+    """The trials that count towards ``phase``'s budget or occupy a slot of it (running). The
+    search budget counts search trials only, the confirmation budget confirmation trials only
+    (``sweep.study.phases``)."""
     replaced = _replaced(trials)
     return [t for t in trials if t.number not in replaced and not t.user_attrs.get(OVER_BUDGET)
-            and t.state in (*FINISHED, TrialState.RUNNING)]
+            and t.state in (*FINISHED, TrialState.RUNNING) and phase_of(t) == phase]
 
 
-def budget_used(study: optuna.Study) -> int:
-    """Finished trials that count towards the budget."""
-    return sum(1 for t in counted(study.get_trials(deepcopy=False)) if t.state in FINISHED)
+def budget_used(study: optuna.Study, phase: str = SEARCH) -> int:
+    """Finished trials that count towards ``phase``'s budget."""
+    return sum(1 for t in counted(study.get_trials(deepcopy=False), phase) if t.state in FINISHED)
 
 
-def over_budget(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
+RUN, WAIT, DONE = "run", "wait", "done"
+
+
+def next_step(trials, budget: int, phase: str = SEARCH) -> str:
+    """What a worker of ``phase`` does next: RUN a trial, WAIT while other workers' RUNNING
+    trials hold the rest of the budget (one may be dead and need a retry), or stop (DONE).
+    A confirmation never asks the sampler: it runs only trials ``sweep confirm`` enqueued."""
+    mine = counted(trials, phase)
+    left = budget - len(mine)
+    if phase == CONFIRM:
+        left = min(left, sum(1 for t in trials if t.state == TrialState.WAITING
+                             and phase_of(t) == CONFIRM))
+    if left > 0:
+        return RUN
+    if sum(1 for t in mine if t.state in FINISHED) >= budget:
+        return DONE
+    return WAIT if any(t.state == TrialState.RUNNING for t in mine) else DONE
+
+
+def open_slots(trials, budget: int, phase: str = SEARCH) -> int:
+    """Trials ``phase`` may still start (the most a fused pack should hold)."""
+    return max(0, budget - len(counted(trials, phase)))
+
+
+def over_budget(study: optuna.Study, trial: optuna.Trial, budget: int,
+                phase: str = SEARCH) -> bool:
     """Two workers may both pass the budget check at once; the later-numbered trial yields
-    (it is told FAIL with ``OVER_BUDGET`` set, and never counts)."""
-    ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
+    (it is told FAIL with ``OVER_BUDGET`` set, and never counts). A trial of the other phase
+    taken from the queue runs (its slot was reserved when it was enqueued: a search retry, or a
+    replicate a search worker picked up); a fresh one in the confirmation phase yields."""
+    if phase_of(trial) != phase:
+        system_attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+        queued = {"fixed_params", "failed_trial"} & set(system_attrs)
+        if queued:
+            return False
+        ahead = [None] * budget  # a confirmation worker got a fresh sampler trial: yield it
+    else:
+        ahead = [t for t in counted(study.get_trials(deepcopy=False), phase)
+                 if t.number < trial.number]
     if len(ahead) < budget:
         return False
     trial.set_user_attr(OVER_BUDGET, True)
@@ -101,7 +140,8 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 def study_summary(study: optuna.Study) -> StudySummary:
     """The study's standing for its parent MLflow run (``Tracker.update_study_run``)."""
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and is_search(t)]  # a replicate's lucky seed is no search result
     best = None
     if done:
         pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
@@ -140,6 +180,7 @@ def retry_later(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         return  # already a retry: once is enough
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+        user_attrs={k: frozen.user_attrs[k] for k in ENQUEUED_ATTRS if k in frozen.user_attrs},
         system_attrs={"failed_trial": frozen.number, "retry_history": [frozen.number]}))
 
 

@@ -28,6 +28,10 @@ GROUP = "sweep.group"  # user attribute of a confirmation trial, e.g. "scheduler
 SEED = "sweep.seed"  # user attribute: the training seed, overriding seed + trial number
 SEARCH, CONFIRM = "search", "confirm"
 SAMPLER_SAW = "sweep.sampler_saw"  # system attribute: trial numbers the sampler was shown
+CONFIRM_KEY = "sweep.confirm_key"  # user attribute: group and seed, one trial per key
+#: what a trial was enqueued with, which its retry must keep (else a retried replicate would
+#: come back as a search trial with the wrong seed)
+ENQUEUED_ATTRS = (PHASE, GROUP, SEED, CONFIRM_KEY)
 
 
 def phase_of(trial) -> str:
