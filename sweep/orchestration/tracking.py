@@ -29,6 +29,7 @@ from sweep.orchestration.storage import check_writable_file, creation_lock, mask
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
+FLUSH_S = 1.0  # the longest a logged metric waits on the queue (a curve in the UI lags this)
 ROLE, STATE, REASON = "sweep.role", "sweep.state", "sweep.prune_reason"
 
 
@@ -58,6 +59,9 @@ class Tracker:
         check_tracking_uri(uri)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # Over HTTP MLflow prints two "View run ... at" lines per ended run, after fetching the
+        # run once more: a request on the trial's thread and clutter in every job's output.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -248,20 +252,22 @@ class TrialRun:
     def _drain(self) -> None:
         from mlflow.entities import Metric
 
+        # A batch goes out FLUSH_S after its first metric, at MAX_BATCH metrics, or at once when
+        # the run finishes. Waiting for a pause instead sent a short trial's whole curve in one
+        # batch at its end, which `finish` (the trial's thread) then waited for.
         done = False
         while not done:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
+            batch, item = [], self._queue.get()
+            deadline = time.monotonic() + FLUSH_S
+            while item is not None:
+                batch.append(item)
+                if len(batch) == MAX_BATCH:
+                    break
                 try:
-                    batch.append(self._queue.get(timeout=0.2))
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-            if batch[-1] is None:
-                batch.pop()
-                done = True
-            elif None in batch:  # the sentinel arrived mid-batch
-                batch = [b for b in batch if b is not None]
-                done = True
+            done = item is None
             if batch and self._error is None:
                 began = time.perf_counter()
                 try:
