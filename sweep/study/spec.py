@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from sweep.errors import OverrideError, StudyFileError
+from sweep.study.pruner_rules import PRUNER_PARAMS, pruner_problem
 from sweep.study.schedules import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_SHAPES, ScheduleConfig
 from sweep.study.schedules import check_schedule, resolve_params
 
@@ -37,8 +38,7 @@ MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
           "resnet18")
 OPTIMIZERS = ("sgd", "adamw")
 SAMPLERS = ("tpe", "random")
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "threshold",
-           "patient")
+PRUNERS = tuple(PRUNER_PARAMS)  # none, median, percentile, successive_halving, ...
 METRICS = ("val_acc", "val_loss")  # what the trainer produces each epoch
 DIRECTIONS = ("maximize", "minimize")
 SPACE_KEYS = ("warmup_steps", "base_lr", "scheduler")
@@ -336,8 +336,6 @@ OVERRIDABLE = {"train": _TRAIN_RULES, "data": _DATA_RULES, "divergence": _DIVERG
 
 
 def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
-    from sweep.study.pruning import PRUNER_PARAMS  # the pruner module owns its parameter rules
-
     if raw is None:
         return PrunerSpec()
     if isinstance(raw, str):
@@ -361,8 +359,6 @@ def _pruner(ctx: _Ctx, raw: Any, path: tuple) -> PrunerSpec:
             raise ctx.fail(path + (key,), check(value) if _type_ok(value, kind_) and check
                            else f"must be {_KIND_NAMES[kind_]}, got {value!r}")
         params[key] = value
-    from sweep.study.pruning import pruner_problem
-
     problem = pruner_problem(kind, params)
     if problem:
         raise ctx.fail(path + (problem[0],), problem[1])
