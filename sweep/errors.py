@@ -12,6 +12,22 @@ class SweepError(Exception):
     exit_code = 2
 
 
+class FieldError(SweepError, ValueError):
+    """Raised when one value breaks a rule (a schedule's or a pruner's parameter rules).
+
+    ``key`` is the path of keys that names the value, as far as the rule knows it (the schedule
+    rules know ``("gamma",)``; a study file knows ``("space", "scheduler", "step", "gamma")``),
+    ``problem`` says what is wrong and the fix, ``line`` is the study file's line when known.
+    Callers that know more re-raise with the full path or the flag that gave the value, instead
+    of taking a message apart. A ValueError too: rules stay usable without sweep's CLI."""
+
+    def __init__(self, key: str | tuple, problem: str, line: int | None = None):
+        self.key = (key,) if isinstance(key, str) else tuple(key)
+        self.problem, self.line = problem, line
+        where = ".".join(map(str, self.key)) + (f" (line {line})" if line else "")
+        super().__init__(f"{where}: {problem}")
+
+
 class StudyFileError(SweepError):
     """Raised when a study file (or a ``--set`` override of it) is malformed or invalid."""
 

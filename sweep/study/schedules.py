@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from sweep.errors import FieldError
+
 WARMUP_SHAPES = ("linear", "exponential", "constant")
 PLATEAU_EPS = 1e-8  # torch ReduceLROnPlateau's default eps: smaller reductions are not applied
 
@@ -161,34 +163,37 @@ class ScheduleConfig:
 def resolve_params(name: str, given: Mapping[str, Any], epochs: int) -> dict[str, Any]:
     """Fill defaults and convert derived units (``milestones_fraction`` -> ``milestones_epochs``).
 
-    Raises ValueError naming the key for anything unknown or out of range.
+    Raises FieldError naming the key for anything unknown or out of range.
     """
     if name not in SCHEDULER_PARAMS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise FieldError("scheduler", f"unknown scheduler {name!r}; choose one of "
+                                      f"{', '.join(SCHEDULERS)}")
     rules = SCHEDULER_PARAMS[name]
     for key, value in given.items():
         if key not in rules:
             valid = ", ".join(rules) or "none"
-            raise ValueError(f"{key}: not a parameter of scheduler {name!r} (its parameters: {valid})")
+            raise FieldError(key, f"not a parameter of scheduler {name!r} (its parameters: "
+                                  f"{valid})")
         problem = rules[key].problem(value)
         if problem:
-            raise ValueError(f"{key}: {problem}")
+            raise FieldError(key, problem)
     resolved = {k: given.get(k, rule.default) for k, rule in rules.items()}
     for key, rule in rules.items():
         if rule.required and resolved[key] is None:
-            raise ValueError(f"{key}: required by scheduler {name!r} ({rule.allowed()})")
+            raise FieldError(key, f"required by scheduler {name!r} ({rule.allowed()})")
     if name == "multistep":
         fractions = resolved.pop("milestones_fraction")
         if (fractions is None) == (resolved["milestones_epochs"] is None):
-            raise ValueError("milestones_epochs: give exactly one of milestones_epochs or "
-                             "milestones_fraction for scheduler 'multistep'")
+            raise FieldError("milestones_epochs", "give exactly one of milestones_epochs or "
+                                                  "milestones_fraction for scheduler 'multistep'")
         if fractions is not None:
             resolved["milestones_epochs"] = milestones_from_fractions(fractions, epochs)
             return resolved
         milestones = resolved["milestones_epochs"]
         if list(milestones) != sorted(set(milestones)) or milestones[0] < 1 or milestones[-1] >= epochs:
-            raise ValueError(f"milestones_epochs: must be strictly increasing in [1, {epochs - 1}] "
-                             f"(epochs={epochs}), got {list(milestones)}")
+            raise FieldError("milestones_epochs", f"must be strictly increasing in "
+                                                  f"[1, {epochs - 1}] (epochs={epochs}), got "
+                                                  f"{list(milestones)}")
     return resolved
 
 
@@ -207,31 +212,34 @@ def milestones_from_fractions(fractions, epochs: int) -> list[int]:
 
 
 def check_schedule(cfg: ScheduleConfig, steps_per_epoch: int, epochs: int, base_lr: float) -> None:
-    """Raise ValueError (naming the key) when ``cfg`` makes no sense for this training length."""
+    """Raise FieldError (naming the key) when ``cfg`` makes no sense for this training length."""
     total = steps_per_epoch * epochs
     if cfg.warmup_shape not in WARMUP_SHAPES:
-        raise ValueError(f"warmup_shape: must be one of {', '.join(WARMUP_SHAPES)}, "
-                         f"got {cfg.warmup_shape!r}")
+        raise FieldError("warmup_shape", f"must be one of {', '.join(WARMUP_SHAPES)}, "
+                                         f"got {cfg.warmup_shape!r}")
     # 0 is allowed for the linear and constant shapes (Hugging Face's warmups ramp from 0); the
     # exponential shape f0 ** (1 - t/W) needs f0 > 0.
     low_open = cfg.warmup_shape == "exponential"
     if not (0.0 < cfg.warmup_start_factor if low_open else 0.0 <= cfg.warmup_start_factor) \
             or cfg.warmup_start_factor > 1.0:
-        raise ValueError(f"warmup_start_factor: must be in {'(' if low_open else '['}0, 1] for "
-                         f"warmup_shape {cfg.warmup_shape!r}, got {cfg.warmup_start_factor!r}")
+        raise FieldError("warmup_start_factor",
+                         f"must be in {'(' if low_open else '['}0, 1] for warmup_shape "
+                         f"{cfg.warmup_shape!r}, got {cfg.warmup_start_factor!r}")
     if not 0 <= cfg.warmup_steps <= total - 1:
-        raise ValueError(f"warmup_steps: must be in [0, {total - 1}] (T-1 for {epochs} epochs x "
-                         f"{steps_per_epoch} steps), got {cfg.warmup_steps}")
+        raise FieldError("warmup_steps", f"must be in [0, {total - 1}] (T-1 for {epochs} epochs "
+                                         f"x {steps_per_epoch} steps), got {cfg.warmup_steps}")
     if cfg.name == "onecycle" and cfg.warmup_steps:
-        raise ValueError(f"warmup_steps: must be 0 for scheduler 'onecycle' (its own ramp, "
-                         f"pct_start, is the warmup: warmup given twice), got {cfg.warmup_steps}")
+        raise FieldError("warmup_steps", f"must be 0 for scheduler 'onecycle' (its own ramp, "
+                                         f"pct_start, is the warmup: warmup given twice), got "
+                                         f"{cfg.warmup_steps}")
     if cfg.name == "onecycle" and cfg.params["pct_start"] * total <= 1.0:
         # torch OneCycleLR divides by pct_start * T - 1: the ramp must span more than one step.
-        raise ValueError(f"pct_start: must be in ({1.0 / total:g}, 1) so that the ramp spans more "
-                         f"than one of the T = {total} steps, got {cfg.params['pct_start']!r}")
+        raise FieldError("pct_start", f"must be in ({1.0 / total:g}, 1) so that the ramp spans "
+                                      f"more than one of the T = {total} steps, got "
+                                      f"{cfg.params['pct_start']!r}")
     min_lr = cfg.params.get("min_lr") or 0.0
     if min_lr > base_lr:
-        raise ValueError(f"min_lr: must be in [0, base_lr] = [0, {base_lr:g}], got {min_lr:g}")
+        raise FieldError("min_lr", f"must be in [0, base_lr] = [0, {base_lr:g}], got {min_lr:g}")
 
 
 # --- main schedules: lr = f(tau, base_lr) on the post-warmup clock ----------------------------

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from sweep.errors import OverrideError, StudyFileError
+from sweep.errors import FieldError, OverrideError, StudyFileError
 from sweep.study.pruner_rules import PRUNER_PARAMS, pruner_problem
 from sweep.study.schedules import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_SHAPES, ScheduleConfig
 from sweep.study.schedules import check_schedule, resolve_params
@@ -512,9 +512,8 @@ def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, s
         given = dict(zip(keys, combo))
         try:
             resolved = resolve_params(name, given, train.epochs)
-        except ValueError as err:
-            key, _, problem = str(err).partition(": ")
-            raise ctx.fail(path + (key,), problem) from None
+        except FieldError as err:
+            raise ctx.fail(path + err.key, err.problem) from None
         # onecycle brings its own ramp: a sampled warmup is not drawn for it (space.py), while
         # a fixed warmup > 0 is warmup given twice and is rejected by check_schedule.
         warmups = [0] if name == "onecycle" and not isinstance(warmup, Fixed) else param_values(warmup)
@@ -523,11 +522,11 @@ def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, s
                 cfg = ScheduleConfig(name, w, train.warmup_shape, train.warmup_start_factor, resolved)
                 try:
                     check_schedule(cfg, steps_per_epoch, train.epochs, lr)
-                except ValueError as err:
-                    key, _, problem = str(err).partition(": ")
+                except FieldError as err:
+                    key = err.key[-1]
                     where = (("space", "warmup_steps") if key == "warmup_steps" else
-                             ("train", key) if key == "warmup_start_factor" else path + (key,))
-                    raise ctx.fail(where, problem) from None
+                             ("train", key) if key == "warmup_start_factor" else path + err.key)
+                    raise ctx.fail(where, err.problem) from None
 
 
 # --- entry points -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Sequence, TextIO
 
 import yaml
 
-from sweep.errors import ScheduleError, SweepError
+from sweep.errors import FieldError, ScheduleError
 from sweep.study.schedules import SCHEDULER_PARAMS, ScheduleConfig, check_schedule, lr_curve
 from sweep.study.schedules import resolve_params
 
@@ -74,13 +74,14 @@ def preview_curve(scheduler: str, base_lr: float, epochs: int, steps_per_epoch: 
         resolved = resolve_params(scheduler, params or {}, epochs)
         cfg = ScheduleConfig(scheduler, warmup_steps, warmup_shape, warmup_start_factor, resolved)
         check_schedule(cfg, steps_per_epoch, epochs, base_lr)
-    except ValueError as err:
-        key, _, problem = str(err).partition(": ")
-        flag = {"warmup_steps": "--warmup-steps", "warmup_start_factor": "--warmup-start-factor",
-                "warmup_shape": "--warmup-shape", "min_lr": "--param min_lr"}.get(key)
+    except FieldError as err:
+        key = err.key[-1]
+        flag = {"scheduler": "--scheduler", "warmup_steps": "--warmup-steps",
+                "warmup_start_factor": "--warmup-start-factor", "warmup_shape": "--warmup-shape",
+                "min_lr": "--param min_lr"}.get(key)
         if flag is None and key in SCHEDULER_PARAMS.get(scheduler, {}):
             flag = f"--param {key}"
-        raise ScheduleError(f"{flag}: {problem}" if flag and problem else str(err)) from None
+        raise ScheduleError(f"{flag}: {err.problem}" if flag else str(err)) from None
     lrs = lr_curve(cfg, base_lr, steps_per_epoch, epochs, list(val_losses) if val_losses else None)
     return LRCurve(cfg, base_lr, steps_per_epoch, epochs, lrs)
 
