@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if os.environ.get("SWEEP_DATA_DIR"):
+    # Relative to where pytest was run (the README runs it with ../shared/...), as the CLI reads
+    # it; made absolute once here, so sweep processes the tests start in other folders agree.
+    os.environ["SWEEP_DATA_DIR"] = str(Path(os.environ["SWEEP_DATA_DIR"]).resolve())
 SHARED_DATA = Path(os.environ.get("SWEEP_DATA_DIR", REPO.parent / "shared/data/cifar10-subset"))
 
 
