@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from sweep.cli import main
-from sweep.orchestration.pool import device_assignments
+from sweep.orchestration.launch import LaunchOptions
+from sweep.orchestration.pool import PoolOptions, device_assignments, worker_environments
 from sweep.study.spec import load_study
 from sweep.orchestration.bookkeeping import fail_dead_trials, reconcile, resolve_budget, stale_runs
 from sweep.orchestration.status import status_text
@@ -40,9 +41,7 @@ def _running_trial(study, tracker, experiment_id, parent, host: str, pid: int):
     trial.set_user_attr("pid", pid)
     run = tracker.start_trial(experiment_id, parent, study.study_name, trial.number,
                               params=trial.params, tags={})
-    run._queue.put(None)  # stop its logging thread but leave the run RUNNING: the worker "died"
-    run._thread.join()
-    return trial, run.run_id
+    return trial, run.run_id  # never finished: the worker "died", its run stays RUNNING
 
 
 def test_stale_heartbeat_trial_failed_retried_and_run_ended(spec, tmp_path, monkeypatch):
@@ -66,9 +65,14 @@ def test_stale_heartbeat_trial_failed_retried_and_run_ended(spec, tmp_path, monk
     assert "running #0: host node-17 pid 4242, heartbeat" in text
     assert f"stale MLflow run {done_run}" in text and dead_run not in text
 
-    time.sleep(2.2)  # past the 1 s grace period
-    fixed = reconcile(study, tracker, experiment_id)
-    assert fixed.failed_trials == [0] and set(fixed.ended_runs) == {dead_run, done_run}
+    # Reconcile until trial 0's heartbeat is older than the 1 s grace period (the finished
+    # trial's run is ended by the first call already).
+    failed, ended, deadline = [], [], time.monotonic() + 60
+    while not failed and time.monotonic() < deadline:
+        fixed = reconcile(study, tracker, experiment_id)
+        failed, ended = failed + fixed.failed_trials, ended + fixed.ended_runs
+        time.sleep(0.1)
+    assert failed == [0] and sorted(ended) == sorted([dead_run, done_run])
     trials = study.get_trials(deepcopy=False)
     assert trials[0].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
@@ -120,6 +124,32 @@ def test_device_assignments():
     assert device_assignments(5, 1, 2) == ["0", "1", "0", "1", "0"]
 
 
+def _pool_envs(workers: int, per_device: int, gpus: int, on_cpu: bool) -> list[dict]:
+    opts = LaunchOptions("postgresql://u:pw@db/optuna", "http://mlflow:5000", None)
+    return worker_environments(opts, PoolOptions(workers, per_device), gpus, on_cpu)
+
+
+def test_pool_gives_each_worker_its_gpu_and_the_urls(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # what the parent saw
+    envs = _pool_envs(4, 2, 2, on_cpu=False)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "0", "1", "1"]
+    for env in envs:  # URLs in the environment, never on the command line
+        assert env["SWEEP_STORAGE"] == "postgresql://u:pw@db/optuna"
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_pool_splits_the_cpu_cores_between_workers(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    for workers in (1, 2, cores, cores + 3):
+        threads = [int(e["OMP_NUM_THREADS"]) for e in _pool_envs(workers, 1, 0, on_cpu=True)]
+        assert len(threads) == workers and min(threads) >= 1
+        assert sum(threads) <= max(cores, workers)  # never more threads than cores (but >= 1 each)
+        assert max(threads) - min(threads) == 0 and sum(threads) > cores - workers  # an even split
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is left alone
+    assert [e["OMP_NUM_THREADS"] for e in _pool_envs(2, 1, 0, on_cpu=True)] == ["3", "3"]
+
+
 def test_submit_dry_run_prints_script_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = "postgresql://sweep:s3cret@db.example:5432/optuna"
@@ -136,6 +166,17 @@ def test_submit_dry_run_prints_script_and_writes_nothing(tmp_path, monkeypatch):
         assert line in out
     assert "s3cret" not in out and "sweep-tiny.env" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_data_dir_reaches_the_tasks_absolute(tmp_path, monkeypatch):
+    """A relative --data-dir (or SWEEP_DATA_DIR) means: relative to where sweep was run; the
+    array tasks start elsewhere, so the script must carry it absolute."""
+    monkeypatch.chdir(tmp_path)
+    for args, env in ((["--data-dir", "data/cifar"], {}), ([], {"SWEEP_DATA_DIR": "data/cifar"})):
+        result = CliRunner().invoke(main, ["submit", "--study", str(TINY), "--array", "1",
+                                           "--dry-run", *args], env=env)
+        assert result.exit_code == 0, result.output
+        assert f"--data-dir {tmp_path / 'data' / 'cifar'}" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
