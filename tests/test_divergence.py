@@ -288,3 +288,18 @@ def test_a_validation_loss_far_above_chance_level_through_sweep_launch(tmp_path,
                                           "divergence.patience_steps=100")
     assert_diverged_in_epoch_0(trials, client, runs, "validation loss")
     assert all(t.user_attrs["prune_step"] == 9 for t in trials)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("divergence.ceiling_factor=3", "divergence.ceiling_factor (--set): must be above loss_factor (4), got 3"),
+    ("divergence.ceiling_factor=1", "divergence.ceiling_factor (--set): must be in (1, "),
+    ("divergence.val_loss_factor=0.5", "divergence.val_loss_factor (--set): must be in (1, "),
+    ("divergence.val_loss_factor=high", "divergence.val_loss_factor (--set): must be a number"),
+])
+def test_bad_divergence_factors_are_one_line_errors(override, words):
+    from sweep.errors import StudyFileError
+    from sweep.study.spec import load_study
+
+    with pytest.raises(StudyFileError) as info:
+        load_study("smoke", [override])
+    assert words in str(info.value) and "\n" not in str(info.value)
