@@ -1,4 +1,5 @@
-"""sweep.study.schedules against torch's own scheduler classes and Hugging Face's documented curves.
+"""sweep.study.schedules against torch's own scheduler classes and Hugging Face transformers'
+own schedule functions.
 
 The torch reference for a warmup W and a main scheduler is built the way ``SequentialLR`` would
 run it: for t < W a ``LinearLR`` on a one-parameter-per-group SGD stepped t times; for t >= W a
@@ -15,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+import transformers
 from torch.optim import lr_scheduler as tl
 
 from sweep.errors import StudyFileError
@@ -171,97 +173,66 @@ def test_plateau_reductions_happen_and_skip_tiny_ones_like_torch():
     assert ours[-1][1] == 1.5e-8
 
 
-# --- Hugging Face transformers' schedules, written from its documentation ---------------------
-# (LambdaLR multipliers of the optimizer's initial LR; the LR of optimizer step t is lambda(t).)
-
-def hf_linear(t, w, total):
-    if t < w:
-        return t / max(1, w)
-    return max(0.0, (total - t) / max(1, total - w))
+# --- Hugging Face transformers' own schedule functions ---------------------------------------
+# (transformers is a test dependency; its schedules need only torch.) Each reference curve is the
+# LR of a one-parameter-per-group SGD driven by the real ``transformers`` scheduler, stepped once
+# per optimizer step, exactly as a training loop with it would.
 
 
-def hf_cosine(t, w, total, num_cycles=0.5, min_lr_rate=0.0):
-    if t < w:
-        return t / max(1, w)
-    progress = (t - w) / max(1, total - w)
-    factor = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
-    return max(0.0, factor * (1 - min_lr_rate) + min_lr_rate)
-
-
-def hf_inverse_sqrt(t, w, timescale=None):
-    if timescale is None:
-        timescale = w or 10_000
-    if t < w:
-        return t / max(1, w)
-    shift = timescale - w
-    return 1.0 / math.sqrt((t + shift) / timescale)
-
-
-def hf_polynomial(t, w, total, lr_init, lr_end=1e-7, power=1.0):
-    if t < w:
-        return t / max(1, w)
-    if t > total:
-        return lr_end / lr_init
-    pct_remaining = 1 - (t - w) / (total - w)
-    return ((lr_init - lr_end) * pct_remaining ** power + lr_end) / lr_init
-
-
-def hf_wsd(t, w, decay, total, decay_type="cosine", min_lr_ratio=0.0, num_cycles=0.5):
-    stable = total - w - decay
-    if t < w:
-        return max(0.0, t / max(1, w) * (1.0 - min_lr_ratio) + min_lr_ratio)
-    if t < w + stable:
-        return 1.0
-    if t < w + stable + decay:
-        progress = (t - w - stable) / max(1, decay)
-        factor = {"linear": 1.0 - progress, "1-sqrt": 1.0 - math.sqrt(progress),
-                  "cosine": 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))}[decay_type]
-        return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
-    return min_lr_ratio
-
-
-def _hf_curve(lam, base_lrs):
-    return [[base * lam(t) for base in base_lrs] for t in range(T)]
+def hf_curve(make, base_lrs) -> list[list[float]]:
+    opt = _optimizer(base_lrs)
+    scheduler = make(opt)
+    curve = []
+    for _ in range(T):
+        curve.append(_lrs(opt))
+        opt.step()
+        scheduler.step()
+    return curve
 
 
 @pytest.mark.parametrize("base_lrs", BASE_LRS, ids=["1group", "2groups"])
 @pytest.mark.parametrize("warmup", WARMUPS, ids=lambda w: f"W{w}")
 def test_matches_hugging_face(warmup, base_lrs):
     """HF warmups ramp from 0, i.e. warmup_start_factor 0 with the linear shape."""
-    w = warmup
+    w, hf = warmup, transformers
     cases = [
-        ("linear", {}, lambda t: hf_linear(t, w, T)),
-        ("cosine", {}, lambda t: hf_cosine(t, w, T)),
-        ("inverse_sqrt", {}, lambda t: hf_inverse_sqrt(t, w)),
-        ("inverse_sqrt", {"timescale_steps": 3}, lambda t: hf_inverse_sqrt(t, w, 3)),
+        ("linear", {}, lambda o: hf.get_linear_schedule_with_warmup(o, w, T)),
+        ("cosine", {}, lambda o: hf.get_cosine_schedule_with_warmup(o, w, T)),
+        ("inverse_sqrt", {}, lambda o: hf.get_inverse_sqrt_schedule(o, w)),
+        ("inverse_sqrt", {"timescale_steps": 3}, lambda o: hf.get_inverse_sqrt_schedule(o, w, 3)),
         ("polynomial", {"power": 2.0, "min_lr": 1e-7},
-         lambda t: hf_polynomial(t, w, T, base_lrs[0], 1e-7, 2.0)),
+         lambda o: hf.get_polynomial_decay_schedule_with_warmup(o, w, T, lr_end=1e-7, power=2.0)),
     ]
-    for name, params, lam in cases:
+    for name, params, make in cases:
         if name == "polynomial" and len(base_lrs) > 1:
             continue  # HF's lr_end is absolute but applied as a ratio of the first group's LR
         ours = sweep_curve(name, params, base_lrs, warmup, f0=0.0)
-        assert_curves_equal(ours, _hf_curve(lam, base_lrs))
+        assert_curves_equal(ours, hf_curve(make, base_lrs))
 
 
-@pytest.mark.parametrize("warmup", WARMUPS, ids=lambda w: f"W{w}")
+# decay_fraction x T = 42 is a whole number of steps here (21 and 6), so the number of decay steps
+# HF is given needs no rounding rule; warmups leave room for the decay (W + decay <= T).
+@pytest.mark.parametrize("warmup", [0, 5], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("fraction, decay", [(0.5, 21), (1 / 7, 6)], ids=["half", "seventh"])
 @pytest.mark.parametrize("shape", ["linear", "1-sqrt", "cosine"])
 @pytest.mark.parametrize("min_lr_ratio", [0.0, 0.05])
-def test_wsd_matches_hugging_face(shape, warmup, min_lr_ratio):
+def test_wsd_matches_hugging_face(shape, warmup, fraction, decay, min_lr_ratio):
     """HF's WSD warms up from min_lr_ratio and decays to it: f0 = ratio, min_lr = ratio * base."""
     base = 0.4
-    fraction = 0.25
-    decay = min(T - warmup, max(1, round(fraction * T)))  # sweep: last 25% of T, after warmup
     params = {"decay_fraction": fraction, "decay_shape": shape, "min_lr": min_lr_ratio * base}
     ours = sweep_curve("wsd", params, (base,), warmup, f0=min_lr_ratio)
-    ref = _hf_curve(lambda t: hf_wsd(t, warmup, decay, T, shape, min_lr_ratio), (base,))
+    ref = hf_curve(lambda o: transformers.get_wsd_schedule(
+        o, warmup, decay, num_training_steps=T, decay_type=shape, min_lr_ratio=min_lr_ratio),
+        (base,))
     assert_curves_equal(ours, ref)
 
 
 def test_cosine_with_min_lr_matches_hugging_face():
-    base, rate = 0.4, 0.1  # HF get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=0.1)
+    base, rate = 0.4, 0.1
     ours = sweep_curve("cosine", {"min_lr": rate * base}, (base,), 5, f0=0.0)
-    assert_curves_equal(ours, _hf_curve(lambda t: hf_cosine(t, 5, T, min_lr_rate=rate), (base,)))
+    ref = hf_curve(lambda o: transformers.get_cosine_with_min_lr_schedule_with_warmup(
+        o, 5, T, min_lr_rate=rate), (base,))
+    assert_curves_equal(ours, ref)
 
 
 # --- warmup shapes: one implementation composed with every main schedule ---------------------
@@ -276,12 +247,16 @@ def test_warmup_shapes_compose_with_every_schedule(name, shape):
     linear = sweep_curve(name, params, (0.4,), w, f0, "linear", VAL_LOSSES)
     other = sweep_curve(name, params, (0.4,), w, f0, shape, VAL_LOSSES)
     assert other[w:] == linear[w:]
+    # Derived from the definitions, not the implementation's formula: the exponential ramp is a
+    # geometric sequence that starts at f0 x base and grows by the same ratio r each step so that
+    # W steps reach base (r ** W = 1 / f0); the constant one holds f0 x base until W.
+    ratio = (1 / f0) ** (1 / w) if w else 1.0
+    lr = 0.4 * f0
     for t in range(w):
-        expected = f0 ** (1 - t / w) if shape == "exponential" else f0
-        assert other[t][0] == pytest.approx(0.4 * expected, rel=REL)
-    if w and shape == "exponential":  # a geometric ramp: a constant ratio between steps
-        ratios = [other[t + 1][0] / other[t][0] for t in range(w - 1)]
-        assert ratios == pytest.approx([f0 ** (-1 / w)] * (w - 1), rel=1e-12)
+        assert other[t][0] == pytest.approx(lr if shape == "exponential" else 0.4 * f0, rel=1e-12)
+        lr *= ratio
+    if w and shape == "exponential":
+        assert lr == pytest.approx(0.4, rel=1e-12)  # the ramp lands on base_lr at step W
 
 
 def test_linear_warmup_from_zero_reaches_base_lr_at_w():
