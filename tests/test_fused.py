@@ -259,3 +259,124 @@ def test_fusion_problem_names_what_cannot_be_fused():
     assert module_problem(MixesChannels(nn.Identity()), MixesChannels(nn.Identity())) == \
         "its forward mixes the slots' channels"
     assert module_problem(Exotic(nn.ReLU()), Exotic(nn.ReLU())) is None
+
+
+class InjectNaN:
+    """A slot listener that writes NaN into its own slot's first convolution after step
+    ``at_step`` (the pack is handed over by train_pack's test hook)."""
+
+    def __init__(self, key, at_step):
+        self.key, self.at_step, self.pack, self.done = key, at_step, None, False
+
+    def on_steps(self, first_step, lrs, losses):
+        if not self.done and first_step + len(lrs) > self.at_step:
+            slot = [s.job.key for s in self.pack.slots].index(self.key)
+            weight = next(self.pack.net.parameters())
+            with torch.no_grad():
+                slot_rows(weight, self.pack.k)[slot].fill_(math.nan)
+            self.done = True
+
+    def on_epoch_end(self, epoch, metrics):
+        pass
+
+
+def test_a_diverging_slot_does_not_touch_the_others(data):
+    spec, splits = data
+    cfgs = configs(spec)
+
+    def pack(inject: bool):
+        records = [Record() for _ in cfgs]
+        monitor = DivergenceMonitor(DivergenceSpec(), cfgs[1].schedule.warmup_steps, STEPS)
+        injector = InjectNaN(1, at_step=1)
+        listeners = [[records[0]], [records[1], monitor] + ([injector] if inject else []),
+                     [records[2]]]
+        jobs = [SlotJob(c, lst, key=i) for i, (c, lst) in enumerate(zip(cfgs, listeners))]
+        hook = (lambda p: setattr(injector, "pack", p)) if inject else None
+        stats, ends = run_pack(jobs, 3, splits, _pack_hook=hook)
+        return records, stats, ends
+
+    clean, _, clean_ends = pack(inject=False)
+    hurt, stats, ends = pack(inject=True)
+    stop = ends[1].stop
+    assert stop is not None and stop.reason == "diverged" and ends[1].result is None
+    # injected after step 2 (the first chunk, steps 0-2): step 3 is the first NaN loss
+    assert stop.step == 3 and stop.detail["loss"] == "nan"
+    assert hurt[1].losses[:3] == clean[1].losses[:3] and math.isnan(hurt[1].losses[3])
+    assert len(hurt[1].lrs) == 6  # no listener call after the chunk that stopped it
+    for i in (0, 2):
+        assert hurt[i].lrs == clean[i].lrs
+        # Within epoch 0 the pack is the same: bit for bit. From epoch 1 the hurt pack has
+        # shrunk to 2 slots (grouped kernels for 2 groups, not 3); measured gap 0 here.
+        assert hurt[i].losses[:STEPS] == clean[i].losses[:STEPS]
+        gaps = [abs(a - b) for a, b in zip(hurt[i].losses, clean[i].losses)]
+        assert max(gaps) <= 1e-4, gaps
+        assert abs(ends[i].result.test_acc - clean_ends[i].result.test_acc) <= 0.01
+    assert stats.shrinks == 1 and stats.wasted_slot_steps == STEPS
+    assert stats.idle_slot_steps == STEPS - 6  # LR 0 until the epoch's end
+    assert stats.slot_steps == 2 * EPOCHS * STEPS + 6
+
+
+class StopAtEpochEnd:
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_steps(self, first_step, lrs, losses):
+        pass
+
+    def on_epoch_end(self, epoch, metrics):
+        if epoch == self.epoch:
+            raise StopTraining("pruner", (epoch + 1) * STEPS - 1, epoch)
+
+
+def test_a_stopped_slot_is_refilled_and_the_last_pack_shrinks(data):
+    spec, splits = data
+    cfgs = configs(spec)
+    reference, ref_result = unfused(cfgs[2], splits)
+    records = [Record() for _ in cfgs]
+    listeners = [[records[0], StopAtEpochEnd(0)], [records[1]], [records[2]]]
+    queue = iter([SlotJob(c, lst, key=i) for i, (c, lst) in enumerate(zip(cfgs, listeners))])
+    calls, ends = [], []
+
+    def next_job():
+        calls.append(1)
+        return next(queue, None)
+
+    stats = train_pack(next_job, 2, splits, CPU, ends.append)
+    assert [e.key for e in ends] == [0, 1, 2]
+    assert ends[0].stop.reason == "pruner" and len(records[0].metrics) == 1
+    assert ends[1].result is not None and ends[2].result is not None
+    # job 2 started at the pack's epoch 1 on its own clock (steps and epochs from 0), shared
+    # the pack with job 1, then trained its last epoch alone after the shrink: as unfused
+    assert_same_trial(reference, ref_result, records[2], ends[2])
+    assert len(calls) == 2 + 1 + 1 + 1  # start; refill; None (shrink); None (all done)
+    assert stats.jobs == 3 and stats.refills == 1 and stats.shrinks == 1
+    assert stats.wasted_slot_steps == STEPS and stats.idle_slot_steps == 0
+    assert stats.slot_steps == 5 * STEPS
+
+
+class Raises:
+    def __init__(self, error):
+        self.error = error
+
+    def on_steps(self, first_step, lrs, losses):
+        raise self.error
+
+    def on_epoch_end(self, epoch, metrics):
+        pass
+
+
+def test_a_failing_listener_fails_its_slot_alone_and_base_exceptions_propagate(data):
+    spec, splits = data
+    cfgs = configs(spec)
+    other = dataclasses.replace(cfgs[2], train=dataclasses.replace(cfgs[2].train, batch_size=16))
+    records = [Record(), Record()]
+    jobs = [SlotJob(cfgs[0], [Raises(RuntimeError("listener broke"))], key="bad"),
+            SlotJob(other, [], key="other"),  # differs in a shared key: ends at once
+            SlotJob(cfgs[1], [records[1]], key="good")]
+    stats, ends = run_pack(jobs, 2, splits)
+    assert str(ends["bad"].error) == "listener broke"
+    assert "train.batch_size differs" in str(ends["other"].error)
+    assert ends["good"].result is not None and len(records[1].lrs) == EPOCHS * STEPS
+    assert stats.wasted_slot_steps == STEPS
+    with pytest.raises(KeyboardInterrupt):
+        run_pack([SlotJob(cfgs[0], [Raises(KeyboardInterrupt())], key=0)], 1, splits)
