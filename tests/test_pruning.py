@@ -67,12 +67,72 @@ def test_bad_pruner_parameters_are_rejected_at_load_with_the_key(tmp_path, prune
     assert f"t.yaml: {key} (line" in message and problem in message and "\n" not in message
 
 
-def test_every_pruner_type_builds(tmp_path):
-    for text in ("none", "{type: median, n_warmup_steps: 0}", "{type: percentile, percentile: 25}",
-                 "{type: successive_halving}", "{type: hyperband, reduction_factor: 3}",
-                 "{type: threshold, lower: 0.2}", "{type: patient, wrapped: {type: median}}"):
-        spec = study_spec(tmp_path, text, epochs=6)
-        assert isinstance(build_pruner(spec.pruner, 6), optuna.pruners.BasePruner)
+def decisions(tmp_path, text: str, completed: list[list[float]], probe: list[float],
+              epochs: int = 3) -> list[bool]:
+    """``should_prune`` after each step of a probe trial, once the ``completed`` curves are
+    complete trials (each asked ``should_prune`` per step, as a worker does)."""
+    study = memory_study(build_pruner(study_spec(tmp_path, text, epochs=epochs).pruner, epochs))
+    for curve in completed:
+        trial = study.ask()
+        for step, value in enumerate(curve):
+            trial.report(value, step)
+            trial.should_prune()
+        study.tell(trial, curve[-1])
+    trial, out = study.ask(), []
+    for step, value in enumerate(probe):
+        trial.report(value, step)
+        out.append(bool(trial.should_prune()))
+    return out
+
+
+MEDIAN = "{type: median, n_startup_trials: 1, n_warmup_steps: 0}"
+
+
+@pytest.mark.parametrize("text, completed, probe, expected", [
+    # n_warmup_steps w: no decision before step w
+    (MEDIAN, [[0.5] * 3], [0.1] * 3, [True, True, True]),
+    ("{type: median, n_startup_trials: 1, n_warmup_steps: 2}", [[0.5] * 3], [0.1] * 3,
+     [False, False, True]),
+    # n_startup_trials n: nothing is pruned until n trials are complete
+    ("{type: median, n_startup_trials: 2, n_warmup_steps: 0}", [[0.5] * 3], [0.1] * 3,
+     [False] * 3),
+    # percentile p (maximize): prune below the top p% of the values at the step
+    ("{type: percentile, percentile: 25, n_startup_trials: 1, n_warmup_steps: 0}",
+     [[0.2], [0.4], [0.6], [0.8]], [0.5], [True]),
+    ("{type: percentile, percentile: 75, n_startup_trials: 1, n_warmup_steps: 0}",
+     [[0.2], [0.4], [0.6], [0.8]], [0.5], [False]),
+    # threshold lower: prune below it
+    ("{type: threshold, lower: 0.2}", [], [0.1] * 3, [True] * 3),
+    ("{type: threshold, lower: 0.05}", [], [0.1] * 3, [False] * 3),
+    # successive halving min_resource r: the first rung is at step r
+    ("{type: successive_halving, min_resource: 1}", [[0.9] * 3] * 4, [0.1] * 3,
+     [False, True, False]),
+    ("{type: successive_halving, min_resource: 2}", [[0.9] * 3] * 4, [0.1] * 3,
+     [False, False, True]),
+    # patient(patience k): a steadily worse trial is pruned only after k steps without gain
+    ("{type: patient, patience: 0, wrapped: " + MEDIAN + "}", [[0.5] * 3], [0.3, 0.2, 0.1],
+     [False, True, True]),
+    ("{type: patient, patience: 1, wrapped: " + MEDIAN + "}", [[0.5] * 3], [0.3, 0.2, 0.1],
+     [False, False, True]),
+    ("none", [[0.5] * 3], [0.1] * 3, [False] * 3),
+])
+def test_built_pruners_follow_their_parameters(tmp_path, text, completed, probe, expected):
+    """Each case differs from its neighbour in one parameter; a pruner built with that
+    parameter ignored would decide as the neighbour does."""
+    assert decisions(tmp_path, text, completed, probe) == expected
+
+
+@pytest.mark.parametrize("factor, rungs", [(2, {1, 2, 4, 8}), (3, {1, 3, 9})])
+def test_hyperband_rungs_follow_the_reduction_factor(tmp_path, factor, rungs):
+    """Rungs sit at min_resource x factor**k steps, so the first pruning of a bad trial happens at
+    one of them (max_resource = the study's 9 epochs)."""
+    text = f"{{type: hyperband, reduction_factor: {factor}, min_resource: 1}}"
+    pruned = decisions(tmp_path, text, [[0.9] * 9] * 12, [0.1] * 9, epochs=9)
+    assert True in pruned and pruned.index(True) in rungs
+
+
+def test_pruner_names_for_logs(tmp_path):
+    spec = study_spec(tmp_path, "{type: patient, wrapped: {type: median}}", epochs=6)
     assert describe_pruner(spec.pruner) == "patient(median)"
 
 
