@@ -58,3 +58,71 @@ def test_a_trial_trains_on_cuda_with_bf16(tiny_cifar, compile_model):
     assert all(math.isfinite(x) for x in record.losses)
     assert 0.0 <= result.test_acc <= 1.0
     assert (result.compile_seconds > 0) == compile_model
+
+
+# --- fused packs (issue 11): the CUDA-graph step against the eager step and against train() ---
+
+FUSED_STUDY = """
+trials: 1
+data: {train_size: 150, val_size: 50, test_size: 40}
+train: {model: resnet8, epochs: 2, batch_size: 15, sync_every_steps: 4, bf16: false}
+space:
+  warmup_steps: 5
+  base_lr: 0.05
+  scheduler: {cosine: {}}
+"""
+
+
+def _fused_configs(k):
+    import dataclasses
+
+    spec = parse_study(FUSED_STUDY, "gpu.yaml", Path("gpu.yaml"))
+    base = trial_config(optuna.trial.FixedTrial({}), spec)
+    return spec, [dataclasses.replace(base, seed=10 + i, base_lr=0.02 * (i + 1)) for i in range(k)]
+
+
+def _run_pack(cfgs, splits, capacity, graphs, stop_first=False):
+    from sweep.training.fused import SlotJob, train_pack
+
+    class Stop(Record):
+        def on_epoch_end(self, epoch, metrics):
+            from sweep.training.train import StopTraining
+
+            raise StopTraining("pruner", 0, epoch)
+
+    records = [Stop() if stop_first and i == 0 else Record() for i in range(len(cfgs))]
+    queue = iter([SlotJob(c, [r], key=i) for i, (c, r) in enumerate(zip(cfgs, records))])
+    ends = {}
+    stats = train_pack(lambda: next(queue, None), capacity, splits, torch.device("cuda"),
+                       lambda end: ends.__setitem__(end.key, end), precision="fp32",
+                       graphs=graphs)
+    return records, ends, stats
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_cuda_graph_step_equals_the_eager_step(tiny_cifar, k):
+    spec, cfgs = _fused_configs(k)
+    splits = load_splits(tiny_cifar, spec.data, torch.device("cuda"))
+    eager, eager_ends, eager_stats = _run_pack(cfgs, splits, k, "off")
+    graphed, graphed_ends, stats = _run_pack(cfgs, splits, k, "on")
+    assert stats.graphs and not eager_stats.graphs and stats.capture_seconds > 0
+    for i in range(k):
+        assert graphed[i].lrs == eager[i].lrs and len(graphed[i].lrs) == spec.total_steps
+        # the same kernels replayed: only cuDNN's nondeterministic reductions may differ
+        torch.testing.assert_close(graphed[i].losses, eager[i].losses, rtol=1e-3, atol=1e-3)
+        assert abs(graphed_ends[i].result.test_acc - eager_ends[i].result.test_acc) <= 0.05
+
+
+def test_a_graphed_pack_refills_in_place_and_recaptures_when_it_shrinks(tiny_cifar):
+    """Capacity 2, 3 jobs, job 0 pruned after epoch 0: job 2 is written into the captured
+    graph's storages and must train as its unfused fp32 run does; then the pack shrinks."""
+    spec, cfgs = _fused_configs(3)
+    device = torch.device("cuda")
+    splits = load_splits(tiny_cifar, spec.data, device)
+    reference = Record()
+    train(cfgs[2], splits, device, [reference])
+    records, ends, stats = _run_pack(cfgs, splits, 2, "on", stop_first=True)
+    assert stats.graphs and stats.refills == 1 and stats.shrinks == 1
+    assert ends[0].stop is not None and ends[2].result is not None
+    assert records[2].lrs == reference.lrs
+    torch.testing.assert_close(records[2].losses, reference.losses, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,298 @@
+"""The machinery of a fused pack: the fused network, its per-slot optimizer and step (eager or
+a CUDA graph), the slots with their own generators, schedules and clocks, per-slot evaluation.
+``fused.train_pack`` drives it; see ``fused`` for why a slot equals its unfused trial."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from sweep.study.schedules import LRSchedule
+from sweep.study.space import TrialConfig
+from sweep.study.spec import TrainSpec
+from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
+from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
+from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
+from sweep.training.graphs import CapturedStep
+from sweep.training.models import build_model
+from sweep.training.train import Listener, StopTraining, TrainResult
+
+
+@dataclass
+class SlotJob:
+    cfg: TrialConfig              # the slot's complete trial config
+    listeners: Sequence[Listener]  # as train()'s; steps/epochs are the slot's own, from 0
+    key: object = None            # the caller's handle, handed back in SlotEnd
+
+
+@dataclass
+class SlotEnd:
+    key: object
+    result: TrainResult | None = None  # trained all epochs
+    stop: StopTraining | None = None   # a listener stopped it (pruned / diverged)
+    error: Exception | None = None     # a listener raised another Exception, or the job was bad
+
+
+@dataclass
+class PackStats:
+    slot_steps: int = 0          # optimizer steps summed over live slots (useful or not)
+    wasted_slot_steps: int = 0   # steps of slots that ended stopped or failed, including the
+    #                              steps they then idled (LR 0) until the epoch boundary
+    idle_slot_steps: int = 0     # of those, the idle ones
+    images: int = 0              # training images of live slots (slot_steps x batch size)
+    seconds: float = 0.0
+    capacity: int = 0            # K asked for
+    jobs: int = 0                # slots started
+    refills: int = 0             # slots started at a boundary after the first epoch
+    shrinks: int = 0
+    precision: str = "fp32"
+    graphs: bool = False         # the step ran as a CUDA graph
+    capture_seconds: float = 0.0
+
+
+@dataclass
+class _Slot:
+    job: SlotJob
+    schedule: LRSchedule
+    generator: torch.Generator
+    history: list = field(default_factory=list)
+    step: int = 0       # the slot's own optimizer steps so far
+    epoch: int = 0      # the slot's own epoch in progress
+    ended: bool = False  # stopped/failed/finished: idle until the boundary frees it
+    wasted: bool = False
+    steps_in_pack: int = 0
+    order: torch.Tensor | None = None  # this epoch's permutation of the training split
+
+
+class _StackedNormalizer(Normalizer):
+    """``Normalizer`` for K slots' images stacked along channels: ``[B, K*3, H, W]``."""
+
+    def __init__(self, device: torch.device, k: int):
+        super().__init__(device, channels_last=True)
+        self.scale, self.shift = self.scale.repeat(1, k, 1, 1), self.shift.repeat(1, k, 1, 1)
+
+
+class Pack:
+    """The fused network, its optimizer and step, and the slots; ``train_pack`` drives it."""
+
+    def __init__(self, t: TrainSpec, splits: Splits, device: torch.device, bf16: bool,
+                 graphs: bool, on_end: Callable[[SlotEnd], None], stats: PackStats):
+        self.t, self.splits, self.device, self.on_end, self.stats = t, splits, device, on_end, stats
+        self.steps_per_epoch = splits.train_y.shape[0] // t.batch_size
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
+                                               cache_enabled=False)
+        self.use_graphs = graphs
+        self.template = build_model(t.model, t.width)  # architecture only
+        self.decay = decays(self.template)
+        self.slots: list[_Slot] = []
+        self.k = 0
+
+    # --- building --------------------------------------------------------------------------
+    def _build(self, k: int) -> tuple[nn.Module, SlotOptimizer]:
+        net = fuse(self.template, k, self.device)
+        params = [p for _, p in net.named_parameters()]
+        decay = [self.decay[name] for name, _ in net.named_parameters()]
+        optimizer = build_slot_optimizer(self.t.optimizer, params, decay, k,
+                                         self.t.nesterov)
+        return net, optimizer
+
+    def start(self, jobs: list[SlotJob]) -> None:
+        self.k = len(jobs)
+        self.net, self.optimizer = self._build(self.k)
+        self.slots = [None] * self.k  # type: ignore[list-item]
+        for index, job in enumerate(jobs):
+            self.fill(index, job)
+        self._make_step()
+
+    def fill(self, index: int, job: SlotJob) -> None:
+        """Slot ``index`` starts ``job``: weights as train() builds them, fresh BatchNorm
+        statistics and optimizer state, its own generator and schedule; all in place."""
+        cfg = job.cfg
+        torch.manual_seed(cfg.seed)
+        load_slot(self.net, self.k, index, build_model(cfg.train.model, cfg.train.width))
+        self.optimizer.reset_slot(index)
+        self.optimizer.weight_decay[index] = cfg.train.weight_decay
+        self.optimizer.momentum[index] = cfg.train.momentum
+        self.slots[index] = _Slot(job, LRSchedule(cfg.schedule, self.steps_per_epoch,
+                                                  cfg.train.epochs),
+                                  torch.Generator(device=self.device).manual_seed(cfg.seed))
+        self.stats.jobs += 1
+
+    def shrink(self, keep: list[int]) -> None:
+        """Rebuild with slots ``keep`` only (their weights, statistics and optimizer state)."""
+        net, optimizer = self._build(len(keep))
+        copy_slots(net, self.net, self.k, keep)
+        optimizer.take_slots(self.optimizer, keep)
+        self.net, self.optimizer, self.k = net, optimizer, len(keep)
+        self.slots = [self.slots[i] for i in keep]
+        self.stats.shrinks += 1
+        self._make_step()
+
+    def _make_step(self) -> None:
+        self.step = self._train_step
+        if not self.use_graphs:
+            return
+        b, k = self.t.batch_size, self.k
+        h, w = self.splits.train_x.shape[-2:]
+        static_x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
+            memory_format=torch.channels_last)
+        static_y = torch.zeros(b, k, dtype=torch.long, device=self.device)
+        state = [*self.net.parameters(), *self.net.buffers(), self.optimizer.lr,
+                 *self.optimizer.state_tensors()]
+        began = time.perf_counter()
+        try:
+            captured = CapturedStep(lambda: self._train_step(static_x, static_y), state)
+        except Exception as err:  # a capture that fails must not fail the trials
+            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); this pack "
+                          f"trains eagerly")
+            self.use_graphs = False
+            return
+        self.stats.capture_seconds += time.perf_counter() - began
+
+        def replay(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            return captured()
+
+        self.step = replay
+
+    # --- one step ----------------------------------------------------------------------------
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, update; returns the K slot losses (on the device)."""
+        with self.autocast():
+            logits = self.net(x)  # [B, K, classes]
+        per_slot = nn.functional.cross_entropy(logits.float().transpose(1, 2), y,
+                                               reduction="none",
+                                               label_smoothing=self.t.label_smoothing).mean(0)
+        self.net.zero_grad(set_to_none=True)
+        per_slot.sum().backward()  # d(sum)/d(slot k's weights) = d(loss k)/d(them)
+        self.optimizer.step()
+        return per_slot.detach()
+
+    def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i`` of the epoch for every slot, stacked: x [B, K*3, H, W], y [B, K]. The
+        random draws come from each slot's generator (as ``train_batches``); the gather, crop,
+        flip and normalisation run once for all slots."""
+        b, k = self.t.batch_size, self.k
+        idx = torch.stack([s.order[i * b: (i + 1) * b] for s in self.slots])  # [K, B]
+        dy, dx, flip = (torch.cat(d) for d in zip(*(augment_draws(b, s.generator)
+                                                    for s in self.slots)))
+        images = crop_flip(self.splits.train_x[idx.flatten()], dy, dx, flip)
+        x = images.view(k, b, *images.shape[1:]).transpose(0, 1).reshape(b, -1, *images.shape[2:])
+        return self.normalize(x), self.splits.train_y[idx].t()
+
+    # --- an epoch ----------------------------------------------------------------------------
+    def run_epoch(self, guards: Sequence[Listener], pack_step: int) -> None:
+        """One epoch of every slot, listeners called every ``sync_every_steps``."""
+        self.normalize = _StackedNormalizer(self.device, self.k)
+        n = self.splits.train_y.shape[0]
+        for s in self.slots:  # as train_batches: a permutation per epoch from the slot's generator
+            s.order = torch.randperm(n, generator=s.generator, device=self.device)
+        losses = torch.zeros(self.t.sync_every_steps, self.k, device=self.device)
+        done = 0
+        while done < self.steps_per_epoch:
+            chunk = min(self.t.sync_every_steps, self.steps_per_epoch - done)
+            active = [not s.ended for s in self.slots]
+            # The chunk's LRs are known ahead (plateau only moves at epoch ends): one upload.
+            lrs = [[s.schedule.lr_at(s.step + j, s.job.cfg.base_lr) if live else 0.0
+                    for s, live in zip(self.slots, active)] for j in range(chunk)]
+            lr_rows = torch.tensor(lrs, dtype=torch.float32)
+            if self.device.type == "cuda":
+                lr_rows = lr_rows.pin_memory()
+            lr_rows = lr_rows.to(self.device, non_blocking=True)
+            for j in range(chunk):
+                x, y = self._batch(done + j)
+                self.optimizer.lr.copy_(lr_rows[j])
+                losses[j] = self.step(x, y)
+            host = losses[:chunk].tolist()  # the one host sync per chunk
+            for k, (s, live) in enumerate(zip(self.slots, active)):
+                s.steps_in_pack += chunk
+                if live:
+                    self.stats.slot_steps += chunk
+                    self.stats.images += chunk * self.t.batch_size
+                    first = s.step
+                    self._notify(s, lambda lst: lst.on_steps(first, [r[k] for r in lrs],
+                                                             [r[k] for r in host]))
+                else:
+                    self.stats.idle_slot_steps += chunk
+                s.step += chunk
+            done += chunk
+            for guard in guards:
+                guard.on_steps(pack_step + done - chunk, [], [])
+
+    def end_epoch(self, began: float) -> None:
+        """Validation for every live slot, plateau, epoch listeners; test for finished slots."""
+        active = [s for s in self.slots if not s.ended]
+        if not active:
+            return
+        val_loss, val_acc = self.evaluate(self.splits.val_x, self.splits.val_y)
+        seconds = time.perf_counter() - began
+        for k, s in enumerate(self.slots):
+            if s.ended:
+                continue
+            metrics = {"val_loss": val_loss[k], "val_acc": val_acc[k], "epoch_seconds": seconds}
+            if math.isfinite(val_loss[k]):
+                metrics["lr_reduced"] = s.schedule.end_of_epoch(s.epoch, val_loss[k])
+            s.history.append(metrics)
+            self._notify(s, lambda lst: lst.on_epoch_end(s.epoch, metrics))
+            s.epoch += 1
+        finished = [k for k, s in enumerate(self.slots)
+                    if not s.ended and s.epoch == s.job.cfg.train.epochs]
+        if finished:
+            _, test_acc = self.evaluate(self.splits.test_x, self.splits.test_y)
+            for k in finished:
+                s = self.slots[k]
+                result = TrainResult(history=s.history, test_acc=test_acc[k], steps=s.step)
+                self._end(s, SlotEnd(s.job.key, result=result))
+
+    def _notify(self, s: _Slot, call: Callable[[Listener], None]) -> None:
+        """Call ``s``'s listeners; StopTraining or another Exception ends this slot alone."""
+        if s.ended:
+            return
+        try:
+            for listener in s.job.listeners:
+                call(listener)
+        except StopTraining as stop:
+            self._end(s, SlotEnd(s.job.key, stop=stop), wasted=True)
+        except Exception as err:
+            self._end(s, SlotEnd(s.job.key, error=err), wasted=True)
+
+    def _end(self, s: _Slot, end: SlotEnd, wasted: bool = False) -> None:
+        s.ended, s.wasted = True, wasted
+        self.on_end(end)
+
+    def release(self) -> list[int]:
+        """Count the ended slots' compute; return their indices (free for refilling)."""
+        free = [k for k, s in enumerate(self.slots) if s.ended]
+        for k in free:
+            if self.slots[k].wasted:
+                self.stats.wasted_slot_steps += self.slots[k].steps_in_pack
+        return free
+
+    @torch.no_grad()
+    def evaluate(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
+        """Per-slot (mean cross-entropy, accuracy) over a split: the fused network runs once
+        over it with each image repeated for the K slots. One sync."""
+        self.net.eval()
+        k, normalize = self.k, _StackedNormalizer(self.device, self.k)
+        loss_sum = torch.zeros(k, device=self.device)
+        correct = torch.zeros(k, device=self.device, dtype=torch.long)
+        for start in range(0, y.shape[0], self.t.eval_batch_size):
+            xb = normalize(x_u8[start: start + self.t.eval_batch_size].repeat(1, k, 1, 1))
+            yb = y[start: start + self.t.eval_batch_size]
+            with self.autocast():
+                logits = self.net(xb)
+            loss_sum += nn.functional.cross_entropy(logits.float().transpose(1, 2),
+                                                    yb[:, None].expand(-1, k),
+                                                    reduction="none").sum(0)
+            correct += (logits.argmax(2) == yb[:, None]).sum(0)
+        self.net.train()
+        n = y.shape[0]
+        return [v / n for v in loss_sum.tolist()], [c / n for c in correct.tolist()]
