@@ -165,4 +165,8 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
                 settle(slot.trial, outcome)
         if interrupted:
             raise
+        for trial in waiting:  # the pack failed before its first slot was filled
+            message = f"{type(err).__name__}: {err}"[:2000]
+            trial.set_user_attr("error", message)
+            settle(trial, Outcome(optuna.trial.TrialState.FAIL, detail=message))
         return None

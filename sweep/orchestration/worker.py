@@ -24,6 +24,7 @@ from sweep.errors import SpaceChangedError
 from sweep.orchestration.bookkeeping import (budget_used, counted, end_stale_runs,
                                              fail_dead_trials, over_budget, retry_later)
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
+from sweep.orchestration.pack import pack_capacity, run_pack
 from sweep.study.phases import SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec
@@ -135,11 +136,13 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
 
 
 class _Heartbeat:
-    """Records the running trial's heartbeat so a dead worker's trial is failed after the grace
-    period (RDB storages only; the journal storage has no heartbeat)."""
+    """Records the heartbeats of the trials this worker is training (one, or the live slots of a
+    fused pack: ``add``/``discard``) so a dead worker's trials are failed after the grace period
+    (RDB storages only; the journal storage has no heartbeat)."""
 
-    def __init__(self, storage, trial_id: int):
-        self._storage, self._trial_id = storage, trial_id
+    def __init__(self, storage, *trial_ids: int):
+        self._storage, self._trial_ids = storage, set(trial_ids)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
         self._thread = None
@@ -148,12 +151,23 @@ class _Heartbeat:
             self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
             self._thread.start()
 
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self._trial_ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self._trial_ids.discard(trial_id)
+
     def _beat(self):
         while True:
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except Exception:
-                pass  # a missed beat is harmless; a dead storage shows up at tell()
+            with self._lock:
+                ids = list(self._trial_ids)
+            for trial_id in ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception:
+                    pass  # a missed beat is harmless; a dead storage shows up at tell()
             if self._stop.wait(self._interval):
                 return
 
@@ -167,6 +181,7 @@ class _Heartbeat:
 class WorkerReport:
     ran: list[Outcome] = field(default_factory=list)
     interrupted_by: int | None = None
+    packs: list = field(default_factory=list)  # fused packs' PackStats (None: a pack failed)
 
 
 def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=None) -> WorkerReport:
@@ -180,47 +195,76 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     report = WorkerReport()
     storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+    capacity = pack_capacity(ctx, budget - len(counted(study.get_trials(deepcopy=False))))
     with SignalGuard() as guard:
-        while guard.signum is None:
-            if fail_dead_trials(study):
-                end_stale_runs(study, ctx.tracker, ctx.experiment_id)
-            trials = study.get_trials(deepcopy=False)
-            if len(counted(trials)) >= budget:
-                if budget_used(study) >= budget or not _can_wait(study, trials):
-                    break
-                time.sleep(_POLL_SECONDS)  # others' trials are running; one may be dead
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the same heartbeat warning
-                trial = study.ask()
-            if over_budget(study, trial, budget):
-                continue
+        while (trial := _ask(study, ctx, budget, guard, wait=True)) is not None:
+            live = {trial._trial_id: trial}  # began, not yet told
             heartbeat = _Heartbeat(storage, trial._trial_id)
+
+            def began(t):
+                live[t._trial_id] = t
+                heartbeat.add(t._trial_id)
+
+            def settle(t, outcome):
+                heartbeat.discard(t._trial_id)
+                live.pop(t._trial_id, None)
+                if outcome.state == TrialState.COMPLETE:
+                    _tell(study, t, outcome.value)
+                else:
+                    _tell(study, t, state=outcome.state)
+                report.ran.append(outcome)
+                if on_trial is not None:
+                    on_trial(t.number, outcome)
+
             try:
-                outcome = run_trial(trial, ctx, guard)
+                if capacity > 1:
+                    stats = run_pack(trial, lambda: _ask(study, ctx, budget, guard, wait=False),
+                                     ctx, capacity, guard, began, settle)
+                    report.packs.append(stats)
+                else:
+                    settle(trial, run_trial(trial, ctx, guard))
             except Interrupted as sig:
                 heartbeat.stop()
-                _tell(study, trial, state=TrialState.FAIL)
-                retry_later(study, study._storage.get_trial(trial._trial_id))
+                for t in live.values():  # their runs are ended KILLED; the trials retried
+                    _tell(study, t, state=TrialState.FAIL)
+                    retry_later(study, study._storage.get_trial(t._trial_id))
                 report.interrupted_by = sig.signum
                 break
             finally:
                 heartbeat.stop()
-            if outcome.state == TrialState.COMPLETE:
-                _tell(study, trial, outcome.value)
-            else:
-                _tell(study, trial, state=outcome.state)
-            report.ran.append(outcome)
-            if on_trial is not None:
-                on_trial(trial.number, outcome)
         if guard.signum is not None and report.interrupted_by is None:
             report.interrupted_by = guard.signum
+    ctx.tracker.wait()  # runs ended in the background, the last LR-curve figures
     try:
         end_stale_runs(study, ctx.tracker, ctx.experiment_id)
     except Exception:
         pass  # best effort on the way out; `sweep status --repair` does it again
-    ctx.tracker.wait()  # the last trials' LR-curve figures
     return report
+
+
+def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuard,
+         wait: bool) -> optuna.Trial | None:
+    """The next trial within the budget, or None once it is spent (or a signal came).
+
+    With ``wait``, while the remaining budget is held by other workers' RUNNING trials, poll
+    every second instead of leaving: if such a worker died, its trial is failed (heartbeat or
+    dead local pid) and its re-enqueued retry must still be run by someone. A fused pack asks
+    without waiting for its later slots (its own live trials hold the rest of the budget)."""
+    while guard.signum is None:
+        if fail_dead_trials(study):
+            end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+        trials = study.get_trials(deepcopy=False)
+        if len(counted(trials)) >= budget:
+            if not wait or budget_used(study) >= budget or not _can_wait(study, trials):
+                return None
+            time.sleep(_POLL_SECONDS)  # others' trials are running; one may be dead
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the same heartbeat warning
+            trial = study.ask()
+        if not over_budget(study, trial, budget):
+            return trial
+    return None
 
 
 _POLL_SECONDS = 1.0

@@ -1,0 +1,324 @@
+"""Fused trials in the study loop (issue 11): `train.fuse` in study files, and real launches
+(`sweep launch` in a subprocess, real SQLite and MLflow stores, real resnet8 training on tiny
+data) in which every slot of a pack is a whole trial of its own.
+
+The fused pack's arithmetic (a slot equals the unfused trial) is tested beside the training core;
+here: what Optuna and MLflow hold afterwards, pruning and refill, budgets, and signals.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from sweep.errors import StudyFileError
+from sweep.study.spec import load_study, parse_study
+
+from test_e2e import check_smoke_stores
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "SWEEP_HEARTBEAT_INTERVAL": "1",
+            "SWEEP_GRACE_PERIOD": "3", "PYTHONPATH": str(REPO), **extra}
+
+
+def launch(folder: Path, data: Path, *args: str, timeout: float = 600):
+    return subprocess.run([sys.executable, "-m", "sweep.cli", "launch", "--quiet",
+                           "--data-dir", str(data), *args],
+                          cwd=folder, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+# --- the study file key -------------------------------------------------------------------------
+
+def test_fuse_defaults_to_one_and_takes_a_count_or_auto():
+    assert load_study("smoke", ["train.fuse=1"]).train.fuse == 1
+    assert parse_study("trials: 1\nspace: {warmup_steps: 0, base_lr: 0.1, scheduler: {cosine: {}}}",
+                       "t.yaml", Path("t.yaml")).train.fuse == 1
+    assert load_study("smoke", ["train.fuse=3"]).train.fuse == 3
+    assert load_study("smoke", ["train.fuse=auto"]).train.fuse == "auto"
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("0", "train.fuse (--set): must be >= 1 or auto, got 0"),
+    ("-2", "must be >= 1 or auto, got -2"),
+    ("1.5", "train.fuse (--set): must be an integer or auto, got 1.5"),
+    ("many", "must be an integer or auto, got 'many'"),
+    ("true", "must be an integer or auto, got True"),
+])
+def test_bad_fuse_values_name_the_key(value, problem):
+    with pytest.raises(StudyFileError) as err:
+        load_study("smoke", [f"train.fuse={value}"])
+    assert problem in str(err.value)
+
+
+def test_bad_fuse_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, tiny_cifar):
+    proc = launch(tmp_path, tiny_cifar, "--study", "smoke", "--set", "train.fuse=0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {REPO / 'studies' / 'smoke.yaml'}: train.fuse (--set): must be >= 1 or auto, "
+        f"got 0"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_heartbeat_beats_every_live_trial_of_a_pack(tmp_path):
+    """One heartbeat thread beats all the trials added to it, and stops beating a discarded one
+    (real SQLite storage; Optuna's own stale-trial query is the judge)."""
+    from sweep.orchestration.worker import _Heartbeat
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db", heartbeat_interval=1,
+                                         grace_period=2)
+    study = optuna.create_study(storage=storage)
+    trials = [study.ask() for _ in range(3)]
+    beat = _Heartbeat(storage, trials[0]._trial_id)
+    beat.add(trials[1]._trial_id)
+    beat.add(trials[2]._trial_id)
+    try:
+        _wait_until(lambda: _beaten(tmp_path / "o.db") == {t._trial_id for t in trials})
+        beat.discard(trials[2]._trial_id)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stale = set(storage._get_stale_trial_ids(study._study_id))
+            if trials[2]._trial_id in stale:
+                break
+            time.sleep(0.5)
+        assert trials[2]._trial_id in stale  # never beaten: stale past the grace period
+        assert trials[0]._trial_id not in stale and trials[1]._trial_id not in stale
+    finally:
+        beat.stop()
+
+
+def _beaten(db: Path) -> set[int]:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return {row[0] for row in conn.execute("SELECT trial_id FROM trial_heartbeats")}
+
+
+def _wait_until(cond, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.2)
+
+
+# --- a fused smoke study end to end ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fused_smoke_study_keeps_every_trial_whole(tmp_path, shared_cifar):
+    """The e2e smoke launch with 3 trials fused: the same checks as unfused (each trial its own
+    run, lr/train_loss every step equal to torch's schedulers, val metrics equal to Optuna's
+    intermediate values, test_acc, LR curve), plus the pack tags."""
+    proc = launch(tmp_path, shared_cifar, "--study", "smoke", "--trials", "6",
+                  "--set", "train.epochs=3", "--set", "train.fuse=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "study 'smoke': 6/6 trials used" in proc.stdout
+    runs = check_smoke_stores(tmp_path)
+    packs = Counter(r.data.tags["sweep.pack"] for r in runs.values())
+    assert sum(packs.values()) == 6 and max(packs.values()) >= 3  # trained together
+    for number, run in runs.items():
+        tags = run.data.tags
+        assert tags["sweep.slot"] in ("0", "1", "2")
+        together = [int(n) for n in tags["sweep.pack_trials"].split(",")]
+        assert number in together and len(together) >= 2
+        assert all(runs[n].data.tags["sweep.pack"] == tags["sweep.pack"] for n in together)
+
+
+# --- pruning and refill -------------------------------------------------------------------------
+
+REFILL = """
+name: refill
+seed: 0
+trials: 6
+objective: {metric: val_acc, direction: maximize}
+sampler: {type: random}
+pruner: {type: threshold, lower: 1.01, n_warmup_steps: 1}
+divergence: {loss_factor: 4.0, patience_steps: 3, reference_steps: 2}
+data: {train_size: 120, val_size: 40, test_size: 40}
+train: {model: resnet8, width: 1, epochs: 3, batch_size: 20, sync_every_steps: 2, fuse: 2}
+space:
+  warmup_steps: 0
+  base_lr: {type: categorical, choices: [0.05, 1000.0]}
+  scheduler: {constant: {}}
+"""
+
+
+@pytest.mark.slow
+def test_pruned_and_diverged_slots_are_refilled_within_the_budget(tmp_path, tiny_cifar):
+    """LR 1000 diverges within its first epoch (a StopTraining mid-epoch), LR 0.05 is pruned by
+    the threshold pruner after its second epoch (val_acc < 1.01 always): every freed seat is
+    taken by the next trial of the study, in the same pack, until the budget of 6 is spent."""
+    study_file = tmp_path / "refill.yaml"
+    study_file.write_text(REFILL)
+    proc = launch(tmp_path, tiny_cifar, "--study", str(study_file))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="refill", storage=f"sqlite:///{tmp_path}/sweep.db")
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.PRUNED for t in trials)
+    reasons = {t.params["base_lr"]: set() for t in trials}
+    for t in trials:
+        reasons[t.params["base_lr"]].add(t.user_attrs["prune_reason"])
+    assert reasons.get(1000.0) == {"diverged"} and reasons.get(0.05) == {"pruner"}, reasons
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    steps_per_epoch = 120 // 20
+    pack_ids, seats = set(), Counter()
+    for t in trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["sweep.state"] == "PRUNED"
+        pack_ids.add(run.data.tags["sweep.pack"])
+        seats[run.data.tags["sweep.slot"]] += 1
+        val_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+        assert val_acc == t.intermediate_values
+        lrs = client.get_metric_history(run.info.run_id, "lr")
+        assert lrs and all(m.value == t.params["base_lr"] for m in lrs)  # constant, its own
+        if t.user_attrs["prune_reason"] == "pruner":  # two whole epochs, then the pruner
+            assert sorted(val_acc) == [0, 1] and t.user_attrs["prune_epoch"] == 1
+            assert sorted(m.step for m in lrs) == list(range(2 * steps_per_epoch))
+        else:  # stopped inside its first epoch: no epoch reported, its steps up to the stop
+            assert val_acc == {} and t.user_attrs["prune_epoch"] == 0
+            assert len(lrs) < steps_per_epoch
+    # One pack ran the whole study: trials 2..5 took the seats 0 and 1 that others freed.
+    assert len(pack_ids) == 1 and set(seats) == {"0", "1"} and sum(seats.values()) == 6
+
+
+# --- signals and several workers ----------------------------------------------------------------
+
+def _running_with_epoch(db: Path, at_least: int) -> bool:
+    """At least ``at_least`` trials RUNNING that have reported an epoch (read-only SQLite)."""
+    import sqlite3
+
+    query = ("SELECT count(DISTINCT t.trial_id) FROM trials t JOIN trial_intermediate_values v "
+             "ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'")
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute(query).fetchone()[0] >= at_least
+    except sqlite3.OperationalError:
+        return False
+
+
+def _wait(cond, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError("timed out waiting for the fused pack to train")
+
+
+def _nothing_running(folder: Path, study_name: str = "smoke"):
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{folder}/sweep.db")
+    trials = study.get_trials()
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    exp = client.get_experiment_by_name(study_name)
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    return trials, client, runs
+
+
+SMALL = ["--set", "data.train_size=150", "--set", "data.val_size=50", "--set", "data.test_size=40",
+         "--set", "train.batch_size=15", "--set", "train.fuse=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_fails_and_retries_every_live_slot(tmp_path, tiny_cifar, signum):
+    """SIGTERM/Ctrl-C mid-training of a pack of 2: both trials FAIL (error 'interrupted') and
+    are re-enqueued once, both runs KILLED with their curves; nothing RUNNING anywhere; the
+    next launch runs the retries and the budget comes out exact."""
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", "--study", "smoke",
+                             "--quiet", "--data-dir", str(tiny_cifar), *SMALL, "--trials", "3",
+                             "--set", "train.epochs=200"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    try:
+        _wait(lambda: _running_with_epoch(tmp_path / "sweep.db", 2), proc)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err
+    trials, client, runs = _nothing_running(tmp_path)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(failed) == 2 and all(t.user_attrs["error"] == "interrupted" for t in failed)
+    assert sorted(str(t.params) for t in waiting) == sorted(str(t.params) for t in failed)
+    for t in failed:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["sweep.state"] == "FAIL"
+        assert client.get_metric_history(run.info.run_id, "lr")  # curves kept
+
+    done = launch(tmp_path, tiny_cifar, "--study", "smoke", *SMALL, "--trials", "3",
+                  "--set", "train.epochs=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3/3 trials used" in done.stdout
+    trials, _, _ = _nothing_running(tmp_path)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert sorted(str(t.params) for t in failed) == sorted(
+        str(t.params) for t in finished if t.system_attrs.get("retry_history"))
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_fused_worker_is_reconciled_by_the_next_launch(tmp_path, tiny_cifar):
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", "--study", "smoke",
+                             "--quiet", "--data-dir", str(tiny_cifar), *SMALL, "--trials", "2",
+                             "--set", "train.epochs=200"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env())
+    try:
+        _wait(lambda: _running_with_epoch(tmp_path / "sweep.db", 2), proc)
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = launch(tmp_path, tiny_cifar, "--study", "smoke", *SMALL, "--trials", "2",
+                  "--set", "train.epochs=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials, client, runs = _nothing_running(tmp_path)
+    dead = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(dead) == 2  # failed by their stale heartbeats or their dead pid, whichever first
+    for t in dead:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["sweep.state"] == "FAIL"
+    retried = [t for t in trials if t.system_attrs.get("retry_history")]
+    assert sorted(str(t.params) for t in retried) == sorted(str(t.params) for t in dead)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in retried)
+    assert "2/2 trials used" in done.stdout
+
+
+@pytest.mark.slow
+def test_two_fused_workers_on_one_sqlite_storage_keep_the_budget_exact(tmp_path, tiny_cifar):
+    """`--workers 2` with fuse 3 on a budget of 7 (not a multiple of anything): exactly 7 trials
+    count, each with exactly one ended run; the later packs shrink to fit."""
+    from test_workers import TINY, check_consistent, plain_storage, trial_runs
+
+    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "sweep.cli", "launch", "--study", str(TINY), "--workers", "2",
+         "--trials", "7", "--storage", storage, "--tracking-uri", tracking, "--quiet",
+         "--set", "train.fuse=3", "--set", "train.epochs=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=env(SWEEP_DATA_DIR=str(tiny_cifar)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=plain_storage(storage))
+    runs = trial_runs(tracking, "tiny")
+    check_consistent(study, runs, 7)
+    assert len({r.data.tags["sweep.pack"] for r in runs}) >= 2  # both workers fused
+    assert all(math.isfinite(t.value) for t in study.trials if t.state == TrialState.COMPLETE)
