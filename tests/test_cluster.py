@@ -63,6 +63,17 @@ def _slurm_job_of(pid: int) -> str | None:
     return f"{job.decode()}_{task.decode()}" if job and task else None
 
 
+def wait_array_ended(job: str, env: dict, deadline: float) -> None:
+    """Return once every task of array ``job`` has ended (squeue lists the array until then)."""
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=env,
+                                capture_output=True, text=True, timeout=60).stdout.strip()
+        if not queued:
+            return
+        time.sleep(1)
+    pytest.fail(f"array {job} still queued: {queued}")
+
+
 @pytest.mark.slow
 def test_submit_array_on_postgres(postgres, slurm, tiny_cifar, tmp_path):
     optuna_url, mlflow_url = postgres
@@ -95,14 +106,7 @@ def test_submit_array_on_postgres(postgres, slurm, tiny_cifar, tmp_path):
         time.sleep(0.05)
     assert victim is not None, "no trial ever ran"
 
-    while time.time() < deadline:  # squeue lists the array until every task has ended
-        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=env,
-                                capture_output=True, text=True, timeout=60).stdout.strip()
-        if not queued:
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"array {job} still queued: {queued}")
+    wait_array_ended(job, env, deadline)
     outputs = "\n".join(p.read_text() for p in (tmp_path / "sweep-jobs").glob("*.out"))
     assert "interrupted" in outputs, outputs[-3000:]
     assert PASSWORD not in outputs

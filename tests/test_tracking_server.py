@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweep.orchestration.bookkeeping import counted
+from test_cluster import wait_array_ended
 from test_workers import (REPO, TINY, _has_trials, _wait_running, check_consistent, plain_storage,
                           sweep_cmd, sweep_env, trial_runs)
 
@@ -43,6 +44,24 @@ def server(tmp_path_factory):
     with mlflow_server(f"sqlite:///{root}/server.db",
                        artifacts_destination=str(artifacts)) as (_, url):
         yield url, artifacts
+
+
+def launch_until_training(args: list[str], name: str, data: Path, tmp_path: Path):
+    """Start ``sweep launch ARGS`` (Optuna in tmp_path/optuna.db) on the small smoke setting;
+    return (the process, a trial of it mid-training)."""
+    proc = subprocess.Popen(sweep_cmd("launch", *args, "--quiet", *SMALL), env=sweep_env(data),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        # A reader opens the storage only once the launcher has created it (creation races).
+        while time.time() < deadline and not _has_trials(tmp_path / "optuna.db"):
+            time.sleep(0.2)
+        return proc, _wait_running(plain_storage(f"sqlite:///{tmp_path}/optuna.db"), name,
+                                   set(), deadline)
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def _killed(trial) -> bool:
@@ -83,16 +102,10 @@ def test_two_workers_log_over_http_and_a_killed_worker_leaves_nothing_running(
     url, artifacts = server
     storage = f"sqlite:///{tmp_path}/optuna.db"
     budget = 6
-    pool = subprocess.Popen(
-        sweep_cmd("launch", "--study", str(SMOKE), "--workers", "2", "--trials", str(budget),
-                  "--storage", storage, "--tracking-uri", url, "--quiet", *SMALL),
-        env=sweep_env(tiny_cifar), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+    pool, killed = launch_until_training(
+        ["--study", str(SMOKE), "--workers", "2", "--trials", str(budget), "--storage", storage,
+         "--tracking-uri", url], "smoke", tiny_cifar, tmp_path)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not _has_trials(tmp_path / "optuna.db"):
-            time.sleep(0.2)
-        killed = _wait_running(plain_storage(storage), "smoke", set(), deadline)
         os.kill(killed.user_attrs["pid"], signal.SIGKILL)
         out, err = pool.communicate(timeout=400)
     finally:
@@ -142,16 +155,10 @@ def test_status_repair_ends_the_run_of_a_sigkilled_lone_worker_over_http(
     name = "lone"
     study_file = tmp_path / "lone.yaml"
     study_file.write_text(SMOKE.read_text().replace("name: smoke", f"name: {name}", 1))
-    worker = subprocess.Popen(
-        sweep_cmd("launch", "--study", str(study_file), "--trials", "2", "--storage", storage,
-                  "--tracking-uri", url, "--quiet", *SMALL),
-        env=sweep_env(tiny_cifar), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+    worker, killed = launch_until_training(
+        ["--study", str(study_file), "--trials", "2", "--storage", storage, "--tracking-uri", url],
+        name, tiny_cifar, tmp_path)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not _has_trials(tmp_path / "optuna.db"):
-            time.sleep(0.2)
-        killed = _wait_running(plain_storage(storage), name, set(), deadline)
         worker.kill()
         worker.wait(60)
     finally:
@@ -162,6 +169,10 @@ def test_status_repair_ends_the_run_of_a_sigkilled_lone_worker_over_http(
     assert client.get_run(run_id).info.status == "RUNNING"  # what SIGKILL leaves behind
 
     env = dict(sweep_env(tiny_cifar), MLFLOW_TRACKING_URI=url, SWEEP_STORAGE=storage)
+    before = subprocess.run(sweep_cmd("status", "--study", name), env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert "running 1" in before.stdout and f"running #{killed.number}:" in before.stdout, \
+        before.stdout + before.stderr
     repaired = subprocess.run(sweep_cmd("status", "--study", name, "--repair"), env=env,
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert repaired.returncode == 0, repaired.stderr
@@ -194,15 +205,7 @@ def test_slurm_array_logs_to_the_tracking_server(server, postgres_server, slurm,
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     job = done.stdout.split("submitted job ", 1)[1].split(":")[0]
-    deadline = time.time() + 400
-    while time.time() < deadline:  # squeue lists the array until every task has ended
-        queued = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,
-                                text=True, timeout=60).stdout.strip()
-        if not queued:
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"array {job} still queued: {queued}")
+    wait_array_ended(job, env, time.time() + 400)
     outputs = "\n".join(p.read_text() for p in (tmp_path / "sweep-jobs").glob("*.out"))
     study = optuna.load_study(study_name="tiny", storage=plain_storage(optuna_url))
     check_consistent(study, trial_runs(url, "tiny"), budget)
