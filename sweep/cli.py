@@ -122,6 +122,36 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
 
 
 @main.command()
+@study_option
+@click.option("--seeds", type=click.IntRange(min=2),
+              help="Fresh seeds per configuration [default: 5; a resumed confirmation keeps its own].")
+@click.option("--top", type=click.IntRange(min=1),
+              help="Best configurations per scheduler type [default: 1].")
+@storage_option
+@tracking_uri_option
+@data_dir_option
+@device_option
+@set_option
+@quiet_option
+@friendly_errors
+def confirm(study_name, seeds, top, storage, tracking_uri, data_dir, device, overrides, quiet):
+    """Retrain the best configuration of each scheduler type, and the best at other warmup
+    lengths, with fresh seeds in the same study; then write the report with intervals."""
+    from sweep.orchestration.confirm import confirm as run_confirm
+    from sweep.orchestration.launch import LaunchOptions
+    from sweep.study.spec import load_study
+    from sweep.views.report import write_report
+
+    spec = load_study(study_name, list(overrides))
+    result = run_confirm(spec, LaunchOptions(storage, tracking_uri, data_dir, device, None, quiet),
+                         seeds, top, log=lambda line: click.echo(mask_url(line)))
+    click.echo(mask_url(result.text))
+    if result.exit_code == 0:
+        click.echo(mask_url(write_report(spec.name, storage, tracking_uri).text))
+    sys.exit(result.exit_code)
+
+
+@main.command()
 @click.argument("files", nargs=-1, required=True)
 @friendly_errors
 def validate(files):

@@ -121,11 +121,13 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, budget: int,
     return True
 
 
-def state_counts(study: optuna.Study) -> dict[str, int]:
+def state_counts(study: optuna.Study, phase: str | None = None) -> dict[str, int]:
     """Trials per outcome as people read them: complete, pruned, diverged, failed, running
-    (trials that lost the race for the last slot are not failures)."""
+    (trials that lost the race for the last slot are not failures); of one phase, or all."""
     out = {"complete": 0, "pruned": 0, "diverged": 0, "failed": 0, "running": 0}
     for t in study.get_trials(deepcopy=False):
+        if phase is not None and phase_of(t) != phase:
+            continue
         if t.state == TrialState.COMPLETE:
             out["complete"] += 1
         elif t.state == TrialState.PRUNED:

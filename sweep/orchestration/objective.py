@@ -27,7 +27,7 @@ from sweep.study.pruning import describe_pruner
 from sweep.study.space import TrialConfig, trial_config
 from sweep.study.spec import StudySpec
 from sweep.orchestration.storage import mask_url
-from sweep.orchestration.tracking import REASON, STATE, Tracker, TrialRun
+from sweep.orchestration.tracking import CODE_VERSION, REASON, STATE, Tracker, TrialRun
 from sweep.training.train import StopTraining, TrainResult, train
 
 import torch
@@ -99,7 +99,7 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
         run = ctx.tracker.start_trial(
             ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
             params={**cfg.flat_params(), "device": str(ctx.device)},
-            tags={"sweep.code_version": ctx.code_version, "sweep.study_file": str(spec.path),
+            tags={CODE_VERSION: ctx.code_version, "sweep.study_file": str(spec.path),
                   "sweep.host": socket.gethostname(), "sweep.pid": os.getpid(), **phase_tags(trial),
                   **(tags or {})})
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly

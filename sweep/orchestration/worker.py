@@ -11,7 +11,6 @@ import socket
 import subprocess
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +20,11 @@ from optuna.trial import TrialState
 
 from sweep import __version__
 from sweep.errors import SpaceChangedError
-from sweep.orchestration.bookkeeping import (budget_used, counted, end_stale_runs,
-                                             fail_dead_trials, over_budget, retry_later)
+from sweep.orchestration.bookkeeping import (DONE, RUN, end_stale_runs, fail_dead_trials,
+                                             next_step, open_slots, over_budget, retry_later)
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
 from sweep.orchestration.pack import pack_capacity, run_pack
-from sweep.study.phases import SearchOnlySampler
+from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec
 
@@ -184,8 +183,10 @@ class WorkerReport:
     packs: list = field(default_factory=list)  # fused packs' PackStats (None: a pack failed)
 
 
-def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=None) -> WorkerReport:
-    """Run trials until the study's budget is used (or a signal arrives).
+def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=None,
+               phase: str = SEARCH) -> WorkerReport:
+    """Run trials until ``phase``'s budget is used (or a signal arrives): the search's, or the
+    confirmation's (``sweep confirm``: only the trials it enqueued).
 
     The budget is met when ``budget`` trials have *finished*. While the remaining slots are held
     by RUNNING trials of other workers, this worker waits (polling every second) instead of
@@ -195,9 +196,9 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     report = WorkerReport()
     storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
-    capacity = pack_capacity(ctx, budget - len(counted(study.get_trials(deepcopy=False))))
+    capacity = pack_capacity(ctx, open_slots(study.get_trials(deepcopy=False), budget, phase))
     with SignalGuard() as guard:
-        while (trial := _ask(study, ctx, budget, guard, wait=True)) is not None:
+        while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
             live = {trial._trial_id: trial}  # began, not yet told
             heartbeat = _Heartbeat(storage, trial._trial_id)
 
@@ -218,7 +219,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
 
             try:
                 if capacity > 1:
-                    stats = run_pack(trial, lambda: _ask(study, ctx, budget, guard, wait=False),
+                    stats = run_pack(trial, lambda: _ask(study, ctx, budget, guard, False, phase),
                                      ctx, capacity, guard, began, settle)
                     report.packs.append(stats)
                 else:
@@ -243,7 +244,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
 
 
 def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuard,
-         wait: bool) -> optuna.Trial | None:
+         wait: bool, phase: str = SEARCH) -> optuna.Trial | None:
     """The next trial within the budget, or None once it is spent (or a signal came).
 
     With ``wait``, while the remaining budget is held by other workers' RUNNING trials, poll
@@ -254,15 +255,14 @@ def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuar
         if fail_dead_trials(study):
             end_stale_runs(study, ctx.tracker, ctx.experiment_id)
         trials = study.get_trials(deepcopy=False)
-        if len(counted(trials)) >= budget:
-            if not wait or budget_used(study) >= budget or not _can_wait(study, trials):
+        step = next_step(trials, budget, phase)
+        if step != RUN:
+            if not wait or step == DONE or not _can_wait(study, trials):
                 return None
             time.sleep(_POLL_SECONDS)  # others' trials are running; one may be dead
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the same heartbeat warning
-            trial = study.ask()
-        if not over_budget(study, trial, budget):
+        trial = study.ask()  # warns that heartbeats suit optimize(): cli._silence_known_warnings
+        if not over_budget(study, trial, budget, phase):
             return trial
     return None
 

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from sweep.orchestration.bookkeeping import state_counts
 from sweep.orchestration.storage import mask_url
+from sweep.study.phases import SEARCH, search_view
 
 
 class EpochBar:
@@ -60,10 +61,12 @@ class TrialBar:
 
 
 def closing_summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> str:
-    """The closing text: best trial, counts, and how to open the MLflow UI."""
-    c = state_counts(study)
+    """The closing text: best search trial, counts, and how to open the MLflow UI
+    (confirmation replicates are not search results: ``sweep report`` shows them)."""
+    c = state_counts(study, SEARCH)
     lines = [f"study {study.study_name!r}: {used}/{budget} trials used; {c['complete']} complete, "
              f"{c['pruned']} pruned, {c['diverged']} diverged, {c['failed']} failed"]
+    study = search_view(study)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial

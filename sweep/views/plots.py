@@ -1,6 +1,6 @@
 """The report's figures: matplotlib ``Figure`` objects (Agg, no pyplot state), one per question.
 
-Every function takes plain data from ``sweep.views.report`` and returns a figure; nothing here reads a
+Every function takes plain data from ``sweep.views.report_model`` and returns a figure; nothing here reads a
 store or writes a file. Units go in axis labels; learning rates are on log axes; colours are
 fixed per scheduler type across all figures so a reader can follow one type from plot to plot.
 """
@@ -216,4 +216,69 @@ def timeline(rows: Sequence[dict], epochs: int | None):
         ax.axvline(epochs, color="#999999", lw=0.8, ls="--")
     _style(ax, "epochs trained before the trial stopped", "trial number",
            "Pruning and divergence timeline")
+    return fig
+
+
+def _mean_and_interval(ax, x: float, values: Sequence[float], interval, colour: str,
+                       rng, jitter: float = 0.06) -> None:
+    """Replicates as small dots, their mean as a square with the 95% interval as error bar."""
+    if values:
+        ax.scatter(x + rng.uniform(-jitter, jitter, len(values)), [100 * v for v in values], s=14,
+                   color=colour, alpha=0.55, zorder=2, edgecolor="none")
+    if interval.mean is not None:
+        err = None
+        if interval.low is not None:
+            err = [[100 * (interval.mean - interval.low)], [100 * (interval.high - interval.mean)]]
+        ax.errorbar([x], [100 * interval.mean], yerr=err, fmt="s", color=colour, ms=6, capsize=5,
+                    lw=1.6, zorder=3)
+
+
+def group_intervals(groups: Sequence[dict]):
+    """Accuracy per confirmation group: every replicate, the mean and its 95% t interval, for
+    validation (left of each tick) and test (right). ``groups``: dicts with name, val_values,
+    test_values, val and test (``stats.Interval``)."""
+    from matplotlib.lines import Line2D
+
+    fig = _figure(max(6.0, 1.1 * len(groups) + 3.0), 4.4)
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    for i, g in enumerate(groups):
+        _mean_and_interval(ax, i - 0.15, g["val_values"], g["val"], "#1f77b4", rng)
+        _mean_and_interval(ax, i + 0.15, g["test_values"], g["test"], "#ff7f0e", rng)
+    ax.set_xticks(range(len(groups)), [f"{g['name']}\n(n={g['val'].n})" for g in groups],
+                  fontsize=8)
+    _style(ax, "confirmation group (complete replicates)", "final accuracy (%)",
+           "Accuracy per group: replicates, mean and 95% t interval")
+    ax.legend(handles=[Line2D([], [], ls="", marker="s", color="#1f77b4", label="validation"),
+                       Line2D([], [], ls="", marker="s", color="#ff7f0e",
+                              label="test (reported, not used to choose)")],
+              loc="best", fontsize=8)
+    return fig
+
+
+def warmup_intervals(levels: Sequence[dict]):
+    """Warmup length (optimizer steps) vs accuracy of the best configuration's replicates:
+    mean and 95% t interval, validation and test. ``levels``: dicts with warmup_steps,
+    val_values, test_values, val, test."""
+    from matplotlib.lines import Line2D
+
+    fig = _figure(6.5, 4.2)
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    span = max([lv["warmup_steps"] for lv in levels] + [1])
+    shift = 0.012 * span  # validation and test side by side at each length
+    for lv in levels:
+        w = lv["warmup_steps"]
+        for x, key, colour in ((w - shift, "val", "#1f77b4"), (w + shift, "test", "#ff7f0e")):
+            _mean_and_interval(ax, x, lv[f"{key}_values"], lv[key], colour, rng, shift / 2)
+    for key, colour in (("val", "#1f77b4"), ("test", "#ff7f0e")):
+        pts = [(lv["warmup_steps"], 100 * lv[key].mean) for lv in levels if lv[key].mean is not None]
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), color=colour, lw=0.8, alpha=0.6)
+    ax.set_xticks([lv["warmup_steps"] for lv in levels])
+    _style(ax, "warmup length (optimizer steps)", "final accuracy (%)",
+           "Warmup length vs accuracy (mean, 95% t interval)")
+    ax.legend(handles=[Line2D([], [], ls="", marker="s", color="#1f77b4", label="validation"),
+                       Line2D([], [], ls="", marker="s", color="#ff7f0e", label="test")],
+              loc="best", fontsize=8)
     return fig
