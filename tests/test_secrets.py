@@ -14,8 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import PG_PASSWORD
 
-pytestmark = pytest.mark.slow
-
 SMALL = ["--set", "data.train_size=150", "--set", "data.val_size=50", "--set", "data.test_size=40",
          "--set", "train.batch_size=15", "--set", "train.epochs=1"]
 
@@ -26,6 +24,7 @@ def sweep(*args: str, cwd: Path, env_extra: dict | None = None):
                           text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_password_never_leaks(tmp_path, tiny_cifar, postgres_server):
     optuna_url, mlflow_url = postgres_server
     assert PG_PASSWORD in optuna_url
@@ -78,3 +77,19 @@ def test_password_never_leaks(tmp_path, tiny_cifar, postgres_server):
     for attrs in [study.user_attrs] + [
             a for t in study.get_trials() for a in (t.user_attrs, t.system_attrs)]:
         assert PG_PASSWORD not in repr(attrs)
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("postgresql://sweep:pw@db:5432/optuna", "pw"),
+    ("postgresql+psycopg://sweep:p%40ss:w@db/optuna", "p%40ss:w"),
+    ("postgresql://db/optuna?user=sweep&password=hunter2&sslmode=require", "hunter2"),
+    ("mysql://db/x?sslmode=require;PASSWORD=Hunter-3", "Hunter-3"),
+    ("http://mlflow:5000/?token=abc.def&x=1", "abc.def"),
+    ("error: could not connect to postgresql://u:s3cret@h/db and http://h/?pwd=s3cret2", "s3cret"),
+])
+def test_mask_url_hides_passwords_in_the_netloc_and_the_query(text, secret):
+    from sweep.orchestration.storage import mask_url
+
+    masked = mask_url(text)
+    assert secret not in masked and "***" in masked
+    assert masked.split("***")[0] == text.split(secret)[0]  # the rest of the URL stays readable

@@ -110,3 +110,45 @@ def test_evaluation_does_not_depend_on_its_batch_size(tiny):
     pieces = evaluate(model, splits.val_x, splits.val_y, normalize, 7, no_autocast)
     assert whole[1] == pieces[1] and whole[0] == pytest.approx(pieces[0], rel=1e-4)
     assert model.training  # evaluation hands the model back in training mode
+
+
+@pytest.mark.parametrize("optimizer, step_factor", [
+    # One step from zero gradients leaves only the weight decay wd at LR lr. SGD (momentum m,
+    # Nesterov): the step direction is g + m * buf with g = buf = wd * p, so p * (1 - lr wd (1 + m)).
+    # AdamW: decoupled decay p * (1 - lr wd), and Adam's own step is 0 / (0 + eps) = 0.
+    ("sgd", lambda lr, wd, m: 1 - lr * wd * (1 + m)),
+    ("adamw", lambda lr, wd, m: 1 - lr * wd),
+])
+def test_optimizer_decays_weights_but_not_batchnorm_or_biases(tmp_path, optimizer, step_factor):
+    from sweep.training.train import build_optimizer
+
+    path = tmp_path / "t.yaml"
+    spec = parse_study(f"""
+name: t
+trials: 1
+data: {{train_size: 160, val_size: 40, test_size: 40}}
+train: {{model: resnet8, epochs: 1, batch_size: 16, optimizer: {optimizer}, weight_decay: 0.01,
+         momentum: 0.9}}
+space: {{warmup_steps: 0, base_lr: 0.5, scheduler: {{constant: {{}}}}}}
+""", str(path), path)
+    cfg = trial_config(optuna.trial.FixedTrial({}), spec)
+    torch.manual_seed(0)
+    model = build_model("resnet8")
+    # Which tensors must not decay, from the module types (not from the optimizer's own rule).
+    exempt = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            exempt |= {id(module.weight), id(module.bias)}
+        elif getattr(module, "bias", None) is not None:
+            exempt.add(id(module.bias))
+    assert exempt, "the model has BatchNorm layers and biases"
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    opt = build_optimizer(model, cfg)
+    assert type(opt).__name__.lower() == optimizer
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    factor = step_factor(0.5, 0.01, 0.9)
+    for p in model.parameters():
+        expected = before[id(p)] if id(p) in exempt else before[id(p)] * factor
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)

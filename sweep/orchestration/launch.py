@@ -20,7 +20,7 @@ from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_bud
                                              update_parent_run)
 from sweep.orchestration.objective import WorkerContext
 from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
-from sweep.orchestration.tracking import Tracker, check_tracking_uri
+from sweep.orchestration.tracking import CODE_VERSION, Tracker, check_tracking_uri
 from sweep.orchestration.worker import code_version, open_study, run_worker
 from sweep.study.spec import StudySpec
 from sweep.training.data import Splits, load_splits, locate
@@ -74,11 +74,12 @@ class StudyStores:
     experiment_id: str
     parent_run_id: str
     device: torch.device
+    code_version: str
     splits: Splits | None = None
 
     def worker_context(self, spec: StudySpec, quiet: bool = True) -> WorkerContext:
         return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
-                             self.parent_run_id, code_version(),
+                             self.parent_run_id, self.code_version,
                              progress=None if quiet else EpochBar)
 
 
@@ -106,7 +107,10 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     experiment_id = tracker.experiment_id(spec.name)
     parent = tracker.study_run(experiment_id, spec.name, study_params(spec, opts, budget),
                                Path(spec.path))
-    return StudyStores(study, budget, tracker, experiment_id, parent, device, splits)
+    version = code_version()
+    # The parent run says which code last launched the study (each trial run records its own).
+    tracker.client.set_tag(parent, CODE_VERSION, version)
+    return StudyStores(study, budget, tracker, experiment_id, parent, device, version, splits)
 
 
 def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str],

@@ -31,6 +31,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
 FLUSH_S = 1.0  # the longest a logged metric waits on the queue (a curve in the UI lags this)
 ROLE, STATE, REASON = "sweep.role", "sweep.state", "sweep.prune_reason"
+CODE_VERSION = "sweep.code_version"  # on every trial run, and on the parent (last launch)
 
 
 def check_tracking_uri(uri: str) -> None:
