@@ -138,6 +138,8 @@ FLAG_CASES = [
     ("storage-no-host", ["--storage", "postgresql:///sweep"], "storage 'postgresql:///sweep': no host"),
     ("tracking-folder", ["--tracking-uri", "sqlite:///no/such/folder/m.db"], "MLflow store no/such/folder/m.db: folder"),
     ("tracking-scheme", ["--tracking-uri", "ftp://example/x"], "tracking URI 'ftp://example/x': unsupported"),
+    ("tracking-server-down", ["--tracking-uri", f"http://sweep:{PG_PASSWORD}@127.0.0.1:1"],
+     "no MLflow tracking server answers at http://sweep:***@127.0.0.1:1 ("),
     ("device-cuda", ["--device", "cuda"], "--device cuda: CUDA is not available"),
     ("device-unknown", ["--device", "tpu"], "--device tpu: use auto, cpu, cuda or cuda:N"),
     ("set-unknown-key", ["--set", "train.epoch=3"], "--set train.epoch: unknown key (did you mean 'epochs'?)"),

@@ -40,12 +40,37 @@ def check_tracking_uri(uri: str) -> None:
     if path is not None:
         check_writable_file(path, "MLflow store", TrackingError)
     elif uri.startswith(("http://", "https://")):
-        pass  # reachability is checked when the client first talks to the server
+        check_server_answers(uri)
     elif uri.startswith("sqlite:"):
         raise TrackingError(f"tracking URI {mask_url(uri)!r}: use sqlite:///PATH.db")
     elif not uri.startswith(("postgresql", "mysql", "file:", "databricks")):
         raise TrackingError(f"tracking URI {mask_url(uri)!r}: unsupported; use sqlite:///PATH.db "
                             f"or http://HOST:PORT of an MLflow server")
+
+
+def check_server_answers(uri: str, timeout_s: float = 10) -> None:
+    """Raise TrackingError when nothing listens at a tracking server's URL. Asked before any
+    store is created, so a launch against a server that is down writes nothing; MLflow's own
+    client would fail only after its retries (over 10 s) with a page of urllib3 text."""
+    import socket
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2], path=parts.path.rstrip("/"),
+                          query="", fragment="")  # no credentials in the probe: /health needs none
+    try:
+        with urllib.request.urlopen(f"{bare.geturl()}/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        pass  # something answers (a proxy, a login in front of /health): the client decides
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, (ConnectionError, socket.gaierror, TimeoutError)):
+            raise TrackingError(f"no MLflow tracking server answers at {mask_url(uri)} "
+                                f"({reason}); start it (mlflow server ...) or fix --tracking-uri "
+                                f"/ MLFLOW_TRACKING_URI") from None
 
 
 def _artifact_root(uri: str) -> str | None:
