@@ -117,6 +117,11 @@ def test_installed_wheel_validates_and_launches_shipped_studies(wheel_env, share
         assert f"(study {name!r}," in valid.stdout
         assert str(venv) in valid.stdout  # found inside the installed package
 
+    listed = subprocess.run([sweep, "list", "--storage", f"sqlite:///{tmp_path}/none.db"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:1 + len(shipped)]] == shipped
+
     storage = f"sqlite:///{tmp_path}/optuna.db"
     launched = subprocess.run(
         [sweep, "launch", "--study", "smoke", "--trials", "2", "--data-dir", str(shared_cifar),
