@@ -223,8 +223,8 @@ def test_the_slot_optimizers_are_torch_optim_per_slot(kind):
             opt.step()
         for name, p in net.named_parameters():  # the same gradients, stacked
             row_shape = slot_rows(p, k).shape[1:]
-            p.grad = torch.stack([dict(m.named_parameters())[name].grad.reshape(row_shape)
-                                  for m in models]).reshape(p.shape)
+            p.grad.copy_(torch.stack([dict(m.named_parameters())[name].grad.reshape(row_shape)
+                                      for m in models]).reshape(p.shape))
         ours.step()
         for slot, m in enumerate(models):
             for name, p in m.named_parameters():

@@ -80,7 +80,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     are pack-wide listeners called after every chunk and epoch with pack step/epoch numbers;
     whatever they raise propagates. A BaseException from a slot's listener propagates too;
     StopTraining or another Exception from it ends that slot alone.
-    ``precision``: "auto" (bf16 autocast on CUDA when capacity >= 2 and train.bf16, else fp32;
+    ``precision``: "auto" (bf16 autocast on CUDA when 2+ slots start and train.bf16, else fp32;
     measured: one eager model is slower in bf16, a fused pack of 8 faster), "fp32", "bf16"
     (CUDA only; the CPU is always fp32). ``graphs``: "auto"/"on" capture the step as a CUDA
     graph on CUDA (eager with a warning if capture fails), "off" eager; the CPU is eager.
@@ -105,7 +105,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     if problem:
         raise ValueError(f"{problem}; run it unfused")
     cuda = device.type == "cuda"
-    bf16 = cuda and (precision == "bf16" or (precision == "auto" and capacity >= 2 and t.bf16))
+    # decided once for the pack's life (a slot must not change precision when the pack shrinks)
+    bf16 = cuda and (precision == "bf16" or (precision == "auto" and len(jobs) >= 2 and t.bf16))
     stats.precision = "bf16" if bf16 else "fp32"
     if cuda:
         torch.backends.cudnn.benchmark = True

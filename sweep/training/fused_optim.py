@@ -2,15 +2,23 @@
 
 ``lr``, ``weight_decay`` and ``momentum`` are device tensors of shape ``[K]``, written in place
 (``vector[k] = ...`` or ``copy_``): a step reads them on the device, so a new LR every step
-costs no host sync and keeps a captured CUDA graph valid. Every state tensor is allocated up
-front (not lazily at the first step as torch.optim does) for the same reason.
+costs no host sync and keeps a captured CUDA graph valid. All state is allocated up front
+(not lazily at the first step as torch.optim does) for the same reason.
+
+All parameters live in ONE flat buffer (each parameter a view into it, in its own layout),
+and so do their gradients (backward accumulates into the views; ``zero_grad`` zeroes the
+buffer) and the optimizer state. A step is then a handful of element-wise kernels over the
+whole buffer, whatever the number of layers: on CUDA, under a graph, the step's cost is memory
+bandwidth, not one small kernel per parameter tensor. ``slot_of`` maps each element to its
+slot (slot k owns row k of every ``slot_rows`` view), so ``vector[slot_of]`` spreads a
+per-slot value over the buffer.
 
 The update of slot k is torch.optim's (``_single_tensor_sgd`` / ``_single_tensor_adam`` with
-decoupled weight decay), in the same order, with the scalar replaced by entry k of the vector
-(broadcast over ``slot_rows``). Zero-initialised momentum equals torch's first-step
-``buf = grad`` exactly (``0 * momentum + grad``). AdamW's bias correction uses a per-slot step
-count (float64, as torch computes it on the host), because a refilled slot starts again at 0.
-Weight decay applies only to the parameters that ``decays`` marks, as ``build_optimizer``.
+decoupled weight decay), in the same order, with the scalar replaced by entry k of the vector.
+Zero-initialised momentum equals torch's first-step ``buf = grad`` exactly
+(``0 * momentum + grad``). AdamW's bias correction uses a per-slot step count (float64, as
+torch computes it on the host), because a refilled slot starts again at 0. Weight decay applies
+only to the parameters that ``decays`` marks, as ``build_optimizer``.
 """
 
 from __future__ import annotations
@@ -21,34 +29,61 @@ from sweep.training.fused_model import slot_rows
 
 
 class SlotOptimizer:
-    """Base: the vectors, the per-slot state and the slot operations (reset, select)."""
+    """Base: the flat buffers, the vectors, the per-slot state and the slot operations."""
 
     state_names: tuple[str, ...] = ()
 
     def __init__(self, params: list[torch.Tensor], decay: list[bool], k: int):
-        self.params, self.decay, self.k = params, decay, k
-        device = params[0].device
+        self.k, self.shapes = k, [(p.shape, p.stride()) for p in params]
+        device, dtype = params[0].device, params[0].dtype
+        total = sum(p.numel() for p in params)
+        self.flat = torch.empty(total, device=device, dtype=dtype)
+        self.grad = torch.zeros(total, device=device, dtype=dtype)
+        mask, self._offsets, offset = [], [], 0
+        for p, d in zip(params, decay):
+            dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(
+                memory_format=torch.channels_last))
+            if not dense or p.numel() % k:
+                raise ValueError(f"a fused parameter of shape {tuple(p.shape)} has no slot rows")
+            self._offsets.append(offset)
+            view = self._view(self.flat, len(self._offsets) - 1)
+            view.copy_(p.detach())
+            p.data = view  # the parameter now lives in the flat buffer (same layout)
+            p.grad = self._view(self.grad, len(self._offsets) - 1)
+            mask.append(torch.full((p.numel(),), d, device=device, dtype=torch.bool))
+            offset += p.numel()
+        self.params = params
+        self.decay_mask = torch.cat(mask)
+        self.slot_of = torch.cat([torch.arange(k, device=device, dtype=torch.int32)
+                                  .repeat_interleave(p.numel() // k) for p in params])
         self.lr = torch.zeros(k, device=device)
         self.weight_decay = torch.zeros(k, device=device)
         self.momentum = torch.zeros(k, device=device)
         self.steps = torch.zeros(k, device=device, dtype=torch.float64)
-        self.state = {name: [torch.zeros_like(p) for p in params] for name in self.state_names}
+        self.state = {name: torch.zeros_like(self.flat) for name in self.state_names}
 
-    def _b(self, vector: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``vector`` [K] shaped to broadcast over ``rows`` [K, ...]."""
-        return vector.view(self.k, *[1] * (rows.dim() - 1))
+    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        shape, stride = self.shapes[i]
+        return flat.as_strided(shape, stride, flat.storage_offset() + self._offsets[i])
+
+    def spread(self, vector: torch.Tensor) -> torch.Tensor:
+        """A per-slot vector [K] as one value per element of the flat buffer."""
+        return torch.index_select(vector, 0, self.slot_of)
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """Everything a step writes (to snapshot around a CUDA-graph warm-up)."""
-        return [self.steps, *[t for ts in self.state.values() for t in ts]]
+        """What a step writes besides the parameters (to snapshot around a graph warm-up)."""
+        return [self.steps, self.grad, *self.state.values()]
 
     @torch.no_grad()
     def reset_slot(self, slot: int) -> None:
         """Fresh optimizer state for slot ``slot`` alone (a refilled slot)."""
         self.steps[slot] = 0
-        for tensors in self.state.values():
-            for t in tensors:
-                slot_rows(t, self.k)[slot].zero_()
+        mine = self.slot_of == slot
+        for t in self.state.values():
+            t.masked_fill_(mine, 0)
 
     @torch.no_grad()
     def take_slots(self, src: "SlotOptimizer", slots: list[int]) -> None:
@@ -56,9 +91,10 @@ class SlotOptimizer:
         index = torch.tensor(slots, device=self.lr.device)
         for name in ("lr", "weight_decay", "momentum", "steps"):
             getattr(self, name).copy_(getattr(src, name)[index])
-        for name, tensors in self.state.items():
-            for dst, old in zip(tensors, src.state[name]):
-                slot_rows(dst, self.k).copy_(slot_rows(old, src.k)[index])
+        for name, t in self.state.items():
+            for i in range(len(self.shapes)):
+                slot_rows(self._view(t, i), self.k).copy_(
+                    slot_rows(src._view(src.state[name], i), src.k)[index])
 
 
 class SlotSGD(SlotOptimizer):
@@ -73,14 +109,13 @@ class SlotSGD(SlotOptimizer):
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
-        for p, decay, buf in zip(self.params, self.decay, self.state["momentum_buffer"]):
-            p_r, g_r, buf_r = (slot_rows(t, self.k) for t in (p, p.grad, buf))
-            if decay:
-                g_r = torch.addcmul(g_r, p_r, self._b(self.weight_decay, p_r))  # g + wd * p
-            momentum = self._b(self.momentum, p_r)
-            buf_r.mul_(momentum).add_(g_r)
-            g_r = torch.addcmul(g_r, buf_r, momentum) if self.nesterov else buf_r
-            p_r.sub_(g_r * self._b(self.lr, p_r))
+        p, buf = self.flat, self.state["momentum_buffer"]
+        momentum = self.spread(self.momentum)
+        decay = torch.where(self.decay_mask, self.spread(self.weight_decay), 0.0)
+        g = torch.addcmul(self.grad, p, decay)  # grad + wd * param
+        buf.mul_(momentum).add_(g)
+        g = torch.addcmul(g, buf, momentum) if self.nesterov else buf
+        p.sub_(g * self.spread(self.lr))
 
 
 class SlotAdamW(SlotOptimizer):
@@ -100,15 +135,12 @@ class SlotAdamW(SlotOptimizer):
         step_size = (lr / (1 - torch.pow(beta1, self.steps))).float()
         bias_correction2_sqrt = (1 - torch.pow(beta2, self.steps)).sqrt().float()
         shrink = (1 - lr * self.weight_decay.double()).float()  # decoupled weight decay
-        for p, decay, m, v in zip(self.params, self.decay, self.state["exp_avg"],
-                                  self.state["exp_avg_sq"]):
-            p_r, g_r, m_r, v_r = (slot_rows(t, self.k) for t in (p, p.grad, m, v))
-            if decay:
-                p_r.mul_(self._b(shrink, p_r))
-            m_r.lerp_(g_r, 1 - beta1)
-            v_r.mul_(beta2).addcmul_(g_r, g_r, value=1 - beta2)
-            denom = (v_r.sqrt() / self._b(bias_correction2_sqrt, p_r)).add_(self.eps)
-            p_r.sub_(m_r / denom * self._b(step_size, p_r))
+        p, g, m, v = self.flat, self.grad, self.state["exp_avg"], self.state["exp_avg_sq"]
+        p.mul_(torch.where(self.decay_mask, self.spread(shrink), 1.0))
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / self.spread(bias_correction2_sqrt)).add_(self.eps)
+        p.sub_(m / denom * self.spread(step_size))
 
 
 def build_slot_optimizer(kind: str, params, decay, k: int, nesterov: bool) -> SlotOptimizer:

@@ -171,7 +171,7 @@ class Pack:
         per_slot = nn.functional.cross_entropy(logits.float().transpose(1, 2), y,
                                                reduction="none",
                                                label_smoothing=self.t.label_smoothing).mean(0)
-        self.net.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()  # the gradients are views into one buffer: keep them
         per_slot.sum().backward()  # d(sum)/d(slot k's weights) = d(loss k)/d(them)
         self.optimizer.step()
         return per_slot.detach()

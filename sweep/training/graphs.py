@@ -2,8 +2,8 @@
 
 Following PyTorch's "whole network capture" recipe (torch.cuda.graphs docs): a few warm-up
 iterations on a side stream (cudnn.benchmark picks its algorithms, autograd builds its state),
-then ``optimizer.zero_grad(set_to_none=True)`` inside the capture so the gradients live in the
-graph's private memory pool. A replay reads the static input tensors and the optimizer's
+then the capture. The step zeroes the gradients itself (they are the optimizer's flat buffer,
+allocated before the capture, so backward accumulates into static memory). A replay reads the static input tensors and the optimizer's
 device vectors (LR, weight decay, momentum) and writes the parameters in place; the caller
 copies each batch into the static inputs and writes the vectors in place, so nothing is
 recompiled and nothing waits for the host.
