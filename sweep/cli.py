@@ -62,6 +62,17 @@ allow_space_change_option = click.option(
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
+def server_options(default_port: int, what: str):
+    """--port and --host of a command that serves ``what`` on this machine."""
+    def decorate(fn):
+        fn = click.option("--host", default="127.0.0.1", show_default=True,
+                          help=f"Interface to bind; anything but loopback exposes {what} to the "
+                               f"network.")(fn)
+        return click.option("--port", type=click.IntRange(0, 65535), default=default_port,
+                            show_default=True, help="Port (0: any free port).")(fn)
+    return decorate
+
+
 def _silence_known_warnings() -> None:
     """Every warning filter of sweep, in one place, set once per command (library modules set
     none: a process-wide filter from a library would hide warnings its callers want).
@@ -313,10 +324,7 @@ def report(study_name, storage, tracking_uri, output, top_k):
 @main.command()
 @tracking_uri_option
 @click.option("--study", "study_name", default=None, help="Print this study's experiment URL.")
-@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True,
-              help="Port (0: any free port).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind; anything but loopback exposes the UI to the network.")
+@server_options(5000, "the UI")
 @friendly_errors
 def ui(tracking_uri, study_name, port, host):
     """Start the MLflow UI for the tracking store and print the study's experiment URL."""
@@ -328,10 +336,7 @@ def ui(tracking_uri, study_name, port, host):
 @main.command()
 @storage_option
 @click.option("--study", "study_name", default=None, help="Print this study's page URL.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="Port (0: any free port).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind; anything but loopback exposes the dashboard to the network.")
+@server_options(8080, "the dashboard")
 @friendly_errors
 def dashboard(storage, study_name, port, host):
     """Start optuna-dashboard on the Optuna storage (pip install 'sweep[dashboard]')."""
