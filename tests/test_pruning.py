@@ -18,7 +18,7 @@ from sweep.study.pruning import build_pruner, describe_pruner
 from sweep.study.spec import PrunerSpec, parse_study
 from sweep.training.train import StopTraining
 
-from conftest import write_cifar
+from helpers import write_cifar
 
 STUDY = """
 name: {name}
@@ -156,7 +156,8 @@ def test_hyperband_prunes_exactly_at_the_rungs_of_each_trials_bracket():
             trial.report(1.0 / (n + 1), step)
             prune = trial.should_prune()  # the first call also sets up the brackets
             if step == 0:
-                bracket = pruner._get_bracket_id(study, study._storage.get_trial(trial._trial_id))
+                bracket = pruner.wrapped._get_bracket_id(  # GroupPruner wraps the hyperband
+                    study, study._storage.get_trial(trial._trial_id))
                 first_in_bracket.setdefault(bracket, n)
             if prune:
                 pruned_at.setdefault(bracket, []).append(step)
@@ -165,7 +166,7 @@ def test_hyperband_prunes_exactly_at_the_rungs_of_each_trials_bracket():
         else:
             study.tell(trial, 1.0 / (n + 1))
             assert n == first_in_bracket[bracket] or bracket == 2, (n, bracket)
-    assert pruner._n_brackets == 3
+    assert pruner.wrapped._n_brackets == 3
     assert set(pruned_at) == {0, 1}
     assert set(pruned_at[0]) == {1} and set(pruned_at[1]) == {3}
     assert len(pruned_at[0]) + len(pruned_at[1]) >= 20  # the budget went mostly to bracket 0/1
