@@ -1,0 +1,70 @@
+"""The two budgets of one study (search and confirmation) and what each worker does next, on a
+real in-memory Optuna study (no training)."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from sweep.orchestration.bookkeeping import (DONE, RUN, WAIT, budget_used, counted, next_step,
+                                             over_budget, retry_later)
+from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, SearchOnlySampler
+
+
+def _study():
+    return optuna.create_study(direction="maximize",
+                               sampler=SearchOnlySampler(optuna.samplers.RandomSampler(seed=0)))
+
+
+def _replicate(study, key):
+    study.enqueue_trial({"x": 0.5}, user_attrs={PHASE: CONFIRM, GROUP: "g", SEED: 7,
+                                                CONFIRM_KEY: key})
+
+
+def test_each_budget_counts_its_own_phase_and_a_confirmation_never_asks_the_sampler():
+    study = _study()
+    for _ in range(3):
+        t = study.ask()
+        study.tell(t, t.suggest_float("x", 0, 1))
+    _replicate(study, "g/seed7")
+    trials = study.get_trials()
+    assert next_step(trials, 3) == DONE  # the search budget is used ...
+    assert next_step(trials, 1, CONFIRM) == RUN  # ... the confirmation's is not
+    replicate = study.ask()  # the queued replicate
+    assert replicate.user_attrs[PHASE] == CONFIRM and replicate.suggest_float("x", 0, 1) == 0.5
+    assert not over_budget(study, replicate, 1, CONFIRM)
+    assert next_step(study.get_trials(), 1, CONFIRM) == WAIT  # running elsewhere: wait
+    study.tell(replicate, 0.9)
+    assert (budget_used(study), budget_used(study, CONFIRM)) == (3, 1)
+    # a budget larger than what was enqueued never makes a confirmation ask the sampler
+    assert next_step(study.get_trials(), 5, CONFIRM) == DONE
+    # a fresh sampler trial that reaches a confirmation worker (a race) yields, uncounted
+    fresh = study.ask()
+    assert over_budget(study, fresh, 5, CONFIRM)
+    assert len(counted(study.get_trials(), CONFIRM)) == 1
+    assert len(counted(study.get_trials())) == 3
+
+
+def test_a_retried_replicate_keeps_its_group_and_seed_and_replaces_the_failed_one():
+    study = _study()
+    _replicate(study, "g/seed7")
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)
+    retry_later(study, study.get_trials()[trial.number])
+    retry = study.get_trials()[-1]
+    assert retry.state == TrialState.WAITING
+    assert {k: retry.user_attrs[k] for k in (PHASE, GROUP, SEED, CONFIRM_KEY)} == \
+        {PHASE: CONFIRM, GROUP: "g", SEED: 7, CONFIRM_KEY: "g/seed7"}
+    assert counted(study.get_trials(), CONFIRM) == []  # the failed original no longer counts
+    assert next_step(study.get_trials(), 1, CONFIRM) == RUN
+
+
+def test_the_sampler_is_shown_search_trials_only():
+    study = _study()
+    t = study.ask()
+    study.tell(t, t.suggest_float("x", 0, 1))
+    _replicate(study, "g/seed7")
+    r = study.ask()
+    study.tell(r, 0.9)
+    nxt = study.ask()
+    assert study._storage.get_trial(nxt._trial_id).system_attrs["sweep.sampler_saw"] == [t.number]
