@@ -119,8 +119,8 @@ class DivergenceSpec:
     patience_steps: int = 20  # ... for this many consecutive steps means diverged
     reference_steps: int = 10  # the reference is the lowest loss of the first steps
     # Loss above ceiling_factor x min(lowest loss so far, chance level ln C) is divergence at
-    # once. 100: healthy resnet8 runs on the shared subset peaked at 2.4x, runs left at chance
-    # at 4.8x (README, "Divergence").
+    # once. 100: resnet8 runs on the shared subset peaked at 2.4x (4.8x if left at chance), a
+    # 2-epoch resnet20 at LR 2 at 8.4x (README, "Pruning and divergence").
     ceiling_factor: float = 100.0
     # Validation loss above val_loss_factor x ln C after an epoch is divergence. 10,000: early
     # val_loss reached 39x ln C in a healthy run and 260x in a 2-epoch resnet20 at LR 2 with
