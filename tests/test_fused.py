@@ -29,12 +29,13 @@ CPU = torch.device("cpu")
 EPOCHS, STEPS = 2, 8  # 256 training images, batch 32
 
 
-def make_spec(model="resnet8", width=1, train_size=256, epochs=EPOCHS, optimizer="sgd"):
+def make_spec(model="resnet8", width=1, train_size=256, epochs=EPOCHS, optimizer="sgd",
+              val_size=500):
     path = Path("fused.yaml")
     return parse_study(f"""
 name: fused
 trials: 1
-data: {{train_size: {train_size}, val_size: 500, test_size: 200}}
+data: {{train_size: {train_size}, val_size: {val_size}, test_size: 200}}
 train: {{model: {model}, width: {width}, epochs: {epochs}, batch_size: 32, sync_every_steps: 3,
         eval_batch_size: 500, optimizer: {optimizer}}}
 space: {{warmup_steps: 0, base_lr: 0.1, scheduler: {{constant: {{}}}}}}
@@ -112,32 +113,33 @@ def assert_same_trial(reference: Record, ref_result, fused: Record, end):
     assert [sorted(m) for m in end.result.history] == [sorted(m) for m in ref_result.history]
 
 
-def test_a_fused_pack_of_three_equals_three_unfused_trials(data):
-    spec, splits = data
-    cfgs = configs(spec)
+def assert_pack_equals_unfused(cfgs, splits):
+    """One pack of all ``cfgs`` against one unfused train() per config; returns
+    (PackStats, the unfused Records)."""
     references = [unfused(cfg, splits) for cfg in cfgs]
     records = [Record() for _ in cfgs]
     stats, ends = run_pack([SlotJob(c, [r], key=i) for i, (c, r) in enumerate(zip(cfgs, records))],
-                           3, splits)
+                           len(cfgs), splits)
     for i, ((reference, result), record) in enumerate(zip(references, records)):
         assert_same_trial(reference, result, record, ends[i])
-    assert references[1][0].metrics[-1]["lr_reduced"]  # the plateau slot did reduce
+    return stats, [reference for reference, _ in references]
+
+
+def test_a_fused_pack_of_three_equals_three_unfused_trials(data):
+    spec, splits = data
+    stats, references = assert_pack_equals_unfused(configs(spec), splits)
+    assert references[1].metrics[-1]["lr_reduced"]  # the plateau slot did reduce
     assert stats.slot_steps == 3 * EPOCHS * STEPS and stats.wasted_slot_steps == 0
     assert stats.images == stats.slot_steps * 32 and stats.precision == "fp32"
 
 
 @pytest.mark.parametrize("model,width", [("resnet8", 2), ("resnet14", 1)])
 def test_wider_and_deeper_resnets_fuse_too(shared_cifar, model, width):
-    spec = make_spec(model, width, train_size=128, epochs=1)
+    spec = make_spec(model, width, train_size=128, epochs=1, val_size=200)
     splits = load_splits(shared_cifar, spec.data, CPU, download=False)
     base = trial_config(optuna.trial.FixedTrial({}), spec)
     cfgs = [dataclasses.replace(base, seed=s, base_lr=lr) for s, lr in ((5, 0.01), (6, 0.02))]
-    references = [unfused(cfg, splits) for cfg in cfgs]
-    records = [Record() for _ in cfgs]
-    _, ends = run_pack([SlotJob(c, [r], key=i) for i, (c, r) in enumerate(zip(cfgs, records))],
-                       2, splits)
-    for i, ((reference, result), record) in enumerate(zip(references, records)):
-        assert_same_trial(reference, result, record, ends[i])
+    assert_pack_equals_unfused(cfgs, splits)
 
 
 @pytest.mark.parametrize("model", ["resnet18", "resnet8"])

