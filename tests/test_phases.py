@@ -68,3 +68,27 @@ def test_the_sampler_is_shown_search_trials_only():
     study.tell(r, 0.9)
     nxt = study.ask()
     assert study._storage.get_trial(nxt._trial_id).system_attrs["sweep.sampler_saw"] == [t.number]
+
+
+def test_confirm_refuses_a_study_with_nothing_to_confirm_and_writes_nothing(tmp_path, tiny_cifar):
+    from click.testing import CliRunner
+
+    from sweep.cli import main
+    from sweep.orchestration.storage import open_storage
+
+    storage = f"sqlite:///{tmp_path}/sweep.db"
+    optuna.create_study(study_name="tiny", storage=open_storage(storage), direction="maximize")
+    args = ["confirm", "--study", "tests/studies/tiny.yaml", "--storage", storage,
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--data-dir", str(tiny_cifar),
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: study 'tiny' has no complete search trial to confirm; run (or resume) the search "
+        "first: sweep launch --study tiny"]
+    assert not (tmp_path / "mlflow.db").exists()
+    assert optuna.load_study(study_name="tiny", storage=storage).user_attrs == {}
+    unknown = CliRunner().invoke(main, [*args[:2], "tests/studies/tiny.yaml", "--storage",
+                                        f"sqlite:///{tmp_path}/other.db", *args[5:]])
+    assert unknown.exit_code == 2 and "error: " in unknown.output
+    assert not (tmp_path / "other.db").exists()

@@ -111,7 +111,8 @@ def stored_plan(study: optuna.Study) -> Plan | None:
 
 def resolve_plan(study: optuna.Study, spec: StudySpec, seeds: int | None,
                  top: int | None) -> Plan:
-    """The stored plan (a resumed confirmation), else a new one, stored with its budget."""
+    """The stored plan (a resumed confirmation), else a new one; writes nothing (a plan that
+    cannot be made, or flags that contradict the stored one, raise ``ConfirmError``)."""
     plan = stored_plan(study)
     if plan is not None:
         if (seeds is not None and seeds != len(plan.seeds)) or (top is not None and top != plan.top):
@@ -120,11 +121,15 @@ def resolve_plan(study: optuna.Study, spec: StudySpec, seeds: int | None,
                 f"seeds and --top {plan.top}; run sweep confirm without --seeds/--top (or with "
                 f"those values) to finish it, or confirm under a new study name")
         return plan
-    plan = make_plan(study, spec, DEFAULT_SEEDS if seeds is None else seeds,
+    return make_plan(study, spec, DEFAULT_SEEDS if seeds is None else seeds,
                      DEFAULT_TOP if top is None else top)
-    study.set_user_attr(PLAN, plan.to_json())
-    study.set_user_attr(CONFIRM_BUDGET, plan.budget)
-    return plan
+
+
+def store_plan(study: optuna.Study, plan: Plan) -> None:
+    """Keep the plan and its budget in the study, once: a resumed confirmation reuses them."""
+    if stored_plan(study) is None:
+        study.set_user_attr(PLAN, plan.to_json())
+        study.set_user_attr(CONFIRM_BUDGET, plan.budget)
 
 
 def enqueue_missing(study: optuna.Study, plan: Plan) -> int:
@@ -174,10 +179,13 @@ def confirm(spec: StudySpec, opts, seeds: int | None = None, top: int | None = N
     from sweep.orchestration.worker import run_worker
     from sweep.views.console import TrialBar
 
-    load_existing_study(spec.name, opts.storage)  # confirm never creates a study
+    # Planned on the existing study before any store is opened for writing: a study that is
+    # absent or has nothing to confirm, or contradicting flags, leave everything untouched.
+    plan = resolve_plan(load_existing_study(spec.name, opts.storage), spec, seeds, top)
     stores = open_study_stores(spec, opts)
     study = stores.study
-    plan = resolve_plan(study, spec, seeds, top)
+    store_plan(study, plan)
+    plan = stored_plan(study)  # another confirm may have stored its plan first
     enqueue_missing(study, plan)
     log(budget_line(study, plan))
     bar = TrialBar(plan.budget, budget_used(study, CONFIRM), opts.quiet)
