@@ -1,41 +1,19 @@
-"""Shared fixtures: tiny CIFAR-format folders written by the tests, and the real subset."""
+"""Shared fixtures: tiny CIFAR-format folders written by the tests, the real subset, and the
+real daemons (PostgreSQL, SLURM) the tests start. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import PG_PASSWORD, REPO, free_port, write_cifar
 if os.environ.get("SWEEP_DATA_DIR"):
     # Relative to where pytest was run (the README runs it with ../shared/...), as the CLI reads
     # it; made absolute once here, so sweep processes the tests start in other folders agree.
     os.environ["SWEEP_DATA_DIR"] = str(Path(os.environ["SWEEP_DATA_DIR"]).resolve())
 SHARED_DATA = Path(os.environ.get("SWEEP_DATA_DIR", REPO.parent / "shared/data/cifar10-subset"))
-
-
-def write_cifar(root: Path, per_batch: int = 40, test: int = 40, seed: int = 0) -> Path:
-    """Write a CIFAR-10 folder in the official pickle format with ``per_batch`` records per
-    training batch. Images are class-dependent noise, so a model can learn something."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def batch(n: int) -> dict:
-        labels = rng.integers(0, 10, n)
-        base = (labels[:, None] * 23 % 256).astype(np.int16)
-        data = np.clip(base + rng.integers(-40, 40, (n, 3072)), 0, 255).astype(np.uint8)
-        return {"data": data, "labels": labels.tolist(), "batch_label": "synthetic"}
-
-    for i in range(1, 6):
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch(per_batch), f)
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump(batch(test), f)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -58,25 +36,25 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-PG_PASSWORD = "pw-Zq81-secret"  # a known password the secrets tests grep every output for
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL 15 on 127.0.0.1 (scripts/start_postgres.sh): (optuna URL, mlflow URL).
 
-    Role ``sweep`` with password ``PG_PASSWORD`` owns databases ``optuna`` and ``mlflow``."""
+    Role ``sweep`` with password ``helpers.PG_PASSWORD`` owns databases ``optuna`` and ``mlflow``;
+    stopped after the session."""
     import shutil
-    import socket
     import subprocess
 
     if not shutil.which("pg_ctlcluster") and not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
         pytest.skip("PostgreSQL server binaries are absent (apt-get install postgresql)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if os.geteuid() != 0:
+        pytest.skip("the test PostgreSQL is started as the postgres user, which needs root")
+    try:
+        import psycopg  # noqa: F401  (SQLAlchemy 2.1's driver for postgresql://)
+    except ImportError:
+        pytest.skip("no PostgreSQL driver: pip install -e '.[postgres]'")
     script = REPO / "scripts" / "start_postgres.sh"
-    out = subprocess.run(["bash", str(script), "start", str(port), PG_PASSWORD],
+    out = subprocess.run(["bash", str(script), "start", str(free_port()), PG_PASSWORD],
                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
     folder, optuna_url, mlflow_url = out[-3:]
     yield optuna_url, mlflow_url

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from sweep.cli import main
-from tests.conftest import write_cifar
+from helpers import PG_PASSWORD, write_cifar
 
 GOOD = """\
 name: t
@@ -127,7 +127,6 @@ def _corrupt(root: Path, how: str) -> Path:
     return root
 
 
-PG_PASSWORD = "s3cr3t-Passw0rd"
 
 FLAG_CASES = [
     ("unknown-study", ["--study", "no_such_study"], "unknown study 'no_such_study'"),

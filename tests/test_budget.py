@@ -19,11 +19,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from helpers import TINY, sweep_cmd, sweep_env, wait_array_ended
 from sweep.orchestration.bookkeeping import BUDGET, budget_used
 
 pytestmark = pytest.mark.slow
 
-TINY = Path(__file__).resolve().parent / "studies" / "tiny.yaml"
 FILE_TRIALS = 2  # the study file's budget here; --trials raises it by one
 
 
@@ -43,20 +43,7 @@ def stored_and_run(folder: Path) -> tuple[int, int, int]:
     return study.user_attrs[BUDGET], budget_used(study), len(finished)
 
 
-def wait_for_array(job: str, env: dict) -> None:
-    deadline = time.time() + 240
-    while time.time() < deadline:  # squeue lists the array until every task has ended
-        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], env=env,
-                                capture_output=True, text=True, timeout=60).stdout.strip()
-        if not queued:
-            return
-        time.sleep(1)
-    pytest.fail(f"array {job} still queued")
-
-
 def run_path(path: str, folder: Path, study: Path, env: dict, trials: int | None) -> None:
-    from test_workers import sweep_cmd
-
     stores = ["--storage", f"sqlite:///{folder}/optuna.db",
               "--tracking-uri", f"sqlite:///{folder}/mlflow.db"]
     flag = ["--trials", str(trials)] if trials else []
@@ -67,15 +54,14 @@ def run_path(path: str, folder: Path, study: Path, env: dict, trials: int | None
                           env=env, cwd=folder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     if path == "submit":
-        wait_for_array(done.stdout.split("submitted job ", 1)[1].split(":")[0], env)
+        wait_array_ended(done.stdout.split("submitted job ", 1)[1].split(":")[0], env,
+                         time.time() + 240)
         outputs = "".join(p.read_text() for p in (folder / "sweep-jobs").glob("*.out"))
         assert "done, ran" in outputs, outputs[-2000:]
 
 
 @pytest.mark.parametrize("path", ["launch", "workers", "worker", "submit"])
 def test_one_budget_rule_on_every_path(path, tiny_cifar, tmp_path, request):
-    from test_workers import sweep_env
-
     env = sweep_env(tiny_cifar)
     if path == "submit":
         env["SLURM_CONF"] = request.getfixturevalue("slurm")

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from sweep.errors import StudyFileError
 from sweep.study.spec import load_study, parse_study
 
-from test_e2e import check_smoke_stores
+from helpers import check_smoke_stores
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -307,7 +307,7 @@ def test_sigkill_of_a_fused_worker_is_reconciled_by_the_next_launch(tmp_path, ti
 def test_two_fused_workers_on_one_sqlite_storage_keep_the_budget_exact(tmp_path, tiny_cifar):
     """`--workers 2` with fuse 3 on a budget of 7 (not a multiple of anything): exactly 7 trials
     count, each with exactly one ended run; the later packs shrink to fit."""
-    from test_workers import TINY, check_consistent, plain_storage, trial_runs
+    from helpers import TINY, check_consistent, plain_storage, trial_runs
 
     storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
     done = subprocess.run(

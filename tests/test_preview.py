@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from torch.optim import lr_scheduler as tl
 
+from helpers import torch_lr_reference
 from sweep.cli import main
 
 S, E = 5, 4
@@ -23,24 +23,6 @@ T = S * E
 
 def invoke(*args: str):
     return CliRunner().invoke(main, ["schedule", *args])
-
-
-def torch_cosine_reference(base: float, warmup: int, min_lr: float, f0: float) -> list[float]:
-    """LinearLR warmup for t < W, then CosineAnnealingLR(T_max = T - W) on a fresh optimizer."""
-    curve = []
-    for phase in ("warmup", "main"):
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
-        if phase == "warmup":
-            if not warmup:
-                continue
-            scheduler, steps = tl.LinearLR(opt, start_factor=f0, total_iters=warmup), warmup
-        else:
-            scheduler, steps = tl.CosineAnnealingLR(opt, T_max=T - warmup, eta_min=min_lr), T - warmup
-        for _ in range(steps):
-            curve.append(opt.param_groups[0]["lr"])
-            opt.step()
-            scheduler.step()
-    return curve
 
 
 def read_csv(text: str) -> list[float]:
@@ -57,30 +39,43 @@ def test_csv_equals_torch_reference(warmup):
                     "--warmup-start-factor", "0.05", "--csv")
     assert result.exit_code == 0, result.output
     ours = read_csv(result.stdout)  # the summary went to stderr, stdout is the CSV alone
-    assert ours == pytest.approx(torch_cosine_reference(0.4, warmup, 0.01, 0.05), rel=1e-9, abs=0)
+    ref = torch_lr_reference(lambda o, n: tl.CosineAnnealingLR(o, T_max=n, eta_min=0.01), (0.4,),
+                             warmup, S, T, f0=0.05)
+    assert ours == pytest.approx([row[0] for row in ref], rel=1e-9, abs=0)
     assert "end of warmup" in result.stderr if warmup else "no warmup" in result.stderr
 
 
-@pytest.mark.parametrize("warmup", [0, 5, 41])
-@pytest.mark.parametrize("case", ["step_per_epoch", "cosine_restarts", "polynomial", "plateau"])
-def test_csv_equals_other_torch_classes(case, warmup):
-    """S = 7, E = 6 as in test_schedules, whose torch reference builder is reused."""
-    from test_schedules import PLATEAU_CASES, TORCH_CASES, VAL_LOSSES, torch_reference
+VAL_LOSSES = [2.0, 1.5, 1.6, 1.55, 1.2, 1.3]  # one per epoch (6): improvements and plateaus
+# scheduler, --param values, the torch main scheduler (opt, steps after warmup), stepped per epoch
+OTHER_CASES = {
+    "step": ({"gamma": 0.7, "step_size_epochs": 1},
+             lambda o, n: tl.StepLR(o, step_size=1, gamma=0.7), True),
+    "cosine_restarts": ({"t0_epochs": 1, "t_mult": 2, "min_lr": 0.001},
+                        lambda o, n: tl.CosineAnnealingWarmRestarts(o, T_0=7, T_mult=2,
+                                                                    eta_min=0.001), False),
+    "polynomial": ({"power": 2.0}, lambda o, n: tl.PolynomialLR(o, total_iters=n, power=2.0),
+                   False),
+    "plateau": ({"gamma": 0.3, "patience_epochs": 1, "threshold": 0.1, "cooldown_epochs": 1,
+                 "min_lr": 0.02},
+                lambda o, n: tl.ReduceLROnPlateau(o, factor=0.3, patience=1, threshold=0.1,
+                                                  cooldown=1, min_lr=0.02), False),
+}
 
-    if case == "plateau":
-        params, per_epoch = PLATEAU_CASES["patience1_cooldown_min_lr"], False
-        factory = lambda o, n: tl.ReduceLROnPlateau(o, factor=0.3, patience=1, threshold=0.1,
-                                                    cooldown=1, min_lr=0.02)
-    else:
-        params, factory, per_epoch = TORCH_CASES[case]
+
+@pytest.mark.parametrize("warmup", [0, 5, 41])
+@pytest.mark.parametrize("case", OTHER_CASES)
+def test_csv_equals_other_torch_classes(case, warmup):
+    """S = 7, E = 6 (T = 42): warmups none, odd, T - 1."""
+    params, factory, per_epoch = OTHER_CASES[case]
     args = [f"--param={k}={v}" for k, v in params.items()]
-    if case == "plateau":
-        args.append("--val-losses=" + ",".join(map(str, VAL_LOSSES)))
-    result = invoke("--scheduler", case.split("_per_")[0], "--base-lr", "0.4", "--epochs", "6",
+    losses = VAL_LOSSES if case == "plateau" else None
+    if losses:
+        args.append("--val-losses=" + ",".join(map(str, losses)))
+    result = invoke("--scheduler", case, "--base-lr", "0.4", "--epochs", "6",
                     "--steps-per-epoch", "7", "--warmup-steps", str(warmup), "--csv", *args)
     assert result.exit_code == 0, result.output
-    ref = torch_reference(factory, (0.4,), warmup, per_epoch=per_epoch,
-                          val_losses=VAL_LOSSES if case == "plateau" else None)
+    ref = torch_lr_reference(factory, (0.4,), warmup, 7, 42, per_epoch=per_epoch,
+                             val_losses=losses)
     assert read_csv(result.stdout) == pytest.approx([row[0] for row in ref], rel=1e-9, abs=0)
 
 

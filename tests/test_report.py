@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from helpers import free_port
 from sweep.cli import main
 from sweep.views.report import compute_importances, load_report_data, write_report
 from sweep.orchestration.storage import open_storage
@@ -242,15 +243,9 @@ def test_ui_refuses_unknown_study_missing_store_and_busy_port(fab, tmp_path, mon
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dashboard_serves_the_storage_on_localhost(fab, tmp_path):
     pytest.importorskip("optuna_dashboard", reason="optuna-dashboard not installed (extra 'dashboard')")
-    port = _free_port()
+    port = free_port()
     # stderr to a file: an undrained pipe fills up with Optuna's log lines and blocks the server
     log = open(tmp_path / "dashboard.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "dashboard", "--storage",

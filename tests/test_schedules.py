@@ -10,7 +10,6 @@ schedulers: floor((t - W) / S) times). Every step is compared, 1e-9 relative.
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import optuna
@@ -19,6 +18,7 @@ import torch
 import transformers
 from torch.optim import lr_scheduler as tl
 
+from helpers import torch_lr_reference
 from sweep.errors import StudyFileError
 from sweep.study.schedules import (SCHEDULERS, LRSchedule, ScheduleConfig, check_schedule, lr_curve,
                              resolve_params)
@@ -42,33 +42,8 @@ def _lrs(opt) -> list[float]:
 
 
 def torch_reference(main, base_lrs, warmup, f0=F0, per_epoch=False, val_losses=None):
-    """``curve[t][g]`` from torch classes; ``main(opt, n_main)`` builds the main scheduler.
-
-    With ``val_losses`` the main scheduler is ReduceLROnPlateau, stepped with the loss of every
-    epoch e whose end (e + 1) * S is not inside warmup.
-    """
-    curve = []
-    if warmup:
-        opt = _optimizer(base_lrs)
-        ramp = tl.LinearLR(opt, start_factor=f0, end_factor=1.0, total_iters=warmup)
-        for _ in range(warmup):
-            curve.append(_lrs(opt))
-            opt.step()
-            ramp.step()
-    opt = _optimizer(base_lrs)
-    scheduler = main(opt, T - warmup)
-    if val_losses is not None and warmup % S == 0 and warmup:
-        scheduler.step(val_losses[warmup // S - 1])  # the epoch that ends exactly at W is fed
-    for t in range(warmup, T):
-        curve.append(_lrs(opt))
-        opt.step()
-        tau = t - warmup
-        if val_losses is not None:
-            if (t + 1) % S == 0:
-                scheduler.step(val_losses[t // S])
-        elif t < T - 1 and (not per_epoch or (tau + 1) % S == 0):
-            scheduler.step()  # OneCycleLR refuses a step past total_steps
-    return curve
+    """``curve[t][g]`` from torch classes over this module's S x E steps (helpers.torch_lr_reference)."""
+    return torch_lr_reference(main, base_lrs, warmup, S, T, f0, per_epoch, val_losses)
 
 
 def sweep_curve(name, params, base_lrs, warmup, f0=F0, shape="linear", val_losses=None):

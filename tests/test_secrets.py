@@ -12,7 +12,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import PG_PASSWORD
+from helpers import PG_PASSWORD
 
 SMALL = ["--set", "data.train_size=150", "--set", "data.val_size=50", "--set", "data.test_size=40",
          "--set", "train.batch_size=15", "--set", "train.epochs=1"]

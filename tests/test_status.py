@@ -155,7 +155,7 @@ def test_submit_dry_run_prints_script_and_writes_nothing(tmp_path, monkeypatch):
     url = "postgresql://sweep:s3cret@db.example:5432/optuna"
     result = CliRunner().invoke(main, [
         "submit", "--study", str(TINY), "--array", "8", "--storage", url,
-        "--tracking-uri", "http://mlflow.example:5000", "--partition", "gpu",
+        "--tracking-uri", "sqlite:///mlflow.db", "--partition", "gpu",
         "--gpus-per-task", "1", "--time", "04:00:00", "--cpus-per-task", "4", "--dry-run",
         "--set", "train.epochs=2"])
     assert result.exit_code == 0, result.output
@@ -190,3 +190,12 @@ def test_submit_rejects_bad_flags_in_one_line(args, message, tmp_path, monkeypat
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_counting_trials_does_not_load_torch():
+    """`sweep status`, `report` and the console count trials through bookkeeping, which is below
+    the worker: none of them may pull in torch (seconds of import for a few queries)."""
+    code = ("import sys; import sweep.orchestration.status, sweep.views.report, "
+            "sweep.views.console; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr

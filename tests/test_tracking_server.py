@@ -21,10 +21,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from helpers import (REPO, TINY, check_consistent, has_trials, plain_storage, sweep_cmd, sweep_env,
+                     trial_runs, wait_array_ended, wait_running)
 from sweep.orchestration.bookkeeping import counted
-from test_cluster import wait_array_ended
-from test_workers import (REPO, TINY, _has_trials, _wait_running, check_consistent, plain_storage,
-                          sweep_cmd, sweep_env, trial_runs)
 
 SMOKE = REPO / "studies" / "smoke.yaml"
 # The smoke study on the tiny synthetic data set: 4 steps per epoch, 4 epochs, so a worker
@@ -55,9 +54,9 @@ def launch_until_training(args: list[str], name: str, data: Path, tmp_path: Path
     try:
         deadline = time.time() + 300
         # A reader opens the storage only once the launcher has created it (creation races).
-        while time.time() < deadline and not _has_trials(tmp_path / "optuna.db"):
+        while time.time() < deadline and not has_trials(tmp_path / "optuna.db"):
             time.sleep(0.2)
-        return proc, _wait_running(plain_storage(f"sqlite:///{tmp_path}/optuna.db"), name,
+        return proc, wait_running(plain_storage(f"sqlite:///{tmp_path}/optuna.db"), name,
                                    set(), deadline)
     except BaseException:
         proc.kill()
