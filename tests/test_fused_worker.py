@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -194,114 +193,7 @@ def test_pruned_and_diverged_slots_are_refilled_within_the_budget(tmp_path, tiny
     assert len(pack_ids) == 1 and set(seats) == {"0", "1"} and sum(seats.values()) == 6
 
 
-# --- signals and several workers ----------------------------------------------------------------
-
-def _running_with_epoch(db: Path, at_least: int) -> bool:
-    """At least ``at_least`` trials RUNNING that have reported an epoch (read-only SQLite)."""
-    import sqlite3
-
-    query = ("SELECT count(DISTINCT t.trial_id) FROM trials t JOIN trial_intermediate_values v "
-             "ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'")
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            return conn.execute(query).fetchone()[0] >= at_least
-    except sqlite3.OperationalError:
-        return False
-
-
-def _wait(cond, proc, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if cond():
-            return
-        time.sleep(0.3)
-    raise AssertionError("timed out waiting for the fused pack to train")
-
-
-def _nothing_running(folder: Path, study_name: str = "smoke"):
-    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{folder}/sweep.db")
-    trials = study.get_trials()
-    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
-    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-    exp = client.get_experiment_by_name(study_name)
-    runs = client.search_runs([exp.experiment_id], max_results=200)
-    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
-    return trials, client, runs
-
-
-SMALL = ["--set", "data.train_size=150", "--set", "data.val_size=50", "--set", "data.test_size=40",
-         "--set", "train.batch_size=15", "--set", "train.fuse=2"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_fails_and_retries_every_live_slot(tmp_path, tiny_cifar, signum):
-    """SIGTERM/Ctrl-C mid-training of a pack of 2: both trials FAIL (error 'interrupted') and
-    are re-enqueued once, both runs KILLED with their curves; nothing RUNNING anywhere; the
-    next launch runs the retries and the budget comes out exact."""
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", "--study", "smoke",
-                             "--quiet", "--data-dir", str(tiny_cifar), *SMALL, "--trials", "3",
-                             "--set", "train.epochs=200"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    try:
-        _wait(lambda: _running_with_epoch(tmp_path / "sweep.db", 2), proc)
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signum, err[-2000:]
-    assert "Traceback" not in err
-    trials, client, runs = _nothing_running(tmp_path)
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    waiting = [t for t in trials if t.state == TrialState.WAITING]
-    assert len(failed) == 2 and all(t.user_attrs["error"] == "interrupted" for t in failed)
-    assert sorted(str(t.params) for t in waiting) == sorted(str(t.params) for t in failed)
-    for t in failed:
-        run = client.get_run(t.user_attrs["mlflow_run_id"])
-        assert run.info.status == "KILLED" and run.data.tags["sweep.state"] == "FAIL"
-        assert client.get_metric_history(run.info.run_id, "lr")  # curves kept
-
-    done = launch(tmp_path, tiny_cifar, "--study", "smoke", *SMALL, "--trials", "3",
-                  "--set", "train.epochs=1")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "3/3 trials used" in done.stdout
-    trials, _, _ = _nothing_running(tmp_path)
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert sorted(str(t.params) for t in failed) == sorted(
-        str(t.params) for t in finished if t.system_attrs.get("retry_history"))
-
-
-@pytest.mark.slow
-def test_sigkill_of_a_fused_worker_is_reconciled_by_the_next_launch(tmp_path, tiny_cifar):
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", "--study", "smoke",
-                             "--quiet", "--data-dir", str(tiny_cifar), *SMALL, "--trials", "2",
-                             "--set", "train.epochs=200"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
-    try:
-        _wait(lambda: _running_with_epoch(tmp_path / "sweep.db", 2), proc)
-        proc.kill()
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    done = launch(tmp_path, tiny_cifar, "--study", "smoke", *SMALL, "--trials", "2",
-                  "--set", "train.epochs=1")
-    assert done.returncode == 0, done.stderr[-2000:]
-    trials, client, runs = _nothing_running(tmp_path)
-    dead = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(dead) == 2  # failed by their stale heartbeats or their dead pid, whichever first
-    for t in dead:
-        run = client.get_run(t.user_attrs["mlflow_run_id"])
-        assert run.info.status == "FAILED" and run.data.tags["sweep.state"] == "FAIL"
-    retried = [t for t in trials if t.system_attrs.get("retry_history")]
-    assert sorted(str(t.params) for t in retried) == sorted(str(t.params) for t in dead)
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in retried)
-    assert "2/2 trials used" in done.stdout
-
+# --- several fused workers (Ctrl-C, SIGTERM and SIGKILL of a pack: tests/test_interrupt.py) -
 
 @pytest.mark.slow
 def test_two_fused_workers_on_one_sqlite_storage_keep_the_budget_exact(tmp_path, tiny_cifar):

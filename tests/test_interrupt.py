@@ -71,46 +71,54 @@ def integrity_ok(db: Path) -> bool:
         return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def start_long_trial(folder: Path, data: Path, trials: int) -> subprocess.Popen:
-    """A launch whose first trial trains for long (200 epochs), returned once it is training."""
-    proc = subprocess.Popen(launch_args(data, "--trials", str(trials), "--set", "train.epochs=200"),
+def start_long_trial(folder: Path, data: Path, trials: int, fuse: int = 1) -> subprocess.Popen:
+    """A launch whose first trial trains for long (200 epochs), returned once it is training
+    (with ``fuse`` > 1, its first ``fuse`` trials train together as one pack)."""
+    proc = subprocess.Popen(launch_args(data, "--trials", str(trials), "--set", "train.epochs=200",
+                                        "--set", f"train.fuse={fuse}"),
                             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env())
     wait_for_running_trial(folder, proc)
     return proc
 
 
-def test_ctrl_c_once_ends_trial_cleanly_and_it_is_retried(tmp_path, tiny_cifar):
-    proc = start_long_trial(tmp_path, tiny_cifar, trials=2)
-    proc.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("fuse, signum", [(1, signal.SIGINT), (2, signal.SIGINT),
+                                          (2, signal.SIGTERM)])
+def test_ctrl_c_once_ends_trial_cleanly_and_it_is_retried(tmp_path, tiny_cifar, fuse, signum):
+    """Unfused, and a fused pack of 2 (every live slot ends like the one trial)."""
+    proc = start_long_trial(tmp_path, tiny_cifar, trials=3, fuse=fuse)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]
     assert "interrupted" in out and "Traceback" not in err
 
     trials = load(tmp_path).get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     waiting = [t for t in trials if t.state == TrialState.WAITING]
-    assert len(failed) == 1 and failed[0].user_attrs["error"] == "interrupted"
-    assert len(waiting) == 1 and waiting[0].params == failed[0].params
+    assert len(failed) == fuse and all(t.user_attrs["error"] == "interrupted" for t in failed)
+    assert sorted(str(t.params) for t in waiting) == sorted(str(t.params) for t in failed)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     client, runs = mlflow_runs(tmp_path)
-    (killed,) = [r for r in runs if r.info.run_id == failed[0].user_attrs["mlflow_run_id"]]
-    assert killed.info.status == "KILLED" and killed.data.tags["sweep.state"] == "FAIL"
-    assert client.get_metric_history(killed.info.run_id, "lr")  # curves kept
+    for trial in failed:
+        (killed,) = [r for r in runs if r.info.run_id == trial.user_attrs["mlflow_run_id"]]
+        assert killed.info.status == "KILLED" and killed.data.tags["sweep.state"] == "FAIL"
+        assert client.get_metric_history(killed.info.run_id, "lr")  # curves kept
     assert all(r.info.status != "RUNNING" for r in runs)
 
-    # The next launch runs the retry first; the interrupted trial does not use up the budget.
-    done = run(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=1"), tmp_path)
+    # The next launch runs the retries first; interrupted trials do not use up the budget.
+    done = run(launch_args(tiny_cifar, "--trials", "3", "--set", "train.epochs=1",
+                           "--set", f"train.fuse={fuse}"), tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = load(tmp_path).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 2
-    assert any(t.params == failed[0].params for t in finished)
-    assert "2/2 trials used" in done.stdout
+    assert len(finished) == 3
+    assert all(any(t.params == f.params for t in finished) for f in failed)
+    assert "3/3 trials used" in done.stdout
 
 
-def test_second_ctrl_c_exits_at_once_and_next_launch_reconciles(tmp_path, tiny_cifar):
-    proc = start_long_trial(tmp_path, tiny_cifar, trials=1)
+@pytest.mark.parametrize("fuse", [1, 2])
+def test_second_ctrl_c_exits_at_once_and_next_launch_reconciles(tmp_path, tiny_cifar, fuse):
+    proc = start_long_trial(tmp_path, tiny_cifar, trials=fuse, fuse=fuse)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -119,14 +127,39 @@ def test_second_ctrl_c_exits_at_once_and_next_launch_reconciles(tmp_path, tiny_c
     assert integrity_ok(tmp_path / "sweep.db") and integrity_ok(tmp_path / "mlflow.db")
     load(tmp_path).get_trials()  # both stores still open and read
 
-    time.sleep(4)  # past the grace period: the abandoned trial is stale
-    done = run(launch_args(tiny_cifar, "--trials", "1", "--set", "train.epochs=1"), tmp_path)
+    time.sleep(4)  # past the grace period: the abandoned trials are stale
+    done = run(launch_args(tiny_cifar, "--trials", str(fuse), "--set", "train.epochs=1",
+                           "--set", f"train.fuse={fuse}"), tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = load(tmp_path).get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 1
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == fuse
     _, runs = mlflow_runs(tmp_path)
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_sigkill_of_a_fused_worker_is_reconciled_by_the_next_launch(tmp_path, tiny_cifar):
+    """kill -9 while a pack of 2 trains: the next launch fails both trials (stale heartbeats or
+    the dead pid), ends their runs FAILED, runs their retries; the budget comes out exact."""
+    proc = start_long_trial(tmp_path, tiny_cifar, trials=2, fuse=2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    done = run(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=1",
+                           "--set", "train.fuse=2"), tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2/2 trials used" in done.stdout
+    trials = load(tmp_path).get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    client, runs = mlflow_runs(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    dead = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(dead) == 2
+    for t in dead:
+        run_ = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run_.info.status == "FAILED" and run_.data.tags["sweep.state"] == "FAIL"
+    retried = [t for t in trials if t.system_attrs.get("retry_history")]
+    assert sorted(str(t.params) for t in retried) == sorted(str(t.params) for t in dead)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in retried)
 
 
 def test_read_only_mlflow_store_fails_trials_loudly(tmp_path, tiny_cifar):

@@ -31,6 +31,8 @@ import torch
 
 from sweep.orchestration.objective import (Outcome, StartedTrial, WorkerContext, end_trial,
                                            start_trial)
+from sweep.orchestration.storage import mask_url
+from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
 
 
 def auto_fuse(device: torch.device, model: str, width: int, batch_size: int) -> int:
@@ -82,8 +84,6 @@ def pack_capacity(ctx: WorkerContext, remaining: int) -> int:
     wanted = auto_fuse(ctx.device, t.model, t.width, t.batch_size) if t.fuse == "auto" else t.fuse
     capacity = max(1, min(wanted, remaining))
     if capacity > 1:
-        from sweep.training.fused import fusion_problem
-
         problem = fusion_problem(t.model, t.width)
         if problem is not None:
             print(f"train.fuse={t.fuse}: {problem}; training one trial at a time",
@@ -105,7 +105,7 @@ class _Slot:
 
 def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: WorkerContext,
              capacity: int, guard, began: Callable[[optuna.Trial], None],
-             settle: Callable[[optuna.Trial, Outcome], None]):
+             settle: Callable[[optuna.Trial, Outcome], None]) -> PackStats | None:
     """Train ``first`` and further trials from ``ask()`` (None: no more within the budget) as
     one pack of up to ``capacity`` slots, until no slot is live.
 
@@ -116,14 +116,12 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
     ``began`` and no ``settle`` are the worker's to fail and re-enqueue. Any other exception
     out of the pack fails every live slot with it; returns None then, else the pack's
     ``PackStats``."""
-    from sweep.training.fused import SlotJob, train_pack
-
     pack_id = uuid.uuid4().hex[:12]
     waiting = [first]
     live: dict[int, _Slot] = {}
     free = list(range(capacity))
 
-    def next_job():
+    def next_job() -> SlotJob | None:
         while True:
             trial = waiting.pop() if waiting else ask()
             if trial is None:
@@ -149,7 +147,7 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
         return end_trial(slot.started, background=True, **how,
                          tags={"sweep.pack_trials": ",".join(map(str, sorted(slot.peers)))})
 
-    def on_end(end) -> None:  # a fused.SlotEnd
+    def on_end(end: SlotEnd) -> None:
         slot = end.key
         settle(slot.trial, ended(slot, result=end.result, stop=end.stop, error=end.error))
 
@@ -166,7 +164,7 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
         if interrupted:
             raise
         for trial in waiting:  # the pack failed before its first slot was filled
-            message = f"{type(err).__name__}: {err}"[:2000]
+            message = mask_url(f"{type(err).__name__}: {err}")[:2000]
             trial.set_user_attr("error", message)
             settle(trial, Outcome(optuna.trial.TrialState.FAIL, detail=message))
         return None
