@@ -72,6 +72,37 @@ def test_bad_fuse_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, t
     assert not list(tmp_path.iterdir())
 
 
+def test_pack_capacity_is_bounded_by_the_budget_and_auto_is_one_on_the_cpu(capsys):
+    import torch
+
+    from sweep.orchestration.pack import pack_capacity
+
+    cpu = torch.device("cpu")
+    train = load_study("smoke", ["train.fuse=3"]).train
+    assert pack_capacity(train, cpu, remaining=10) == 3
+    assert pack_capacity(train, cpu, remaining=2) == 2  # never more slots than trials left
+    assert pack_capacity(train, cpu, remaining=0) == 1
+    auto = load_study("smoke", ["train.fuse=auto"]).train
+    assert pack_capacity(auto, cpu, remaining=10) == 1  # measured: fusion does not pay on CPU
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.gpu
+def test_auto_fuse_on_cuda_fits_memory_and_the_rule():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from sweep.orchestration.pack import auto_fuse
+
+    device = torch.device("cuda")
+    k = auto_fuse(device, "resnet20", 1, 128)
+    assert 1 <= k <= 16
+    free, _ = torch.cuda.mem_get_info(device)
+    assert auto_fuse(device, "resnet20", 1, 128) == k  # measuring leaves nothing allocated
+    assert torch.cuda.mem_get_info(device)[0] >= free * 0.95
+
+
 def test_heartbeat_beats_every_live_trial_of_a_pack(tmp_path):
     """One heartbeat thread beats all the trials added to it, and stops beating a discarded one
     (real SQLite storage; Optuna's own stale-trial query is the judge)."""

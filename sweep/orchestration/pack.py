@@ -32,6 +32,7 @@ import torch
 from sweep.orchestration.objective import (Outcome, StartedTrial, WorkerContext, end_trial,
                                            start_trial)
 from sweep.orchestration.storage import mask_url
+from sweep.study.spec import TrainSpec
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
 
 
@@ -77,11 +78,10 @@ def _step_bytes(device: torch.device, model: str, width: int, batch_size: int) -
     return peak
 
 
-def pack_capacity(ctx: WorkerContext, remaining: int) -> int:
-    """The K this worker fuses: ``train.fuse`` (``auto``: ``auto_fuse``), at most the trials
-    left in the budget; 1 (said once on stderr) when the study's model cannot be fused."""
-    t = ctx.spec.train
-    wanted = auto_fuse(ctx.device, t.model, t.width, t.batch_size) if t.fuse == "auto" else t.fuse
+def pack_capacity(t: TrainSpec, device: torch.device, remaining: int) -> int:
+    """The K a worker fuses: ``train.fuse`` (``auto``: ``auto_fuse``), at most the ``remaining``
+    trials of the budget; 1 (said once on stderr) when the study's model cannot be fused."""
+    wanted = auto_fuse(device, t.model, t.width, t.batch_size) if t.fuse == "auto" else t.fuse
     capacity = max(1, min(wanted, remaining))
     if capacity > 1:
         problem = fusion_problem(t.model, t.width)

@@ -196,7 +196,8 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     report = WorkerReport()
     storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
-    capacity = pack_capacity(ctx, open_slots(study.get_trials(deepcopy=False), budget, phase))
+    capacity = pack_capacity(ctx.spec.train, ctx.device,
+                             open_slots(study.get_trials(deepcopy=False), budget, phase))
     with SignalGuard() as guard:
         while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
             live = {trial._trial_id: trial}  # began, not yet told
