@@ -187,7 +187,9 @@ def test_the_fused_forward_is_each_models_forward(model):
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_the_slot_optimizers_are_torch_optim_per_slot(kind):
     """Slot k of the vector optimizer follows torch.optim built by build_optimizer with slot k's
-    hyperparameters (different per slot, changed every step), decay only on ndim > 1."""
+    hyperparameters (different per slot, changed every step), decay only on ndim > 1; a slot
+    reset mid-run (a refill) follows a fresh torch.optim from there (AdamW's bias correction
+    restarts at step 1 for that slot alone)."""
     spec = make_spec(optimizer=kind)
     settings = [(0.1, 5e-4, 0.9), (0.03, 0.0, 0.5), (0.5, 1e-2, 0.0)]  # lr, wd, momentum
     k = len(settings)
@@ -204,17 +206,21 @@ def test_the_slot_optimizers_are_torch_optim_per_slot(kind):
     params = [p for _, p in net.named_parameters()]
     ours = (SlotSGD(params, decay, k, nesterov=True) if kind == "sgd"
             else SlotAdamW(params, decay, k))
-    theirs = []
+    theirs, cfgs = [], []
     for m, (lr, wd, mom) in zip(models, settings):
         cfg = dataclasses.replace(trial_config(optuna.trial.FixedTrial({}), spec), base_lr=lr)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weight_decay=wd,
                                                                  momentum=mom))
         theirs.append(build_optimizer(m, cfg))
+        cfgs.append(cfg)
         assert isinstance(theirs[-1], torch.optim.AdamW if kind == "adamw" else torch.optim.SGD)
     ours.weight_decay.copy_(torch.tensor([s[1] for s in settings]))
     ours.momentum.copy_(torch.tensor([s[2] for s in settings]))
     gen = torch.Generator().manual_seed(0)
-    for step in range(6):
+    for step in range(7):
+        if step == 3:
+            ours.reset_slot(1)
+            theirs[1] = build_optimizer(models[1], cfgs[1])
         factor = 1.0 / (1 + step)  # a new LR every step, as a schedule writes it
         ours.lr.copy_(torch.tensor([s[0] * factor for s in settings]))
         for slot, (m, opt) in enumerate(zip(models, theirs)):

@@ -148,7 +148,8 @@ class Pack:
                  *self.optimizer.state_tensors()]
         began = time.perf_counter()
         try:
-            captured = CapturedStep(lambda: self._train_step(static_x, static_y), state)
+            with torch.cuda.device(self.device):  # the side stream and the graph on our GPU
+                captured = CapturedStep(lambda: self._train_step(static_x, static_y), state)
         except Exception as err:  # a capture that fails must not fail the trials
             warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); this pack "
                           f"trains eagerly")
