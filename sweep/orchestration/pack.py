@@ -41,9 +41,9 @@ def auto_fuse(device: torch.device, model: str, width: int, batch_size: int) -> 
 
     The rule, from measurements (re-measure with ``scripts/bench_fused.py``):
 
-    * CPU: 1. On this project's 2-core CPU a fused pack of resnet8 trains at no more images/s
-      than the trials one after another (README "Fused trials"; grouped convolutions on the CPU
-      have no idle device to fill), so fusion only adds the coupling of K trials.
+    * CPU: 1. On this project's 2-core CPU (resnet8, batch 128, bench_fused.py) a fused pack
+      trained fewer images/s in all than one unfused trial: K=2 0.78x, K=4 0.59x (README
+      "Fused trials"). The cores are already busy with one model; fusion only adds work.
     * CUDA: 16, fewer when GPU memory is short. On an H200 (FACTS.md, bare ResNet-20 step,
       batch 128 per model, bf16 + CUDA graphs) 8 fused models reached 187k img/s and 32 reached
       221k, against 51k for one model under CUDA graphs and 21.5k eager: the step is
