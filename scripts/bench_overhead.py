@@ -126,7 +126,7 @@ def main() -> int:
                                      epochs=args.epochs))
         spec = parse_study(path.read_text(), str(path), path)
         opts = LaunchOptions(f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db",
-                             args.data_dir, args.device, quiet=True)
+                             args.data_dir, args.device)
         stores = open_study_stores(spec, opts)
         study, ctx = stores.study, stores.worker_context(spec)  # per worker: data on the device, stores, imports
         runs = []

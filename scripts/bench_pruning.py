@@ -45,7 +45,7 @@ def run_study(spec, mode: str, data_dir: str, device: str, workdir: Path) -> dic
         spec = dataclasses.replace(spec, pruner=PrunerSpec("none"),
                                    divergence=dataclasses.replace(spec.divergence, enabled=False))
     opts = LaunchOptions(f"sqlite:///{workdir}/{mode}-optuna.db",
-                         f"sqlite:///{workdir}/{mode}-mlflow.db", data_dir, device, quiet=True)
+                         f"sqlite:///{workdir}/{mode}-mlflow.db", data_dir, device)
     stores = open_study_stores(spec, opts)
     study, ctx = stores.study, stores.worker_context(spec)
     began = time.perf_counter()

@@ -118,16 +118,18 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
     """Create or resume a study and run its trials on this machine."""
     from sweep.orchestration.launch import LaunchOptions, launch as run_launch
     from sweep.study.spec import load_study
+    from sweep.views.console import Console
 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     spec = load_study(study_name, overrides)
-    opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, quiet, allow_space_change)
+    opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, allow_space_change)
     if workers > 1:
         from sweep.orchestration.pool import PoolOptions, launch_pool
 
-        result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device, tuple(overrides)))
+        result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device, tuple(overrides)),
+                             Console(tracking_uri, quiet))
     else:
-        result = run_launch(spec, opts)
+        result = run_launch(spec, opts, Console(tracking_uri, quiet))
     click.echo(mask_url(result.text))
     sys.exit(result.exit_code)
 
@@ -151,11 +153,13 @@ def confirm(study_name, seeds, top, storage, tracking_uri, data_dir, device, ove
     from sweep.orchestration.confirm import confirm as run_confirm
     from sweep.orchestration.launch import LaunchOptions
     from sweep.study.spec import load_study
+    from sweep.views.console import Console
     from sweep.views.report import write_report
 
     spec = load_study(study_name, list(overrides))
-    result = run_confirm(spec, LaunchOptions(storage, tracking_uri, data_dir, device, None, quiet),
-                         seeds, top, log=lambda line: click.echo(mask_url(line)))
+    result = run_confirm(spec, LaunchOptions(storage, tracking_uri, data_dir, device),
+                         Console(tracking_uri, quiet), seeds, top,
+                         log=lambda line: click.echo(mask_url(line)))
     click.echo(mask_url(result.text))
     if result.exit_code == 0:
         click.echo(mask_url(write_report(spec.name, storage, tracking_uri).text))
@@ -203,7 +207,7 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
 
     spec = load_study(study_name, list(overrides))
     result = worker_main(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
-                                             True, allow_space_change),
+                                             allow_space_change),
                          log=lambda line: click.echo(mask_url(line)))
     click.echo(mask_url(result.text))
     sys.exit(result.exit_code)
@@ -251,7 +255,7 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
-    text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials, True,
+    text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
                                           allow_space_change),
                       SubmitOptions(array, Path(job_dir), partition, gpus_per_task, time_limit,
                                     cpus_per_task, dry_run), list(overrides))

@@ -36,7 +36,7 @@ class Buggy:
 def test_a_raising_trial_fails_and_the_study_goes_on(in_tmp, tiny_cifar):
     spec = load_study("smoke", SMALL)
     opts = LaunchOptions(f"sqlite:///{in_tmp}/s.db", f"sqlite:///{in_tmp}/m.db", str(tiny_cifar),
-                         "cpu", 2, quiet=True)
+                         "cpu", 2)
     stores = open_study_stores(spec, opts)
     study, ctx = stores.study, stores.worker_context(spec)
     ctx.progress = Buggy

@@ -170,14 +170,14 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def confirm(spec: StudySpec, opts, seeds: int | None = None, top: int | None = None,
+def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int | None = None,
             log=print):
     """Plan (or resume) the study's confirmation, then run its missing replicates. ``opts``: a
-    ``launch.LaunchOptions``; returns a ``launch.LaunchResult``."""
+    ``launch.LaunchOptions``, ``display`` a ``launch.Display`` (progress, closing text); returns
+    a ``launch.LaunchResult``."""
     # Training imports here: `sweep report` reads plans from this module without loading torch.
     from sweep.orchestration.launch import LaunchResult, open_study_stores
     from sweep.orchestration.worker import run_worker
-    from sweep.views.console import TrialBar
 
     # Planned on the existing study before any store is opened for writing: a study that is
     # absent or has nothing to confirm, or contradicting flags, leave everything untouched.
@@ -188,9 +188,9 @@ def confirm(spec: StudySpec, opts, seeds: int | None = None, top: int | None = N
     plan = stored_plan(study)  # another confirm may have stored its plan first
     enqueue_missing(study, plan)
     log(budget_line(study, plan))
-    bar = TrialBar(plan.budget, budget_used(study, CONFIRM), opts.quiet)
+    bar = display.trial_bar(plan.budget, budget_used(study, CONFIRM))
     try:
-        report = run_worker(study, stores.worker_context(spec, opts.quiet), plan.budget,
+        report = run_worker(study, stores.worker_context(spec, display.epoch_bar), plan.budget,
                             on_trial=bar, phase=CONFIRM)
     finally:
         bar.close()

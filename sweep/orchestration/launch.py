@@ -11,7 +11,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import optuna
 import torch
@@ -25,7 +25,6 @@ from sweep.orchestration.worker import code_version, open_study, run_worker
 from sweep.study.spec import StudySpec
 from sweep.training.data import Splits, load_splits, locate
 from sweep.training.train import resolve_device
-from sweep.views.console import EpochBar, TrialBar, closing_summary
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,6 @@ class LaunchOptions:
     data_dir: str | None
     device: str = "auto"
     trials: int | None = None
-    quiet: bool = False
     allow_space_change: bool = False
 
 
@@ -63,6 +61,19 @@ def study_params(spec: StudySpec, opts: LaunchOptions, budget: int) -> dict:
     return params
 
 
+class Display(Protocol):
+    """What a person sees while trials run, handed in by the caller (``views.console.Console``
+    for the CLI), so that orchestration never imports a view."""
+
+    epoch_bar: Callable | None  # a training-listener factory (trial number, epochs), or None
+
+    def trial_bar(self, budget: int, used: int) -> Callable:
+        """Called with (trial number, outcome) per finished trial; has ``close()``."""
+
+    def closing(self, study: optuna.Study, budget: int, used: int) -> str:
+        """The closing text: best trial, counts, where to look next."""
+
+
 @dataclass
 class StudyStores:
     """A study's opened stores, as every path holds them (launch, the pool's parent, submit and
@@ -77,10 +88,10 @@ class StudyStores:
     code_version: str
     splits: Splits | None = None
 
-    def worker_context(self, spec: StudySpec, quiet: bool = True) -> WorkerContext:
+    def worker_context(self, spec: StudySpec, progress: Callable | None = None) -> WorkerContext:
+        """``progress``: a training-listener factory ``(trial number, epochs)`` for the console."""
         return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
-                             self.parent_run_id, self.code_version,
-                             progress=None if quiet else EpochBar)
+                             self.parent_run_id, self.code_version, progress=progress)
 
 
 def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool = True,
@@ -132,29 +143,30 @@ def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str
     return cmd
 
 
-def nothing_to_run(spec: StudySpec, stores: StudyStores, tracking_uri: str) -> LaunchResult | None:
+def nothing_to_run(spec: StudySpec, stores: StudyStores, display: Display) -> LaunchResult | None:
     """The answer when the study has already used its budget, else None."""
     used = budget_used(stores.study)
     if used < stores.budget:
         return None
     return LaunchResult(f"study {spec.name!r} has used its budget ({used}/{stores.budget} "
                         f"trials): nothing to run; raise it with --trials N\n"
-                        + closing_summary(stores.study, tracking_uri, stores.budget, used))
+                        + display.closing(stores.study, stores.budget, used))
 
 
-def launch(spec: StudySpec, opts: LaunchOptions) -> LaunchResult:
+def launch(spec: StudySpec, opts: LaunchOptions, display: Display) -> LaunchResult:
     stores = open_study_stores(spec, opts)
-    done = nothing_to_run(spec, stores, opts.tracking_uri)
+    done = nothing_to_run(spec, stores, display)
     if done is not None:
         return done
     study, budget = stores.study, stores.budget
-    bar = TrialBar(budget, budget_used(study), opts.quiet)
+    bar = display.trial_bar(budget, budget_used(study))
     try:
-        report = run_worker(study, stores.worker_context(spec, opts.quiet), budget, on_trial=bar)
+        report = run_worker(study, stores.worker_context(spec, display.epoch_bar), budget,
+                            on_trial=bar)
     finally:
         bar.close()
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
-    text = closing_summary(study, opts.tracking_uri, budget, budget_used(study))
+    text = display.closing(study, budget, budget_used(study))
     if report.interrupted_by is not None:
         return LaunchResult("interrupted: the running trial was marked FAIL (KILLED in MLflow) "
                             "and will be retried by the next launch\n" + text,

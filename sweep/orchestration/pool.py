@@ -19,10 +19,9 @@ import subprocess
 from dataclasses import dataclass
 
 from sweep.orchestration.bookkeeping import budget_used, reconcile, update_parent_run
-from sweep.orchestration.launch import (LaunchOptions, LaunchResult, nothing_to_run,
+from sweep.orchestration.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
                                         open_study_stores, worker_command)
 from sweep.study.spec import StudySpec
-from sweep.views.console import closing_summary
 
 
 @dataclass(frozen=True)
@@ -56,11 +55,12 @@ def worker_environments(opts: LaunchOptions, pool: PoolOptions, gpus: int,
     return envs
 
 
-def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions) -> LaunchResult:
+def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions,
+                display: Display) -> LaunchResult:
     stores = open_study_stores(spec, opts, load_data=False)
     study, budget = stores.study, stores.budget
     reconcile(study, stores.tracker, stores.experiment_id)
-    done = nothing_to_run(spec, stores, opts.tracking_uri)
+    done = nothing_to_run(spec, stores, display)
     if done is not None:
         return done
     gpus = 0
@@ -91,7 +91,7 @@ def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions) -> Laun
         for sig, handler in old.items():
             signal.signal(sig, handler)
     update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
-    text = closing_summary(study, opts.tracking_uri, budget, budget_used(study))
+    text = display.closing(study, budget, budget_used(study))
     if received:
         return LaunchResult("interrupted: running trials were marked FAIL (KILLED in MLflow) and "
                             "will be retried by the next launch\n" + text, 128 + received[0])

@@ -145,7 +145,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
 
     check_submit(opts)
     launch_opts = replace(launch_opts, storage=absolute_url(launch_opts.storage),
-                          tracking_uri=absolute_url(launch_opts.tracking_uri), quiet=True)
+                          tracking_uri=absolute_url(launch_opts.tracking_uri))
     storage, tracking = launch_opts.storage, launch_opts.tracking_uri
     check_storage_url(storage)
     check_tracking_uri(tracking)

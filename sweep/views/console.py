@@ -60,6 +60,21 @@ class TrialBar:
             self.bar.close()
 
 
+class Console:
+    """The CLI's ``launch.Display``: progress bars on stderr (none with ``quiet``) and the
+    closing summary. Handed to launch, pool and confirm, which never import a view."""
+
+    def __init__(self, tracking_uri: str, quiet: bool):
+        self.tracking_uri, self.quiet = tracking_uri, quiet
+        self.epoch_bar = None if quiet else EpochBar
+
+    def trial_bar(self, budget: int, used: int) -> TrialBar:
+        return TrialBar(budget, used, self.quiet)
+
+    def closing(self, study: optuna.Study, budget: int, used: int) -> str:
+        return closing_summary(study, self.tracking_uri, budget, used)
+
+
 def closing_summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> str:
     """The closing text: best search trial, counts, and how to open the MLflow UI
     (confirmation replicates are not search results: ``sweep report`` shows them)."""
