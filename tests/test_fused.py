@@ -19,6 +19,7 @@ from sweep.study.spec import DivergenceSpec, parse_study
 from sweep.training.data import load_splits
 from sweep.training.divergence import DivergenceMonitor
 from sweep.training.fused import SlotJob, train_pack
+from sweep.training.fused_pack import Pack, PackStats
 from sweep.training.fused_model import (fuse, fusion_problem, load_slot, module_problem,
                                         slot_rows)
 from sweep.training.fused_optim import SlotAdamW, SlotSGD
@@ -388,3 +389,17 @@ def test_a_failing_listener_fails_its_slot_alone_and_base_exceptions_propagate(d
     assert stats.wasted_slot_steps == STEPS
     with pytest.raises(KeyboardInterrupt):
         run_pack([SlotJob(cfgs[0], [Raises(KeyboardInterrupt())], key=0)], 1, splits)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where capture fails")
+def test_a_failed_graph_capture_says_so_and_the_pack_trains_eagerly(data):
+    spec, splits = data
+    cfg = configs(spec)[0]
+    ends, record = [], Record()
+    pack = Pack(cfg.train, splits, CPU, bf16=False, graphs=True, on_end=ends.append,
+                stats=PackStats())
+    with pytest.warns(UserWarning, match="CUDA graph capture failed .*; this pack trains eagerly"):
+        pack.start([SlotJob(cfg, [record], key=0)])
+    assert not pack.use_graphs
+    pack.run_epoch((), 0)
+    assert len(record.lrs) == STEPS and all(math.isfinite(x) for x in record.losses)

@@ -151,8 +151,9 @@ class Pack:
             with torch.cuda.device(self.device):  # the side stream and the graph on our GPU
                 captured = CapturedStep(lambda: self._train_step(static_x, static_y), state)
         except Exception as err:  # a capture that fails must not fail the trials
-            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); this pack "
-                          f"trains eagerly")
+            first_line = (str(err).splitlines() or [""])[0]
+            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {first_line}); "
+                          f"this pack trains eagerly")
             self.use_graphs = False
             return
         self.stats.capture_seconds += time.perf_counter() - began
