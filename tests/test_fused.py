@@ -404,3 +404,15 @@ def test_a_failed_graph_capture_says_so_and_the_pack_trains_eagerly(data):
     assert not pack.use_graphs
     pack.run_epoch((), 0)
     assert len(record.lrs) == STEPS and all(math.isfinite(x) for x in record.losses)
+
+
+def test_when_every_slot_has_ended_the_pack_refills_without_finishing_the_epoch(data):
+    spec, splits = data
+    cfgs = configs(spec)
+    broke = [SlotJob(c, [Raises(RuntimeError("x"))], key=i) for i, c in enumerate(cfgs[:2])]
+    record = Record()
+    stats, ends = run_pack(broke + [SlotJob(cfgs[2], [record], key=2)], 2, splits)
+    assert all(ends[i].error for i in (0, 1)) and ends[2].result is not None
+    # both ended after their first chunk (3 steps): no idle steps to the epoch's end
+    assert stats.idle_slot_steps == 0 and stats.wasted_slot_steps == 2 * 3
+    assert len(record.lrs) == EPOCHS * STEPS and stats.shrinks == 1

@@ -14,7 +14,8 @@ share ``steps_per_epoch`` and start at a pack epoch boundary, so their epochs en
 pack evaluates, refills the slots freed during the epoch with ``next_job()`` (fresh weights,
 BatchNorm statistics and optimizer state for that slot alone), and shrinks when no job is left.
 A slot stopped mid-epoch (pruned, diverged, failed) gets LR 0 and no more listener calls at once,
-and waits for the boundary; its weights may be NaN, which cannot reach the other slots.
+and waits for the boundary (at once when every slot has ended); its weights may be NaN, which
+cannot reach the other slots.
 
 Knows nothing of Optuna or MLflow: jobs carry listeners, as train() takes them.
 """

@@ -202,6 +202,8 @@ class Pack:
         while done < self.steps_per_epoch:
             chunk = min(self.t.sync_every_steps, self.steps_per_epoch - done)
             active = [not s.ended for s in self.slots]
+            if not any(active):  # every slot ended: nothing to keep aligned, refill now
+                break
             # The chunk's LRs are known ahead (plateau only moves at epoch ends): one upload.
             lrs = [[s.schedule.lr_at(s.step + j, s.job.cfg.base_lr) if live else 0.0
                     for s, live in zip(self.slots, active)] for j in range(chunk)]
