@@ -19,7 +19,9 @@ GPU (full-size warmup_vs_plateau on the shared subset tiled to 50,000 training i
     python scripts/bench_fused.py --device cuda --model resnet20 --study warmup_vs_plateau \
         --tile 50000 --fuse auto
 (the unfused launches of a full warmup_vs_plateau take about 20 min (--workers 4) and 70 min
-(one worker) on an H200: shrink them with --study-set train.epochs=N, or --what throughput,fixed)
+(one worker) on an H200: shrink them with --study-set train.epochs=N, or --what throughput,fixed).
+On a lent GPU machine (no optuna/mlflow there): ../shared/gpu/prepare.sh here, carry .gpu, and
+start the command with the pip install + PYTHONPATH line that script prints.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def fixed_cost(args) -> None:
 
 def tiled(data_dir: str, size: int, into: Path) -> str:
     """A CIFAR-10 folder whose training batches repeat the given ones up to ``size`` images:
-    full-size epochs from the shared subset (the pictures repeat; the compute is real)."""
+    full-size epochs from the shared subset. For timing only: the pictures repeat, so the
+    validation split overlaps the training split and accuracies mean nothing."""
     import numpy as np
 
     from sweep.training.data import TEST_FILE, TRAIN_FILES, locate
