@@ -63,4 +63,8 @@ def test_a_verdict_only_when_the_interval_excludes_zero():
     far = welch([0.60, 0.61, 0.62], [0.50, 0.51, 0.52], "cosine", "plateau")
     assert far.detected and verdict(far).startswith("cosine is better")
     assert verdict(welch([0.5], [0.4, 0.41])).endswith("needs 2 each)")
+    # a difference the normal approximation says 3 seeds would find, not found with 3
+    optimistic = welch([0.312, 0.316, 0.308], [0.292, 0.280, 0.302], "a", "b")
+    assert not optimistic.detected and optimistic.seeds_needed <= 3
+    assert "optimistic at so few seeds" in verdict(optimistic)
     assert t_interval([0.5]).low is None

@@ -125,6 +125,11 @@ def verdict(d: Difference, better: str = "higher", unit: str = "", scale: float 
     if d.detected:
         winner = d.a if (d.diff > 0) == (better == "higher") else d.b
         return f"{winner} is better: {d.a} - {d.b} = {span}, {n} seeds each"
-    need = (f"about {d.seeds_needed} seeds per group would be needed to detect a difference "
-            f"this size" if d.seeds_needed is not None else "the observed difference is zero")
+    if d.seeds_needed is None:
+        need = "the observed difference is zero"
+    elif d.seeds_needed <= n:  # z quantiles understate t quantiles at a handful of seeds
+        need = (f"the normal approximation asks for {d.seeds_needed} seeds per group, no more "
+                f"than were run: it is optimistic at so few seeds, so run more")
+    else:
+        need = f"about {d.seeds_needed} seeds per group would be needed to detect a difference this size"
     return f"no detectable difference with {n} seeds: {d.a} - {d.b} = {span}; {need}"
