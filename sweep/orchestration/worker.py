@@ -117,11 +117,11 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
                                         pruner=pruner, direction=spec.objective.direction)
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
             return open_study(spec, storage, allow_space_change, create)
-        study.set_user_attr("sweep.study.space", fingerprint)
+        study.set_user_attr("sweep.space", fingerprint)
         study.set_user_attr("sweep.description", spec.description)
         study.set_user_attr("sweep.study_file", str(spec.path))
         return study
-    stored = study.user_attrs.get("sweep.study.space")
+    stored = study.user_attrs.get("sweep.space")
     if stored is not None and stored != fingerprint:
         if not allow_space_change:
             raise SpaceChangedError(
@@ -130,7 +130,7 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
         changes = list(study.user_attrs.get("sweep.space_changes", []))
         changes.append({"from": stored, "to": fingerprint})
         study.set_user_attr("sweep.space_changes", changes)
-        study.set_user_attr("sweep.study.space", fingerprint)
+        study.set_user_attr("sweep.space", fingerprint)
     return study
 
 
