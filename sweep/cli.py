@@ -159,7 +159,8 @@ def confirm(study_name, seeds, top, storage, tracking_uri, data_dir, device, ove
     spec = load_study(study_name, list(overrides))
     result = run_confirm(spec, LaunchOptions(storage, tracking_uri, data_dir, device),
                          Console(tracking_uri, quiet), seeds, top,
-                         log=lambda line: click.echo(mask_url(line)))
+                         log=lambda line: click.echo(mask_url(line)),
+                         overrides_given=bool(overrides))
     click.echo(mask_url(result.text))
     if result.exit_code == 0:
         click.echo(mask_url(write_report(spec.name, storage, tracking_uri).text))

@@ -39,6 +39,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 OVER_BUDGET = "sweep.over_budget"
 BUDGET = "sweep.budget"  # study user attribute: the study's total trial budget
 CONFIRM_BUDGET = "sweep.confirm_budget"  # study user attribute: the confirmation's trials
+SETTINGS = "sweep.settings"  # study user attribute: the trial settings it was created with
 _RUN_STATUS = {TrialState.COMPLETE: "FINISHED"}  # any other finished state -> FAILED
 
 

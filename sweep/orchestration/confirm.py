@@ -27,10 +27,11 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import ConfirmError
-from sweep.orchestration.bookkeeping import CONFIRM_BUDGET, budget_used, update_parent_run
+from sweep.orchestration.bookkeeping import (CONFIRM_BUDGET, SETTINGS, budget_used,
+                                             update_parent_run)
 from sweep.orchestration.storage import load_existing_study
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, is_search
-from sweep.study.spec import IntParam, StudySpec
+from sweep.study.spec import IntParam, StudySpec, load_study, settings_overrides
 
 DEFAULT_SEEDS, DEFAULT_TOP = 5, 1
 PLAN = "sweep.confirm_plan"  # study user attribute: the plan as JSON
@@ -170,8 +171,25 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def as_searched(spec: StudySpec, study: optuna.Study, overrides_given: bool) -> tuple[StudySpec, list[str]]:
+    """The spec with the trial settings the search ran with (its ``--set`` flags are stored in
+    the study when it is created): a replicate with other epochs or data would not replicate.
+    Returns (spec, the flags it took from the study); flags given that contradict the search's
+    raise ``ConfirmError``."""
+    stored = study.user_attrs.get(SETTINGS)
+    flags = settings_overrides(spec, stored) if stored else []
+    if not flags:
+        return spec, []
+    if overrides_given:
+        raise ConfirmError(
+            f"study {spec.name!r} was searched with other settings than these: "
+            f"{' '.join('--set ' + f for f in flags)}; pass the search's --set flags to sweep "
+            f"confirm, or none to reuse them")
+    return load_study(spec.path, flags), flags
+
+
 def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int | None = None,
-            log=print):
+            log=print, overrides_given: bool = False):
     """Plan (or resume) the study's confirmation, then run its missing replicates. ``opts``: a
     ``launch.LaunchOptions``, ``display`` a ``launch.Display`` (progress, closing text); returns
     a ``launch.LaunchResult``."""
@@ -181,7 +199,11 @@ def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int |
 
     # Planned on the existing study before any store is opened for writing: a study that is
     # absent or has nothing to confirm, or contradicting flags, leave everything untouched.
-    plan = resolve_plan(load_existing_study(spec.name, opts.storage), spec, seeds, top)
+    existing = load_existing_study(spec.name, opts.storage)
+    spec, taken = as_searched(spec, existing, overrides_given)
+    if taken:
+        log(f"confirming with the search's settings: {' '.join('--set ' + f for f in taken)}")
+    plan = resolve_plan(existing, spec, seeds, top)
     stores = open_study_stores(spec, opts)
     study = stores.study
     store_plan(study, plan)

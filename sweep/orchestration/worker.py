@@ -20,13 +20,13 @@ from optuna.trial import TrialState
 
 from sweep import __version__
 from sweep.errors import SpaceChangedError
-from sweep.orchestration.bookkeeping import (DONE, RUN, end_stale_runs, fail_dead_trials,
-                                             next_step, open_slots, over_budget, retry_later)
+from sweep.orchestration.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs,
+                                             fail_dead_trials, next_step, open_slots, over_budget, retry_later)
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
 from sweep.orchestration.pack import pack_capacity, run_pack
 from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
-from sweep.study.spec import StudySpec
+from sweep.study.spec import StudySpec, trial_settings
 
 
 class Interrupted(BaseException):
@@ -120,6 +120,7 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
         study.set_user_attr("sweep.space", fingerprint)
         study.set_user_attr("sweep.description", spec.description)
         study.set_user_attr("sweep.study_file", str(spec.path))
+        study.set_user_attr(SETTINGS, trial_settings(spec))  # what `sweep confirm` replicates
         return study
     stored = study.user_attrs.get("sweep.space")
     if stored is not None and stored != fingerprint:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import importlib.resources
 import math
 from dataclasses import dataclass, field
@@ -547,6 +548,34 @@ def find_study(name_or_path: str) -> Path:
                          f"that path; available studies: {', '.join(available_studies()) or 'none'}")
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+# The sections that decide what a trial trains and how it is judged: a confirmation must
+# replicate the search with the same ones. ``train.fuse`` is left out: a fused trial is the same
+# computation as an unfused one (README "Fused trials").
+TRIAL_SETTINGS = ("objective", "divergence", "data", "train")
+NOT_A_SETTING = {("train", "fuse")}
+
+
+def trial_settings(spec: StudySpec) -> dict:
+    """{section: {key: value}} of the validated document for ``TRIAL_SETTINGS``."""
+    return {section: {k: v for k, v in dict(spec.raw.get(section) or {}).items()
+                      if (section, k) not in NOT_A_SETTING}
+            for section in TRIAL_SETTINGS}
+
+
+def settings_overrides(spec: StudySpec, settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The ``--set`` flags that turn ``spec``'s trial settings into ``settings``."""
+    mine = trial_settings(spec)
+    flags = []
+    for section, values in settings.items():
+        for key, value in values.items():
+            if mine.get(section, {}).get(key) != value:
+                text = yaml.safe_dump(value, default_flow_style=True).strip()
+                flags.append(f"{section}.{key}={text.removesuffix(chr(10) + '...').strip()}")
+    return flags
+
+
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
     """``["train.epochs=3"]`` -> ``[(("train", "epochs"), 3)]``; values are parsed as YAML."""
     parsed = []
@@ -569,6 +598,8 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[tuple[str,
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(text.strip()):
+            value = float(text)  # YAML 1.1 reads 1e12 (no dot) as a string; a user means a number
         parsed.append((path, value))
     return parsed
 
