@@ -220,6 +220,6 @@ def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int |
     used = budget_used(study, CONFIRM)
     if report.interrupted_by is not None:
         return LaunchResult(f"interrupted: {used}/{plan.budget} confirmation trials done; the "
-                            f"running one was marked FAIL and re-enqueued: run sweep confirm "
+                            f"running ones were marked FAIL and re-enqueued: run sweep confirm "
                             f"--study {spec.name} again to finish", 128 + report.interrupted_by)
     return LaunchResult(f"confirmation of {spec.name!r}: {used}/{plan.budget} trials done")

@@ -168,8 +168,8 @@ def launch(spec: StudySpec, opts: LaunchOptions, display: Display) -> LaunchResu
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     text = display.closing(study, budget, budget_used(study))
     if report.interrupted_by is not None:
-        return LaunchResult("interrupted: the running trial was marked FAIL (KILLED in MLflow) "
-                            "and will be retried by the next launch\n" + text,
+        return LaunchResult("interrupted: the running trial(s) (every live slot of a fused pack) were "
+                            "marked FAIL (KILLED in MLflow) and will be retried by the next launch\n" + text,
                             128 + report.interrupted_by)
     return LaunchResult(text)
 
@@ -200,7 +200,7 @@ def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     used = budget_used(study)
     if report.interrupted_by is not None:
-        return LaunchResult(f"worker {me}: interrupted; a trial it was training was marked FAIL "
+        return LaunchResult(f"worker {me}: interrupted; the trial(s) it was training were marked FAIL "
                             f"(KILLED in MLflow) and re-enqueued; {used}/{budget} trials used",
                             128 + report.interrupted_by)
     return LaunchResult(f"worker {me}: done, ran {len(report.ran)} trial(s); study "
