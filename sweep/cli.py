@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from sweep.orchestration.tracking import DEFAULT_TRACKING_URI
 
 
 def friendly_errors(fn):
-    """A ``SweepError`` becomes one line on stderr and exit status 2, without a traceback."""
+    """A ``SweepError`` becomes one line on stderr and exit status 2, without a traceback; a
+    Ctrl-C, exit status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -24,6 +26,12 @@ def friendly_errors(fn):
             one_line = str(err).replace("\r", "\\r").replace("\n", "\\n")  # never two lines
             click.echo(f"error: {mask_url(one_line)}", err=True)
             sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            # Ctrl-C outside training (loading data, or a second one while a stopped trial is
+            # being recorded): 130 like the guarded path, not click's "Aborted!" and status 1.
+            # The stores are transactional; the next launch reconciles what was left.
+            click.echo("interrupted", err=True)
+            sys.exit(128 + signal.SIGINT)
 
     return wrapper
 
