@@ -143,9 +143,12 @@ def wait_array_ended(job: str, env: dict, deadline: float) -> None:
     """Return once every task of SLURM array ``job`` has ended (squeue lists it until then)."""
     queued = ""
     while time.time() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=env,
-                                capture_output=True, text=True, timeout=60).stdout.strip()
-        if not queued:
+        done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        queued = done.stdout.strip() or done.stderr.strip()
+        # An empty listing counts only from a squeue that answered: a controller slow to answer
+        # (a loaded machine) also prints nothing on stdout, and the array has not ended then.
+        if done.returncode == 0 and not done.stdout.strip():
             return
         time.sleep(1)
     pytest.fail(f"array {job} still queued: {queued}")
