@@ -3,6 +3,7 @@ real daemons (PostgreSQL, SLURM) the tests start. Plain helpers are in helpers.p
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -36,12 +37,32 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A real PostgreSQL 15 on 127.0.0.1 (scripts/start_postgres.sh): (optuna URL, mlflow URL).
+@pytest.fixture
+def postgres_server(_postgres_cluster):
+    """(optuna URL, mlflow URL): two fresh databases on the session's real PostgreSQL, owned by
+    role ``sweep`` (password ``helpers.PG_PASSWORD``). Fresh for every test: tests that use the
+    same study name must not see each other's trials."""
+    import subprocess
 
-    Role ``sweep`` with password ``helpers.PG_PASSWORD`` owns databases ``optuna`` and ``mlflow``;
-    stopped after the session."""
+    folder, optuna_url, mlflow_url = _postgres_cluster
+    n = next(_DATABASE_NUMBERS)
+    port = optuna_url.rsplit(":", 1)[1].split("/")[0]
+    urls = []
+    for url in (optuna_url, mlflow_url):
+        name = f"{url.rsplit('/', 1)[1]}_{n}"
+        subprocess.run(["bash", str(REPO / "scripts" / "start_postgres.sh"), "createdb", folder,
+                        port, name], capture_output=True, text=True, timeout=60, check=True)
+        urls.append(f"{url.rsplit('/', 1)[0]}/{name}")
+    return tuple(urls)
+
+
+_DATABASE_NUMBERS = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def _postgres_cluster():
+    """A real PostgreSQL 15 on 127.0.0.1 (scripts/start_postgres.sh): (folder, optuna URL,
+    mlflow URL); stopped after the session."""
     import shutil
     import subprocess
 
@@ -57,7 +78,7 @@ def postgres_server():
     out = subprocess.run(["bash", str(script), "start", str(free_port()), PG_PASSWORD],
                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
     folder, optuna_url, mlflow_url = out[-3:]
-    yield optuna_url, mlflow_url
+    yield folder, optuna_url, mlflow_url
     subprocess.run(["bash", str(script), "stop", folder], capture_output=True, timeout=60)
 
 
