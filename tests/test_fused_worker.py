@@ -87,6 +87,18 @@ def test_pack_capacity_is_bounded_by_the_budget_and_auto_is_one_on_the_cpu(capsy
     assert capsys.readouterr().err == ""
 
 
+def test_one_trial_trains_as_a_pack_on_cuda_only():
+    """K = 1 gets the pack's CUDA-graph step on CUDA; on the CPU it trains through train()."""
+    import torch
+
+    from sweep.orchestration.pack import trains_as_pack
+
+    train = load_study("smoke").train
+    assert not trains_as_pack(train, torch.device("cpu"), 1)
+    assert trains_as_pack(train, torch.device("cpu"), 2)
+    assert trains_as_pack(train, torch.device("cuda"), 1)  # a device name; nothing runs on it
+
+
 @pytest.mark.gpu
 def test_auto_fuse_on_cuda_fits_memory_and_the_rule():
     import torch

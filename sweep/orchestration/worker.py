@@ -23,7 +23,7 @@ from sweep.errors import SpaceChangedError
 from sweep.orchestration.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs,
                                              fail_dead_trials, next_step, open_slots, over_budget, retry_later)
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
-from sweep.orchestration.pack import pack_capacity, run_pack
+from sweep.orchestration.pack import pack_capacity, run_pack, trains_as_pack
 from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec, trial_settings
@@ -199,6 +199,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
     capacity = pack_capacity(ctx.spec.train, ctx.device,
                              open_slots(study.get_trials(deepcopy=False), budget, phase))
+    as_pack = trains_as_pack(ctx.spec.train, ctx.device, capacity)
     with SignalGuard() as guard:
         while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
             live = {trial._trial_id: trial}  # began, not yet told
@@ -220,7 +221,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                     on_trial(t.number, outcome)
 
             try:
-                if capacity > 1:
+                if as_pack:
                     stats = run_pack(trial, lambda: _ask(study, ctx, budget, guard, False, phase),
                                      ctx, capacity, guard, began, settle)
                     report.packs.append(stats)
