@@ -64,6 +64,21 @@ def sweep_env(data_dir: Path) -> dict:
                 SWEEP_GRACE_PERIOD="3", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
 
 
+def submit_tiny_array(data_dir: Path, slurm_conf: str, folder: Path, storage: str,
+                      tracking_uri: str, tasks: int, budget: int, *sets: str) -> tuple[str, str, dict]:
+    """``sweep submit`` of the TINY study as an array of ``tasks`` on the test cluster (one CPU
+    each, ``--set`` flags ``sets``); returns (job id, submit's stdout+stderr, the env used)."""
+    env = dict(sweep_env(data_dir), SLURM_CONF=slurm_conf)
+    done = subprocess.run(
+        sweep_cmd("submit", "--study", str(TINY), "--array", str(tasks), "--trials", str(budget),
+                  "--storage", storage, "--tracking-uri", tracking_uri, "--cpus-per-task", "1",
+                  "--time", "00:10:00", "--data-dir", str(data_dir),
+                  *[arg for s in sets for arg in ("--set", s)]),
+        env=env, cwd=folder, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split("submitted job ", 1)[1].split(":")[0], done.stdout + done.stderr, env
+
+
 def plain_storage(url: str):
     """The study's storage opened without heartbeats (a reader, like `sweep status`)."""
     if url.startswith("journal:///"):

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from helpers import (PG_PASSWORD, TINY, check_consistent, in_training, sweep_cmd, sweep_env,
+from helpers import (PG_PASSWORD, check_consistent, in_training, submit_tiny_array, sweep_cmd,
                      trial_runs, wait_array_ended)
 
 def _slurm_job_of(pid: int) -> str | None:
@@ -34,16 +34,10 @@ def _slurm_job_of(pid: int) -> str | None:
 @pytest.mark.slow
 def test_submit_array_on_postgres(postgres_server, slurm, tiny_cifar, tmp_path):
     optuna_url, mlflow_url = postgres_server
-    env = dict(sweep_env(tiny_cifar), SLURM_CONF=slurm)
     budget = 6
-    done = subprocess.run(
-        sweep_cmd("submit", "--study", str(TINY), "--array", "3", "--trials", str(budget),
-                  "--storage", optuna_url, "--tracking-uri", mlflow_url, "--cpus-per-task", "1",
-                  "--time", "00:10:00", "--data-dir", str(tiny_cifar), "--set", "train.epochs=4"),
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert PG_PASSWORD not in done.stdout + done.stderr
-    job = done.stdout.split("submitted job ", 1)[1].split(":")[0]
+    job, said, env = submit_tiny_array(tiny_cifar, slurm, tmp_path, optuna_url, mlflow_url, 3,
+                                       budget, "train.epochs=4")
+    assert PG_PASSWORD not in said
     script = (tmp_path / "sweep-jobs" / "sweep-tiny.sbatch").read_text()
     env_file = tmp_path / "sweep-jobs" / "sweep-tiny.env"
     assert PG_PASSWORD not in script and "--array=0-2" in script and "--signal=B:TERM@60" in script

@@ -21,8 +21,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import (REPO, TINY, check_consistent, has_trials, plain_storage, sweep_cmd, sweep_env,
-                     trial_runs, wait_array_ended, wait_running)
+from helpers import (REPO, check_consistent, has_trials, plain_storage, submit_tiny_array,
+                     sweep_cmd, sweep_env, trial_runs, wait_array_ended, wait_running)
 from sweep.orchestration.bookkeeping import counted
 
 SMOKE = REPO / "studies" / "smoke.yaml"
@@ -193,17 +193,10 @@ def test_slurm_array_logs_to_the_tracking_server(server, postgres_server, slurm,
     tracking server, two array tasks."""
     url, artifacts = server
     optuna_url, _ = postgres_server
-    env = dict(sweep_env(tiny_cifar), SLURM_CONF=slurm)
     budget = 4
-    done = subprocess.run(
-        sweep_cmd("submit", "--study", str(TINY), "--array", "2", "--trials", str(budget),
-                  "--storage", optuna_url, "--tracking-uri", url, "--cpus-per-task", "1",
-                  "--time", "00:10:00", "--data-dir", str(tiny_cifar),
-                  "--set", f"train.epochs={EPOCHS}", "--set", "data.train_size=100",
-                  "--set", "train.batch_size=25"),
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    job = done.stdout.split("submitted job ", 1)[1].split(":")[0]
+    job, _, env = submit_tiny_array(tiny_cifar, slurm, tmp_path, optuna_url, url, 2, budget,
+                                    f"train.epochs={EPOCHS}", "data.train_size=100",
+                                    "train.batch_size=25")
     wait_array_ended(job, env, time.time() + 400)
     outputs = "\n".join(p.read_text() for p in (tmp_path / "sweep-jobs").glob("*.out"))
     study = optuna.load_study(study_name="tiny", storage=plain_storage(optuna_url))
