@@ -122,6 +122,14 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, budget: int,
     return True
 
 
+def outcome(t: optuna.trial.FrozenTrial) -> str:
+    """A trial's state as people read it: ``DIVERGED`` for a trial pruned because it diverged,
+    else the Optuna state's name (COMPLETE, PRUNED, FAIL, RUNNING, WAITING)."""
+    if t.state == TrialState.PRUNED and t.user_attrs.get("prune_reason") == "diverged":
+        return "DIVERGED"
+    return t.state.name
+
+
 def state_counts(study: optuna.Study, phase: str | None = None) -> dict[str, int]:
     """Trials per outcome as people read them: complete, pruned, diverged, failed, running
     (trials that lost the race for the last slot are not failures); of one phase, or all."""
@@ -129,14 +137,11 @@ def state_counts(study: optuna.Study, phase: str | None = None) -> dict[str, int
     for t in study.get_trials(deepcopy=False):
         if phase is not None and phase_of(t) != phase:
             continue
-        if t.state == TrialState.COMPLETE:
-            out["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            out["diverged" if t.user_attrs.get("prune_reason") == "diverged" else "pruned"] += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get(OVER_BUDGET):
-            out["failed"] += 1
-        elif t.state == TrialState.RUNNING:
-            out["running"] += 1
+        if t.state == TrialState.FAIL and t.user_attrs.get(OVER_BUDGET):
+            continue
+        key = {"FAIL": "failed"}.get(outcome(t), outcome(t).lower())
+        if key in out:
+            out[key] += 1
     return out
 
 

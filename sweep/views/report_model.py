@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from sweep.errors import TrackingError
 from sweep.orchestration.bookkeeping import FINISHED, budget_used, counted, state_counts
+from sweep.orchestration.bookkeeping import outcome as trial_outcome
 from sweep.orchestration.confirm import stored_plan
 from sweep.orchestration.storage import load_existing_study, mask_url
 from sweep.orchestration.tracking import open_existing_tracker
@@ -158,12 +159,6 @@ class ReportData:
         return METRIC_LABELS.get(self.metric, self.metric)
 
 
-def _outcome(t: optuna.trial.FrozenTrial) -> str:
-    if t.state == TrialState.PRUNED:
-        return "DIVERGED" if t.user_attrs.get("prune_reason") == "diverged" else "PRUNED"
-    return t.state.name
-
-
 def _int(value) -> int | None:
     try:
         return int(value)
@@ -219,7 +214,7 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
     trials = [t for t in counted(every, SEARCH) if t.state in FINISHED]
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
-        outcome = _outcome(t)
+        outcome = trial_outcome(t)
         run = _run_of(t, runs, by_number)
         inter = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
         finite = [v for v in inter if v is not None and math.isfinite(v)]
