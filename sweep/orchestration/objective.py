@@ -33,6 +33,16 @@ from sweep.training.train import StopTraining, TrainResult, train
 import torch
 
 
+def note(trial: optuna.Trial, key: str, value) -> None:
+    """``trial.set_user_attr`` that tolerates a trial another worker already failed: this worker
+    stalled past the heartbeat grace period and its trial was failed and re-enqueued meanwhile.
+    The trial's run still ends and ``tell`` ignores it (``worker._tell``); the worker goes on."""
+    try:
+        trial.set_user_attr(key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
 class PruningListener:
     """Reports the objective metric each epoch and asks the study's pruner."""
 
@@ -105,11 +115,11 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
         detail = " ".join(str(err).split())[:400]  # one line, with the driver's own reason
         message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: {detail}")
-        trial.set_user_attr("error", message)
+        note(trial, "error", message)
         return Outcome(optuna.trial.TrialState.FAIL, detail=message)
     for key, value in (("seed", cfg.seed), ("mlflow_run_id", run.run_id),
                        ("host", socket.gethostname()), ("pid", os.getpid())):
-        trial.set_user_attr(key, value)
+        note(trial, key, value)
     listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch),
                  PruningListener(trial, spec.objective.metric, describe_pruner(spec.pruner),
                                  steps_per_epoch)]
@@ -137,7 +147,7 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
         # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
         for key, value in (("reason", stop.reason), ("step", stop.step), ("epoch", stop.epoch),
                            *stop.detail.items()):
-            trial.set_user_attr(f"prune_{key}", value)
+            note(trial, f"prune_{key}", value)
         run.finish("KILLED", {STATE: "PRUNED", REASON: stop.reason, "sweep.prune_step": stop.step,
                               "sweep.prune_epoch": stop.epoch, **extra,
                               **{f"sweep.prune_{k}": v for k, v in stop.detail.items()}},
@@ -147,7 +157,7 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
         err = error if error is not None else RuntimeError("the trial ended without a result")
         interrupted = not isinstance(err, Exception)
         message = mask_url(f"{type(err).__name__}: {err}".strip())[:2000]
-        trial.set_user_attr("error", "interrupted" if interrupted else message)
+        note(trial, "error", "interrupted" if interrupted else message)
         trace = "" if interrupted else "".join(traceback.format_exception(err))[-4000:]
         try:
             run.finish("KILLED" if interrupted else "FAILED",
@@ -160,8 +170,8 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
                        detail="interrupted" if interrupted else message)
     value = result.history[-1][started.metric]
     epoch_seconds = sum(h["epoch_seconds"] for h in result.history) / len(result.history)
-    trial.set_user_attr("test_acc", result.test_acc)
-    trial.set_user_attr("epoch_seconds", epoch_seconds)
+    note(trial, "test_acc", result.test_acc)
+    note(trial, "epoch_seconds", epoch_seconds)
     run.log_metric("test_acc", result.test_acc)
     run.log_metric("epoch_seconds", epoch_seconds)
     if result.compile_seconds:
@@ -169,7 +179,7 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
     try:
         run.finish("FINISHED", {STATE: "COMPLETE", **extra}, background=background)
     except Exception as err:
-        trial.set_user_attr("error", str(err))
+        note(trial, "error", str(err))
         return Outcome(optuna.trial.TrialState.FAIL, run_id=run.run_id, detail=str(err))
     return Outcome(optuna.trial.TrialState.COMPLETE, value, run.run_id)
 

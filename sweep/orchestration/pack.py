@@ -30,7 +30,7 @@ import optuna
 import torch
 
 from sweep.orchestration.objective import (Outcome, StartedTrial, WorkerContext, end_trial,
-                                           start_trial)
+                                           note, start_trial)
 from sweep.orchestration.storage import mask_url
 from sweep.study.spec import TrainSpec
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
@@ -172,6 +172,6 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
             raise
         for trial in waiting:  # the pack failed before its first slot was filled
             message = mask_url(f"{type(err).__name__}: {err}")[:2000]
-            trial.set_user_attr("error", message)
+            note(trial, "error", message)
             settle(trial, Outcome(optuna.trial.TrialState.FAIL, detail=message))
         return None

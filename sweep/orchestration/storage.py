@@ -67,18 +67,43 @@ def check_writable_file(path: Path, what: str, error=StorageError) -> None:
 
 
 @contextlib.contextmanager
-def creation_lock(path: Path):
-    """Serialise the creation of a store file across processes (fresh-store migrations race)."""
+def _path_lock(path: Path, purpose: str):
+    """An exclusive lock between the processes of this host, one per store file and purpose."""
     # The lock lives in the temp folder, keyed by the store's absolute path, so that the
     # user's folder holds only the store itself.
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"sweep-{digest}.lock"
+    lock_path = Path(tempfile.gettempdir()) / f"sweep-{digest}{purpose}.lock"
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def creation_lock(path: Path):
+    """Serialise the creation of a store file across processes (fresh-store migrations race)."""
+    return _path_lock(path, "")
+
+
+class _SQLiteStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose trial state changes are atomic between the processes of a host.
+
+    Optuna checks and sets a trial's state in one session with ``SELECT ... FOR UPDATE``; SQLite
+    has no row locks and pysqlite runs that SELECT outside any transaction, so two workers both
+    read WAITING and both set RUNNING: the same enqueued trial (a retry, a confirmation
+    replicate) was popped and trained by two workers at once (measured: 6 processes popping 60
+    enqueued trials got 22-26 numbers twice; ``tests/test_storage_race.py``), and two workers
+    failing one dead trial both re-enqueued it. A file lock around the check-and-set restores
+    the atomicity PostgreSQL gives; SQLite stores are local files, so a host lock suffices."""
+
+    def __init__(self, path: Path, url: str, **kwargs):
+        self._path = path
+        super().__init__(url, **kwargs)
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        with _path_lock(self._path, "-state"):
+            return super().set_trial_state_values(trial_id, state, values)
 
 
 def check_storage_url(url: str) -> None:
@@ -119,8 +144,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         if path is not None:
             with creation_lock(path):
-                storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
+                storage = _SQLiteStorage(
+                    path, url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
                 with storage.engine.connect() as conn:  # WAL persists in the file once set
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             return storage
