@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from sweep.errors import ConfirmError
 from sweep.orchestration.bookkeeping import (CONFIRM_BUDGET, SETTINGS, budget_used,
                                              update_parent_run)
-from sweep.orchestration.storage import load_existing_study
+from sweep.orchestration.storage import load_existing_study, study_lock
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, is_search
 from sweep.study.spec import IntParam, StudySpec, load_study, settings_overrides
 
@@ -147,6 +147,18 @@ def enqueue_missing(study: optuna.Study, plan: Plan) -> int:
     return added
 
 
+def prepare_replicates(study: optuna.Study, plan: Plan, storage_url: str) -> Plan:
+    """Store ``plan`` unless the study has one, and enqueue its missing replicates; returns the
+    stored plan. Several ``sweep confirm`` runs may start at once (one per node, to share the
+    replicates): under the study's lock the first stores and enqueues, the others find it done
+    (without it, each enqueued every replicate: the same seed trained twice, others never)."""
+    with study_lock(storage_url, study.study_name, "confirm"):
+        store_plan(study, plan)
+        plan = stored_plan(study)
+        enqueue_missing(study, plan)
+    return plan
+
+
 def trial_seconds(study: optuna.Study) -> float | None:
     """Median wall time of the study's complete trials (what one replicate should take)."""
     times = [(t.datetime_complete - t.datetime_start).total_seconds()
@@ -206,9 +218,7 @@ def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int |
     plan = resolve_plan(existing, spec, seeds, top)
     stores = open_study_stores(spec, opts)
     study = stores.study
-    store_plan(study, plan)
-    plan = stored_plan(study)  # another confirm may have stored its plan first
-    enqueue_missing(study, plan)
+    plan = prepare_replicates(study, plan, opts.storage)
     log(budget_line(study, plan))
     bar = display.trial_bar(plan.budget, budget_used(study, CONFIRM))
     try:

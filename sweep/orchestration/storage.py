@@ -106,6 +106,51 @@ class _SQLiteStorage(optuna.storages.RDBStorage):
             return super().set_trial_state_values(trial_id, state, values)
 
 
+@contextlib.contextmanager
+def study_lock(url: str, study_name: str, purpose: str):
+    """An exclusive lock on ``study_name``'s ``purpose`` between every process that uses the
+    storage at ``url``, on any host that reaches it: a file lock for SQLite (a local file), the
+    journal's own NFS-safe lock file beside a journal, an advisory lock on the database server
+    for PostgreSQL/MySQL. For read-then-write steps Optuna has no transaction for, such as two
+    ``sweep confirm`` runs enqueueing the same study's replicates at once."""
+    key = f"sweep:{study_name}:{purpose}"
+    path = sqlite_path(url)
+    if path is not None:
+        with _path_lock(path, "-" + hashlib.sha1(key.encode()).hexdigest()[:8]):
+            yield
+        return
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileOpenLock
+
+        lock = JournalFileOpenLock(url[len("journal://"):] + "." + purpose + ".lock")
+        lock.acquire()  # waits; a lock file left by a crashed holder expires (grace period)
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                number = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big", signed=True)
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({number})")
+                try:
+                    yield
+                finally:
+                    conn.exec_driver_sql(f"SELECT pg_advisory_unlock({number})")
+            else:  # MySQL: a named lock, waited for without limit
+                conn.exec_driver_sql("SELECT GET_LOCK(%s, -1)", (key[:64],))
+                try:
+                    yield
+                finally:
+                    conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (key[:64],))
+    finally:
+        engine.dispose()
+
+
 def check_storage_url(url: str) -> None:
     """Validate a storage URL without creating or writing anything."""
     scheme = urlsplit(url).scheme
