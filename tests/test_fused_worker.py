@@ -99,6 +99,20 @@ def test_one_trial_trains_as_a_pack_on_cuda_only():
     assert trains_as_pack(train, torch.device("cuda"), 1)  # a device name; nothing runs on it
 
 
+def test_compile_trains_one_trial_at_a_time_through_train():
+    """torch.compile and the pack's CUDA graph are two ways to cut launch cost; a study that
+    asks for compile gets it: no pack, whatever fuse: auto would pick (and a fixed K > 1 with
+    compile is refused by the spec, test_bad_input)."""
+    import torch
+
+    from sweep.orchestration.pack import pack_capacity, trains_as_pack
+
+    train = load_study("smoke", ["train.compile=true", "train.fuse=auto"]).train
+    cuda = torch.device("cuda")  # a device name: nothing is measured on it with compile
+    assert pack_capacity(train, cuda, remaining=10) == 1
+    assert not trains_as_pack(train, cuda, 1)
+
+
 @pytest.mark.gpu
 def test_auto_fuse_on_cuda_fits_memory_and_the_rule():
     import torch

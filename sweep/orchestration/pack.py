@@ -80,7 +80,10 @@ def _step_bytes(device: torch.device, model: str, width: int, batch_size: int) -
 
 def pack_capacity(t: TrainSpec, device: torch.device, remaining: int) -> int:
     """The K a worker fuses: ``train.fuse`` (``auto``: ``auto_fuse``), at most the ``remaining``
-    trials of the budget; 1 (said once on stderr) when the study's model cannot be fused."""
+    trials of the budget; 1 (said once on stderr) when the study's model cannot be fused, and 1
+    with ``train.compile`` (the spec refuses a fixed K > 1 with it)."""
+    if t.compile:
+        return 1
     wanted = auto_fuse(device, t.model, t.width, t.batch_size) if t.fuse == "auto" else t.fuse
     capacity = max(1, min(wanted, remaining))
     if capacity > 1:
@@ -95,8 +98,10 @@ def pack_capacity(t: TrainSpec, device: torch.device, remaining: int) -> int:
 def trains_as_pack(t: TrainSpec, device: torch.device, capacity: int) -> bool:
     """Whether trials go through ``run_pack``: when K > 1, and on CUDA also for K = 1, since the
     pack's step runs as one CUDA graph (FACTS.md, H200: one ResNet-20 step 51k img/s captured
-    against 21.5k eager); on the CPU one trial trains through ``train()``."""
-    return capacity > 1 or (device.type == "cuda" and fusion_problem(t.model, t.width) is None)
+    against 21.5k eager); on the CPU, and with ``train.compile`` (torch.compile's own graphs),
+    one trial trains through ``train()``."""
+    return capacity > 1 or (device.type == "cuda" and not t.compile
+                            and fusion_problem(t.model, t.width) is None)
 
 
 @dataclass

@@ -665,6 +665,10 @@ def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
     data = _section(ctx, doc, "data", DataSpec, _DATA_RULES)
     if train.model == "resnet18" and train.width != 1:
         raise ctx.fail(("train", "width"), "resnet18 has a fixed width; width must be 1")
+    if train.compile and train.fuse not in (1, "auto"):
+        raise ctx.fail(("train", "fuse"), f"fuse={train.fuse} with train.compile: torch.compile "
+                       f"trains one trial at a time (a fused pack runs as a CUDA graph instead); "
+                       f"set fuse: 1 or compile: false")
     if train.batch_size > data.train_size:
         raise ctx.fail(("train", "batch_size"), f"batch size {train.batch_size} is larger than the "
                        f"training split (data.train_size = {data.train_size})")
