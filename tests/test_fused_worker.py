@@ -34,8 +34,8 @@ def env(**extra) -> dict:
             "SWEEP_GRACE_PERIOD": "3", "PYTHONPATH": str(REPO), **extra}
 
 
-def launch(folder: Path, data: Path, *args: str, timeout: float = 600):
-    return subprocess.run([sys.executable, "-m", "sweep.cli", "launch", "--quiet",
+def launch(folder: Path, data: Path, *args: str, timeout: float = 600, quiet: bool = True):
+    return subprocess.run([sys.executable, "-m", "sweep.cli", "launch", *(["--quiet"] * quiet),
                            "--data-dir", str(data), *args],
                           cwd=folder, capture_output=True, text=True, timeout=timeout, env=env())
 
@@ -248,6 +248,21 @@ def test_pruned_and_diverged_slots_are_refilled_within_the_budget(tmp_path, tiny
             assert len(lrs) < steps_per_epoch
     # One pack ran the whole study: trials 2..5 took the seats 0 and 1 that others freed.
     assert len(pack_ids) == 1 and set(seats) == {"0", "1"} and sum(seats.values()) == 6
+
+
+def test_each_slot_of_a_pack_shows_its_own_epoch_bar(tmp_path, tiny_cifar):
+    """Without --quiet a fused trial shows its epochs as an unfused one does, on the console row
+    of its seat (a pack would otherwise be silent until its first trial ends)."""
+    study_file = tmp_path / "bars.yaml"
+    study_file.write_text(REFILL.replace("name: refill", "name: bars").replace("trials: 6", "trials: 2")
+                          .replace("choices: [0.05, 1000.0]", "choices: [0.05]")
+                          .replace("pruner: {type: threshold, lower: 1.01, n_warmup_steps: 1}",
+                                   "pruner: {type: none}"))
+    proc = launch(tmp_path, tiny_cifar, "--study", str(study_file), quiet=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = proc.stderr.replace("\r", "\n")
+    for number in (0, 1):
+        assert f"trial {number} epochs: 100%" in shown, shown[-3000:]
 
 
 # --- several fused workers (Ctrl-C, SIGTERM and SIGKILL of a pack: tests/test_interrupt.py) -

@@ -65,7 +65,7 @@ class Display(Protocol):
     """What a person sees while trials run, handed in by the caller (``views.console.Console``
     for the CLI), so that orchestration never imports a view."""
 
-    epoch_bar: Callable | None  # a training-listener factory (trial number, epochs), or None
+    epoch_bar: Callable | None  # a training-listener factory (trial number, epochs, row), or None
 
     def trial_bar(self, budget: int, used: int) -> Callable:
         """Called with (trial number, outcome) per finished trial; has ``close()``."""
@@ -89,7 +89,8 @@ class StudyStores:
     splits: Splits | None = None
 
     def worker_context(self, spec: StudySpec, progress: Callable | None = None) -> WorkerContext:
-        """``progress``: a training-listener factory ``(trial number, epochs)`` for the console."""
+        """``progress``: a training-listener factory ``(trial number, epochs, row)`` for the
+        console."""
         return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
                              self.parent_run_id, self.code_version, progress=progress)
 

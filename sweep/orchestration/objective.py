@@ -74,7 +74,9 @@ class WorkerContext:
     experiment_id: str
     parent_run_id: str
     code_version: str
-    progress: object | None = None  # an optional listener factory for the console
+    # An optional listener factory for the console: (trial number, epochs, row) -> listener with
+    # close(); row 1 is under the trials bar, a fused slot takes the row of its seat.
+    progress: object | None = None
 
 
 @dataclass
@@ -98,9 +100,9 @@ class StartedTrial:
 
 
 def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, object] | None = None,
-                progress: bool = True) -> StartedTrial | Outcome:
+                row: int = 1) -> StartedTrial | Outcome:
     """Draw the trial's config, open its MLflow run, record its user attributes and build its
-    listeners. Returns a FAIL ``Outcome`` (the trial's own, to be told) when the run cannot be
+    listeners (a progress bar on console ``row`` when the worker shows progress). Returns a FAIL ``Outcome`` (the trial's own, to be told) when the run cannot be
     opened. Shared by the unfused trial (``run_trial``) and the fused pack (``pack``)."""
     spec = ctx.spec
     steps_per_epoch = spec.steps_per_epoch
@@ -123,7 +125,7 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch),
                  PruningListener(trial, spec.objective.metric, describe_pruner(spec.pruner),
                                  steps_per_epoch)]
-    bar = ctx.progress(trial.number, spec.train.epochs) if ctx.progress and progress else None
+    bar = ctx.progress(trial.number, spec.train.epochs, row) if ctx.progress else None
     if bar is not None:
         listeners.append(bar)
     return StartedTrial(trial, cfg, run, listeners, spec.objective.metric, bar)

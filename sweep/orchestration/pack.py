@@ -139,7 +139,7 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
             if trial is None:
                 return None
             seat = min(free)
-            started = start_trial(trial, ctx, progress=False,
+            started = start_trial(trial, ctx, row=1 + seat,
                                   tags={"sweep.pack": pack_id, "sweep.slot": seat})
             if isinstance(started, Outcome):  # its run could not be opened: it fails alone
                 settle(trial, started)

@@ -14,12 +14,13 @@ from sweep.study.phases import SEARCH, search_view
 
 
 class EpochBar:
-    """A training listener that shows the current trial's epochs."""
+    """A training listener that shows a trial's epochs on console row ``row`` (the trials bar is
+    row 0; the K slots of a fused pack take rows 1..K)."""
 
-    def __init__(self, trial_number: int, epochs: int):
+    def __init__(self, trial_number: int, epochs: int, row: int = 1):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=epochs, desc=f"trial {trial_number} epochs", position=1,
+        self.bar = tqdm(total=epochs, desc=f"trial {trial_number} epochs", position=row,
                         leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def on_steps(self, first_step: int, lrs: Sequence[float], losses: Sequence[float]) -> None:
