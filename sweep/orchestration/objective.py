@@ -102,8 +102,9 @@ class StartedTrial:
 def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, object] | None = None,
                 row: int = 1) -> StartedTrial | Outcome:
     """Draw the trial's config, open its MLflow run, record its user attributes and build its
-    listeners (a progress bar on console ``row`` when the worker shows progress). Returns a FAIL ``Outcome`` (the trial's own, to be told) when the run cannot be
-    opened. Shared by the unfused trial (``run_trial``) and the fused pack (``pack``)."""
+    listeners (a progress bar on console ``row`` when the worker shows progress). Returns a
+    FAIL ``Outcome`` (the trial's own, to be told) when the run cannot be opened. Shared by the
+    unfused trial (``run_trial``) and the fused pack (``pack``)."""
     spec = ctx.spec
     steps_per_epoch = spec.steps_per_epoch
     try:

@@ -114,15 +114,16 @@ def study_lock(url: str, study_name: str, purpose: str):
     for PostgreSQL/MySQL. For read-then-write steps Optuna has no transaction for, such as two
     ``sweep confirm`` runs enqueueing the same study's replicates at once."""
     key = f"sweep:{study_name}:{purpose}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     path = sqlite_path(url)
     if path is not None:
-        with _path_lock(path, "-" + hashlib.sha1(key.encode()).hexdigest()[:8]):
+        with _path_lock(path, "-" + digest):
             yield
         return
     if url.startswith("journal:///"):
         from optuna.storages.journal import JournalFileOpenLock
 
-        lock = JournalFileOpenLock(url[len("journal://"):] + "." + purpose + ".lock")
+        lock = JournalFileOpenLock(f"{url[len('journal://'):]}.{digest}.lock")
         lock.acquire()  # waits; a lock file left by a crashed holder expires (grace period)
         try:
             yield
