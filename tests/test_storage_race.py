@@ -74,10 +74,11 @@ def _fail_dead(study, url):
     return fail_dead_trials(study)
 
 
-def test_workers_reconciling_at_once_retry_a_dead_trial_once(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_workers_reconciling_at_once_retry_a_dead_trial_once(tmp_path, kind):
     """Every worker reconciles when it starts; when several find the same dead worker's trials,
     each trial is failed once and re-enqueued once."""
-    url = f"sqlite:///{tmp_path}/optuna.db"
+    url = {"sqlite": f"sqlite:///{tmp_path}/optuna.db", "journal": f"journal:///{tmp_path}/o.log"}[kind]
     study = optuna.create_study(study_name="dead", storage=open_storage(url))
     dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
     dead.start()
