@@ -24,11 +24,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.Experimental
 PROCESSES, ENQUEUED, ASKS = 6, 60, 15
 
 
-def _entry(task, url: str, study_name: str, start: float, out, *args) -> None:
+def _entry(task, url: str, study_name: str, ready, go, out, *args) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name=study_name, storage=open_storage(url))
-    while time.time() < start:  # every process acts at the same instant
-        pass
+    ready.put(True)
+    go.wait()  # every process acts at the same instant, however slowly each started
     out.put(task(study, url, *args))
 
 
@@ -36,12 +36,14 @@ def _at_once(task, url: str, study_name: str, *args, processes: int = PROCESSES)
     """``task(study, url, *args)`` in ``processes`` fresh interpreters at the same instant;
     their results."""
     spawn = multiprocessing.get_context("spawn")
-    out = spawn.Queue()
-    start = time.time() + 4  # spawned interpreters import optuna first
-    procs = [spawn.Process(target=_entry, args=(task, url, study_name, start, out, *args))
+    ready, go, out = spawn.Queue(), spawn.Event(), spawn.Queue()
+    procs = [spawn.Process(target=_entry, args=(task, url, study_name, ready, go, out, *args))
              for _ in range(processes)]
     for p in procs:
         p.start()
+    for _ in procs:
+        ready.get(timeout=180)
+    go.set()
     results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
