@@ -245,3 +245,29 @@ def test_the_report_answers_first_and_withholds_verdicts_the_data_cannot_support
             assert "seeds per group" in line or "difference is zero" in line
         elif low is not None:
             assert "is better" in line
+
+
+def test_two_confirms_at_once_share_the_replicates(tmp_path, shared_cifar):
+    """`sweep confirm` started twice at once on one storage (two nodes, two GPUs): every
+    replicate is trained exactly once, by one of them, and both end with the budget done."""
+    study = (STUDY.replace(f"name: {NAME}", "name: twice").replace(f"trials: {SEARCH_TRIALS}", "trials: 3")
+             .replace("warmup_steps: {type: int, low: 0, high: 2}", "warmup_steps: 0"))
+    (tmp_path / "study.yaml").write_text(study)
+    _run(_cli(tmp_path, shared_cifar, "launch"), tmp_path)
+    procs = [subprocess.Popen(_cli(tmp_path, shared_cifar, "confirm", "--seeds", "3"),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env()) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trials = optuna.load_study(study_name="twice", storage=f"sqlite:///{tmp_path}/sweep.db").get_trials()
+    replicates = _confirm_trials(trials)
+    types = {t.params["scheduler"] for t in trials if t.user_attrs.get("sweep.phase") != "confirm"
+             and t.state == TrialState.COMPLETE}
+    assert len(replicates) == 3 * len(types)  # no replicate enqueued twice
+    assert all(t.state == TrialState.COMPLETE for t in replicates)
+    assert set(Counter(t.user_attrs["sweep.confirm_key"] for t in replicates).values()) == {1}
+    assert all(f"{3 * len(types)}/{3 * len(types)} trials done" in out for out, _ in outs), outs
+    runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("twice").experiment_id],
+        filter_string="tags.`sweep.phase` = 'confirm'")
+    assert len(runs) == len(replicates)  # a replicate trained twice has two runs
