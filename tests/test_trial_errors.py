@@ -20,7 +20,7 @@ SMALL = ["data.train_size=150", "data.val_size=50", "data.test_size=40", "train.
 class Buggy:
     """A listener with a bug: it raises at the end of the first epoch."""
 
-    def __init__(self, trial_number: int, epochs: int):
+    def __init__(self, trial_number: int, epochs: int, row: int):
         pass
 
     def on_steps(self, first_step, lrs, losses):
