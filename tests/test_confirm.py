@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from scipy import stats as sp
 
+from helpers import REPO
+
 pytestmark = pytest.mark.slow
 
 NAME = "confirm_e2e"
@@ -44,7 +46,7 @@ space:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
             "SWEEP_HEARTBEAT_INTERVAL": "1", "SWEEP_GRACE_PERIOD": "3"}
 
 

@@ -16,6 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from helpers import REPO
+
 pytestmark = pytest.mark.slow
 
 FAST_HEARTBEAT = {"SWEEP_HEARTBEAT_INTERVAL": "1", "SWEEP_GRACE_PERIOD": "3"}
@@ -29,7 +31,8 @@ def launch_args(data: Path, *extra: str, study: str = "smoke") -> list[str]:
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "PYTHONWARNINGS": "ignore", **FAST_HEARTBEAT, **extra}
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO), **FAST_HEARTBEAT,
+            **extra}
 
 
 def run(args, folder, timeout=300):

@@ -7,7 +7,8 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.orchestration.bookkeeping import (DONE, RUN, WAIT, budget_used, counted, next_step,
-                                             over_budget, retry_later)
+                                             over_budget)
+from sweep.orchestration.retry import retry_later
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, SearchOnlySampler
 
 
@@ -57,6 +58,9 @@ def test_a_retried_replicate_keeps_its_group_and_seed_and_replaces_the_failed_on
         {PHASE: CONFIRM, GROUP: "g", SEED: 7, CONFIRM_KEY: "g/seed7"}
     assert counted(study.get_trials(), CONFIRM) == []  # the failed original no longer counts
     assert next_step(study.get_trials(), 1, CONFIRM) == RUN
+    retry_later(study, study.get_trials()[trial.number])  # a second path finding it: no-op
+    retry_later(study, retry)  # a retry is never retried
+    assert len(study.get_trials()) == 2
 
 
 def test_the_sampler_is_shown_search_trials_only():

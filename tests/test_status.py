@@ -19,7 +19,9 @@ from sweep.cli import main
 from sweep.orchestration.launch import LaunchOptions
 from sweep.orchestration.pool import PoolOptions, device_assignments, worker_environments
 from sweep.study.spec import load_study
-from sweep.orchestration.bookkeeping import fail_dead_trials, reconcile, resolve_budget, stale_runs
+from sweep.orchestration.bookkeeping import (budget_used, fail_dead_trials, reconcile,
+                                             resolve_budget, stale_runs)
+from sweep.orchestration.retry import retry_later
 from sweep.orchestration.status import status_text
 from sweep.orchestration.storage import open_storage
 from sweep.orchestration.tracking import Tracker
@@ -89,6 +91,36 @@ def test_stale_heartbeat_trial_failed_retried_and_run_ended(spec, tmp_path, monk
                                        "--tracking-uri", tracking_uri, "--repair"])
     assert result.exit_code == 0, result.output
     assert "running 0, waiting 1" in result.output and "still RUNNING" not in result.output
+
+
+def test_a_trial_re_enqueued_before_its_worker_vanished_gets_no_second_retry(spec, tmp_path,
+                                                                             monkeypatch):
+    """An interrupted worker enqueues its trial's retry, then tells FAIL; a second Ctrl-C (or a
+    kill) in between leaves the trial RUNNING with its retry queued. The next reconcile fails
+    it, by stale heartbeat or dead pid, and enqueues nothing more: one retry each, and the
+    failed originals do not use the budget."""
+    monkeypatch.setenv("SWEEP_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("SWEEP_GRACE_PERIOD", "1")
+    study = open_study(spec, open_storage(f"sqlite:///{tmp_path}/o.db"))
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db")
+    experiment_id = tracker.experiment_id(spec.name)
+    parent = tracker.study_run(experiment_id, spec.name, {}, None)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, _ = _running_trial(study, tracker, experiment_id, parent, "node-17", 4242)
+    study._storage.record_heartbeat(stale._trial_id)
+    dead, _ = _running_trial(study, tracker, experiment_id, parent, socket.gethostname(), gone.pid)
+    for trial in (stale, dead):
+        retry_later(study, study._storage.get_trial(trial._trial_id))
+    failed, deadline = [], time.monotonic() + 60
+    while len(failed) < 2 and time.monotonic() < deadline:
+        failed += reconcile(study, tracker, experiment_id).failed_trials
+        time.sleep(0.1)
+    assert sorted(failed) == [0, 1]
+    trials = study.get_trials(deepcopy=False)
+    retries = [t.system_attrs.get("failed_trial") for t in trials if t.state == TrialState.WAITING]
+    assert sorted(retries) == [0, 1] and len(trials) == 4
+    assert budget_used(study) == 0
 
 
 def test_dead_local_worker_is_failed_at_once_on_journal(spec, tmp_path):

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
+from sweep.orchestration.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
 from sweep.orchestration.tracking import STATE, StudySummary, Tracker
-from sweep.study.phases import CONFIRM, ENQUEUED_ATTRS, SEARCH, is_search, phase_of
+from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
 from sweep.study.spec import StudySpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -59,7 +60,7 @@ def resolve_budget(study: optuna.Study, spec: StudySpec, trials: int | None) -> 
 
 def _replaced(trials) -> set[int]:
     """Numbers of failed trials whose parameters were re-enqueued (their retry replaces them)."""
-    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
 
 
 def counted(trials, phase: str = SEARCH) -> list:
@@ -108,7 +109,7 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, budget: int,
     replicate a search worker picked up); a fresh one in the confirmation phase yields."""
     if phase_of(trial) != phase:
         system_attrs = study._storage.get_trial_system_attrs(trial._trial_id)
-        queued = {"fixed_params", "failed_trial"} & set(system_attrs)
+        queued = {"fixed_params", FAILED_TRIAL} & set(system_attrs)
         if queued:
             return False
         ahead = [None] * budget  # a confirmation worker got a fresh sampler trial: yield it
@@ -181,19 +182,9 @@ def update_parent_run(study: optuna.Study, tracker: Tracker, experiment_id: str 
 
 # --- failed and dead trials -------------------------------------------------------------------
 
-def retry_later(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-    """Re-enqueue a failed trial's parameters once, as Optuna's
-    ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` does for a stale trial."""
-    if frozen.system_attrs.get("retry_history"):
-        return  # already a retry: once is enough
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-        user_attrs={k: frozen.user_attrs[k] for k in ENQUEUED_ATTRS if k in frozen.user_attrs},
-        system_attrs={"failed_trial": frozen.number, "retry_history": [frozen.number]}))
-
-
 def fail_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped beating (and re-enqueue them once, see storage.py).
+    """Fail trials whose worker stopped beating (the storage's callback re-enqueues them once:
+    ``retry.retry_later``).
     Optuna marks this experimental and meant for ``optimize``; sweep owns the ask/tell loop and
     beats itself (``worker._Heartbeat``), as optimize does (the CLI silences the warning)."""
     optuna.storages.fail_stale_trials(study)

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import optuna
 
 from sweep.errors import StorageError
+from sweep.orchestration.retry import retry_later
 
 DEFAULT_STORAGE = "sqlite:///sweep.db"
 _PASSWORD_IN_NETLOC = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^/:@\s]*:)(?P<pw>[^@\s]*)(?=@)")
@@ -180,12 +181,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
         return JournalStorage(JournalFileBackend(str(path)))
     interval, grace = heartbeat_settings()
-    # Heartbeats and the retry callback are marked experimental in Optuna; they are the
-    # documented way to recover from dead workers (the CLI silences that warning).
-    kwargs = dict(
-        heartbeat_interval=interval, grace_period=grace,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
+    # Heartbeats are marked experimental in Optuna; they are the documented way to recover from
+    # dead workers (the CLI silences that warning). A stale trial is retried by sweep's one rule,
+    # not Optuna's RetryHeartbeatStaleTrialCallback: that one would add a second retry to a
+    # trial an interrupted worker had already re-enqueued, and copy every user attribute.
+    kwargs = dict(heartbeat_interval=interval, grace_period=grace,
+                  heartbeat_stale_trial_callback=retry_later)
     path = sqlite_path(url)
     try:
         if path is not None:

@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 from sweep import __version__
 from sweep.errors import SpaceChangedError
 from sweep.orchestration.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs,
-                                             fail_dead_trials, next_step, open_slots, over_budget, retry_later)
+                                             fail_dead_trials, next_step, open_slots, over_budget)
+from sweep.orchestration.retry import retry_later
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
 from sweep.orchestration.pack import pack_capacity, run_pack, trains_as_pack
 from sweep.study.phases import SEARCH, SearchOnlySampler
@@ -230,8 +231,10 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
             except Interrupted as sig:
                 heartbeat.stop()
                 for t in live.values():  # their runs are ended KILLED; the trials retried
-                    _tell(study, t, state=TrialState.FAIL)
+                    # Enqueue first, tell second: a second Ctrl-C in between must not leave
+                    # a FAIL without a retry (see retry.py).
                     retry_later(study, study._storage.get_trial(t._trial_id))
+                    _tell(study, t, state=TrialState.FAIL)
                 report.interrupted_by = sig.signum
                 break
             finally:
