@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.errors import SubmitError
-from sweep.orchestration.storage import mask_url, sqlite_path
+from sweep.orchestration.storage import journal_path, mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
 _PARTITION = re.compile(r"^[\w.,-]+$")
@@ -66,8 +66,9 @@ def absolute_url(url: str) -> str:
     path = sqlite_path(url)
     if path is not None:
         return f"sqlite:///{path.resolve()}"
-    if url.startswith("journal:///"):
-        return f"journal:///{Path(url[len('journal://'):]).resolve()}"
+    journal = journal_path(url)
+    if journal is not None:
+        return f"journal:///{journal.resolve()}"
     return url
 
 

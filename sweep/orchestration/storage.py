@@ -54,6 +54,11 @@ def sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def journal_path(url: str) -> Path | None:
+    """The file behind a ``journal:///`` URL (None for other schemes)."""
+    return Path(url[len("journal://"):]) if url.startswith("journal:///") else None
+
+
 def check_writable_file(path: Path, what: str, error=StorageError) -> None:
     """Raise ``error`` unless ``path`` can be created or written; creates nothing."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -115,16 +120,18 @@ def study_lock(url: str, study_name: str, purpose: str):
     for PostgreSQL/MySQL. For read-then-write steps Optuna has no transaction for, such as two
     ``sweep confirm`` runs enqueueing the same study's replicates at once."""
     key = f"sweep:{study_name}:{purpose}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    sha = hashlib.sha1(key.encode())
+    digest = sha.hexdigest()[:8]
     path = sqlite_path(url)
     if path is not None:
         with _path_lock(path, "-" + digest):
             yield
         return
-    if url.startswith("journal:///"):
+    journal = journal_path(url)
+    if journal is not None:
         from optuna.storages.journal import JournalFileOpenLock
 
-        lock = JournalFileOpenLock(f"{url[len('journal://'):]}.{digest}.lock")
+        lock = JournalFileOpenLock(f"{journal}.{digest}.lock")
         lock.acquire()  # waits; a lock file left by a crashed holder expires (grace period)
         try:
             yield
@@ -137,7 +144,7 @@ def study_lock(url: str, study_name: str, purpose: str):
     try:
         with engine.connect() as conn:
             if conn.dialect.name == "postgresql":
-                number = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big", signed=True)
+                number = int.from_bytes(sha.digest()[:8], "big", signed=True)
                 conn.exec_driver_sql(f"SELECT pg_advisory_lock({number})")
                 try:
                     yield
@@ -155,9 +162,9 @@ def study_lock(url: str, study_name: str, purpose: str):
 
 def check_storage_url(url: str) -> None:
     """Validate a storage URL without creating or writing anything."""
-    scheme = urlsplit(url).scheme
-    if url.startswith("journal:///"):
-        check_writable_file(Path(url[len("journal://"):]), "journal file")
+    scheme, journal = urlsplit(url).scheme, journal_path(url)
+    if journal is not None:
+        check_writable_file(journal, "journal file")
     elif scheme == "sqlite":
         path = sqlite_path(url)
         if path is None:
@@ -175,11 +182,11 @@ def check_storage_url(url: str) -> None:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the Optuna storage at ``url``. Raises StorageError."""
     check_storage_url(url)
-    if url.startswith("journal:///"):
-        path = Path(url[len("journal://"):])
+    journal = journal_path(url)
+    if journal is not None:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(journal)))
     interval, grace = heartbeat_settings()
     # Heartbeats are marked experimental in Optuna; they are the documented way to recover from
     # dead workers (the CLI silences that warning). A stale trial is retried by sweep's one rule,
@@ -211,7 +218,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 def open_existing_storage(url: str):
     """Open an Optuna storage that must already exist; a missing SQLite/journal file is a
     StorageError (opening it would create an empty one)."""
-    path = sqlite_path(url) or (Path(url[len("journal://"):]) if url.startswith("journal:///") else None)
+    path = sqlite_path(url) or journal_path(url)
     if path is not None and not path.is_file():
         raise StorageError(f"no Optuna storage at {path}: run `sweep launch` in this folder first, "
                            f"or pass --storage URL of the study's storage")

@@ -22,9 +22,9 @@ from sweep import __version__
 from sweep.errors import SpaceChangedError
 from sweep.orchestration.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs,
                                              fail_dead_trials, next_step, open_slots, over_budget)
-from sweep.orchestration.retry import retry_later
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
 from sweep.orchestration.pack import pack_capacity, run_pack, trains_as_pack
+from sweep.orchestration.retry import retry_later
 from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec, trial_settings
