@@ -1,124 +1,214 @@
 #!/usr/bin/env python3
-"""What MLflow logging costs a trial: a SQLite file vs a tracking server over HTTP.
+"""Does every point reach MLflow at GPU speed? K trial runs fed as a fused pack feeds them.
 
-Each trial goes through sweep's own tracking code (``Tracker.start_trial``, the ``TrialRun``
-listener fed by a simulated training loop, ``TrialRun.finish``) with no model: ``--steps``
-optimizer steps of ``--step-ms`` each (a sleep standing in for training), ``lr`` and
-``train_loss`` handed over every ``--sync-every`` steps as the trainer does, ``val_*`` per
-epoch, ``test_acc`` at the end, the LR-curve figure after. Per trial it separates:
+One thread (the "training thread") drives K runs of sweep's own tracking code (``Tracker``,
+``TrialRun``: the process's one metric writer behind them), each at ``--rate`` optimizer steps
+per second (an H100 pack of 16 ResNet-20s: about 60), handing ``lr`` and ``train_loss`` over
+every ``--sync-every`` steps as the pack does, ``val_loss``/``val_acc`` every ``--epoch-steps``,
+for ``--seconds``; then every run ends in the background at once (``finish(background=True)``,
+as a pack's slots end) and the tracker drains. Per store and K it prints:
 
-* trial thread: run start + params; the listener calls during training (queueing only);
-  ``finish`` (waiting for the last batch to be sent, one tags batch, the run's end);
-* background: ``log_batch`` calls of the metrics thread (``TrialRun.logging_seconds``) and the
-  LR-curve figure's thread (drawn and uploaded after ``finish`` returns).
+* sustained points/s: points stored / (feed time + drain time), which is the offered load
+  when the writer keeps up; and the writer's capacity: points stored / wall seconds it spent
+  writing (what it could sustain were it never idle);
+* lag from enqueue to stored: median and p99 over every point;
+* training-thread cost per point (the listener calls only), and that cost for the 2K points
+  of one pack step as a share of the step (1/``--rate`` s; the issue's bound: < 1%);
+* missing/duplicated: every run is read back (``lr`` and ``train_loss`` histories: one row per
+  step, steps 0..n-1); the exit status is 1 when any point is missing or doubled.
 
-The server is ``mlflow server`` started here (``sweep.views.ui.mlflow_server``: its own
-SQLite backend, artifacts uploaded over HTTP). Rounds alternate (sqlite, http, http, sqlite,
-...) so background load hits both alike; medians over rounds are compared.
+Stores: ``sqlite`` (an embedded SQLite file), ``server`` (a real ``mlflow server`` subprocess,
+SQLite behind it, over HTTP), ``postgres`` (a throwaway PostgreSQL via scripts/start_postgres.sh;
+needs root and the server binaries, skipped otherwise).
 
-    python scripts/bench_tracking.py [--trials 5] [--steps 400] [--step-ms 5]
+    python scripts/bench_tracking.py [--runs 8 16 32] [--stores sqlite server postgres] [--seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import platform
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PARTS = ("start", "listener", "finish", "metrics_bg", "figure_bg")
+
+@dataclass
+class FeedResult:
+    runs: list  # TrialRun
+    steps: list[int]  # steps fed per run
+    epochs: list[int]
+    feed_s: float
+    drain_s: float
+    listener_s: float  # training thread inside listener calls
+    points: int  # points handed over
+    lags_ms: list = field(default_factory=list)
 
 
-def one_trial(tracker, experiment_id: str, parent: str, number: int, args) -> dict[str, float]:
-    """Seconds per part of one simulated trial."""
-    params = {"base_lr": 0.1, "warmup_steps": 10, "scheduler": "cosine", "epochs": args.epochs}
-    began = time.perf_counter()
-    run = tracker.start_trial(experiment_id, parent, "bench", number, params, {"sweep.host": "x"})
-    start = time.perf_counter() - began
+def feed(tracker, experiment_id: str, parent: str, k: int, rate: float, seconds: float,
+         sync_every: int = 10, epoch_steps: int = 200, study: str = "bench",
+         number0: int = 0, lags: list | None = None, stop_early: dict | None = None) -> FeedResult:
+    """Feed ``k`` runs at ``rate`` steps/s each for ``seconds`` from this one thread, then end
+    them all in the background and drain. ``stop_early``: {run index: step} ends that run
+    (KILLED) after that many steps, as a pruned slot. ``lags`` collects enqueue->stored ms."""
+    runs = [tracker.start_trial(experiment_id, parent, study, number0 + i, {"slot": i}, {})
+            for i in range(k)]
+    if lags is not None:
+        tracker.writer.on_stored = lambda chunk, now: lags.extend(now - ts for _, _, ts, _ in chunk)
+    stop_early = stop_early or {}
+    steps, epochs = [0] * k, [0] * k
+    live = set(range(k))
     listener = 0.0
-    steps_per_epoch = args.steps // args.epochs
-    for first in range(0, args.steps, args.sync_every):
-        count = min(args.sync_every, args.steps - first)
-        time.sleep(count * args.step_ms / 1000)  # training
-        lrs = [0.1 * (1 - (first + i) / args.steps) for i in range(count)]
-        losses = [2.3 - (first + i) / args.steps for i in range(count)]
-        began = time.perf_counter()
-        run.on_steps(first, lrs, losses)
-        if (first + count) % steps_per_epoch == 0:
-            run.on_epoch_end((first + count) // steps_per_epoch - 1,
-                             {"val_loss": 1.5, "val_acc": 0.4})
-        listener += time.perf_counter() - began
     began = time.perf_counter()
-    run.log_metric("test_acc", 0.4)
-    run.finish("FINISHED", {"sweep.state": "COMPLETE"})
-    finish = time.perf_counter() - began
-    began = time.perf_counter()
-    tracker.wait()  # the LR-curve figure's thread
-    figure = time.perf_counter() - began
-    assert run.metrics_logged == 2 * args.steps + 2 * args.epochs + 1, run.metrics_logged
-    return {"start": start, "listener": listener, "finish": finish,
-            "metrics_bg": run.logging_seconds, "figure_bg": figure}
+    tick = sync_every / rate
+    n = 0
+    while live and time.perf_counter() - began < seconds:
+        target = began + (n + 1) * tick
+        time.sleep(max(0.0, target - time.perf_counter()))  # "training"
+        n += 1
+        t0 = time.perf_counter()
+        for i in sorted(live):
+            first = steps[i]
+            lrs = [0.1 * (1 + (first + j) % 97) / 97 for j in range(sync_every)]
+            losses = [2.3 / (1 + 0.001 * (first + j)) for j in range(sync_every)]
+            runs[i].on_steps(first, lrs, losses)
+            steps[i] += sync_every
+            if steps[i] % epoch_steps == 0:
+                runs[i].on_epoch_end(epochs[i], {"val_loss": 1.0 + i, "val_acc": 0.5})
+                epochs[i] += 1
+            if i in stop_early and steps[i] >= stop_early[i]:
+                runs[i].finish("KILLED", {"sweep.state": "PRUNED"}, curve_png=False,
+                               background=True)
+                live.discard(i)
+        listener += time.perf_counter() - t0
+    feed_s = time.perf_counter() - began
+    t0 = time.perf_counter()
+    for i in sorted(live):
+        runs[i].log_metric("test_acc", 0.5)
+        runs[i].finish("FINISHED", {"sweep.state": "COMPLETE"}, curve_png=False, background=True)
+    listener += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tracker.wait()
+    drain_s = time.perf_counter() - t0
+    points = sum(sum(r.expected.values()) for r in runs)
+    return FeedResult(runs, steps, epochs, feed_s, drain_s, listener, points, lags or [])
 
 
-def main() -> None:
+def check_stored(client, result: FeedResult) -> list[str]:
+    """One line per run whose stored ``lr``/``train_loss``/``val_acc`` differ from what was fed
+    (missing or doubled points), read back through ``client``."""
+    problems = []
+    for run, steps, epochs in zip(result.runs, result.steps, result.epochs):
+        for key, want in (("lr", list(range(steps))), ("train_loss", list(range(steps))),
+                          ("val_acc", list(range(epochs)))):
+            got = sorted(m.step for m in client.get_metric_history(run.run_id, key))
+            if got != want:
+                problems.append(f"run {run.run_id} {key}: {len(got)} points stored, "
+                                f"{len(want)} fed, {len(set(got))} distinct steps")
+    return problems
+
+
+@contextlib.contextmanager
+def store(kind: str, tmp: Path):
+    """A tracking URI of ``kind``, alive inside the block."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp}/mlflow.db"
+    elif kind == "server":
+        from sweep.views.ui import mlflow_server
+
+        with mlflow_server(f"sqlite:///{tmp}/server.db",
+                           artifacts_destination=f"{tmp}/served") as (_, url):
+            yield url
+    elif kind == "postgres":
+        with postgres() as url:
+            yield url
+    else:
+        raise SystemExit(f"unknown store {kind!r}")
+
+
+@contextlib.contextmanager
+def postgres():
+    script = REPO / "scripts" / "start_postgres.sh"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(["bash", str(script), "start", str(port), "bench-pw"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    folder, _, mlflow_url = out[-3:]
+    try:
+        yield mlflow_url
+    finally:
+        subprocess.run(["bash", str(script), "stop", folder], capture_output=True, timeout=60)
+
+
+def percentile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=5, help="trials per store per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per trial")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--step-ms", type=float, default=5.0, help="simulated training per step")
+    parser.add_argument("--runs", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "server", "postgres"])
+    parser.add_argument("--seconds", type=float, default=10.0, help="feed time per row")
+    parser.add_argument("--rate", type=float, default=60.0, help="steps/s per run")
     parser.add_argument("--sync-every", type=int, default=10, help="steps per listener call")
     args = parser.parse_args()
 
+    from mlflow.tracking import MlflowClient
+
     from sweep.orchestration.tracking import Tracker
-    from sweep.views.ui import mlflow_server
 
-    with tempfile.TemporaryDirectory() as tmp, \
-            mlflow_server(f"sqlite:///{tmp}/server.db",
-                          artifacts_destination=f"{tmp}/served") as (_, url):
-        trackers = {"sqlite": Tracker(f"sqlite:///{tmp}/mlflow.db"), "http": Tracker(url)}
-        setup = {}
-        for name, tracker in trackers.items():
-            experiment_id = tracker.experiment_id("bench")
-            setup[name] = (experiment_id, tracker.study_run(experiment_id, "bench", {}, None))
-            one_trial(tracker, *setup[name], -1, args)  # warm-up: connections, matplotlib
-        per_trial: dict[str, list[dict[str, float]]] = {name: [] for name in trackers}
-        order = []
-        for r in range(args.rounds):
-            order += ["sqlite", "http"] if r % 2 == 0 else ["http", "sqlite"]
-        number = 0
-        for name in order:
-            for _ in range(args.trials):
-                per_trial[name].append(one_trial(trackers[name], *setup[name], number, args))
-                number += 1
-
-    metrics = 2 * args.steps + 2 * args.epochs + 1
-    print(f"{args.trials * args.rounds} trials per store; each {args.steps} steps "
-          f"({args.step_ms:g} ms simulated training per step, listener every {args.sync_every} "
-          f"steps), {metrics} metrics, one LR-curve figure. Medians, seconds per trial:")
-    print(f"  {'store':7} {'trial thread: start':>20} {'listener':>9} {'finish':>7} "
-          f"{'= total':>8}   {'background: metrics':>20} {'figure':>7}")
-    med = {}
-    for name, rows in per_trial.items():
-        med[name] = {part: statistics.median(row[part] for row in rows) for part in PARTS}
-        med[name]["thread"] = statistics.median(row["start"] + row["listener"] + row["finish"]
-                                                for row in rows)
-        m = med[name]
-        print(f"  {name:7} {m['start']:20.4f} {m['listener']:9.4f} {m['finish']:7.4f} "
-              f"{m['thread']:8.4f}   {m['metrics_bg']:20.4f} {m['figure_bg']:7.4f}")
-    ratio = {k: med["http"][k] / med["sqlite"][k] for k in ("thread", "metrics_bg", "figure_bg")}
-    print(f"http / sqlite: trial thread {ratio['thread']:.2f}x, background metrics "
-          f"{ratio['metrics_bg']:.2f}x, figure {ratio['figure_bg']:.2f}x")
-    training = args.steps * args.step_ms / 1000
-    print(f"trial thread over HTTP: {med['http']['thread']:.3f} s per trial "
-          f"({100 * med['http']['thread'] / training:.1f}% of {training:.1f} s of training); "
-          f"listener calls {1e6 * med['http']['listener'] / args.steps:.1f} us per step")
+    stores = list(args.stores)
+    if "postgres" in stores and (os.geteuid() != 0 or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
+        print("postgres: skipped (needs root and PostgreSQL server binaries)")
+        stores.remove("postgres")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}; {args.seconds:g} s feed per row, {args.rate:g} steps/s "
+          f"per run, lr + train_loss per step, listener every {args.sync_every} steps")
+    print(f"{'store':9} {'K':>3} {'offered/s':>9} {'points':>8} {'stored/s':>9} {'drain s':>7} "
+          f"{'capacity/s':>10} {'lag med s':>9} {'lag p99 s':>9} {'us/point':>8} {'% of step':>9}  missing")
+    failed = False
+    for kind in stores:
+        with tempfile.TemporaryDirectory() as tmp, store(kind, Path(tmp)) as uri:
+            for k in args.runs:
+                tracker = Tracker(uri)
+                experiment_id = tracker.experiment_id(f"bench-{k}")
+                parent = tracker.study_run(experiment_id, f"bench-{k}", {}, None)
+                lags: list = []
+                result = feed(tracker, experiment_id, parent, k, args.rate, args.seconds,
+                              args.sync_every, lags=lags)
+                busy = tracker.writer.busy_s
+                tracker.close()
+                problems = check_stored(MlflowClient(uri), result)
+                failed |= bool(problems)
+                per_point = result.listener_s / max(result.points, 1)
+                step_s = 1.0 / args.rate
+                print(f"{kind:9} {k:3d} {2 * k * args.rate:9.0f} {result.points:8d} "
+                      f"{result.points / (result.feed_s + result.drain_s):9.0f} "
+                      f"{result.drain_s:7.2f} {result.points / max(busy, 1e-9):10.0f} "
+                      f"{statistics.median(lags) / 1000:9.2f} "
+                      f"{percentile(lags, 0.99) / 1000:9.2f} {1e6 * per_point:8.2f} "
+                      f"{100 * per_point * 2 * k / step_s:9.4f}  "
+                      f"{len(problems) or 'none'}", flush=True)
+                for line in problems[:5]:
+                    print("   ", line)
+                spool = Path(tmp) / "mlflow.db.spool"
+                if spool.exists():
+                    shutil.rmtree(spool)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,6 +32,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.orchestration.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
+from sweep.orchestration.spool import pending
 from sweep.orchestration.tracking import STATE, StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
 from sweep.study.spec import StudySpec
@@ -247,9 +248,10 @@ def stale_runs(study: optuna.Study, tracker: Tracker, experiment_id: str | None)
     # Runs first, trials second: a run is created after its trial is asked, so every trial a
     # listed run belongs to is in this later snapshot (the other order ends fresh runs).
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    spooled = pending(tracker.uri).ends  # ended, the end waiting in a spool: replay ends them
     out = []
     for run in running:
-        if run.data.tags.get("optuna.study_name") != study.study_name:
+        if run.data.tags.get("optuna.study_name") != study.study_name or run.info.run_id in spooled:
             continue
         number = run.data.tags.get("sweep.trial_number")
         trial = trials.get(int(number)) if number and number.isdigit() else None

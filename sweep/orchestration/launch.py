@@ -18,6 +18,7 @@ import torch
 
 from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_budget,
                                              update_parent_run)
+from sweep.orchestration.completeness import launch_lines, replay_spool
 from sweep.orchestration.objective import WorkerContext
 from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
 from sweep.orchestration.tracking import CODE_VERSION, Tracker, check_tracking_uri
@@ -116,6 +117,7 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     study = open_study(spec, open_storage(opts.storage), opts.allow_space_change)
     budget = resolve_budget(study, spec, opts.trials)
     tracker = Tracker(opts.tracking_uri)
+    replay_spool(tracker)
     experiment_id = tracker.experiment_id(spec.name)
     parent = tracker.study_run(experiment_id, spec.name, study_params(spec, opts, budget),
                                Path(spec.path))
@@ -167,7 +169,8 @@ def launch(spec: StudySpec, opts: LaunchOptions, display: Display) -> LaunchResu
     finally:
         bar.close()
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
-    text = display.closing(study, budget, budget_used(study))
+    text = "\n".join([display.closing(study, budget, budget_used(study)),
+                      *launch_lines(stores.tracker, stores.experiment_id, spec.name)])
     if report.interrupted_by is not None:
         return LaunchResult("interrupted: the running trial(s) (every live slot of a fused pack) were "
                             "marked FAIL (KILLED in MLflow) and will be retried by the next launch\n" + text,
@@ -200,6 +203,8 @@ def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult
     finally:
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     used = budget_used(study)
+    for line in launch_lines(stores.tracker, stores.experiment_id, spec.name):
+        log(f"worker {me}: {line}")
     if report.interrupted_by is not None:
         return LaunchResult(f"worker {me}: interrupted; the trial(s) it was training were marked FAIL "
                             f"(KILLED in MLflow) and re-enqueued; {used}/{budget} trials used",

@@ -201,10 +201,11 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
             interrupt.check()  # a signal that came while the trial was being set up
         result = train(started.cfg, ctx.splits, ctx.device, listeners)
     except StopTraining as stop:
-        return end_trial(started, stop=stop)
+        return end_trial(started, stop=stop, background=True)
     except BaseException as err:  # interruption, or a bug/OOM in the trial
-        outcome = end_trial(started, error=err)
+        outcome = end_trial(started, error=err, background=True)
         if not isinstance(err, Exception):
             raise
         return outcome
-    return end_trial(started, result=result)
+    # The run ends on the tracker's writer thread: Optuna's result never waits for MLflow.
+    return end_trial(started, result=result, background=True)

@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 
 from sweep.orchestration.bookkeeping import budget_used, reconcile, update_parent_run
+from sweep.orchestration.completeness import launch_lines
 from sweep.orchestration.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
                                         open_study_stores, worker_command)
 from sweep.study.spec import StudySpec
@@ -91,7 +92,8 @@ def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions,
         for sig, handler in old.items():
             signal.signal(sig, handler)
     update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
-    text = display.closing(study, budget, budget_used(study))
+    text = "\n".join([display.closing(study, budget, budget_used(study)),
+                      *launch_lines(stores.tracker, stores.experiment_id, spec.name)])
     if received:
         return LaunchResult("interrupted: running trials were marked FAIL (KILLED in MLflow) and "
                             "will be retried by the next launch\n" + text, 128 + received[0])

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from sweep.orchestration.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile,
                                              stale_runs, state_counts, update_parent_run)
+from sweep.orchestration.completeness import check, replay_spool
 from sweep.orchestration.tracking import Tracker
 
 
@@ -18,10 +19,13 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     """``sweep status``: the status text of a stored study, after reconciling it with
     ``repair``. Creates no store."""
     loaded, tracker, experiment_id = open_for_status(study, storage_url, tracking_uri)
+    replayed: list[str] = []
+    if repair and tracker is not None:  # first: a replayed run's end beats a repair's guess
+        replay_spool(tracker, replayed.append)
     fixed = reconcile(loaded, tracker, experiment_id) if repair else None
     if repair and tracker is not None:
         update_parent_run(loaded, tracker, experiment_id)
-    return status_text(loaded, tracker, experiment_id, fixed)
+    return "\n".join([*replayed, status_text(loaded, tracker, experiment_id, fixed)])
 
 def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
     """Seconds since the last heartbeat of each RUNNING trial, by trial id (RDB storages only)."""
@@ -73,6 +77,7 @@ def status_text(study: optuna.Study, tracker: Tracker | None, experiment_id: str
                          f"{trial.state.name if trial else 'unknown'}) is still RUNNING")
         if stale:
             lines.append("fix: sweep status --repair (ends those runs as FAILED)")
+        lines += check(tracker, experiment_id).lines(study.study_name)
     return "\n".join(lines)
 
 

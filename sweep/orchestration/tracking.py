@@ -8,15 +8,20 @@ Contract (the UI, ``sweep report`` and users' notebooks rely on these names):
 * trial metrics: ``lr`` and ``train_loss`` at every optimizer step, ``val_loss``/``val_acc``
   per epoch, ``test_acc`` and ``epoch_seconds`` at the end. Non-finite values are never logged.
 
-Metrics go through a background thread that sends batches of up to 1,000 with ``log_batch``
-(a synchronous ``log_metric`` costs 10-23 ms on SQLite; a batch of 1,000 costs 0.1-0.2 s).
+* completeness: each trial run's end records what it should hold: ``sweep.steps_trained``,
+  ``sweep.epochs_trained`` and ``sweep.expected_points`` (``lr=1200,train_loss=1200,...``:
+  points per metric key), pruned, failed and interrupted trials too (``completeness``).
+
+Metrics go through the process's one writer thread (``metric_writer``), which sends batches of
+up to 1,000 with ``log_batch`` (a synchronous ``log_metric`` costs 10-23 ms on SQLite; a batch
+of 1,000 costs 0.1-0.2 s), retries refused writes and spools them to local disk when the store
+stays down (``spool``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -25,13 +30,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sweep.errors import TrackingError
+from sweep.orchestration.metric_writer import MetricWriter, RunEnd, spool_after_s
+from sweep.orchestration.spool import SpoolWriter, replay, spool_dir
 from sweep.orchestration.storage import check_writable_file, creation_lock, mask_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
-FLUSH_S = 1.0  # the longest a logged metric waits on the queue (a curve in the UI lags this)
 ROLE, STATE, REASON = "sweep.role", "sweep.state", "sweep.prune_reason"
 CODE_VERSION = "sweep.code_version"  # on every trial run, and on the parent (last launch)
+STEPS_TRAINED, EPOCHS_TRAINED = "sweep.steps_trained", "sweep.epochs_trained"
+EXPECTED_POINTS = "sweep.expected_points"  # "lr=1200,train_loss=1200,val_loss=10,..."
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -93,6 +100,8 @@ class Tracker:
         self.uri = uri
         self._pending: list = []  # futures of in_background work
         self._executor = None
+        self._writer: MetricWriter | None = None
+        self._writer_lock = threading.Lock()
         path = sqlite_path(uri)
         try:
             if path is not None:
@@ -121,10 +130,36 @@ class Tracker:
         self._pending.append(self._executor.submit(work))
 
     def wait(self) -> None:
-        """Wait for the work handed to ``in_background`` (call before the process exits)."""
+        """Wait for the work handed to ``in_background`` and for every queued point to be
+        stored or spooled (call before the process exits)."""
         for future in self._pending:
             future.result()  # the work catches and reports its own errors
         self._pending.clear()
+        if self._writer is not None:
+            self._writer.drain()
+
+    @property
+    def writer(self) -> MetricWriter:
+        """The process's one metric writer for this store, started on first use."""
+        with self._writer_lock:
+            if self._writer is None:
+                # SQLite admits one writer at a time: one sender. A server or PostgreSQL takes
+                # concurrent writes: four overlap the fixed cost of each call (bench_tracking.py).
+                self._writer = MetricWriter(self.client, SpoolWriter(spool_dir(self.uri), self.uri),
+                                            senders=1 if sqlite_path(self.uri) else 4)
+            return self._writer
+
+    def close(self) -> None:
+        """``wait``, then stop the writer and release this process's spool segment."""
+        self.wait()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def replay_spool(self) -> tuple[int, list[str]]:
+        """Send what earlier processes spooled for this store (``spool.replay``): (points
+        sent, one line per segment that could not be replayed and stays)."""
+        return replay(self.uri, self.client)
 
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         """The experiment named ``name``; created when absent (two creators may race: fine)."""
@@ -245,106 +280,79 @@ class StudySummary:
 
 
 class TrialRun:
-    """One trial's MLflow run, and a training listener that logs its curves in the background."""
+    """One trial's MLflow run, and a training listener whose points go to the process's one
+    metric writer (``Tracker.writer``): the training thread only appends to its queue."""
 
     def __init__(self, tracker: Tracker, run_id: str):
         self.tracker, self.run_id = tracker, run_id
         self.lr_curve: list[tuple[int, float]] = []
-        self._queue: queue.Queue = queue.Queue()
-        self._error: Exception | None = None
-        self.metrics_logged = 0
-        self.logging_seconds = 0.0  # time spent in MLflow calls by the background thread
-        self._thread = threading.Thread(target=self._drain, name=f"mlflow-{run_id[:8]}", daemon=True)
-        self._thread.start()
+        self.expected: dict[str, int] = {}  # points handed to the writer, per metric key
+        self.epochs_trained = 0
+        self._writer = tracker.writer
+
+    @property
+    def metrics_logged(self) -> int:
+        """Points of this run the store has taken so far (spooled ones not counted)."""
+        return self._writer.stored_by_run.get(self.run_id, 0)
+
+    @property
+    def logging_seconds(self) -> float:
+        """Time the writer spent in this run's ``log_batch`` calls."""
+        return self._writer.seconds_by_run.get(self.run_id, 0.0)
+
+    def _count(self, key: str, n: int) -> None:
+        self.expected[key] = self.expected.get(key, 0) + n
 
     # -- listener interface (called from the training thread; must be cheap) --
     def on_steps(self, first_step: int, lrs: Sequence[float], losses: Sequence[float]) -> None:
         now = int(time.time() * 1000)
-        for step, (lr, loss) in enumerate(zip(lrs, losses), start=first_step):
-            self.lr_curve.append((step, lr))
-            self._queue.put(("lr", lr, step, now))
-            if math.isfinite(loss):
-                self._queue.put(("train_loss", loss, step, now))
+        steps = range(first_step, first_step + len(lrs))
+        self.lr_curve.extend(zip(steps, lrs))
+        points = [("lr", lr, now, step) for step, lr in zip(steps, lrs)]
+        finite = [("train_loss", loss, now, step) for step, loss in zip(steps, losses)
+                  if math.isfinite(loss)]
+        self._count("lr", len(points))
+        if finite:
+            self._count("train_loss", len(finite))
+            points += finite
+        self._writer.put_many(self.run_id, points)
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        self.epochs_trained += 1
         for key in ("val_loss", "val_acc"):
             self.log_metric(key, metrics[key], epoch)
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         if value is not None and math.isfinite(value):
-            self._queue.put((key, float(value), step, int(time.time() * 1000)))
+            self._count(key, 1)
+            self._writer.put_many(self.run_id, [(key, float(value), int(time.time() * 1000), step)])
 
-    # -- background batching --
-    def _drain(self) -> None:
-        from mlflow.entities import Metric
-
-        # A batch goes out FLUSH_S after its first metric, at MAX_BATCH metrics, or at once when
-        # the run finishes. Waiting for a pause instead sent a short trial's whole curve in one
-        # batch at its end, which `finish` (the trial's thread) then waited for.
-        done = False
-        while not done:
-            batch, item = [], self._queue.get()
-            deadline = time.monotonic() + FLUSH_S
-            while item is not None:
-                batch.append(item)
-                if len(batch) == MAX_BATCH:
-                    break
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-            done = item is None
-            if batch and self._error is None:
-                began = time.perf_counter()
-                try:
-                    self.tracker.client.log_batch(
-                        self.run_id, metrics=[Metric(k, v, ts, s) for k, v, s, ts in batch])
-                    self.metrics_logged += len(batch)
-                except Exception as err:  # e.g. a read-only or full store: reported at finish
-                    self._error = err
-                self.logging_seconds += time.perf_counter() - began
+    def completeness_tags(self) -> dict[str, str]:
+        """What the run should hold once every point is stored (``completeness`` reads it)."""
+        return {STEPS_TRAINED: str(len(self.lr_curve)), EPOCHS_TRAINED: str(self.epochs_trained),
+                EXPECTED_POINTS: ",".join(f"{k}={n}" for k, n in sorted(self.expected.items()))}
 
     def finish(self, status: str, tags: Mapping[str, Any] | None = None,
                curve_png: bool = True, background: bool = False) -> None:
-        """Flush the metrics, set tags and end the run with ``status`` (FINISHED, KILLED or
-        FAILED). Raises TrackingError when the store refused writes.
+        """End the run with ``status`` (FINISHED, KILLED or FAILED) and ``tags`` once the writer
+        has stored (or spooled) every point queued before; the LR-curve figure (about 0.1 s of
+        matplotlib plus an artifact upload) is drawn on the tracker's background thread.
 
-        The LR-curve figure (about 0.1 s of matplotlib plus an artifact upload) is drawn on a
-        background thread, off the worker's critical path; ``Tracker.wait()`` joins it. With
-        ``background`` all of it goes there (flush, tags, status: 0.25 s per trial on the H200,
-        FACTS.md), and a store that refuses is a warning on stderr instead of an exception."""
-        if background:
-            self.tracker.in_background(lambda: self._finish_or_warn(status, tags, curve_png))
-            return
-        self._finish(status, tags)
+        With ``background`` nothing here waits (the fused pack's slots, FACTS.md: 0.25 s per
+        trial on the H200); otherwise this waits until the end is written or spooled. A store
+        that refuses is never an exception: the writer retries, then spools (``metric_writer``).
+        """
+        items = {k: mask_url(str(v))[:5000] for k, v in (tags or {}).items()}
+        items.update(self.completeness_tags())
+        done = self._writer.end(RunEnd(self.run_id, status, items, int(time.time() * 1000)))
         if curve_png and self.lr_curve:
-            self.tracker.in_background(self._log_curve)
-
-    def _finish_or_warn(self, status: str, tags: Mapping[str, Any] | None, curve_png: bool) -> None:
-        try:
-            self._finish(status, tags)
-        except Exception as err:
-            print(f"warning: run {self.run_id} not ended cleanly: "
-                  f"{mask_url(str(err).splitlines()[0] if str(err) else type(err).__name__)}",
+            # After the run's end is written: an upload then never races the run's points for
+            # a store that is coming back, and a dead server costs the figure, not the points.
+            self.tracker.in_background(lambda: done.wait(spool_after_s() + 60) and self._log_curve())
+        if not background and not done.wait(spool_after_s() + 60):
+            print(f"warning: the end of run {self.run_id} is still queued (MLflow store and "
+                  f"spool both refuse); it is written when one of them takes it",
                   file=sys.stderr)
-        if curve_png and self.lr_curve:
-            self._log_curve()
-
-    def _finish(self, status: str, tags: Mapping[str, Any] | None) -> None:
-        from mlflow.entities import RunTag
-
-        self._queue.put(None)
-        self._thread.join()
-        client = self.tracker.client
-        try:
-            items = [RunTag(k, mask_url(str(v))[:5000]) for k, v in (tags or {}).items()]
-            if items:
-                client.log_batch(self.run_id, tags=items)  # one call, not one per tag
-        finally:
-            client.set_terminated(self.run_id, status)
-        if self._error is not None:
-            raise TrackingError(f"MLflow refused the metrics of run {self.run_id}: "
-                                f"{mask_url(str(self._error).splitlines()[0])[:300]}")
 
     def _log_curve(self) -> None:
         try:

@@ -55,7 +55,7 @@ def draw_figures(data: ReportData, out_dir: Path) -> Figures:
                    "scheduler": r.scheduler, "complete": r.outcome == "COMPLETE",
                    "value": r.value if r.outcome == "COMPLETE" else r.last_value} for r in data.rows]
         save("warmup", plots.warmup_effect(points, colours, label))
-    if data.curves:
+    if any(c.lr for c in data.curves):  # never an empty figure: report_render says why
         save("top_curves", plots.top_k_curves(
             [vars(c) for c in data.curves], label, data.epochs))
     if data.importances:

@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from sweep.errors import TrackingError
 from sweep.orchestration.bookkeeping import FINISHED, budget_used, counted, state_counts
 from sweep.orchestration.bookkeeping import outcome as trial_outcome
+from sweep.orchestration.completeness import check as check_completeness
 from sweep.orchestration.confirm import stored_plan
 from sweep.orchestration.storage import load_existing_study, mask_url
 from sweep.orchestration.tracking import open_existing_tracker
@@ -152,6 +153,8 @@ class ReportData:
     tracking_uri: str
     storage_url: str
     confirmation: Confirmation | None = None
+    # MLflow's completeness (``orchestration.completeness``): empty when every point is stored
+    tracking_notes: list[str] = field(default_factory=list)
     made_at: str = field(default_factory=lambda: datetime.now().strftime("%Y-%m-%d %H:%M"))
 
     @property
@@ -243,6 +246,11 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
     devices = sorted({r.data.params.get("device") for r in runs.values() if r.data.params.get("device")})
     hosts = sorted({str(t.user_attrs["host"]) for t in trials if t.user_attrs.get("host")})
     budget = study.user_attrs.get("sweep.budget")
+    curves = [_curve(client, r, spe) for r in ranked[:top_k] if r.run_id]
+    notes = check_completeness(tracker, experiment_id).lines(study_name)
+    notes = [] if len(notes) == 1 and notes[0].startswith("MLflow: all ") else notes
+    notes += [f"MLflow holds no `lr` point of {c.label.split(':')[0]}: its curve is missing "
+              f"from the figure" for c in curves if not c.lr]
     return ReportData(
         study=study_name, description=str(study.user_attrs.get("sweep.description", "")).strip(),
         metric=metric, maximize=maximize, budget=_int(budget), used=budget_used(study),
@@ -253,7 +261,7 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
         training={k: (first.data.params if first else {}).get(k)
                   for k in ("model", "batch_size", "train_size", "val_size")}, rows=rows,
         best=ranked[0] if ranked else None,
-        curves=[_curve(client, r, spe) for r in ranked[:top_k] if r.run_id],
+        curves=curves, tracking_notes=notes,
         importances=imp, importance_notes=notes, experiment_id=experiment_id,
         parent_run_id=parent.info.run_id if parent else None, tracking_uri=tracking_uri,
         storage_url=storage_url, confirmation=load_confirmation(study, every, runs, by_number))

@@ -165,6 +165,9 @@ def at_a_glance(data: ReportData) -> list[str]:
         lrs = [float(r.params["base_lr"]) for r in stopped if r.params.get("base_lr") is not None]
         lines.append(f"{len(stopped)} trial(s) diverged" + (f" (base_lr {min(lrs):.3g} to "
                                                             f"{max(lrs):.3g})" if lrs else "") + ".")
+    if data.tracking_notes:
+        lines.append("MLflow lacks points of some trial runs (see the learning-rate curves "
+                     "section): curves drawn from it are incomplete.")
     return lines
 
 
@@ -299,6 +302,9 @@ def build_document(data: ReportData, figures: Figures) -> list:
             doc.append(Bullets([f"{title}: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in sorted(values.items(), key=lambda kv: -kv[1]))
                 for title, values in data.importances] + list(data.importance_notes)))
+        if key == "top_curves" and (data.tracking_notes or key not in figures.files):
+            doc.append(Bullets(data.tracking_notes or ["No complete trial with an `lr` curve in "
+                                                       "MLflow yet: no figure."]))
         if key in figures.files:
             doc.append(Image(figures.files[key], heading))
     doc += [Heading(3, "Stopped trials"),

@@ -1,0 +1,188 @@
+"""The tracking spool: MLflow writes that a store kept refusing, kept on local disk until a later
+``sweep launch``/``sweep worker`` or ``sweep status --repair`` replays them.
+
+Where: beside an MLflow SQLite file ``DIR/mlflow.db`` in ``DIR/mlflow.db.spool/``; for any other
+store (a tracking server, PostgreSQL) in ``./sweep-spool/<host>-<12 hex of the URI>/`` of the
+folder the process runs in (``SWEEP_SPOOL_DIR`` replaces ``./sweep-spool``). Each writing
+process appends to its own segment ``<host>-<pid>-<ms>.jsonl`` and holds an exclusive ``flock``
+on it while it lives, so a replayer never reads a segment that is still growing.
+
+A segment is append-only JSON lines, one per spooled write:
+
+* ``{"run": ID, "metrics": [[key, value, timestamp_ms, step], ...]}``
+* ``{"run": ID, "end": STATUS, "end_time": MS, "tags": {...}}`` (after the run's metrics)
+
+Exactly once: every point keeps the timestamp it was logged with, and MLflow's SQL store (also
+behind a tracking server) treats a metric with the same run, key, value, timestamp and step as
+already logged (the metrics table's primary key; ``SqlAlchemyStore._log_metrics`` skips the
+duplicates of an insert that fails on it). So a replay that was interrupted and run again stores
+each point once. A segment is deleted only once every line of it is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sweep.orchestration.storage import mask_url, sqlite_path
+
+MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
+
+
+def spool_dir(tracking_uri: str) -> Path:
+    """The spool folder of a tracking URI (see the module docstring)."""
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        return path.resolve().with_name(path.name + ".spool")
+    root = Path(os.environ.get("SWEEP_SPOOL_DIR") or "sweep-spool")
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+    return (root / f"{socket.gethostname()}-{digest}").resolve()
+
+
+class SpoolWriter:
+    """This process's segment of a spool, created on the first write."""
+
+    def __init__(self, folder: Path, tracking_uri: str):
+        self.folder, self.uri = folder, tracking_uri
+        self.path: Path | None = None
+        self._file = None
+
+    def append(self, records: list[dict]) -> None:
+        """Append records and fsync: once this returns they survive a crash of the process.
+        Raises OSError when the disk refuses (the writer keeps them in memory then)."""
+        if self._file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            note = self.folder / "STORE"
+            if not note.exists():  # which store these points belong to (no credentials)
+                note.write_text(mask_url(self.uri) + "\n")
+            name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}"
+            # Locked under a name no replayer looks at, then renamed: a replayer that saw the
+            # segment empty and unlocked would delete it under the writer's feet.
+            hidden = self.folder / f".{name}.tmp"
+            self._file = open(hidden, "a", encoding="utf-8")
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+            self.path = self.folder / f"{name}.jsonl"
+            os.rename(hidden, self.path)
+        # One write per call: a crash mid-write leaves at most one partial last line, which a
+        # replay skips (its points never left this process's memory as a whole line).
+        self._file.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the lock: the segment can be replayed now
+            self._file = None
+
+
+@dataclass
+class Pending:
+    """What a spool holds that is not stored yet."""
+
+    folder: Path
+    points: dict[str, int] = field(default_factory=dict)  # per run id
+    ends: set[str] = field(default_factory=set)  # runs whose end (tags, status) is spooled
+    segments: int = 0
+    live: int = 0  # segments a live process is still writing
+
+    @property
+    def total(self) -> int:
+        return sum(self.points.values())
+
+    def describe(self) -> str:
+        return (f"{self.total} point(s) of {len(set(self.points) | self.ends)} run(s) pending in "
+                f"{self.folder}")
+
+
+def _segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+def _records(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue  # a partial last line of a process that died while appending
+
+
+@contextlib.contextmanager
+def _claimed(path: Path):
+    """An exclusive lock on a segment, or None when another process holds it (a live writer
+    or another replayer)."""
+    try:
+        f = open(path, "r+", encoding="utf-8")
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield None
+            return
+        yield f
+    finally:
+        f.close()
+
+
+def pending(tracking_uri: str) -> Pending:
+    """The points and run ends waiting in the spool of ``tracking_uri`` (reads only)."""
+    out = Pending(spool_dir(tracking_uri))
+    for path in _segments(out.folder):
+        out.segments += 1
+        with _claimed(path) as held:
+            out.live += held is None
+        for record in _records(path):
+            run = record.get("run")
+            if "metrics" in record:
+                out.points[run] = out.points.get(run, 0) + len(record["metrics"])
+            elif "end" in record:
+                out.ends.add(run)
+    return out
+
+
+def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
+    """Send every segment no live process holds to the store with ``client`` (an
+    ``MlflowClient``), then delete it. Returns (points sent, problems: one line per segment
+    that could not be replayed, which stays for the next replay)."""
+    from mlflow.entities import Metric, RunTag
+
+    sent, problems = 0, []
+    for path in _segments(spool_dir(tracking_uri)):
+        with _claimed(path) as held:
+            if held is None:
+                continue  # still being written, or another process replays it now
+            count = 0
+            try:
+                ends = []
+                for record in _records(path):
+                    if "metrics" in record:
+                        items = record["metrics"]
+                        for start in range(0, len(items), MAX_BATCH):
+                            client.log_batch(record["run"], metrics=[
+                                Metric(k, v, ts, s) for k, v, ts, s in items[start:start + MAX_BATCH]])
+                        count += len(items)
+                    elif "end" in record:
+                        ends.append(record)
+                for record in ends:  # after every point: a run ends once it holds them all
+                    tags = [RunTag(k, v) for k, v in record.get("tags", {}).items()]
+                    if tags:
+                        client.log_batch(record["run"], tags=tags)
+                    client.set_terminated(record["run"], record["end"],
+                                          end_time=record.get("end_time"))
+            except Exception as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                problems.append(f"{path}: {mask_url(first)[:300]}")
+                continue
+            path.unlink()
+            sent += count
+    return sent, problems
