@@ -29,8 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sweep.orchestration.spool import MAX_BATCH, SpoolWriter
-from sweep.orchestration.storage import mask_url
+from sweep.orchestration.spool import MAX_BATCH, SpoolWriter, first_line
 
 FLUSH_S = 1.0  # the longest a point waits on the queue before a write (the UI lags this)
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
@@ -56,11 +55,6 @@ class RunEnd:
 @dataclass
 class _Drain:
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return mask_url(text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 class MetricWriter:
@@ -231,7 +225,7 @@ class MetricWriter:
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since, self._delay = now, FIRST_BACKOFF_S
-            self.warn(f"MLflow store refused a write ({_first_line(err)}); retrying, and "
+            self.warn(f"MLflow store refused a write ({first_line(err)}); retrying, and "
                       f"spooling to {self.spool.folder} if it still refuses after "
                       f"{spool_after_s():g} s")
         else:
@@ -252,7 +246,7 @@ class MetricWriter:
             self.spool.append(records)
         except OSError as disk:
             if not self._spool_failed:
-                self.warn(f"cannot spool to {self.spool.folder} either ({_first_line(disk)}); "
+                self.warn(f"cannot spool to {self.spool.folder} either ({first_line(disk)}); "
                           f"{count} point(s) kept in memory and retried")
             self._spool_failed = True
             return
@@ -266,7 +260,7 @@ class MetricWriter:
             e.done.set()
         if first:
             self.warn(f"MLflow store refused writes for {spool_after_s():g} s "
-                      f"({_first_line(err)}): points go to {self.spool.path} until it takes "
+                      f"({first_line(err)}): points go to {self.spool.path} until it takes "
                       f"them again; the next sweep launch or `sweep status --repair` replays them")
 
     def _settle(self) -> None:

@@ -138,9 +138,10 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
     """Record how the trial ended (exactly one of ``result``, ``stop``, ``error``) in its
     Optuna user attributes and its MLflow run, and end the run: FINISHED (complete), KILLED
     (pruned, diverged or interrupted: ``error`` not an ``Exception``) or FAILED. Returns the
-    outcome to tell Optuna. With ``background`` the run is ended on the tracker's background
-    thread (flush, tags, status, LR-curve figure): the caller may tell Optuna at once, since
-    everything the run will hold is queued by then; a store failing that late is a warning."""
+    outcome to tell Optuna. With ``background`` (every trial of the study loop) the run is ended
+    by the tracker's one writer thread once its points are stored (tags, status; the LR-curve
+    figure after): the caller tells Optuna at once, since everything the run will hold is
+    queued by then; a store that refuses is retried, then spooled (``metric_writer``)."""
     trial, run = started.trial, started.run
     extra = dict(tags or {})
     if started.progress is not None:

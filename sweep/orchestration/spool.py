@@ -36,6 +36,12 @@ from sweep.orchestration.storage import mask_url, sqlite_path
 MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
 
 
+def first_line(err: BaseException) -> str:
+    """An error as one masked line of at most 300 characters (store errors quote URLs)."""
+    text = str(err).strip()
+    return mask_url(text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
 def spool_dir(tracking_uri: str) -> Path:
     """The spool folder of a tracking URI (see the module docstring)."""
     path = sqlite_path(tracking_uri)
@@ -180,8 +186,7 @@ def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
                     client.set_terminated(record["run"], record["end"],
                                           end_time=record.get("end_time"))
             except Exception as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                problems.append(f"{path}: {mask_url(first)[:300]}")
+                problems.append(f"{path}: {first_line(err)}")
                 continue
             path.unlink()
             sent += count
