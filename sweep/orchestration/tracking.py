@@ -143,10 +143,13 @@ class Tracker:
         """The process's one metric writer for this store, started on first use."""
         with self._writer_lock:
             if self._writer is None:
-                # SQLite admits one writer at a time: one sender. A server or PostgreSQL takes
-                # concurrent writes: four overlap the fixed cost of each call (bench_tracking.py).
+                # Over HTTP the store's work is the server's: four senders overlap the round
+                # trips. A database written from this process (SQLite, PostgreSQL) costs this
+                # process's CPU per point (MLflow's ORM), which more threads only contend for,
+                # and SQLite admits one writer at a time: one sender (bench_tracking.py).
+                http = self.uri.startswith(("http://", "https://"))
                 self._writer = MetricWriter(self.client, SpoolWriter(spool_dir(self.uri), self.uri),
-                                            senders=1 if sqlite_path(self.uri) else 4)
+                                            senders=4 if http else 1)
             return self._writer
 
     def close(self) -> None:
