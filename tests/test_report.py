@@ -281,3 +281,40 @@ def test_dashboard_missing_package_says_how_to_install(monkeypatch):
     assert res.output.strip() == (
         "error: optuna-dashboard is not installed; install it with: pip install "
         "'sweep[dashboard]' (or pip install optuna-dashboard)")
+
+
+def test_points_missing_from_mlflow_are_named_never_an_empty_figure(fab, tmp_path):
+    """The issue-17 record: MLflow lost every point of the best trial's run (its rows deleted
+    here with sqlite3 itself) while Optuna kept the trial. The report names that run and how
+    many points it lacks, says its curve is missing, and `sweep status` says the same."""
+    import sqlite3
+
+    for name in ("sweep.db", "mlflow.db"):  # SQLite's own copy: sweep.db keeps a WAL beside it
+        with sqlite3.connect(fab["root"] / name) as src, sqlite3.connect(tmp_path / name) as dst:
+            src.backup(dst)
+    best = max((r for r in fab["records"] if r["outcome"] == "COMPLETE"), key=lambda r: r["value"])
+    with sqlite3.connect(tmp_path / "mlflow.db") as conn:
+        lost = conn.execute("DELETE FROM metrics WHERE run_uuid = ? AND key IN ('lr', 'train_loss')",
+                            (best["run_id"],)).rowcount
+    assert lost == 2 * len(best["lrs"])
+    storage, tracking = f"sqlite:///{tmp_path}/sweep.db", f"sqlite:///{tmp_path}/mlflow.db"
+    write_report(STUDY, storage, tracking, tmp_path / "report", top_k=3)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    n = len(best["lrs"])
+    assert f"trial #{best['number']} run {best['run_id']}: missing lr {n}, train_loss {n}" in md
+    assert f"MLflow holds no `lr` point of #{best['number']} " in md
+    assert "MLflow lacks points of some trial runs" in md
+    res = CliRunner().invoke(main, ["status", "--study", STUDY, "--storage", storage,
+                                    "--tracking-uri", tracking])
+    assert res.exit_code == 0, res.output
+    assert f"trial #{best['number']} run {best['run_id']}: missing lr {n}, train_loss {n}" in res.output
+    assert "MLflow: 1 of 25 trial run(s) lack" in res.output
+
+
+def test_a_complete_store_says_so_in_status(fab):
+    res = CliRunner().invoke(main, ["status", "--study", STUDY, "--storage", fab["storage"],
+                                    "--tracking-uri", fab["tracking"]])
+    assert res.exit_code == 0, res.output
+    # lr + train_loss per step, val_loss + val_acc per whole epoch, as the fixture fed them
+    total = sum(2 * len(r["lrs"]) + 2 * (len(r["lrs"]) // SPE) for r in fab["records"])
+    assert f"MLflow: all {total} points of 25 trial run(s) stored" in res.output, res.output

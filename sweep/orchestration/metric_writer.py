@@ -62,9 +62,8 @@ class MetricWriter:
 
     ``client`` is an ``MlflowClient``; ``spool`` this process's spool segment; ``warn`` gets one
     line when an outage starts, when points are spooled and when the store takes writes again.
-    ``senders``: threads that send different runs' points at once, for stores that take
-    concurrent writes (a tracking server, PostgreSQL); the call overhead per ``log_batch``
-    (20-35 ms here, mostly a round trip and a commit) then overlaps. ``on_stored(points, now_ms)``
+    ``senders``: threads that send different runs' points at once, for a tracking server (the
+    store's work is the server's; the round trips of the 20-35 ms calls then overlap). ``on_stored(points, now_ms)``
     (benchmarks) hears of every stored chunk."""
 
     def __init__(self, client, spool: SpoolWriter, senders: int = 1,
@@ -130,11 +129,15 @@ class MetricWriter:
             self._take()
             if self._closing and not (self._inbox or self._pending or self._ends or self._drains):
                 return
-            if (self._pending or self._ends) and time.monotonic() >= self._next_try:
-                began = time.perf_counter()
-                self._write()
-                self.busy_s += time.perf_counter() - began
-            self._settle()
+            try:
+                if (self._pending or self._ends) and time.monotonic() >= self._next_try:
+                    began = time.perf_counter()
+                    self._write()
+                    self.busy_s += time.perf_counter() - began
+                self._settle()
+            except Exception as err:  # a bug here must not stop the thread every run relies on
+                self.warn(f"MLflow writer: {type(err).__name__}: {first_line(err)}; retrying")
+                self._next_try = time.monotonic() + MAX_BACKOFF_S
             self._wait()
 
     def _take(self) -> None:
@@ -151,8 +154,9 @@ class MetricWriter:
 
     def _wait(self) -> None:
         busy = self._pending or self._ends
-        if self._failing_since is not None and busy:
-            self._wake.wait(max(0.0, self._next_try - time.monotonic()))
+        wait = self._next_try - time.monotonic()
+        if busy and wait > 0:  # backing off after a refusal
+            self._wake.wait(wait)
         elif busy and (self._ends or self._drains or self._closing
                        or any(len(p) >= MAX_BATCH for p in self._pending.values())):
             return  # someone waits for these, or a full chunk is ready: no pause
