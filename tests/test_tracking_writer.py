@@ -346,3 +346,13 @@ def test_a_fused_pack_of_16_logs_every_step_of_every_trial(tmp_path, tiny_cifar)
         seen.add(t.user_attrs.get("prune_reason", t.state.name))
     assert {"diverged", "FAIL"} <= seen, seen
     assert "MLflow: all " in out or proc.returncode != 0
+
+
+def test_a_bad_spool_bound_is_one_line_and_writes_nothing(tmp_path, tiny_cifar):
+    done = subprocess.run(sweep_cmd("launch", "--study", str(TINY), "--quiet"),
+                          env=dict(sweep_env(tiny_cifar), SWEEP_SPOOL_AFTER_S="soon"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: SWEEP_SPOOL_AFTER_S must be a number of seconds >= 0, got 'soon'; fix or unset it"]
+    assert not list(tmp_path.iterdir())

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from sweep.errors import TrackingError
 from sweep.orchestration.spool import MAX_BATCH, SpoolWriter, first_line
 
 FLUSH_S = 1.0  # the longest a point waits on the queue before a write (the UI lags this)
@@ -36,8 +37,17 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
 
 
 def spool_after_s() -> float:
-    """Seconds of refused writes before points go to the spool (``SWEEP_SPOOL_AFTER_S``)."""
-    return float(os.environ.get("SWEEP_SPOOL_AFTER_S", "60"))
+    """Seconds of refused writes before points go to the spool (``SWEEP_SPOOL_AFTER_S``,
+    default 60). Raises TrackingError for a value that is not a number >= 0."""
+    text = os.environ.get("SWEEP_SPOOL_AFTER_S", "60")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise TrackingError(f"SWEEP_SPOOL_AFTER_S must be a number of seconds >= 0, got "
+                            f"{text!r}; fix or unset it")
+    return value
 
 
 @dataclass

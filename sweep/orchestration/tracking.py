@@ -42,7 +42,9 @@ EXPECTED_POINTS = "sweep.expected_points"  # "lr=1200,train_loss=1200,val_loss=1
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Validate a tracking URI without creating anything."""
+    """Validate a tracking URI (and the writer's ``SWEEP_SPOOL_AFTER_S``) without creating
+    anything."""
+    spool_after_s()
     path = sqlite_path(uri)
     if path is not None:
         check_writable_file(path, "MLflow store", TrackingError)
