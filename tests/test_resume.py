@@ -166,40 +166,40 @@ def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data,
     assert not list((cut_dir / "sweep-checkpoints").rglob("*.pt"))  # removed once finished
 
 
-@pytest.mark.parametrize("damage", [None, "truncated"])
-def test_sigkill_resumes_from_the_last_saved_epoch_or_restarts_from_a_bad_file(
-        tmp_path, data, study_file, damage):
-    """kill -9 gives no chance to save: the retry resumes from the checkpoint written at the
-    last epoch end before the kill. A truncated file: one line, and a restart from step 0."""
-    cut = start(tmp_path, data, study_file, fuse=1, trials=1)
+def test_sigkill_resumes_from_the_last_saved_epoch_and_a_truncated_file_restarts(
+        tmp_path, data, study_file):
+    """kill -9 of a fused pack of 2 gives no chance to save: one retry resumes from the
+    checkpoint written at the last epoch end before the kill; the other's file is truncated, so
+    it restarts from step 0 after one clear line. The two share a pack, at different epochs."""
+    cut = start(tmp_path, data, study_file, fuse=2, trials=2)
     wait_epochs(tmp_path / "sweep.db", cut, 2)
     cut.kill()
     cut.communicate(timeout=60)
-    path = tmp_path / "sweep-checkpoints" / "resume" / "trial-0.pt"
-    epochs = torch.load(path, weights_only=True)["state"]["epochs"]
+    folder = tmp_path / "sweep-checkpoints" / "resume"
+    epochs = torch.load(folder / "trial-0.pt", weights_only=True)["state"]["epochs"]
     assert 2 <= epochs < EPOCHS
-    if damage:
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    damaged = folder / "trial-1.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
 
-    out, err = finish(start(tmp_path, data, study_file, fuse=1, trials=1))
-    assert "1/1 trials used" in out
+    out, err = finish(start(tmp_path, data, study_file, fuse=2, trials=2))
+    assert "2/2 trials used" in out
     study, client = stores(tmp_path)
-    original, retry = study.trials[0], retry_of(study, 0)
-    assert original.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
-    tags = client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags
-    check_whole_curve(client, retry)
-    if damage:
-        (line,) = [ln for ln in err.splitlines() if "restarts from step 0" in ln]
-        assert line == (f"trial 1 (a retry of trial 0): checkpoint {path} is corrupt (unreadable "
-                        + line.split("(unreadable ", 1)[1])
-        assert "sweep.resumed_at_step" not in tags and "resumed_epochs" not in retry.user_attrs
-    else:
-        assert "restarts from step 0" not in err
-        assert tags["sweep.resumed_at_step"] == str(epochs * STEPS)
-        # the epochs before the kill are the original's own, replayed once
-        assert {e: v for e, v in retry.intermediate_values.items() if e < epochs} == \
-            {e: v for e, v in original.intermediate_values.items() if e < epochs}
-    assert not path.exists()
+    assert [t.state for t in study.trials[:2]] == [TrialState.FAIL] * 2
+    resumed, restarted = retry_of(study, 0), retry_of(study, 1)
+    for retry in (resumed, restarted):
+        assert retry.state == TrialState.COMPLETE
+        check_whole_curve(client, retry)
+    tags = client.get_run(resumed.user_attrs["mlflow_run_id"]).data.tags
+    assert tags["sweep.resumed_at_step"] == str(epochs * STEPS)
+    # the epochs before the kill are the original's own, replayed once
+    assert {e: v for e, v in resumed.intermediate_values.items() if e < epochs} == \
+        {e: v for e, v in study.trials[0].intermediate_values.items() if e < epochs}
+    (line,) = [ln for ln in err.splitlines() if "restarts from step 0" in ln]
+    assert line.startswith(f"trial {restarted.number} (a retry of trial 1): checkpoint {damaged} "
+                           f"is corrupt (unreadable ")
+    tags = client.get_run(restarted.user_attrs["mlflow_run_id"]).data.tags
+    assert "sweep.resumed_at_step" not in tags and "resumed_epochs" not in restarted.user_attrs
+    assert not list(folder.glob("*.pt"))
 
 
 def test_scancelled_array_task_is_resumed_by_a_second_array(slurm, tmp_path, data, study_file):
