@@ -68,6 +68,11 @@ allow_space_change_option = click.option(
     "--allow-space-change", is_flag=True,
     help="Resume even if the search space changed (the change is recorded).")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+checkpoint_dir_option = click.option(
+    "--checkpoint-dir", envvar="SWEEP_CHECKPOINT_DIR", default=None, callback=_absolute_dir,
+    help="Where trials checkpoint each epoch, to resume after an interruption [env "
+         "SWEEP_CHECKPOINT_DIR; default: sweep-checkpoints/ beside the Optuna store; on a "
+         "cluster: a folder the nodes share].")
 
 
 def server_options(default_port: int, what: str):
@@ -116,13 +121,14 @@ def main():
 @click.option("--seed", type=int, help="Override the study's seed.")
 @allow_space_change_option
 @quiet_option
+@checkpoint_dir_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes sharing the study (each its own GPU when there are several).")
 @click.option("--workers-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --workers and several GPUs: workers per GPU.")
 @friendly_errors
 def launch(study_name, trials, storage, tracking_uri, data_dir, device, overrides, seed,
-           allow_space_change, quiet, workers, workers_per_device):
+           allow_space_change, quiet, checkpoint_dir, workers, workers_per_device):
     """Create or resume a study and run its trials on this machine."""
     from sweep.orchestration.launch import LaunchOptions, launch as run_launch
     from sweep.study.spec import load_study
@@ -130,7 +136,8 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     spec = load_study(study_name, overrides)
-    opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, allow_space_change)
+    opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, allow_space_change,
+                         checkpoint_dir)
     if workers > 1:
         from sweep.orchestration.pool import PoolOptions, launch_pool
 
@@ -154,8 +161,10 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
 @device_option
 @set_option
 @quiet_option
+@checkpoint_dir_option
 @friendly_errors
-def confirm(study_name, seeds, top, storage, tracking_uri, data_dir, device, overrides, quiet):
+def confirm(study_name, seeds, top, storage, tracking_uri, data_dir, device, overrides, quiet,
+            checkpoint_dir):
     """Retrain the best configuration of each scheduler type, and the best at other warmup
     lengths, with fresh seeds in the same study; then write the report with intervals."""
     from sweep.orchestration.confirm import confirm as run_confirm
@@ -165,7 +174,8 @@ def confirm(study_name, seeds, top, storage, tracking_uri, data_dir, device, ove
     from sweep.views.report import write_report
 
     spec = load_study(study_name, list(overrides))
-    result = run_confirm(spec, LaunchOptions(storage, tracking_uri, data_dir, device),
+    result = run_confirm(spec, LaunchOptions(storage, tracking_uri, data_dir, device,
+                                             checkpoint_dir=checkpoint_dir),
                          Console(tracking_uri, quiet), seeds, top,
                          log=lambda line: click.echo(mask_url(line)),
                          overrides_given=bool(overrides))
@@ -207,16 +217,17 @@ def validate(files):
 @set_option
 @allow_space_change_option
 @quiet_option
+@checkpoint_dir_option
 @friendly_errors
 def worker(study_name, storage, tracking_uri, trials, data_dir, device, overrides,
-           allow_space_change, quiet):
+           allow_space_change, quiet, checkpoint_dir):
     """Pull trials from a shared study until its total budget is used (one of many workers)."""
     from sweep.orchestration.launch import LaunchOptions, worker_main
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
     result = worker_main(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
-                                             allow_space_change),
+                                             allow_space_change, checkpoint_dir),
                          log=lambda line: click.echo(mask_url(line)))
     click.echo(mask_url(result.text))
     sys.exit(result.exit_code)
@@ -252,10 +263,15 @@ def status(study_name, storage, tracking_uri, repair):
 @click.option("--job-dir", default="sweep-jobs", show_default=True,
               help="Where the script, its 0600 env file and the tasks' output files go.")
 @allow_space_change_option
+@checkpoint_dir_option
+@click.option("--requeue", is_flag=True,
+              help="Let SLURM requeue a task that is preempted or whose node fails (#SBATCH "
+                   "--requeue); its trials resume from their checkpoints.")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script; create and submit nothing.")
 @friendly_errors
 def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, cpus_per_task,
-           time_limit, trials, data_dir, device, overrides, job_dir, allow_space_change, dry_run):
+           time_limit, trials, data_dir, device, overrides, job_dir, allow_space_change,
+           checkpoint_dir, requeue, dry_run):
     """Submit a SLURM job array of ``sweep worker`` tasks sharing one study."""
     from pathlib import Path
 
@@ -265,9 +281,9 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
 
     spec = load_study(study_name, list(overrides))
     text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
-                                          allow_space_change),
+                                          allow_space_change, checkpoint_dir),
                       SubmitOptions(array, Path(job_dir), partition, gpus_per_task, time_limit,
-                                    cpus_per_task, dry_run), list(overrides))
+                                    cpus_per_task, dry_run, requeue), list(overrides))
     click.echo(mask_url(text))
 
 

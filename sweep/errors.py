@@ -68,3 +68,7 @@ class ScheduleError(SweepError):
 class ConfirmError(SweepError):
     """Raised when ``sweep confirm`` has nothing to confirm (no complete search trial) or its
     flags contradict the confirmation plan already stored in the study."""
+
+
+class CheckpointError(SweepError):
+    """Raised when the checkpoint folder (``--checkpoint-dir``) cannot be written."""

@@ -426,6 +426,7 @@ def test_training_resumed_from_checkpoint_follows_the_same_lr_sequence(tiny_cifa
     from sweep.training.data import load_splits
     from sweep.study.space import TrialConfig
     from sweep.study.spec import DataSpec, TrainSpec
+    from sweep.training.checkpoint import read, write_atomic
     from sweep.training.train import StopTraining, train
 
     data = DataSpec(train_size=120, val_size=40, test_size=40)
@@ -445,10 +446,11 @@ def test_training_resumed_from_checkpoint_follows_the_same_lr_sequence(tiny_cifa
         checkpoint = tmp_path / "trial.pt"
         first = _Recorder(stop_after=1)
         with pytest.raises(StopTraining):
-            train(cfg, splits, device, [first], checkpoint=checkpoint)
+            train(cfg, splits, device, [first],
+                  checkpoint=lambda state: write_atomic(checkpoint, state))
         assert checkpoint.is_file() and sorted(first.lrs) == list(range(12))
         second = _Recorder()
-        resumed = train(cfg, splits, device, [second], checkpoint=checkpoint)
+        resumed = train(cfg, splits, device, [second], resume=read(checkpoint))
     finally:
         torch.set_num_threads(threads)
 

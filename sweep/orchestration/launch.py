@@ -18,6 +18,7 @@ import torch
 
 from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_budget,
                                              update_parent_run)
+from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir
 from sweep.orchestration.completeness import launch_lines, replay_spool
 from sweep.orchestration.objective import WorkerContext
 from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
@@ -36,6 +37,7 @@ class LaunchOptions:
     device: str = "auto"
     trials: int | None = None
     allow_space_change: bool = False
+    checkpoint_dir: str | None = None  # None: beside the Optuna store (checkpoints.default_dir)
 
 
 @dataclass
@@ -88,12 +90,16 @@ class StudyStores:
     device: torch.device
     code_version: str
     splits: Splits | None = None
+    checkpoint_dir: Path | None = None
 
     def worker_context(self, spec: StudySpec, progress: Callable | None = None) -> WorkerContext:
         """``progress``: a training-listener factory ``(trial number, epochs, row)`` for the
         console."""
+        checkpoints = CheckpointDir(self.checkpoint_dir, self.code_version, self.device.type) \
+            if self.checkpoint_dir is not None else None
         return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
-                             self.parent_run_id, self.code_version, progress=progress)
+                             self.parent_run_id, self.code_version, progress=progress,
+                             checkpoints=checkpoints)
 
 
 def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool = True,
@@ -109,6 +115,7 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     device = resolve_device(opts.device if check_device else "cpu")
     check_storage_url(opts.storage)
     check_tracking_uri(opts.tracking_uri)
+    checkpoint_dir = resolve_dir(opts.checkpoint_dir, opts.storage)
     if load_data:
         splits = load_splits(opts.data_dir, spec.data, device)
     else:
@@ -124,7 +131,8 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     version = code_version()
     # The parent run says which code last launched the study (each trial run records its own).
     tracker.client.set_tag(parent, CODE_VERSION, version)
-    return StudyStores(study, budget, tracker, experiment_id, parent, device, version, splits)
+    return StudyStores(study, budget, tracker, experiment_id, parent, device, version, splits,
+                       checkpoint_dir)
 
 
 def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str],
@@ -143,6 +151,8 @@ def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str
         cmd += ["--data-dir", str(opts.data_dir)]
     if opts.allow_space_change:
         cmd.append("--allow-space-change")
+    if opts.checkpoint_dir:
+        cmd += ["--checkpoint-dir", str(Path(opts.checkpoint_dir).resolve())]
     return cmd
 
 

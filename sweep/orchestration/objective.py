@@ -26,6 +26,8 @@ from sweep.study.phases import phase_tags
 from sweep.study.pruning import describe_pruner
 from sweep.study.space import TrialConfig, trial_config
 from sweep.study.spec import StudySpec
+from sweep.orchestration.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
+from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
 from sweep.orchestration.storage import mask_url
 from sweep.orchestration.tracking import CODE_VERSION, REASON, STATE, Tracker, TrialRun
 from sweep.training.train import StopTraining, TrainResult, train
@@ -77,6 +79,7 @@ class WorkerContext:
     # An optional listener factory for the console: (trial number, epochs, row) -> listener with
     # close(); row 1 is under the trials bar, a fused slot takes the row of its seat.
     progress: object | None = None
+    checkpoints: CheckpointDir | None = None  # None: trials neither checkpoint nor resume
 
 
 @dataclass
@@ -97,6 +100,16 @@ class StartedTrial:
     listeners: list  # tracking, divergence, pruning (and a progress bar) for this trial alone
     metric: str  # the objective: which of the last epoch's metrics is the trial's value
     progress: object | None = None
+    checkpoint: TrialCheckpoint | None = None  # its file; ``.resume``: the state to go on from
+
+    @property
+    def resume(self) -> dict | None:
+        return self.checkpoint.resume if self.checkpoint is not None else None
+
+    @property
+    def save(self):
+        """The training loop's ``checkpoint`` callback (None: no checkpoints)."""
+        return self.checkpoint.save if self.checkpoint is not None else None
 
 
 def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, object] | None = None,
@@ -109,12 +122,18 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     steps_per_epoch = spec.steps_per_epoch
     try:
         cfg = trial_config(trial, spec)
+        checkpoint = None
+        if ctx.checkpoints is not None:
+            checkpoint = ctx.checkpoints.open(
+                trial, cfg, on_saved=lambda epochs: note(trial, CHECKPOINT_EPOCHS, epochs))
+        resumed = {RESUMED_AT_STEP: checkpoint.resume["steps"]} if checkpoint and checkpoint.resume \
+            else {}
         run = ctx.tracker.start_trial(
             ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
             params={**cfg.flat_params(), "device": str(ctx.device)},
             tags={CODE_VERSION: ctx.code_version, "sweep.study_file": str(spec.path),
                   "sweep.host": socket.gethostname(), "sweep.pid": os.getpid(), **phase_tags(trial),
-                  **(tags or {})})
+                  **resumed, **(tags or {})})
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
         detail = " ".join(str(err).split())[:400]  # one line, with the driver's own reason
         message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: {detail}")
@@ -129,7 +148,28 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     bar = ctx.progress(trial.number, spec.train.epochs, row) if ctx.progress else None
     if bar is not None:
         listeners.append(bar)
-    return StartedTrial(trial, cfg, run, listeners, spec.objective.metric, bar)
+    started = StartedTrial(trial, cfg, run, listeners, spec.objective.metric, bar, checkpoint)
+    if checkpoint is not None:
+        listeners.append(checkpoint.record)
+        if checkpoint.resume is not None:
+            return _resumed(started)
+    return started
+
+
+def _resumed(started: StartedTrial) -> StartedTrial | Outcome:
+    """A retry that continues its interrupted trial's checkpoint: its listeners hear the steps
+    and epochs trained before (the run logs the curve from step 0, the pruner gets every epoch's
+    value, the divergence monitor its state), as if the trial had never stopped. The pruner may
+    stop it there, with what the study knows now."""
+    resume = started.checkpoint.resume
+    note(started.trial, RESUMED_EPOCHS, resume["epochs"])
+    note(started.trial, RESUMED_AT_STEP, resume["steps"])
+    try:
+        started.checkpoint.replay([lst for lst in started.listeners
+                                   if lst is not started.checkpoint.record])
+    except StopTraining as stop:
+        return end_trial(started, stop=stop)
+    return started
 
 
 def end_trial(started: StartedTrial, result: TrainResult | None = None,
@@ -146,6 +186,9 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
     extra = dict(tags or {})
     if started.progress is not None:
         started.progress.close()
+    interrupted = error is not None and not isinstance(error, Exception)
+    if started.checkpoint is not None and not interrupted:
+        started.checkpoint.remove()  # the trial is done; an interrupted one's retry needs it
     if stop is not None:
         # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
         # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
@@ -200,7 +243,8 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
     try:
         if interrupt is not None:
             interrupt.check()  # a signal that came while the trial was being set up
-        result = train(started.cfg, ctx.splits, ctx.device, listeners)
+        result = train(started.cfg, ctx.splits, ctx.device, listeners, checkpoint=started.save,
+                       resume=started.resume)
     except StopTraining as stop:
         return end_trial(started, stop=stop, background=True)
     except BaseException as err:  # interruption, or a bug/OOM in the trial

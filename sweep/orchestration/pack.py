@@ -151,7 +151,8 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
                 other.peers.add(trial.number)
                 slot.peers.add(other.trial.number)
             live[trial.number] = slot
-            return SlotJob(started.cfg, started.listeners, key=slot)
+            return SlotJob(started.cfg, started.listeners, key=slot, checkpoint=started.save,
+                           resume=started.resume)
 
     def ended(slot: _Slot, **how) -> Outcome:
         live.pop(slot.trial.number, None)

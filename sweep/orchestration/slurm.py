@@ -41,6 +41,7 @@ class SubmitOptions:
     time: str | None = None
     cpus_per_task: int | None = None
     dry_run: bool = False
+    requeue: bool = False  # SLURM requeues a preempted task / one on a failed node
 
 
 def check_submit(opts: SubmitOptions) -> None:
@@ -94,6 +95,10 @@ def render_script(study_name: str, worker_cmd: list[str], opts: SubmitOptions,
         lines.append(f"#SBATCH --gpus-per-task={opts.gpus_per_task}")
     if opts.cpus_per_task:
         lines.append(f"#SBATCH --cpus-per-task={opts.cpus_per_task}")
+    if opts.requeue:
+        # A requeued task starts its worker again, which resumes the trials it was training
+        # from their checkpoints; append: the output file keeps every run of the task.
+        lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
     lines += [
         "",
         "# Storage and tracking URLs (with credentials) live in a mode-0600 file, not here.",
@@ -140,6 +145,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     ``dry_run``, only print the script: nothing is created or written). Returns the text to show."""
     from dataclasses import replace
 
+    from sweep.orchestration.checkpoints import resolve_dir
     from sweep.orchestration.launch import open_study_stores, worker_command
     from sweep.orchestration.storage import check_storage_url
     from sweep.orchestration.tracking import check_tracking_uri
@@ -147,6 +153,9 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     check_submit(opts)
     launch_opts = replace(launch_opts, storage=absolute_url(launch_opts.storage),
                           tracking_uri=absolute_url(launch_opts.tracking_uri))
+    # every task, on whichever node, checkpoints to the same folder (it must be shared)
+    checkpoints = resolve_dir(launch_opts.checkpoint_dir, launch_opts.storage)
+    launch_opts = replace(launch_opts, checkpoint_dir=str(checkpoints))
     storage, tracking = launch_opts.storage, launch_opts.tracking_uri
     check_storage_url(storage)
     check_tracking_uri(tracking)
@@ -170,5 +179,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
             f"  follow: squeue -j {job_id}    tail -f {out}\n"
             f"  status: sweep status --study {spec.name} --storage {mask_url(storage)} "
             f"--tracking-uri {mask_url(tracking)}\n"
-            f"  cancel: scancel {job_id} (running trials end FAIL/KILLED and are re-enqueued)"
+            f"  checkpoints: {checkpoints} (must be on a file system every node shares)\n"
+            f"  cancel: scancel {job_id} (running trials end FAIL/KILLED and are re-enqueued; "
+            f"their retries resume from their last finished epoch)"
             + note)

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from sweep.orchestration.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile,
                                              stale_runs, state_counts, update_parent_run)
+from sweep.orchestration.checkpoints import waiting_with_checkpoint
 from sweep.orchestration.completeness import check, replay_spool
 from sweep.orchestration.tracking import Tracker
 
@@ -56,6 +57,10 @@ def status_text(study: optuna.Study, tracker: Tracker | None, experiment_id: str
     lines = [f"study {study.study_name!r}: {budget_used(study)}/{budget if budget else '?'} trials "
              f"used; complete {c['complete']}, pruned {c['pruned']}, diverged {c['diverged']}, "
              f"failed {c['failed']}, running {c['running']}, waiting {waiting}"]
+    resumable = waiting_with_checkpoint(study.get_trials(deepcopy=False))
+    if resumable:
+        lines.append(f"  {len(resumable)} waiting trial(s) resume from a checkpoint: "
+                     + ", ".join(f"#{n} ({epochs} epochs done)" for n, epochs in resumable))
     ages = heartbeat_ages(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         age = ages.get(t._trial_id)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sweep import __version__
 from sweep.errors import SpaceChangedError
 from sweep.orchestration.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs,
                                              fail_dead_trials, next_step, open_slots, over_budget)
+from sweep.orchestration.checkpoints import STUDY_UID
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
 from sweep.orchestration.pack import pack_capacity, run_pack, trains_as_pack
 from sweep.orchestration.retry import retry_later
@@ -119,6 +121,7 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
             return open_study(spec, storage, allow_space_change, create)
         study.set_user_attr("sweep.space", fingerprint)
+        study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # tells a re-created study's checkpoints apart
         study.set_user_attr("sweep.description", spec.description)
         study.set_user_attr("sweep.study_file", str(spec.path))
         study.set_user_attr(SETTINGS, trial_settings(spec))  # what `sweep confirm` replicates
@@ -233,7 +236,10 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                 for t in live.values():  # their runs are ended KILLED; the trials retried
                     # Enqueue first, tell second: a second Ctrl-C in between must not leave
                     # a FAIL without a retry (see retry.py).
-                    retry_later(study, study._storage.get_trial(t._trial_id))
+                    frozen = study._storage.get_trial(t._trial_id)
+                    if not retry_later(study, frozen) and ctx.checkpoints is not None:
+                        # no retry (it got no further): nobody will resume its checkpoint
+                        ctx.checkpoints.discard(study.study_name, frozen.system_attrs, t.number)
                     _tell(study, t, state=TrialState.FAIL)
                 report.interrupted_by = sig.signum
                 break

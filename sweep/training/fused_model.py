@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -109,13 +110,26 @@ def _slot_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_slot(fused: nn.Module, k: int, slot: int, model: nn.Module) -> None:
-    """Write ``model``'s parameters and BatchNorm statistics into slot ``slot`` of ``fused``
-    (in place: storages, and so a captured CUDA graph, stay valid)."""
-    source = _slot_tensors(model)
+def load_slot(fused: nn.Module, k: int, slot: int, model: nn.Module | Mapping[str, torch.Tensor]) -> None:
+    """Write ``model``'s parameters and BatchNorm statistics (or those of a model's
+    ``state_dict``) into slot ``slot`` of ``fused`` (in place: storages, and so a captured CUDA
+    graph, stay valid)."""
+    source = model if isinstance(model, Mapping) else _slot_tensors(model)
     for name, t in _slot_tensors(fused).items():
         row = slot_rows(t, k)[slot]
         row.copy_(source[name].reshape(row.shape))
+
+
+@torch.no_grad()
+def slot_state(fused: nn.Module, k: int, slot: int, template: nn.Module,
+               steps: int) -> dict[str, torch.Tensor]:
+    """Slot ``slot`` of ``fused`` as the unfused model's ``state_dict`` (copies; the inverse of
+    ``load_slot``). The 0-dim ``num_batches_tracked`` counters, one for all slots in the fused
+    network, are the slot's own: one per training step it took (``steps``), as unfused."""
+    rows = {name: slot_rows(t, k)[slot] for name, t in _slot_tensors(fused).items()}
+    return {name: rows[name].reshape(t.shape).clone() if name in rows
+            else torch.tensor(steps, dtype=t.dtype)
+            for name, t in template.state_dict().items()}
 
 
 @torch.no_grad()

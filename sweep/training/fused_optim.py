@@ -96,6 +96,28 @@ class SlotOptimizer:
                 slot_rows(self._view(t, i), self.k).copy_(
                     slot_rows(src._view(src.state[name], i), src.k)[index])
 
+    @torch.no_grad()
+    def slot_state(self, slot: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """Slot ``slot``'s optimizer steps and, per parameter (``params`` order), its state
+        tensors shaped like the unfused parameter (copies)."""
+        per_param = [{name: slot_rows(self._view(t, i), self.k)[slot].clone()
+                      for name, t in self.state.items()} for i in range(len(self.shapes))]
+        return int(self.steps[slot].item()), per_param
+
+    @torch.no_grad()
+    def load_slot_state(self, slot: int, steps: int,
+                        per_param: list[dict[str, torch.Tensor]]) -> None:
+        """Slot ``slot`` continues from ``slot_state``'s output (state absent for a parameter,
+        as torch's SGD without momentum keeps none, is zero), in place."""
+        self.steps[slot] = steps
+        for i, saved in enumerate(per_param):
+            for name, t in self.state.items():
+                row = slot_rows(self._view(t, i), self.k)[slot]
+                if name in saved:
+                    row.copy_(saved[name].reshape(row.shape))
+                else:
+                    row.zero_()
+
 
 class SlotSGD(SlotOptimizer):
     """torch.optim.SGD(momentum, dampening 0, nesterov, weight_decay) per slot."""

@@ -17,7 +17,8 @@ from sweep.study.schedules import LRSchedule
 from sweep.study.space import TrialConfig
 from sweep.study.spec import TrainSpec
 from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
-from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
+from sweep.training.checkpoint import check_state
+from sweep.training.fused_model import copy_slots, decays, fuse, load_slot, slot_state
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
 from sweep.training.graphs import CapturedStep
 from sweep.training.models import build_model
@@ -29,6 +30,10 @@ class SlotJob:
     cfg: TrialConfig              # the slot's complete trial config
     listeners: Sequence[Listener]  # as train()'s; steps/epochs are the slot's own, from 0
     key: object = None            # the caller's handle, handed back in SlotEnd
+    # as train()'s: called with the slot's training state at each of its epoch ends (before
+    # its listeners), and a state to continue from (sweep.training.checkpoint)
+    checkpoint: Callable[[dict], None] | None = None
+    resume: dict | None = None
 
 
 @dataclass
@@ -123,7 +128,44 @@ class Pack:
         self.slots[index] = _Slot(job, LRSchedule(cfg.schedule, self.steps_per_epoch,
                                                   cfg.train.epochs),
                                   torch.Generator(device=self.device).manual_seed(cfg.seed))
+        if job.resume is not None:
+            self._resume(index, job.resume)
         self.stats.jobs += 1
+
+    # --- checkpoints (the format: sweep.training.checkpoint) ---------------------------------
+    def slot_state(self, index: int) -> dict:
+        """Slot ``index``'s training state after its last finished epoch, in the format of an
+        unfused trial's (copies of the slot's rows)."""
+        s = self.slots[index]
+        steps, per_param = self.optimizer.slot_state(index)
+        shapes = {name: p.shape for name, p in self.template.named_parameters()}
+        names = [name for name, _ in self.net.named_parameters()]
+        buffers = {name: {key: t.reshape(shapes[name]) for key, t in state.items()}
+                   for name, state in zip(names, per_param)}
+        return {"model": slot_state(self.net, self.k, index, self.template, s.step),
+                "optimizer": {"kind": self.t.optimizer, "steps": steps, "buffers": buffers},
+                "schedule": s.schedule.state_dict(), "generator": s.generator.get_state(),
+                "epochs": len(s.history), "steps": s.step, "history": list(s.history)}
+
+    def _resume(self, index: int, state: dict) -> None:
+        """Slot ``index`` (just filled) continues from ``state`` on its own clock."""
+        check_state(state)
+        s = self.slots[index]
+        load_slot(self.net, self.k, index, state["model"])
+        saved = state["optimizer"]
+        if saved["kind"] != self.t.optimizer:
+            raise ValueError(f"optimizer state of {saved['kind']}, not {self.t.optimizer}")
+        names = [name for name, _ in self.net.named_parameters()]
+        self.optimizer.load_slot_state(index, saved["steps"],
+                                       [saved["buffers"].get(n, {}) for n in names])
+        s.schedule.load_state_dict(state["schedule"])
+        s.generator.set_state(state["generator"])
+        s.step, s.epoch, s.history = state["steps"], state["epochs"], list(state["history"])
+
+    def _checkpoint(self, index: int) -> None:
+        s = self.slots[index]
+        if s.job.checkpoint is not None:
+            s.job.checkpoint(self.slot_state(index))
 
     def shrink(self, keep: list[int]) -> None:
         """Rebuild with slots ``keep`` only (their weights, statistics and optimizer state)."""
@@ -245,6 +287,7 @@ class Pack:
             if math.isfinite(val_loss[k]):
                 metrics["lr_reduced"] = s.schedule.end_of_epoch(s.epoch, val_loss[k])
             s.history.append(metrics)
+            self._checkpoint(k)  # before the listeners: a stop at this epoch's end keeps it
             self._notify(s, lambda lst: lst.on_epoch_end(s.epoch, metrics))
             s.epoch += 1
         finished = [k for k, s in enumerate(self.slots)

@@ -9,16 +9,15 @@ A listener stops training by raising ``StopTraining``; tracking and pruning are 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from sweep.errors import DeviceError
+from sweep.training.checkpoint import load_unfused, unfused_state
 from sweep.training.data import Normalizer, Splits, train_batches
 from sweep.training.models import build_model
 from sweep.study.schedules import LRSchedule
@@ -106,16 +105,15 @@ def _autocast_for(device: torch.device, bf16: bool):
     return lambda: torch.autocast(device.type, enabled=False)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
-
-
 def train(cfg: TrialConfig, splits: Splits, device: torch.device,
-          listeners: Sequence[Listener] = (), checkpoint: Path | None = None) -> TrainResult:
-    """Train one trial. With ``checkpoint``, state is saved after every epoch and a run that
-    finds the file resumes from it with the same batches and the same LR sequence."""
+          listeners: Sequence[Listener] = (), checkpoint: Callable[[dict], None] | None = None,
+          resume: Mapping | None = None) -> TrainResult:
+    """Train one trial. With ``checkpoint``, it is called at every epoch end, before the
+    listeners hear of the epoch (a stop there keeps it), with the training state
+    (``sweep.training.checkpoint``; its tensors are live: write it out in the call). With
+    ``resume`` (such a state), training continues after its last epoch with the same weights,
+    optimizer state, batches and LR sequence as if never stopped; the listeners hear only the
+    epochs trained here (the caller replays the earlier ones if it wants them)."""
     t = cfg.train
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -131,13 +129,10 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     result, start_epoch = TrainResult(), 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"].to(generator.get_state().device))
-        start_epoch, result.history = state["epoch"] + 1, list(state["history"])
+    if resume is not None:
+        load_unfused(resume, model, optimizer, schedule, generator)
+        start_epoch, result.history = resume["epochs"], list(resume["history"])
+        result.steps = resume["steps"]
     step_fn = model
     if t.compile:
         began = time.perf_counter()
@@ -178,10 +173,8 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
         result.history.append(metrics)
         result.steps = (epoch + 1) * steps_per_epoch
         if checkpoint is not None:  # before the listeners: a stop at this epoch's end keeps it
-            _save_checkpoint(checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "generator": generator.get_state(),
-                "epoch": epoch, "history": result.history})
+            checkpoint(unfused_state(model, optimizer, schedule, generator, epoch + 1,
+                                     result.steps, result.history))
         for listener in listeners:
             listener.on_epoch_end(epoch, metrics)
     _, result.test_acc = evaluate(model, splits.test_x, splits.test_y, normalize,

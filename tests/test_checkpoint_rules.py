@@ -1,0 +1,116 @@
+"""The rules around trial checkpoints, on real Optuna studies without training (issue 19): how
+often an interrupted trial is retried, which checkpoint a retry trusts, and the one line it
+prints when it does not. The end-to-end resumption is in test_resume.py."""
+
+from __future__ import annotations
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from sweep.orchestration.checkpoints import CheckpointDir, waiting_with_checkpoint
+from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS, retry_later
+from sweep.study.space import trial_config
+from sweep.study.spec import load_study
+from sweep.training.checkpoint import write_atomic
+
+
+def _interrupted(study: optuna.Study, checkpoint_epochs: int | None = None,
+                 resumed_epochs: int | None = None) -> optuna.trial.FrozenTrial:
+    """Ask the next trial (a queued retry first), record its checkpoint attributes, fail it."""
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("seed", 40 + trial.number)
+    if checkpoint_epochs is not None:
+        trial.set_user_attr(CHECKPOINT_EPOCHS, checkpoint_epochs)
+    if resumed_epochs is not None:
+        trial.set_user_attr(RESUMED_EPOCHS, resumed_epochs)
+    study.tell(trial, state=TrialState.FAIL)
+    return study.get_trials()[trial.number]
+
+
+def test_a_retry_is_retried_again_only_when_it_made_progress():
+    study = optuna.create_study()
+    original = _interrupted(study, checkpoint_epochs=2)
+    assert retry_later(study, original)
+    assert retry_later(study, original)  # idempotent: no second retry of the same trial
+    (first,) = study.get_trials(states=(TrialState.WAITING,))
+    assert first.system_attrs["retry_history"] == [0]
+    assert first.user_attrs["sweep.seed"] == 40  # the same trial continued: the same seed
+
+    progressed = _interrupted(study, checkpoint_epochs=4, resumed_epochs=2)
+    assert progressed.number == first.number and retry_later(study, progressed)
+    (second,) = study.get_trials(states=(TrialState.WAITING,))
+    assert second.system_attrs["retry_history"] == [0, first.number]
+    assert second.user_attrs["sweep.seed"] == 40
+
+    stuck = _interrupted(study, checkpoint_epochs=4, resumed_epochs=4)  # no epoch further
+    assert not retry_later(study, stuck)
+    assert not study.get_trials(states=(TrialState.WAITING,))
+    fresh = _interrupted(study)  # never checkpointed: its one retry, as before
+    assert retry_later(study, fresh)
+    never_ran = study.get_trials(states=(TrialState.WAITING,))[0]
+    assert not retry_later(study, never_ran)  # a retry that trained nothing: once is enough
+
+
+def _retry_and_dir(tmp_path, code="1.0+abc"):
+    spec = load_study("smoke")
+    study = optuna.create_study(study_name="smoke")
+    study.set_user_attr("sweep.space", "the space")
+    original = study.ask()
+    cfg = trial_config(original, spec)
+    original.set_user_attr("seed", cfg.seed)
+    original.set_user_attr(CHECKPOINT_EPOCHS, 1)
+    study.tell(original, state=TrialState.FAIL)
+    retry_later(study, study.get_trials()[0])
+    assert waiting_with_checkpoint(study.get_trials()) == [(1, 1)]
+    retry = study.ask()
+    lines: list[str] = []
+    folder = CheckpointDir(tmp_path, code, "cpu", log=lines.append)
+    return folder, retry, trial_config(retry, spec), lines
+
+
+def _state(steps: int = 20) -> dict:
+    return {"model": {}, "optimizer": {"kind": "sgd", "steps": steps, "buffers": {}},
+            "schedule": {}, "generator": torch.Generator().get_state(), "epochs": 1,
+            "steps": steps, "history": [{"val_loss": 1.0, "val_acc": 0.5}]}
+
+
+def _write(folder: CheckpointDir, retry, cfg, lines: list[str], config: dict | None = None,
+           **identity) -> None:
+    """The checkpoint the interrupted trial would have written (its identity is the retry's,
+    which ``open`` computes), with ``identity``'s and ``config``'s entries changed."""
+    written = folder.open(retry, cfg, on_saved=lambda n: None)
+    identity = {**written.identity, **identity}
+    identity["config"] = {**identity["config"], **(config or {})}
+    write_atomic(written.path, {"format": 1, "identity": identity,
+                                "state": _state(), "lrs": [0.1] * 20, "losses": [2.0] * 20})
+    lines.clear()
+
+
+def test_a_retry_resumes_its_own_checkpoint(tmp_path):
+    folder, retry, cfg, lines = _retry_and_dir(tmp_path)
+    assert retry.number == 1 and cfg.seed == 0  # the original's seed, not seed + 1
+    _write(folder, retry, cfg, lines)
+    found = folder.open(retry, cfg, on_saved=lambda n: None)
+    assert found.path == tmp_path / "smoke" / "trial-0.pt"
+    assert found.resume["epochs"] == 1 and found.record.lrs == [0.1] * 20 and not lines
+
+
+def test_a_foreign_or_missing_checkpoint_is_one_line_and_a_restart(tmp_path):
+    folder, retry, cfg, lines = _retry_and_dir(tmp_path)
+    assert folder.open(retry, cfg, on_saved=lambda n: None).resume is None
+    assert lines == [f"trial 1 (a retry of trial 0): its checkpoint {tmp_path}/smoke/trial-0.pt "
+                     f"(epoch 1) is missing; it restarts from step 0"]
+    for identity, says in (({"code": "0.9+old"}, "another code version ('0.9+old', this is "
+                                                 "'1.0+abc')"),
+                           ({"space": "0123"}, "another search space"),
+                           ({"study_uid": "other"}, "an earlier study of the same name"),
+                           ({"config": {"epochs": 99}},
+                            "another configuration (epochs 99, now 2)")):
+        _write(folder, retry, cfg, lines, **identity)
+        assert folder.open(retry, cfg, on_saved=lambda n: None).resume is None
+        (line,) = lines
+        assert line.startswith(f"trial 1 (a retry of trial 0): checkpoint {tmp_path}/smoke/"
+                               f"trial-0.pt was written for {says}"), line
+        assert line.endswith("; it restarts from step 0")

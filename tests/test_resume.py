@@ -1,0 +1,251 @@
+"""Trials checkpoint at epoch ends and their retries resume exactly (issue 19), on real
+processes with real signals, real SQLite and MLflow stores and real training on tiny data.
+
+The reference for "exactly" is an uninterrupted launch of the same study in another folder (same
+seeds, one thread, the same CPU): the retry's curves, metrics and Optuna values must equal its
+trial's with ``==``. A single state left unsaved (BatchNorm statistics, momentum, plateau's
+counters, the generator) makes them differ.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from helpers import sweep_cmd, sweep_env, wait_array_ended, write_cifar
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, STEPS = 6, 10  # 200 images / batch 20: 10 steps per epoch
+STUDY = f"""
+name: resume
+seed: 0
+trials: 2
+objective: {{metric: val_acc, direction: maximize}}
+sampler: {{type: random}}
+pruner: {{type: none}}
+data: {{train_size: 200, val_size: 40, test_size: 40}}
+train: {{model: resnet8, width: 1, epochs: {EPOCHS}, batch_size: 20, sync_every_steps: 3}}
+space:
+  warmup_steps: 15   # ends inside the second epoch
+  base_lr: {{type: float, low: 0.05, high: 0.4, log: true}}
+  scheduler:
+    # a reduction unless val_loss falls tenfold: plateau's counters matter
+    plateau: {{gamma: 0.5, patience_epochs: 0, threshold: 0.9}}
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_cifar(tmp_path_factory.mktemp("cifar"), per_batch=50)
+
+
+@pytest.fixture
+def study_file(tmp_path) -> Path:
+    path = tmp_path / "resume.yaml"
+    path.write_text(STUDY)
+    return path
+
+
+def env(data: Path) -> dict:
+    # one thread: a tiny model on two threads only spins, and the reference must use as many
+    return dict(sweep_env(data), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def start(folder: Path, data: Path, study_file: Path, fuse: int, trials: int) -> subprocess.Popen:
+    folder.mkdir(exist_ok=True)
+    return subprocess.Popen(sweep_cmd("launch", "--study", str(study_file), "--quiet",
+                                      "--trials", str(trials), "--set", f"train.fuse={fuse}"),
+                            cwd=folder, env=env(data), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, code: int = 0) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return out, err
+
+
+def wait_epochs(db: Path, proc: subprocess.Popen, epochs: int, timeout: float = 200) -> None:
+    """Until every RUNNING trial has reported ``epochs`` epochs (read-only: the launch may still
+    be creating the tables)."""
+    query = ("SELECT t.trial_id, count(v.trial_id) FROM trials t LEFT JOIN "
+             "trial_intermediate_values v ON v.trial_id = t.trial_id "
+             "WHERE t.state = 'RUNNING' GROUP BY t.trial_id")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                counts = [n for _, n in conn.execute(query).fetchall()]
+            if counts and min(counts) >= epochs:
+                return
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no trial reached epoch {epochs}")
+
+
+def stores(folder: Path):
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{folder}/sweep.db")
+    return study, MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+
+
+def curves(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in ("lr", "train_loss", "val_loss", "val_acc", "test_acc")}
+
+
+def retry_of(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    (retry,) = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == number]
+    return retry
+
+
+def check_whole_curve(client: MlflowClient, trial: optuna.trial.FrozenTrial) -> dict:
+    run_curves = curves(client, trial.user_attrs["mlflow_run_id"])
+    for key in ("lr", "train_loss"):  # every step once: none missing, none twice
+        assert [step for step, _ in run_curves[key]] == list(range(EPOCHS * STEPS)), key
+    for key in ("val_loss", "val_acc"):
+        assert [step for step, _ in run_curves[key]] == list(range(EPOCHS)), key
+    assert sorted(trial.intermediate_values) == list(range(EPOCHS))
+    return run_curves
+
+
+@pytest.mark.parametrize("fuse", [1, 2])
+def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data, study_file, fuse):
+    ref = start(tmp_path / "ref", data, study_file, fuse, trials=fuse)  # uninterrupted, alongside
+    cut_dir = tmp_path / "cut"
+    cut = start(cut_dir, data, study_file, fuse, trials=fuse)
+    wait_epochs(cut_dir / "sweep.db", cut, 2)  # in the third epoch (or just past it)
+    cut.send_signal(signal.SIGTERM)
+    finish(cut, 128 + signal.SIGTERM)
+    finish(ref)
+
+    study, _ = stores(cut_dir)
+    originals = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert len(originals) == fuse
+    saved = {t.number: len(t.intermediate_values) for t in originals}
+    assert all(2 <= n < EPOCHS for n in saved.values()), saved
+    for number, epochs in saved.items():
+        payload = torch.load(cut_dir / "sweep-checkpoints" / "resume" / f"trial-{number}.pt",
+                             weights_only=True)
+        assert payload["state"]["epochs"] == epochs == study.trials[number].user_attrs[
+            "checkpoint_epochs"]
+    from sweep.orchestration.status import status_text
+
+    assert f"{fuse} waiting trial(s) resume from a checkpoint" in status_text(study, None, None)
+
+    out, err = finish(start(cut_dir, data, study_file, fuse, trials=fuse))
+    assert f"{fuse}/{fuse} trials used" in out  # interrupted and resumed: counted once
+    study, client = stores(cut_dir)
+    ref_study, ref_client = stores(tmp_path / "ref")
+    for number, epochs in saved.items():
+        retry, whole = retry_of(study, number), ref_study.trials[number]
+        assert retry.state == TrialState.COMPLETE and retry.params == whole.params
+        run = client.get_run(retry.user_attrs["mlflow_run_id"])
+        assert run.data.tags["sweep.resumed_at_step"] == str(epochs * STEPS)
+        assert retry.user_attrs["resumed_epochs"] == epochs
+        resumed = check_whole_curve(client, retry)
+        assert resumed == curves(ref_client, whole.user_attrs["mlflow_run_id"])  # bit-identical
+        assert retry.intermediate_values == whole.intermediate_values
+        assert retry.value == whole.value
+        assert retry.user_attrs["test_acc"] == whole.user_attrs["test_acc"]
+        after_warmup = [lr for step, lr in resumed["lr"] if step >= 15]
+        assert min(after_warmup) < max(after_warmup)  # plateau reduced the LR: its state mattered
+    assert not list((cut_dir / "sweep-checkpoints").rglob("*.pt"))  # removed once finished
+
+
+def test_sigkill_resumes_from_the_last_saved_epoch_and_a_truncated_file_restarts(
+        tmp_path, data, study_file):
+    """kill -9 of a fused pack of 2 gives no chance to save: one retry resumes from the
+    checkpoint written at the last epoch end before the kill; the other's file is truncated, so
+    it restarts from step 0 after one clear line. The two share a pack, at different epochs."""
+    cut = start(tmp_path, data, study_file, fuse=2, trials=2)
+    wait_epochs(tmp_path / "sweep.db", cut, 2)
+    cut.kill()
+    cut.communicate(timeout=60)
+    folder = tmp_path / "sweep-checkpoints" / "resume"
+    epochs = torch.load(folder / "trial-0.pt", weights_only=True)["state"]["epochs"]
+    assert 2 <= epochs < EPOCHS
+    damaged = folder / "trial-1.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+
+    out, err = finish(start(tmp_path, data, study_file, fuse=2, trials=2))
+    assert "2/2 trials used" in out
+    study, client = stores(tmp_path)
+    assert [t.state for t in study.trials[:2]] == [TrialState.FAIL] * 2
+    resumed, restarted = retry_of(study, 0), retry_of(study, 1)
+    for retry in (resumed, restarted):
+        assert retry.state == TrialState.COMPLETE
+        check_whole_curve(client, retry)
+    tags = client.get_run(resumed.user_attrs["mlflow_run_id"]).data.tags
+    assert tags["sweep.resumed_at_step"] == str(epochs * STEPS)
+    # the epochs before the kill are the original's own, replayed once
+    assert {e: v for e, v in resumed.intermediate_values.items() if e < epochs} == \
+        {e: v for e, v in study.trials[0].intermediate_values.items() if e < epochs}
+    (line,) = [ln for ln in err.splitlines() if "restarts from step 0" in ln]
+    assert line.startswith(f"trial {restarted.number} (a retry of trial 1): checkpoint {damaged} "
+                           f"is corrupt (unreadable ")
+    tags = client.get_run(restarted.user_attrs["mlflow_run_id"]).data.tags
+    assert "sweep.resumed_at_step" not in tags and "resumed_epochs" not in restarted.user_attrs
+    assert not list(folder.glob("*.pt"))
+
+
+def test_scancelled_array_task_is_resumed_by_a_second_array(slurm, tmp_path, data, study_file):
+    """`sweep submit --requeue`; the task is cancelled mid-trial (SIGTERM to the worker); a
+    second array, started later, resumes the trial from its checkpoint."""
+    job_env = dict(env(data), SLURM_CONF=slurm)
+    storage, tracking = f"sqlite:///{tmp_path}/sweep.db", f"sqlite:///{tmp_path}/mlflow.db"
+
+    def submit() -> str:
+        done = subprocess.run(
+            sweep_cmd("submit", "--study", str(study_file), "--array", "1", "--trials", "1",
+                      "--storage", storage, "--tracking-uri", tracking, "--cpus-per-task", "1",
+                      "--time", "00:10:00", "--data-dir", str(data), "--requeue"),
+            env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.split("submitted job ", 1)[1].split(":")[0]
+
+    job = submit()
+    script = (tmp_path / "sweep-jobs" / "sweep-resume.sbatch").read_text()
+    assert "#SBATCH --requeue" in script
+    assert f"--checkpoint-dir {tmp_path / 'sweep-checkpoints'}" in script
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            study = optuna.load_study(study_name="resume", storage=storage)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if running and len(running[0].intermediate_values) >= 2:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.1)
+    subprocess.run(["scancel", job], env=job_env, check=True, timeout=60)
+    wait_array_ended(job, job_env, deadline)
+    study = optuna.load_study(study_name="resume", storage=storage)
+    (original,) = study.get_trials(states=(TrialState.FAIL,))
+    epochs = original.user_attrs["checkpoint_epochs"]
+    assert 2 <= epochs < EPOCHS
+
+    second = submit()
+    wait_array_ended(second, job_env, time.time() + 240)
+    outputs = "\n".join(p.read_text() for p in (tmp_path / "sweep-jobs").glob("*.out"))
+    study, client = stores(tmp_path)
+    retry = retry_of(study, original.number)
+    assert retry.state == TrialState.COMPLETE, outputs[-3000:]
+    tags = client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags
+    assert tags["sweep.resumed_at_step"] == str(epochs * STEPS)
+    assert tags["sweep.host"] and os.path.exists(tmp_path / "sweep-checkpoints")
+    check_whole_curve(client, retry)
+    assert not list((tmp_path / "sweep-checkpoints").rglob("*.pt"))
