@@ -27,7 +27,7 @@ from helpers import REPO, TINY, free_port, sweep_cmd, sweep_env
 
 pytestmark = pytest.mark.slow
 
-FEED_S = 5.0  # per feed; the reproduction lost runs within this at 16 runs x 60 steps/s
+FEED_S = 3.0  # per feed: 5,760 points at K = 16, 11,520 at K = 32
 
 
 def _bench():
@@ -76,9 +76,9 @@ def test_16_and_32_runs_at_60_steps_per_second_store_every_point_once(kind, tmp_
         uri = request.getfixturevalue("postgres_server")[1]
     client = MlflowClient(uri)
     for k in (16, 32):
-        result = _feed(uri, f"stress-{k}", k, stop_early={1: 120})
-        assert result.steps[1] == 120 and min(result.steps) == 120
-        assert max(result.steps) >= 200  # the others trained on past the pruned one
+        result = _feed(uri, f"stress-{k}", k, stop_early={1: 60})
+        assert result.steps[1] == 60 and min(result.steps) == 60
+        assert max(result.steps) >= 120  # the others trained on past the pruned one
         assert bench.check_stored(client, result) == []
         for i, run in enumerate(result.runs):
             info = client.get_run(run.run_id)
