@@ -20,8 +20,8 @@ from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
 from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
 from sweep.training.graphs import CapturedStep
-from sweep.training.models import build_model
-from sweep.training.train import Listener, StopTraining, TrainResult
+from sweep.training.models import build_model, memory_format
+from sweep.training.train import Listener, StopTraining, TrainResult, full_precision
 
 
 @dataclass
@@ -74,7 +74,7 @@ class _StackedNormalizer(Normalizer):
     """``Normalizer`` for K slots' images stacked along channels: ``[B, K*3, H, W]``."""
 
     def __init__(self, device: torch.device, k: int):
-        super().__init__(device, channels_last=True)
+        super().__init__(device, channels_last=memory_format() == torch.channels_last)
         self.scale, self.shift = self.scale.repeat(1, k, 1, 1), self.shift.repeat(1, k, 1, 1)
 
 
@@ -142,7 +142,7 @@ class Pack:
         b, k = self.t.batch_size, self.k
         h, w = self.splits.train_x.shape[-2:]
         static_x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=memory_format())
         static_y = torch.zeros(b, k, dtype=torch.long, device=self.device)
         state = [*self.net.parameters(), *self.net.buffers(), self.optimizer.lr,
                  *self.optimizer.state_tensors()]
@@ -170,7 +170,7 @@ class Pack:
         """Forward, backward, update; returns the K slot losses (on the device)."""
         with self.autocast():
             logits = self.net(x)  # [B, K, classes]
-        per_slot = nn.functional.cross_entropy(logits.float().transpose(1, 2), y,
+        per_slot = nn.functional.cross_entropy(full_precision(logits).transpose(1, 2), y,
                                                reduction="none",
                                                label_smoothing=self.t.label_smoothing).mean(0)
         self.optimizer.zero_grad()  # the gradients are views into one buffer: keep them
@@ -207,7 +207,7 @@ class Pack:
             # The chunk's LRs are known ahead (plateau only moves at epoch ends): one upload.
             lrs = [[s.schedule.lr_at(s.step + j, s.job.cfg.base_lr) if live else 0.0
                     for s, live in zip(self.slots, active)] for j in range(chunk)]
-            lr_rows = torch.tensor(lrs, dtype=torch.float32)
+            lr_rows = torch.tensor(lrs, dtype=self.optimizer.lr.dtype)
             if self.device.type == "cuda":
                 lr_rows = lr_rows.pin_memory()
             lr_rows = lr_rows.to(self.device, non_blocking=True)
@@ -293,7 +293,7 @@ class Pack:
             yb = y[start: start + self.t.eval_batch_size]
             with self.autocast():
                 logits = self.net(xb)
-            loss_sum += nn.functional.cross_entropy(logits.float().transpose(1, 2),
+            loss_sum += nn.functional.cross_entropy(full_precision(logits).transpose(1, 2),
                                                     yb[:, None].expand(-1, k),
                                                     reduction="none").sum(0)
             correct += (logits.argmax(2) == yb[:, None]).sum(0)
