@@ -71,7 +71,8 @@ class _Feeder:
 def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Splits,
                device: torch.device, on_end: Callable[[SlotEnd], None],
                guards: Sequence[Listener] = (), precision: str = "auto",
-               graphs: str = "auto", *, _pack_hook: Callable | None = None) -> PackStats:
+               graphs: str = "auto", compile: str = "auto", *,
+               _pack_hook: Callable | None = None) -> PackStats:
     """Train up to ``capacity`` trials as ONE fused network until ``next_job`` returns None and
     no slot is live (see the module docstring).
 
@@ -85,14 +86,20 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     measured: one eager model is slower in bf16, a fused pack of 8 faster), "fp32", "bf16"
     (CUDA only; the CPU is always fp32). ``graphs``: "auto"/"on" capture the step as a CUDA
     graph on CUDA (eager with a warning if capture fails), "off" eager; the CPU is eager.
+    ``compile``: "on" compiles the step and evaluation with torch.compile (inductor; on CUDA
+    then captured as a graph), "off" does not, "auto" is on for CUDA only (the CPU compiles
+    slowly and gained little: README "Compiled packs"); a failed compilation falls back to the
+    uncompiled step with a warning. See ``fused_pack`` for what recompiles (nothing after the
+    first compilation: a shrink runs uncompiled).
     ``_pack_hook(pack)`` is for tests (they inject faults into a slot's weights through it).
     """
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if graphs not in ("auto", "on", "off"):
-        raise ValueError(f"graphs must be auto, on or off, got {graphs!r}")
+    for name, value in (("graphs", graphs), ("compile", compile)):
+        if value not in ("auto", "on", "off"):
+            raise ValueError(f"{name} must be auto, on or off, got {value!r}")
     began = time.perf_counter()
     stats = PackStats(capacity=capacity)
     feed = _Feeder(next_job, on_end)
@@ -111,7 +118,9 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     stats.precision = "bf16" if bf16 else "fp32"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    pack = Pack(t, splits, device, bf16, cuda and graphs != "off", on_end, stats)
+    stats.add_time("start", time.perf_counter() - began)  # asking and starting the first jobs
+    pack = Pack(t, splits, device, bf16, cuda and graphs != "off", on_end, stats,
+                compile=compile == "on" or (compile == "auto" and cuda))
     pack.start(jobs)
     if _pack_hook:
         _pack_hook(pack)
@@ -123,6 +132,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
         for guard in guards:
             guard.on_epoch_end(epoch, {})
         free, epoch = pack.release(), epoch + 1
+        refill_began = time.perf_counter()
         for n, index in enumerate(free):
             job = feed()
             if job is None:
@@ -132,6 +142,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
             stats.refills += 1
         else:
             free = []
+        stats.add_time("refill", time.perf_counter() - refill_began)
         keep = [k for k in range(pack.k) if k not in free]
         if not keep:
             break
@@ -139,4 +150,5 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
             pack.shrink(keep)
     stats.graphs = pack.use_graphs
     stats.seconds = time.perf_counter() - began
+    stats.add_time("other", stats.seconds - sum(stats.time.values()))
     return stats
