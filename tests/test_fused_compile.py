@@ -55,8 +55,8 @@ def test_the_compiled_pack_equals_the_eager_pack(data):
                             hook=lambda p: setattr(injector, "pack", p))
         return records, stats, ends
 
-    eager, eager_stats, eager_ends = run("off")
-    compiled, stats, ends = run("on")
+    eager, eager_stats, eager_ends = run(False)
+    compiled, stats, ends = run(True)
     assert not eager_stats.compiled and stats.compiled
     assert stats.compiles == 1 and stats.compile_seconds > 0 and stats.time["compile"] > 0
     assert stats.refills == 2 and stats.shrinks == 1

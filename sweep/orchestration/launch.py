@@ -19,6 +19,7 @@ import torch
 from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_budget,
                                              update_parent_run)
 from sweep.orchestration.objective import WorkerContext
+from sweep.orchestration.pack import log_pack_times, time_table
 from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
 from sweep.orchestration.tracking import CODE_VERSION, Tracker, check_tracking_uri
 from sweep.orchestration.worker import code_version, open_study, run_worker
@@ -168,6 +169,9 @@ def launch(spec: StudySpec, opts: LaunchOptions, display: Display) -> LaunchResu
         bar.close()
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     text = display.closing(study, budget, budget_used(study))
+    log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
+    if time_table(report.packs):
+        text += "\n" + time_table(report.packs)
     if report.interrupted_by is not None:
         return LaunchResult("interrupted: the running trial(s) (every live slot of a fused pack) were "
                             "marked FAIL (KILLED in MLflow) and will be retried by the next launch\n" + text,
@@ -200,6 +204,9 @@ def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult
     finally:
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     used = budget_used(study)
+    log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
+    for line in time_table(report.packs).splitlines():
+        log(f"worker {me}: {line}")
     if report.interrupted_by is not None:
         return LaunchResult(f"worker {me}: interrupted; the trial(s) it was training were marked FAIL "
                             f"(KILLED in MLflow) and re-enqueued; {used}/{budget} trials used",

@@ -31,7 +31,7 @@ from sweep.study.spec import TrainSpec
 from sweep.training.data import Splits
 from sweep.training.fused_model import fusion_problem
 from sweep.training.fused_pack import Pack, PackStats, SlotEnd, SlotJob
-from sweep.training.train import Listener
+from sweep.training.train import Listener, compiles
 
 __all__ = ["SlotJob", "SlotEnd", "PackStats", "train_pack", "fusion_problem", "SHARED_KEYS"]
 
@@ -71,7 +71,7 @@ class _Feeder:
 def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Splits,
                device: torch.device, on_end: Callable[[SlotEnd], None],
                guards: Sequence[Listener] = (), precision: str = "auto",
-               graphs: str = "auto", compile: str = "auto", *,
+               graphs: str = "auto", compile: bool | str = "auto", *,
                _pack_hook: Callable | None = None) -> PackStats:
     """Train up to ``capacity`` trials as ONE fused network until ``next_job`` returns None and
     no slot is live (see the module docstring).
@@ -86,10 +86,9 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     measured: one eager model is slower in bf16, a fused pack of 8 faster), "fp32", "bf16"
     (CUDA only; the CPU is always fp32). ``graphs``: "auto"/"on" capture the step as a CUDA
     graph on CUDA (eager with a warning if capture fails), "off" eager; the CPU is eager.
-    ``compile``: "on" compiles the step and evaluation with torch.compile (inductor; on CUDA
-    then captured as a graph), "off" does not, "auto" is on for CUDA only (the CPU compiles
-    slowly and gained little: README "Compiled packs"); a failed compilation falls back to the
-    uncompiled step with a warning. See ``fused_pack`` for what recompiles (nothing after the
+    ``compile`` (``train.compile``): True compiles the step and evaluation with torch.compile
+    (inductor; on CUDA then captured as a graph), False does not, "auto" is ``train.compiles``'
+    rule (CUDA only); a failed compilation falls back to the uncompiled step with a warning. See ``fused_pack`` for what recompiles (nothing after the
     first compilation: a shrink runs uncompiled).
     ``_pack_hook(pack)`` is for tests (they inject faults into a slot's weights through it).
     """
@@ -97,9 +96,10 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    for name, value in (("graphs", graphs), ("compile", compile)):
-        if value not in ("auto", "on", "off"):
-            raise ValueError(f"{name} must be auto, on or off, got {value!r}")
+    if graphs not in ("auto", "on", "off"):
+        raise ValueError(f"graphs must be auto, on or off, got {graphs!r}")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be true, false or auto, got {compile!r}")
     began = time.perf_counter()
     stats = PackStats(capacity=capacity)
     feed = _Feeder(next_job, on_end)
@@ -120,7 +120,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
         torch.backends.cudnn.benchmark = True
     stats.add_time("start", time.perf_counter() - began)  # asking and starting the first jobs
     pack = Pack(t, splits, device, bf16, cuda and graphs != "off", on_end, stats,
-                compile=compile == "on" or (compile == "auto" and cuda))
+                compile=compiles(compile, device))
     pack.start(jobs)
     if _pack_hook:
         _pack_hook(pack)

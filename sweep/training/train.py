@@ -106,6 +106,12 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, normalize: N
     return loss_sum.item() / n, correct.item() / n
 
 
+def compiles(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile`` for ``device``: true, false, or "auto" = on CUDA only (the CPU
+    compiles for minutes and the compiled step was no faster there: README "Compiled packs")."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def _autocast_for(device: torch.device, bf16: bool):
     if device.type == "cuda" and bf16:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
@@ -145,7 +151,7 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
         generator.set_state(state["generator"].to(generator.get_state().device))
         start_epoch, result.history = state["epoch"] + 1, list(state["history"])
     step_fn = model
-    if t.compile:
+    if compiles(t.compile, device):
         began = time.perf_counter()
         step_fn = torch.compile(model)
         _warm_compile(step_fn, model, normalize(splits.train_x[: t.batch_size]), autocast)
