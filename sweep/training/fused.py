@@ -117,7 +117,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     bf16 = cuda and (precision == "bf16" or (precision == "auto" and len(jobs) >= 2 and t.bf16))
     stats.precision = "bf16" if bf16 else "fp32"
     if cuda:
-        torch.backends.cudnn.benchmark = True
+        # autotuning picks kernels by timing: not under deterministic algorithms (tests)
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     stats.add_time("start", time.perf_counter() - began)  # asking and starting the first jobs
     pack = Pack(t, splits, device, bf16, cuda and graphs != "off", on_end, stats,
                 compile=compiles(compile, device))

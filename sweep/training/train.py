@@ -141,7 +141,8 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
     autocast = _autocast_for(device, t.bf16)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # autotuning picks kernels by timing: not under deterministic algorithms (tests)
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     result, start_epoch = TrainResult(), 0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
