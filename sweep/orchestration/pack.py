@@ -206,7 +206,7 @@ TIME_PARTS = {
     "evaluation": "evaluation (one fused pass per split)",
     "compile": "torch.compile",
     "capture": "CUDA graph capture",
-    "listeners": "slot listeners (metrics queue, pruning reports, divergence)",
+    "listeners": "slot listeners (metrics, pruning, divergence)",
     "ask": "sampler + storage: ask",
     "start_trial": "starting trials (storage attributes, MLflow runs)",
     "tell": "storage: tell",
@@ -236,15 +236,38 @@ def time_table(packs: list) -> str:
     head = "where the time went".ljust(58) + "".join(
         f"  pack {i + 1} (K={p.capacity}, {p.jobs} trials)".rjust(26) for i, p in enumerate(packs))
     lines = [head]
-    parts = list(TIME_PARTS) + sorted({k for p in packs for k in p.time} - set(TIME_PARTS))
+    extra = sorted({k for p in packs for k in p.time} - set(TIME_PARTS))
+    parts = list(TIME_PARTS)
+    at = parts.index("listeners") + 1
+    parts[at:at] = [k for k in extra if k.startswith("listener ")]
+    parts += [k for k in extra if not k.startswith("listener ")]
     for part in parts:
         if not any(p.time.get(part) for p in packs):
             continue
         cells = "".join(f"{p.time.get(part, 0.0):10.1f} s {100 * p.time.get(part, 0.0) / p.seconds:5.1f}%"
                         .rjust(26) for p in packs)
-        lines.append(f"  {TIME_PARTS.get(part, part)}".ljust(58) + cells)
+        lines.append(f"  {_label(part)}".ljust(58) + cells)
     lines.append("  total".ljust(58) + "".join(f"{p.seconds:10.1f} s".rjust(26) for p in packs))
+    for i, p in enumerate(packs):
+        if p.epoch_seconds:
+            lines.append(f"  pack {i + 1}: {_epochs(p.epoch_seconds)}")
     return "\n".join(lines)
+
+
+def _epochs(seconds: list[float]) -> str:
+    """Pack epoch wall times in tenths: the first and the last, and the slowest: a pack whose
+    later epochs slow down shows it here."""
+    slowest = max(range(len(seconds)), key=seconds.__getitem__)
+    n = min(5, len(seconds))
+    return (f"{len(seconds)} epochs, first {n} " + " ".join(f"{s:.1f}" for s in seconds[:n])
+            + f" s, last {n} " + " ".join(f"{s:.1f}" for s in seconds[-n:])
+            + f" s, slowest {seconds[slowest]:.1f} s (epoch {slowest})")
+
+
+def _label(part: str) -> str:
+    if part.startswith("listener "):  # a share of "listeners": one listener type's calls
+        return f"    of which {part.removeprefix('listener ')}"
+    return TIME_PARTS.get(part, part)
 
 
 def pack_time_metrics(packs: list) -> dict[str, float]:
@@ -254,7 +277,8 @@ def pack_time_metrics(packs: list) -> dict[str, float]:
         if p is None:
             continue
         for part, seconds in [*p.time.items(), ("total", p.seconds)]:
-            total[f"pack_seconds_{part}"] = total.get(f"pack_seconds_{part}", 0.0) + seconds
+            key = "pack_seconds_" + part.replace(" ", "_")
+            total[key] = total.get(key, 0.0) + seconds
     return total
 
 

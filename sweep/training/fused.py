@@ -144,6 +144,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
         else:
             free = []
         stats.add_time("refill", time.perf_counter() - refill_began)
+        stats.epoch_seconds.append(time.perf_counter() - epoch_began)
         keep = [k for k in range(pack.k) if k not in free]
         if not keep:
             break

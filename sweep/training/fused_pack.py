@@ -70,6 +70,7 @@ class PackStats:
     # steps/evaluation/listeners/refill/ends/compile/capture; the orchestration splits refill
     # and ends into the sampler/storage calls and tracking it made in them.
     time: dict = field(default_factory=dict)
+    epoch_seconds: list = field(default_factory=list)  # each pack epoch, boundary work included
 
     def add_time(self, part: str, seconds: float) -> None:
         self.time[part] = self.time.get(part, 0.0) + seconds
@@ -339,16 +340,20 @@ class Pack:
         """Call ``s``'s listeners; StopTraining or another Exception ends this slot alone."""
         if s.ended:
             return
-        began, end = time.perf_counter(), None
+        end = None
         try:
             for listener in s.job.listeners:
-                call(listener)
+                began = time.perf_counter()
+                try:
+                    call(listener)
+                finally:  # per listener type too: tracking, pruning, divergence, progress
+                    seconds = time.perf_counter() - began
+                    self.stats.add_time("listeners", seconds)
+                    self.stats.add_time(f"listener {type(listener).__name__}", seconds)
         except StopTraining as stop:
             end = SlotEnd(s.job.key, stop=stop)
         except Exception as err:
             end = SlotEnd(s.job.key, error=err)
-        finally:
-            self.stats.add_time("listeners", time.perf_counter() - began)
         if end is not None:
             self._end(s, end, wasted=True)
 
