@@ -41,14 +41,6 @@ EPOCHS, STEPS, BATCH = 2, 8, 16  # 128 training images
 F64_TOL = 1e-9  # see the module docstring
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 def make_spec(model="resnet8", width=1, train_size=STEPS * BATCH, epochs=EPOCHS, optimizer="sgd",
               val_size=100):
     path = Path("fused.yaml")

@@ -21,8 +21,8 @@ from sweep.training.fused_model import slot_rows
 from sweep.training.fused_pack import Pack, PackStats
 from sweep.training.models import build_model, memory_format
 from sweep.training.train import evaluate
-from test_fused import (BATCH, CPU, EPOCHS, F64_TOL, STEPS, InjectNaN, Record, StopAtEpochEnd,
-                        configs, data, float64)  # noqa: F401 (fixtures)
+from test_fused import (CPU, EPOCHS, F64_TOL, STEPS, InjectNaN, Record, StopAtEpochEnd,
+                        configs, data)  # noqa: F401 (data: a fixture)
 
 
 def _pack(jobs, capacity, splits, compile, hook=None):

@@ -47,14 +47,6 @@ def deterministic():
     torch.use_deterministic_algorithms(before[0])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
-
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
 STUDY = """
 trials: 1
 data: {train_size: 150, val_size: 50, test_size: 40}
