@@ -180,3 +180,20 @@ def _assert_losses_close(got, want, tol):
     assert len(got) == len(want)
     gaps = [abs(a - b) for a, b in zip(got, want)]
     assert max(gaps) <= tol, gaps
+
+
+@pytest.mark.usefixtures("deterministic", "float64")
+def test_a_graphed_pack_keeps_an_empty_seat_rather_than_recapture(tiny_cifar):
+    """Capacity 4, job 0 pruned after epoch 0 and no job left: under a CUDA graph the pack
+    keeps the empty seat (3 of 4 live: a recapture would cost more than the seat), eagerly it
+    shrinks; every other slot trains the same either way (float64)."""
+    spec, cfgs = _fused_configs(4)
+    splits = load_splits(tiny_cifar, spec.data, torch.device("cuda"))
+    eager, eager_ends, eager_stats = _run_pack(cfgs, splits, 4, "off", stop_first=True)
+    graphed, ends, stats = _run_pack(cfgs, splits, 4, "on", stop_first=True)
+    assert eager_stats.shrinks == 1 and stats.shrinks == 0 and stats.graphs
+    assert stats.empty_seat_steps == spec.steps_per_epoch and eager_stats.empty_seat_steps == 0
+    for i in range(1, 4):
+        assert graphed[i].lrs == eager[i].lrs
+        _assert_losses_close(graphed[i].losses, eager[i].losses, F64_TOL)
+        assert ends[i].result.test_acc == eager_ends[i].result.test_acc

@@ -78,7 +78,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
 
     ``next_job()`` fills each free slot: up to ``capacity`` times at the start, then at every
     epoch boundary once per slot freed during that epoch, until it returns None (then the
-    pack shrinks to its live slots). ``on_end`` is called once per slot as it ends. ``guards``
+    pack shrinks to its live slots: under a CUDA graph once half its seats are empty,
+    ``Pack.worth_shrinking``). ``on_end`` is called once per slot as it ends. ``guards``
     are pack-wide listeners called after every chunk and epoch with pack step/epoch numbers;
     whatever they raise propagates. A BaseException from a slot's listener propagates too;
     StopTraining or another Exception from it ends that slot alone.
@@ -145,10 +146,10 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
             free = []
         stats.add_time("refill", time.perf_counter() - refill_began)
         stats.epoch_seconds.append(time.perf_counter() - epoch_began)
-        keep = [k for k in range(pack.k) if k not in free]
+        keep = [k for k, s in enumerate(pack.slots) if not s.ended]
         if not keep:
             break
-        if free:
+        if len(keep) < pack.k and pack.worth_shrinking(len(keep)):
             pack.shrink(keep)
     stats.graphs = pack.use_graphs
     stats.seconds = time.perf_counter() - began
