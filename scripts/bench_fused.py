@@ -4,14 +4,17 @@
 1. throughput: training steps of K trials as one pack (``sweep.training.fused.train_pack``, no
    Optuna, no MLflow) for K = 1, 2, 4, 8, 16, 32, against the unfused ``train()`` of one trial;
    aggregate training images/s and trials/hour (at ``--trial-images`` images per trial,
-   training only). On CUDA for eager and CUDA graphs, fp32 and bf16.
+   training only). ``--modes``: eager, graphs (CUDA graphs), compiled (torch.compile, then a
+   CUDA graph on CUDA), inductor (torch.compile without a graph), each :fp32 or :bf16.
 2. fixed cost: ending a trial's MLflow run (flush of its per-step metrics, tags, status,
    LR-curve figure) on the training thread vs handed to the tracker's background thread, which
    is what a fused pack does (real SQLite MLflow store).
 3. study: one whole study through ``sweep launch`` (subprocesses, fresh stores each): fused
    (``train.fuse``) vs ``--workers 4`` unfused vs one unfused worker; wall time, and the share
    of the training steps that went to trials that were pruned/diverged/failed (from the MLflow
-   ``lr`` series: one point per optimizer step of a trial), fused and unfused alike.
+   ``lr`` series: one point per optimizer step of a trial), fused and unfused alike; and the
+   fused launch's table of where each pack's time went (steps, evaluation, compile, capture,
+   listeners, sampler/storage calls, MLflow runs). ``--study-variants fused`` runs only it.
 
 CPU (this project's 2-core machine; small sizes, ratios from one run):
     python scripts/bench_fused.py --device cpu
@@ -62,10 +65,12 @@ def throughput(args, device) -> None:
     variants = [("unfused train()", "-", "fp32", dict(k=1, precision="fp32", fused=False))]
     if device.type == "cuda":
         variants.append(("unfused train()", "-", "bf16", dict(k=1, precision="bf16", fused=False)))
-    modes = [("off", "fp32")] if device.type != "cuda" else [
-        (g, p) for g in ("off", "on") for p in ("fp32", "bf16")]
-    variants += [(f"fused K={k}", g, p, dict(k=k, precision=p, graphs=g))
-                 for g, p in modes for k in args.ks]
+    step = {"eager": dict(graphs="off", compile=False), "graphs": dict(graphs="on", compile=False),
+            "compiled": dict(graphs="on", compile=True),
+            "inductor": dict(graphs="off", compile=True)}
+    modes = [m.split(":") for m in args.modes.split(",")]
+    variants += [(f"fused K={k}", mode, p, dict(k=k, precision=p, **step[mode]))
+                 for mode, p in modes for k in args.ks]
     # Rounds alternate the order (forward, backward, ...) so that load from other processes on
     # a shared machine hits every variant alike; the median per variant is reported.
     rates: dict[int, list[float]] = {i: [] for i in range(len(variants))}
@@ -73,7 +78,7 @@ def throughput(args, device) -> None:
         order = list(range(len(variants)))
         for i in (order if r % 2 == 0 else order[::-1]):
             rates[i].append(measure(**variants[i][3]))
-            print(f"  ... round {r}: {variants[i][0]} graphs={variants[i][1]} {variants[i][2]}: "
+            print(f"  ... round {r}: {variants[i][0]} {variants[i][1]} {variants[i][2]}: "
                   f"{rates[i][-1]:,.0f} img/s", file=sys.stderr, flush=True)
     rows = [(name, g, p, statistics.median(rates[i])) for i, (name, g, p, _) in enumerate(variants)]
     base = rows[0][3]
@@ -81,7 +86,7 @@ def throughput(args, device) -> None:
           f"steps, device {device}, torch threads {torch.get_num_threads()}, median of "
           f"{args.rounds} alternating rounds")
     print(f"trials/hour: training steps only, at {args.trial_images:,} images per trial")
-    print("| variant | graphs | precision | images/s (all slots) | vs unfused fp32 | trials/hour |")
+    print("| variant | step | precision | images/s (all slots) | vs unfused fp32 | trials/hour |")
     print("|---|---|---|---|---|---|")
     for name, graphs, precision, rate in rows:
         print(f"| {name} | {graphs} | {precision} | {rate:,.0f} | {rate / base:.2f}x | "
@@ -156,13 +161,17 @@ def study(args, data_dir: str) -> None:
     variants = [(f"fused, fuse={args.fuse}", ["--set", f"train.fuse={args.fuse}"]),
                 ("unfused, --workers 4", ["--workers", "4", "--set", "train.fuse=1"]),
                 ("unfused, 1 worker", ["--set", "train.fuse=1"])]
-    rows = []
+    chosen = args.study_variants.split(",")
+    variants = [v for v, key in zip(variants, ("fused", "workers4", "unfused")) if key in chosen]
+    rows, table = [], ""
     for name, extra in variants:
         with tempfile.TemporaryDirectory(prefix="bench_fused-study-") as tmp:
             began = time.perf_counter()
             proc = subprocess.run(base + extra, cwd=tmp, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
             seconds = time.perf_counter() - began
+            if "where the time went" in proc.stdout:  # the launch's closing summary
+                table = proc.stdout[proc.stdout.index("where the time went"):]
             if proc.returncode != 0:
                 print(f"{name}: failed ({proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -197,6 +206,8 @@ def study(args, data_dir: str) -> None:
         share = f"{wasted:.0%}" + (f" ({with_idle:.0%})" if name.startswith("fused") else "")
         print(f"| {name} | {seconds:.1f} s | {n} | {n * 3600 / seconds:,.0f} | {share} | "
               f"{best:.4f} |")
+    if table:
+        print(f"\n## fused launch: {table.rstrip()}")
     if rows and rows[0][0].startswith("fused") and len(rows) > 1:
         print("wall time vs fused: " + ", ".join(f"{name} {s / rows[0][1]:.2f}x"
                                                  for name, s, *_ in rows[1:]))
@@ -222,6 +233,12 @@ def main() -> int:
     parser.add_argument("--study-set", action="append", default=None,
                         help="KEY=VALUE for the study launches (trials=N sets --trials)")
     parser.add_argument("--fuse", default="4", help="train.fuse of the fused study launch")
+    parser.add_argument("--study-variants", default="fused,workers4,unfused",
+                        help="which study launches: fused, workers4, unfused (comma-separated)")
+    parser.add_argument("--modes", default=None,
+                        help="pack steps to time, MODE:PRECISION comma-separated, MODE one of "
+                             "eager, graphs, compiled, inductor (default eager:fp32 on the CPU; "
+                             "eager:bf16,graphs:bf16,compiled:bf16 on CUDA)")
     parser.add_argument("--tile", type=int, default=0,
                         help="tile the data's training images up to this many (full-size epochs)")
     parser.add_argument("--threads", type=int)
@@ -233,6 +250,8 @@ def main() -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.modes = args.modes or ("eager:fp32" if device.type != "cuda"
+                                else "eager:bf16,graphs:bf16,compiled:bf16")
     args.ks = [int(k) for k in (args.ks or ("1,2,4,8,16,32" if device.type == "cuda"
                                             else "1,2,4")).split(",")]
     if args.study_set is None:

@@ -102,3 +102,16 @@ def slurm():
     folder, conf = done.stdout.split()
     yield conf.split("=", 1)[1]
     subprocess.run([str(REPO / "scripts" / "start_test_cluster.sh"), "stop", folder], timeout=60)
+
+
+@pytest.fixture
+def float64():
+    """Torch's default dtype float64 for one test: sweep's training code follows it (models,
+    batches, optimizer state, losses), so equivalence tests compare runs where summation
+    order costs ~1e-16, not a bound read off one machine (tests/test_fused.py)."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)

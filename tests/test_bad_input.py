@@ -58,8 +58,8 @@ FILE_CASES = [
      "space.warmup_steps (line 6): must be 0 for scheduler 'onecycle'"),
     ("missing-space", ("space:", "spaces:"), "spaces"),
     ("trials-zero", ("trials: 2", "trials: 0"), "trials (line 2): must be an integer >= 1"),
-    ("compile-with-fixed-pack", ("batch_size: 50}", "batch_size: 50, compile: true, fuse: 4}"),
-     "train.fuse (line 4): fuse=4 with train.compile: torch.compile trains one trial at a time"),
+    ("compile-neither-bool-nor-auto", ("batch_size: 50}", "batch_size: 50, compile: maybe}"),
+     "train.compile (line 4): must be true, false or auto, got 'maybe'"),
 ]
 
 

@@ -99,18 +99,29 @@ def test_one_trial_trains_as_a_pack_on_cuda_only():
     assert trains_as_pack(train, torch.device("cuda"), 1)  # a device name; nothing runs on it
 
 
-def test_compile_trains_one_trial_at_a_time_through_train():
-    """torch.compile and the pack's CUDA graph are two ways to cut launch cost; a study that
-    asks for compile gets it: no pack, whatever fuse: auto would pick (and a fixed K > 1 with
-    compile is refused by the spec, test_bad_input)."""
+def test_compile_applies_to_packs_and_auto_means_cuda_only():
+    """train.compile compiles the pack's step (issue 18): it no longer forces one trial at a
+    time; auto (the default) is on for CUDA only."""
     import torch
 
     from sweep.orchestration.pack import pack_capacity, trains_as_pack
+    from sweep.training.train import compiles
 
-    train = load_study("smoke", ["train.compile=true", "train.fuse=auto"]).train
-    cuda = torch.device("cuda")  # a device name: nothing is measured on it with compile
-    assert pack_capacity(train, cuda, remaining=10) == 1
-    assert not trains_as_pack(train, cuda, 1)
+    train = load_study("smoke", ["train.compile=true", "train.fuse=4"]).train
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device names: nothing runs on them
+    assert pack_capacity(train, cuda, remaining=10) == 4
+    assert trains_as_pack(train, cuda, 1) and trains_as_pack(train, cpu, 2)
+    assert load_study("smoke").train.compile == "auto"
+    assert [compiles(s, cuda) for s in (True, False, "auto")] == [True, False, True]
+    assert [compiles(s, cpu) for s in (True, False, "auto")] == [True, False, False]
+
+
+def test_auto_k_is_the_knee_of_the_measured_throughput():
+    from sweep.orchestration.pack import MEASURED_THROUGHPUT, throughput_knee
+
+    assert throughput_knee(MEASURED_THROUGHPUT) == 16  # K=32: only 6% over K=16 (H100)
+    assert throughput_knee({1: 10.0, 8: 50.0, 16: 52.0}) == 8
+    assert throughput_knee({1: 10.0, 8: 50.0, 16: 100.0}) == 16
 
 
 @pytest.mark.gpu
@@ -181,7 +192,22 @@ def test_fused_smoke_study_keeps_every_trial_whole(tmp_path, shared_cifar):
                   "--set", "train.epochs=3", "--set", "train.fuse=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "study 'smoke': 6/6 trials used" in proc.stdout
+    # the closing summary says where the packs' time went, and the parent run holds it
+    assert "where the time went" in proc.stdout and "training steps" in proc.stdout
     runs = check_smoke_stores(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("smoke")
+                                                 .experiment_id])
+                  if r.data.tags.get("sweep.role") == "study")
+    seconds = parent.data.metrics
+    parts = {k: v for k, v in seconds.items() if k.startswith("pack_seconds_")
+             and k != "pack_seconds_total" and not k.startswith("pack_seconds_listener_")}
+    assert seconds["pack_seconds_steps"] > 0 and seconds["pack_seconds_other"] >= 0
+    assert abs(sum(parts.values()) - seconds["pack_seconds_total"]) <= \
+        0.01 * seconds["pack_seconds_total"]  # the parts add up: nothing counted twice
+    assert seconds["pack_seconds_listener_TrialRun"] <= seconds["pack_seconds_listeners"]
     packs = Counter(r.data.tags["sweep.pack"] for r in runs.values())
     assert sum(packs.values()) == 6 and max(packs.values()) >= 3  # trained together
     for number, run in runs.items():

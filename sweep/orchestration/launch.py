@@ -21,6 +21,7 @@ from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_bud
 from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir
 from sweep.orchestration.completeness import launch_lines, replay_spool
 from sweep.orchestration.objective import WorkerContext
+from sweep.orchestration.pack import log_pack_times, time_table
 from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
 from sweep.orchestration.tracking import CODE_VERSION, Tracker, check_tracking_uri
 from sweep.orchestration.worker import code_version, open_study, run_worker
@@ -179,7 +180,9 @@ def launch(spec: StudySpec, opts: LaunchOptions, display: Display) -> LaunchResu
     finally:
         bar.close()
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
+    log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
     text = "\n".join([display.closing(study, budget, budget_used(study)),
+                      *filter(None, [time_table(report.packs)]),
                       *launch_lines(stores.tracker, stores.experiment_id, spec.name)])
     if report.interrupted_by is not None:
         return LaunchResult("interrupted: the running trial(s) (every live slot of a fused pack) were "
@@ -213,7 +216,9 @@ def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult
     finally:
         update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     used = budget_used(study)
-    for line in launch_lines(stores.tracker, stores.experiment_id, spec.name):
+    log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
+    for line in [*time_table(report.packs).splitlines(),
+                 *launch_lines(stores.tracker, stores.experiment_id, spec.name)]:
         log(f"worker {me}: {line}")
     if report.interrupted_by is not None:
         return LaunchResult(f"worker {me}: interrupted; the trial(s) it was training were marked FAIL "

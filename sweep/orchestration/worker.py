@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,13 +96,24 @@ def space_fingerprint(spec: StudySpec) -> str:
     return json.dumps(spec.raw.get("space"), sort_keys=True, default=str)
 
 
-def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The study file's sampler, blind to confirmation trials (``sweep.study.phases``)."""
+def build_sampler(spec: StudySpec, constant_liar: bool = True) -> optuna.samplers.BaseSampler:
+    """The study file's sampler, blind to confirmation trials (``sweep.study.phases``).
+
+    TPE runs with ``constant_liar`` (Optuna's advice for parallel optimisation): a fused pack
+    asks K trials before any reports, and concurrent workers ask while others train; the liar
+    counts each RUNNING trial as a bad result, so a batch of proposals spreads over the space
+    instead of all crowding the current best region (H100 run without it: 13 of 24 proposals
+    after the first pack were cosine). ``constant_liar=False`` is for the test that measures it."""
     if spec.sampler.type == "random":
         return SearchOnlySampler(optuna.samplers.RandomSampler(seed=spec.seed))
-    return SearchOnlySampler(optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.sampler.n_startup_trials,
-                                      multivariate=spec.sampler.multivariate,
-                                      group=spec.sampler.multivariate))
+    with warnings.catch_warnings():  # constant_liar is "experimental" in Optuna 5.0
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        tpe = optuna.samplers.TPESampler(seed=spec.seed,
+                                         n_startup_trials=spec.sampler.n_startup_trials,
+                                         multivariate=spec.sampler.multivariate,
+                                         group=spec.sampler.multivariate,
+                                         constant_liar=constant_liar)
+    return SearchOnlySampler(tpe)
 
 
 def open_study(spec: StudySpec, storage, allow_space_change: bool = False,

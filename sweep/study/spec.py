@@ -108,7 +108,7 @@ class TrainSpec:
     warmup_start_factor: float = 0.01
     eval_batch_size: int = 1000
     sync_every_steps: int = 10  # host reads the per-step losses this often (divergence latency)
-    compile: bool = False
+    compile: bool | str = "auto"  # torch.compile: true, false, or auto (CUDA only; pack.py)
     bf16: bool = True  # autocast on CUDA only
     fuse: int | str = 1  # trials trained together as one grouped network; "auto": see pack.py
 
@@ -266,12 +266,15 @@ def _type_ok(value: Any, kind) -> bool:
         return isinstance(value, str)
     if kind == INT_OR_AUTO:
         return value == "auto" or _type_ok(value, int)
+    if kind == BOOL_OR_AUTO:
+        return value == "auto" or isinstance(value, bool)
     return False
 
 
 INT_OR_AUTO = "int|auto"  # a count, or "auto" for a value the worker measures (train.fuse)
+BOOL_OR_AUTO = "bool|auto"  # on, off, or "auto": decided by the device (train.compile)
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               INT_OR_AUTO: "an integer or auto"}
+               INT_OR_AUTO: "an integer or auto", BOOL_OR_AUTO: "true, false or auto"}
 
 
 def _section(ctx: _Ctx, doc: Mapping, name: str, cls, rules: Mapping[str, tuple]) -> Any:
@@ -317,7 +320,7 @@ _TRAIN_RULES = {
     "warmup_shape": (str, _one_of(WARMUP_SHAPES)),
     "warmup_start_factor": (float, _in_range(0, 1)),  # exponential shape: > 0, see check_schedule
     "eval_batch_size": (int, _at_least(1)), "sync_every_steps": (int, _at_least(1)),
-    "compile": (bool, None), "bf16": (bool, None),
+    "compile": (BOOL_OR_AUTO, None), "bf16": (bool, None),
     "fuse": (INT_OR_AUTO, lambda v: None if v == "auto" or v >= 1 else f"must be >= 1 or auto, got {v!r}"),
 }
 _DATA_RULES = {"train_size": (int, _at_least(1)), "val_size": (int, _at_least(1)),
@@ -665,10 +668,6 @@ def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
     data = _section(ctx, doc, "data", DataSpec, _DATA_RULES)
     if train.model == "resnet18" and train.width != 1:
         raise ctx.fail(("train", "width"), "resnet18 has a fixed width; width must be 1")
-    if train.compile and train.fuse not in (1, "auto"):
-        raise ctx.fail(("train", "fuse"), f"fuse={train.fuse} with train.compile: torch.compile "
-                       f"trains one trial at a time (a fused pack runs as a CUDA graph instead); "
-                       f"set fuse: 1 or compile: false")
     if train.batch_size > data.train_size:
         raise ctx.fail(("train", "batch_size"), f"batch size {train.batch_size} is larger than the "
                        f"training split (data.train_size = {data.train_size})")

@@ -31,7 +31,7 @@ from sweep.study.spec import TrainSpec
 from sweep.training.data import Splits
 from sweep.training.fused_model import fusion_problem
 from sweep.training.fused_pack import Pack, PackStats, SlotEnd, SlotJob
-from sweep.training.train import Listener
+from sweep.training.train import Listener, compiles
 
 __all__ = ["SlotJob", "SlotEnd", "PackStats", "train_pack", "fusion_problem", "SHARED_KEYS"]
 
@@ -71,13 +71,15 @@ class _Feeder:
 def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Splits,
                device: torch.device, on_end: Callable[[SlotEnd], None],
                guards: Sequence[Listener] = (), precision: str = "auto",
-               graphs: str = "auto", *, _pack_hook: Callable | None = None) -> PackStats:
+               graphs: str = "auto", compile: bool | str = "auto", *,
+               _pack_hook: Callable | None = None) -> PackStats:
     """Train up to ``capacity`` trials as ONE fused network until ``next_job`` returns None and
     no slot is live (see the module docstring).
 
     ``next_job()`` fills each free slot: up to ``capacity`` times at the start, then at every
     epoch boundary once per slot freed during that epoch, until it returns None (then the
-    pack shrinks to its live slots). ``on_end`` is called once per slot as it ends. ``guards``
+    pack shrinks to its live slots: under a CUDA graph once half its seats are empty,
+    ``Pack.worth_shrinking``). ``on_end`` is called once per slot as it ends. ``guards``
     are pack-wide listeners called after every chunk and epoch with pack step/epoch numbers;
     whatever they raise propagates. A BaseException from a slot's listener propagates too;
     StopTraining or another Exception from it ends that slot alone.
@@ -85,6 +87,10 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     measured: one eager model is slower in bf16, a fused pack of 8 faster), "fp32", "bf16"
     (CUDA only; the CPU is always fp32). ``graphs``: "auto"/"on" capture the step as a CUDA
     graph on CUDA (eager with a warning if capture fails), "off" eager; the CPU is eager.
+    ``compile`` (``train.compile``): True compiles the step and evaluation with torch.compile
+    (inductor; on CUDA then captured as a graph), False does not, "auto" is ``train.compiles``'
+    rule (CUDA only); a failed compilation falls back to the uncompiled step with a warning. See ``fused_pack`` for what recompiles (nothing after the
+    first compilation: a shrink runs uncompiled).
     ``_pack_hook(pack)`` is for tests (they inject faults into a slot's weights through it).
     """
     if capacity < 1:
@@ -93,6 +99,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if graphs not in ("auto", "on", "off"):
         raise ValueError(f"graphs must be auto, on or off, got {graphs!r}")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be true, false or auto, got {compile!r}")
     began = time.perf_counter()
     stats = PackStats(capacity=capacity)
     feed = _Feeder(next_job, on_end)
@@ -110,8 +118,11 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     bf16 = cuda and (precision == "bf16" or (precision == "auto" and len(jobs) >= 2 and t.bf16))
     stats.precision = "bf16" if bf16 else "fp32"
     if cuda:
-        torch.backends.cudnn.benchmark = True
-    pack = Pack(t, splits, device, bf16, cuda and graphs != "off", on_end, stats)
+        # autotuning picks kernels by timing: not under deterministic algorithms (tests)
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+    stats.add_time("start", time.perf_counter() - began)  # asking and starting the first jobs
+    pack = Pack(t, splits, device, bf16, cuda and graphs != "off", on_end, stats,
+                compile=compiles(compile, device))
     pack.start(jobs)
     if _pack_hook:
         _pack_hook(pack)
@@ -123,6 +134,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
         for guard in guards:
             guard.on_epoch_end(epoch, {})
         free, epoch = pack.release(), epoch + 1
+        refill_began = time.perf_counter()
         for n, index in enumerate(free):
             job = feed()
             if job is None:
@@ -132,11 +144,15 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
             stats.refills += 1
         else:
             free = []
-        keep = [k for k in range(pack.k) if k not in free]
+        stats.add_time("refill", time.perf_counter() - refill_began)
+        stats.epoch_seconds.append(time.perf_counter() - epoch_began)
+        keep = [k for k, s in enumerate(pack.slots) if not s.ended]
         if not keep:
             break
-        if free:
+        if len(keep) < pack.k and pack.worth_shrinking(len(keep)):
             pack.shrink(keep)
     stats.graphs = pack.use_graphs
     stats.seconds = time.perf_counter() - began
+    counted = sum(v for k, v in stats.time.items() if not k.startswith("listener "))  # not the
+    stats.add_time("other", stats.seconds - counted)  # per-listener shares a second time
     return stats

@@ -36,10 +36,11 @@ class _Clock:
 
 def step_throughput(model: str, width: int, k: int, batch: int, device: torch.device,
                     precision: str = "auto", graphs: str = "auto", steps: int = 20,
-                    warmup: int = 5, fused: bool = True) -> float:
+                    warmup: int = 5, fused: bool = True, compile: bool | str = False) -> float:
     """Training images per second summed over ``k`` slots of a fused pack (``fused=False``:
     one unfused ``train()``, ``k`` must be 1; ``precision`` "bf16" turns its autocast on,
-    anything else is fp32, and ``graphs`` does not apply)."""
+    anything else is fp32, and ``graphs`` does not apply; ``compile`` is ``train.compile``, its
+    compilation excluded from the timing as the capture is)."""
     if not fused and k != 1:
         raise ValueError(f"an unfused run is one trial: k must be 1, got {k}")
     n = batch * (warmup + steps)
@@ -49,7 +50,8 @@ def step_throughput(model: str, width: int, k: int, batch: int, device: torch.de
     splits = Splits(images, labels, images[:batch], labels[:batch], images[:batch],
                     labels[:batch], source="synthetic")
     t = TrainSpec(model=model, width=width, epochs=1, batch_size=batch, sync_every_steps=warmup,
-                  eval_batch_size=batch, bf16=precision == "bf16" or (fused and precision == "auto"))
+                  eval_batch_size=batch, bf16=precision == "bf16" or (fused and precision == "auto"),
+                  compile=compile)
     cfgs = [TrialConfig(base_lr=0.05, schedule=ScheduleConfig("constant"), train=t,
                         data=DataSpec(train_size=n, val_size=batch, test_size=batch),
                         seed=slot, sampled={}) for slot in range(k)]
@@ -57,7 +59,7 @@ def step_throughput(model: str, width: int, k: int, batch: int, device: torch.de
     if fused:
         jobs = iter([SlotJob(cfg, []) for cfg in cfgs])
         train_pack(lambda: next(jobs, None), k, splits, device, lambda end: None, [clock],
-                   precision=precision, graphs=graphs)
+                   precision=precision, graphs=graphs, compile=compile)
     else:
         train(cfgs[0], splits, device, [clock])
     return k * batch * steps / (clock.times[-1] - clock.times[0])

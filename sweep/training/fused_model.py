@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from sweep.training.models import build_model
+from sweep.training.models import build_model, memory_format
 
 # Layers that act on each channel separately: the model's own forward code works unchanged.
 _PER_CHANNEL = (nn.ReLU, nn.Identity, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
@@ -77,7 +77,7 @@ def structure_problem(model: nn.Module) -> str | None:
 
 def fuse(template: nn.Module, k: int, device: torch.device) -> nn.Module:
     """An uninitialised fused network of ``k`` copies of ``template``'s architecture (fill the
-    slots with ``load_slot``), on ``device``, channels_last."""
+    slots with ``load_slot``), on ``device``, in ``memory_format()`` (channels_last)."""
     fused = copy.deepcopy(template).to("meta")  # structure only: the weights come per slot
     for name, m in list(fused.named_modules()):
         if isinstance(m, nn.Conv2d):
@@ -92,7 +92,7 @@ def fuse(template: nn.Module, k: int, device: torch.device) -> nn.Module:
             continue
         parent, _, attr = name.rpartition(".")
         setattr(fused.get_submodule(parent), attr, new)
-    fused = fused.to_empty(device=device).to(memory_format=torch.channels_last)
+    fused = fused.to_empty(device=device).to(memory_format=memory_format())
     with torch.no_grad():
         for buffer in fused.buffers():
             buffer.zero_()  # num_batches_tracked; the rest is overwritten slot by slot

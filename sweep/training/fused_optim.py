@@ -154,9 +154,10 @@ class SlotAdamW(SlotOptimizer):
         beta1, beta2 = self.betas
         self.steps += 1
         lr = self.lr.double()
-        step_size = (lr / (1 - torch.pow(beta1, self.steps))).float()
-        bias_correction2_sqrt = (1 - torch.pow(beta2, self.steps)).sqrt().float()
-        shrink = (1 - lr * self.weight_decay.double()).float()  # decoupled weight decay
+        dtype = self.flat.dtype  # fp32 (float64 in the equivalence tests)
+        step_size = (lr / (1 - torch.pow(beta1, self.steps))).to(dtype)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, self.steps)).sqrt().to(dtype)
+        shrink = (1 - lr * self.weight_decay.double()).to(dtype)  # decoupled weight decay
         p, g, m, v = self.flat, self.grad, self.state["exp_avg"], self.state["exp_avg_sq"]
         p.mul_(torch.where(self.decay_mask, self.spread(shrink), 1.0))
         m.lerp_(g, 1 - beta1)

@@ -1,6 +1,15 @@
-"""The machinery of a fused pack: the fused network, its per-slot optimizer and step (eager or
-a CUDA graph), the slots with their own generators, schedules and clocks, per-slot evaluation.
-``fused.train_pack`` drives it; see ``fused`` for why a slot equals its unfused trial."""
+"""The machinery of a fused pack: the fused network, its per-slot optimizer and step (eager,
+torch.compile'd, and/or a CUDA graph), the slots with their own generators, schedules and
+clocks, per-slot evaluation. ``fused.train_pack`` drives it; see ``fused`` for why a slot
+equals its unfused trial.
+
+The compiled step: forward + loss are one ``torch.compile`` graph (AOTAutograd compiles its
+backward with it), the per-slot optimizer update another; inductor fuses BatchNorm, ReLU, the
+residual adds and the whole update over the flat buffer into few kernels. On CUDA the step is
+then captured as a CUDA graph as before (compile, then capture). Per-slot LR, weight decay and
+momentum are device tensors written in place, and a refill writes a slot's weights in place,
+so neither recompiles. A shrink (a new K) does not recompile either: the smaller pack runs the
+uncompiled step (under a CUDA graph on CUDA), so a pack compiles exactly once."""
 
 from __future__ import annotations
 
@@ -20,9 +29,9 @@ from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
 from sweep.training.checkpoint import check_state
 from sweep.training.fused_model import copy_slots, decays, fuse, load_slot, slot_state
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
-from sweep.training.graphs import CapturedStep
-from sweep.training.models import build_model
-from sweep.training.train import Listener, StopTraining, TrainResult
+from sweep.training.graphs import CapturedStep, restored
+from sweep.training.models import build_model, memory_format
+from sweep.training.train import Listener, StopTraining, TrainResult, full_precision
 
 
 @dataclass
@@ -50,6 +59,7 @@ class PackStats:
     wasted_slot_steps: int = 0   # steps of slots that ended stopped or failed, including the
     #                              steps they then idled (LR 0) until the epoch boundary
     idle_slot_steps: int = 0     # of those, the idle ones
+    empty_seat_steps: int = 0    # steps of seats left empty instead of a shrink (see worth_shrinking)
     images: int = 0              # training images of live slots (slot_steps x batch size)
     seconds: float = 0.0
     capacity: int = 0            # K asked for
@@ -58,7 +68,18 @@ class PackStats:
     shrinks: int = 0
     precision: str = "fp32"
     graphs: bool = False         # the step ran as a CUDA graph
+    compiled: bool = False       # the step (and evaluation) ran torch.compile'd (inductor)
+    compiles: int = 0            # compilations of the step: 1 per pack (a shrink does not recompile)
     capture_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    # Where the pack's wall time went (seconds; see ``TIME_PARTS``). The training layer fills
+    # steps/evaluation/listeners/refill/ends/compile/capture; the orchestration splits refill
+    # and ends into the sampler/storage calls and tracking it made in them.
+    time: dict = field(default_factory=dict)
+    epoch_seconds: list = field(default_factory=list)  # each pack epoch, boundary work included
+
+    def add_time(self, part: str, seconds: float) -> None:
+        self.time[part] = self.time.get(part, 0.0) + seconds
 
 
 @dataclass
@@ -70,6 +91,7 @@ class _Slot:
     step: int = 0       # the slot's own optimizer steps so far
     epoch: int = 0      # the slot's own epoch in progress
     ended: bool = False  # stopped/failed/finished: idle until the boundary frees it
+    released: bool = False  # freed at a boundary and not refilled: an empty seat (LR 0)
     wasted: bool = False
     steps_in_pack: int = 0
     order: torch.Tensor | None = None  # this epoch's permutation of the training split
@@ -79,21 +101,26 @@ class _StackedNormalizer(Normalizer):
     """``Normalizer`` for K slots' images stacked along channels: ``[B, K*3, H, W]``."""
 
     def __init__(self, device: torch.device, k: int):
-        super().__init__(device, channels_last=True)
+        super().__init__(device, channels_last=memory_format() == torch.channels_last)
         self.scale, self.shift = self.scale.repeat(1, k, 1, 1), self.shift.repeat(1, k, 1, 1)
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
 class Pack:
     """The fused network, its optimizer and step, and the slots; ``train_pack`` drives it."""
 
     def __init__(self, t: TrainSpec, splits: Splits, device: torch.device, bf16: bool,
-                 graphs: bool, on_end: Callable[[SlotEnd], None], stats: PackStats):
+                 graphs: bool, on_end: Callable[[SlotEnd], None], stats: PackStats,
+                 compile: bool = False):
         self.t, self.splits, self.device, self.on_end, self.stats = t, splits, device, on_end, stats
         self.steps_per_epoch = splits.train_y.shape[0] // t.batch_size
         # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
                                                cache_enabled=False)
-        self.use_graphs = graphs
+        self.use_graphs, self.use_compile = graphs, compile
         self.template = build_model(t.model, t.width)  # architecture only
         self.decay = decays(self.template)
         self.slots: list[_Slot] = []
@@ -177,28 +204,35 @@ class Pack:
         self.stats.shrinks += 1
         self._make_step()
 
+    def _state(self) -> list[torch.Tensor]:
+        """Everything a training step writes (to undo warm-up steps)."""
+        return [*self.net.parameters(), *self.net.buffers(), self.optimizer.lr,
+                *self.optimizer.state_tensors()]
+
     def _make_step(self) -> None:
+        self.loss_fn, self.update, self.logits_fn = self._loss, self.optimizer.step, self.net
+        if self.use_compile and not self.stats.compiles:  # once per pack: see the docstring
+            self._compile()
         self.step = self._train_step
         if not self.use_graphs:
             return
         b, k = self.t.batch_size, self.k
         h, w = self.splits.train_x.shape[-2:]
         static_x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=memory_format())
         static_y = torch.zeros(b, k, dtype=torch.long, device=self.device)
-        state = [*self.net.parameters(), *self.net.buffers(), self.optimizer.lr,
-                 *self.optimizer.state_tensors()]
         began = time.perf_counter()
         try:
             with torch.cuda.device(self.device):  # the side stream and the graph on our GPU
-                captured = CapturedStep(lambda: self._train_step(static_x, static_y), state)
+                captured = CapturedStep(lambda: self._train_step(static_x, static_y),
+                                        self._state())
         except Exception as err:  # a capture that fails must not fail the trials
-            first_line = (str(err).splitlines() or [""])[0]
-            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {first_line}); "
-                          f"this pack trains eagerly")
+            warnings.warn(f"CUDA graph capture failed ({_first_line(err)}); this pack trains "
+                          f"{'compiled, without a graph' if self.stats.compiled else 'eagerly'}")
             self.use_graphs = False
             return
         self.stats.capture_seconds += time.perf_counter() - began
+        self.stats.add_time("capture", time.perf_counter() - began)
 
         def replay(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             static_x.copy_(x)
@@ -207,17 +241,57 @@ class Pack:
 
         self.step = replay
 
+    def _compile(self) -> None:
+        """Compile the step and the evaluation forward (``dynamic=False``: K and the batch are
+        fixed for the pack's life) and run each once on zeros, state restored, so the
+        compilation happens here and is timed; a failure falls back, in one warning line."""
+        began = time.perf_counter()
+        loss_fn = torch.compile(self._loss, dynamic=False)
+        update = torch.compile(self.optimizer.step, dynamic=False)
+        logits_fn = torch.compile(self.net, dynamic=False)
+        b, k = self.t.batch_size, self.k
+        h, w = self.splits.train_x.shape[-2:]
+        try:
+            with restored(self._state()):
+                x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
+                    memory_format=memory_format())
+                y = torch.zeros(b, k, dtype=torch.long, device=self.device)
+                self._train_step(x, y, loss_fn, update)
+                self.net.eval()  # as evaluate() calls it: eval mode, no autograd
+                try:
+                    with torch.no_grad():
+                        self._eval_logits(torch.zeros(self.t.eval_batch_size, 3, h, w,
+                                                      device=self.device, dtype=torch.uint8),
+                                          logits_fn)
+                finally:
+                    self.net.train()
+        except Exception as err:  # a compilation that fails must not fail the trials
+            warnings.warn(f"torch.compile of the pack step failed ({_first_line(err)}); this pack "
+                          f"trains with the {'CUDA graph' if self.use_graphs else 'eager'} step")
+            self.use_compile = False
+            return
+        self.loss_fn, self.update, self.logits_fn = loss_fn, update, logits_fn
+        seconds = time.perf_counter() - began
+        self.stats.compiled, self.stats.compiles = True, self.stats.compiles + 1
+        self.stats.compile_seconds += seconds
+        self.stats.add_time("compile", seconds)
+
     # --- one step ----------------------------------------------------------------------------
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, update; returns the K slot losses (on the device)."""
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The K slot losses of one stacked batch (forward and loss: what is compiled)."""
         with self.autocast():
             logits = self.net(x)  # [B, K, classes]
-        per_slot = nn.functional.cross_entropy(logits.float().transpose(1, 2), y,
-                                               reduction="none",
-                                               label_smoothing=self.t.label_smoothing).mean(0)
+        return nn.functional.cross_entropy(full_precision(logits).transpose(1, 2), y,
+                                           reduction="none",
+                                           label_smoothing=self.t.label_smoothing).mean(0)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=None,
+                     update=None) -> torch.Tensor:
+        """Forward, backward, update; returns the K slot losses (on the device)."""
+        per_slot = (loss_fn or self.loss_fn)(x, y)
         self.optimizer.zero_grad()  # the gradients are views into one buffer: keep them
         per_slot.sum().backward()  # d(sum)/d(slot k's weights) = d(loss k)/d(them)
-        self.optimizer.step()
+        (update or self.update)()
         return per_slot.detach()
 
     def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +309,14 @@ class Pack:
     # --- an epoch ----------------------------------------------------------------------------
     def run_epoch(self, guards: Sequence[Listener], pack_step: int) -> None:
         """One epoch of every slot, listeners called every ``sync_every_steps``."""
+        began, listening = time.perf_counter(), self.stats.time.get("listeners", 0.0)
+        try:
+            self._run_epoch(guards, pack_step)
+        finally:  # the steps' share: the epoch less the slots' listeners called within it
+            listened = self.stats.time.get("listeners", 0.0) - listening
+            self.stats.add_time("steps", time.perf_counter() - began - listened)
+
+    def _run_epoch(self, guards: Sequence[Listener], pack_step: int) -> None:
         self.normalize = _StackedNormalizer(self.device, self.k)
         n = self.splits.train_y.shape[0]
         for s in self.slots:  # as train_batches: a permutation per epoch from the slot's generator
@@ -249,7 +331,7 @@ class Pack:
             # The chunk's LRs are known ahead (plateau only moves at epoch ends): one upload.
             lrs = [[s.schedule.lr_at(s.step + j, s.job.cfg.base_lr) if live else 0.0
                     for s, live in zip(self.slots, active)] for j in range(chunk)]
-            lr_rows = torch.tensor(lrs, dtype=torch.float32)
+            lr_rows = torch.tensor(lrs, dtype=self.optimizer.lr.dtype)
             if self.device.type == "cuda":
                 lr_rows = lr_rows.pin_memory()
             lr_rows = lr_rows.to(self.device, non_blocking=True)
@@ -266,6 +348,8 @@ class Pack:
                     first = s.step
                     self._notify(s, lambda lst: lst.on_steps(first, [r[k] for r in lrs],
                                                              [r[k] for r in host]))
+                elif s.released:
+                    self.stats.empty_seat_steps += chunk
                 else:
                     self.stats.idle_slot_steps += chunk
                 s.step += chunk
@@ -303,43 +387,79 @@ class Pack:
         """Call ``s``'s listeners; StopTraining or another Exception ends this slot alone."""
         if s.ended:
             return
+        end = None
         try:
             for listener in s.job.listeners:
-                call(listener)
+                began = time.perf_counter()
+                try:
+                    call(listener)
+                finally:  # per listener type too: tracking, pruning, divergence, progress
+                    seconds = time.perf_counter() - began
+                    self.stats.add_time("listeners", seconds)
+                    self.stats.add_time(f"listener {type(listener).__name__}", seconds)
         except StopTraining as stop:
-            self._end(s, SlotEnd(s.job.key, stop=stop), wasted=True)
+            end = SlotEnd(s.job.key, stop=stop)
         except Exception as err:
-            self._end(s, SlotEnd(s.job.key, error=err), wasted=True)
+            end = SlotEnd(s.job.key, error=err)
+        if end is not None:
+            self._end(s, end, wasted=True)
 
     def _end(self, s: _Slot, end: SlotEnd, wasted: bool = False) -> None:
         s.ended, s.wasted = True, wasted
-        self.on_end(end)
+        began = time.perf_counter()
+        try:
+            self.on_end(end)
+        finally:
+            self.stats.add_time("ends", time.perf_counter() - began)
 
     def release(self) -> list[int]:
-        """Count the ended slots' compute; return their indices (free for refilling)."""
-        free = [k for k, s in enumerate(self.slots) if s.ended]
+        """Count the slots that ended this epoch; return their indices (free for refilling)."""
+        free = [k for k, s in enumerate(self.slots) if s.ended and not s.released]
         for k in free:
+            self.slots[k].released = True
             if self.slots[k].wasted:
                 self.stats.wasted_slot_steps += self.slots[k].steps_in_pack
         return free
 
+    def worth_shrinking(self, live: int) -> bool:
+        """Whether to rebuild for ``live`` slots now that seats stay empty. Eagerly at once
+        (a rebuild costs nothing). Under a CUDA graph each shrink recaptures (with cuDNN
+        autotuning the new shapes: ~1 s on an H100, 13.9 s of a 196 s pack whose tail shrank
+        one seat at a time) and leaves the compiled step, while a step's time falls only in
+        proportion to K: so only once half the seats or more are empty (at most log2 K
+        recaptures); until then they idle at LR 0."""
+        return not self.use_graphs or live <= self.k // 2
+
     @torch.no_grad()
     def evaluate(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
         """Per-slot (mean cross-entropy, accuracy) over a split: the fused network runs once
-        over it with each image repeated for the K slots. One sync."""
+        over it with each image repeated for the K slots (compiled when the step is). One sync."""
+        began = time.perf_counter()
         self.net.eval()
-        k, normalize = self.k, _StackedNormalizer(self.device, self.k)
+        k = self.k
         loss_sum = torch.zeros(k, device=self.device)
         correct = torch.zeros(k, device=self.device, dtype=torch.long)
         for start in range(0, y.shape[0], self.t.eval_batch_size):
-            xb = normalize(x_u8[start: start + self.t.eval_batch_size].repeat(1, k, 1, 1))
+            logits = self._eval_logits(x_u8[start: start + self.t.eval_batch_size], self.logits_fn)
             yb = y[start: start + self.t.eval_batch_size]
-            with self.autocast():
-                logits = self.net(xb)
-            loss_sum += nn.functional.cross_entropy(logits.float().transpose(1, 2),
+            loss_sum += nn.functional.cross_entropy(full_precision(logits).transpose(1, 2),
                                                     yb[:, None].expand(-1, k),
                                                     reduction="none").sum(0)
             correct += (logits.argmax(2) == yb[:, None]).sum(0)
         self.net.train()
         n = y.shape[0]
-        return [v / n for v in loss_sum.tolist()], [c / n for c in correct.tolist()]
+        losses, accuracies = [v / n for v in loss_sum.tolist()], [c / n for c in correct.tolist()]
+        self.stats.add_time("evaluation", time.perf_counter() - began)
+        return losses, accuracies
+
+    def _eval_logits(self, x_u8: torch.Tensor, logits_fn) -> torch.Tensor:
+        """[n, K, classes] for n images, each seen by every slot. A compiled forward gets
+        every batch at the full ``eval_batch_size`` (a short last batch padded with zero
+        images, their rows dropped): one shape, one compilation. In eval mode every image is
+        computed on its own, so padding changes nothing for the others."""
+        n, full = x_u8.shape[0], self.t.eval_batch_size
+        if logits_fn is not self.net and n < full:
+            x_u8 = torch.cat([x_u8, x_u8.new_zeros(full - n, *x_u8.shape[1:])])
+        normalize = _StackedNormalizer(self.device, self.k)
+        with self.autocast():
+            return logits_fn(normalize(x_u8.repeat(1, self.k, 1, 1)))[:n]

@@ -15,6 +15,7 @@ the run's first step (a fused slot equals its unfused run).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -22,13 +23,26 @@ import torch
 WARMUP_ITERATIONS = 3  # the docs use 3 (11 with DistributedDataParallel)
 
 
+@contextlib.contextmanager
+def restored(state: Sequence[torch.Tensor]):
+    """Whatever the block writes into ``state`` (weights, statistics, optimizer state) is
+    undone when it ends, even by an exception: warm-up steps (a capture's, a compilation's)
+    leave the run where it was."""
+    snapshot = [t.detach().clone() for t in state]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, saved in zip(state, snapshot):
+                t.copy_(saved)
+
+
 class CapturedStep:
     """``step_fn()`` captured; calling the object replays it and returns its output tensor
     (the same static tensor every time: copy it before the next replay)."""
 
     def __init__(self, step_fn: Callable[[], torch.Tensor], state: Sequence[torch.Tensor]):
-        snapshot = [t.detach().clone() for t in state]
-        try:
+        with restored(state):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -38,10 +52,6 @@ class CapturedStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.out = step_fn()
-        finally:
-            with torch.no_grad():
-                for t, saved in zip(state, snapshot):
-                    t.copy_(saved)
 
     def __call__(self) -> torch.Tensor:
         self.graph.replay()

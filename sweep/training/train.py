@@ -19,7 +19,7 @@ from torch import nn
 from sweep.errors import DeviceError
 from sweep.training.checkpoint import load_unfused, unfused_state
 from sweep.training.data import Normalizer, Splits, train_batches
-from sweep.training.models import build_model
+from sweep.training.models import build_model, memory_format
 from sweep.study.schedules import LRSchedule
 from sweep.study.space import TrialConfig
 
@@ -81,6 +81,12 @@ def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer
                            nesterov=t.nesterov and t.momentum > 0)
 
 
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: bf16 (autocast) as fp32; fp32 and float64 as they are, so a run in
+    float64 (the equivalence tests, ``torch.set_default_dtype``) stays float64 throughout."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, normalize: Normalizer,
              batch_size: int, autocast) -> tuple[float, float]:
@@ -92,11 +98,17 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, normalize: N
         xb, yb = normalize(x_u8[start: start + batch_size]), y[start: start + batch_size]
         with autocast():
             logits = model(xb)
-        loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
+        loss_sum += nn.functional.cross_entropy(full_precision(logits), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
     model.train()
     n = y.shape[0]
     return loss_sum.item() / n, correct.item() / n
+
+
+def compiles(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile`` for ``device``: true, false, or "auto" = on CUDA only (the CPU
+    compiles for minutes and the compiled step was no faster there: README "Compiled packs")."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
 
 
 def _autocast_for(device: torch.device, bf16: bool):
@@ -117,24 +129,25 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
     t = cfg.train
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    channels_last = True  # faster on CPU (1.3x here) and on CUDA tensor cores alike
-    model = build_model(t.model, t.width).to(device, memory_format=torch.channels_last)
+    layout = memory_format()
+    model = build_model(t.model, t.width).to(device, memory_format=layout)
     optimizer = build_optimizer(model, cfg)
     base_lrs = [cfg.base_lr for _ in optimizer.param_groups]
     steps_per_epoch = splits.train_y.shape[0] // t.batch_size
     schedule = LRSchedule(cfg.schedule, steps_per_epoch, t.epochs)
-    normalize = Normalizer(device, channels_last)
+    normalize = Normalizer(device, layout == torch.channels_last)
     autocast = _autocast_for(device, t.bf16)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # autotuning picks kernels by timing: not under deterministic algorithms (tests)
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     result, start_epoch = TrainResult(), 0
     if resume is not None:
         load_unfused(resume, model, optimizer, schedule, generator)
         start_epoch, result.history = resume["epochs"], list(resume["history"])
         result.steps = resume["steps"]
     step_fn = model
-    if t.compile:
+    if compiles(t.compile, device):
         began = time.perf_counter()
         step_fn = torch.compile(model)
         _warm_compile(step_fn, model, normalize(splits.train_x[: t.batch_size]), autocast)
