@@ -14,9 +14,10 @@ Tags on each slot's run: ``sweep.pack`` (an id shared by the trials of one pack)
 trial at the following epoch boundary) and, when the run ends, ``sweep.pack_trials`` (the
 numbers of every trial that trained beside it at some point, itself included).
 
-A slot's run is ended on the tracker's background thread (flush, tags, status, LR-curve figure;
-0.25 s of the 0.36 s fixed cost per trial measured on the H200, FACTS.md): the training thread
-only queues it and tells Optuna, so the other slots are not held up by it.
+A slot's run is ended through the process's one metric writer (``metric_writer``: its points,
+then tags and status, in order; 0.25 s of the 0.36 s fixed cost per trial measured on the H200,
+FACTS.md, when it was done on the training thread): the training thread only queues it and
+tells Optuna, so the other slots are not held up by it.
 """
 
 from __future__ import annotations
