@@ -51,6 +51,12 @@ def test_a_retry_is_retried_again_only_when_it_made_progress():
     assert retry_later(study, fresh)
     never_ran = study.get_trials(states=(TrialState.WAITING,))[0]
     assert not retry_later(study, never_ran)  # a retry that trained nothing: once is enough
+    # ... unless its own worker stopped it on a signal (preempted twice within one epoch):
+    preempted = _interrupted(study)  # the retry ran and was stopped again before an epoch
+    assert preempted.number == never_ran.number and not retry_later(study, preempted)
+    assert retry_later(study, preempted, signalled=True)
+    (again,) = study.get_trials(states=(TrialState.WAITING,))
+    assert again.system_attrs["retry_history"][-1] == preempted.number
 
 
 def _retry_and_dir(tmp_path, code="1.0+abc"):

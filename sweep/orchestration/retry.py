@@ -9,7 +9,10 @@ How often: a trial that was never retried gets one retry. A retry gets another o
 progress: its latest checkpoint holds more finished epochs than the one it resumed from
 (``checkpoints``: the retry continues from that checkpoint, so the chain of retries ends after at
 most as many links as the trial has epochs). A retry that trained no further epoch is not
-retried again: a trial that keeps killing its worker does not loop forever.
+retried again: a trial that keeps killing its worker does not loop forever. A trial that a
+signal stopped (``signalled``: SIGTERM before a SLURM time limit, preemption, Ctrl-C) is retried
+whatever its progress: the signal is not the trial's doing, and a job preempted twice within one
+epoch must not lose the trial; each such retry needs a new signal, so this cannot loop either.
 
 The retry keeps the original's seed (``sweep.seed``): it is the same trial continued, so it draws
 the same weights and batches whether it resumes from a checkpoint or restarts from step 0.
@@ -41,10 +44,11 @@ def made_progress(frozen: FrozenTrial) -> bool:
     return saved is not None and saved > frozen.user_attrs.get(RESUMED_EPOCHS, 0)
 
 
-def retry_later(study: optuna.Study, frozen: FrozenTrial) -> bool:
-    """Re-enqueue ``frozen`` (see the module docstring); whether it has a retry now."""
+def retry_later(study: optuna.Study, frozen: FrozenTrial, signalled: bool = False) -> bool:
+    """Re-enqueue ``frozen`` (see the module docstring); whether it has a retry now.
+    ``signalled``: its own worker stopped it on a signal (not a death found by others)."""
     history = list(frozen.system_attrs.get(RETRY_HISTORY) or [])
-    if history and not made_progress(frozen):
+    if history and not signalled and not made_progress(frozen):
         return False  # a retry that got no further: once is enough
     if any(t.system_attrs.get(FAILED_TRIAL) == frozen.number
            for t in study.get_trials(deepcopy=False)):

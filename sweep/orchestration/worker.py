@@ -249,8 +249,8 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                     # Enqueue first, tell second: a second Ctrl-C in between must not leave
                     # a FAIL without a retry (see retry.py).
                     frozen = study._storage.get_trial(t._trial_id)
-                    if not retry_later(study, frozen) and ctx.checkpoints is not None:
-                        # no retry (it got no further): nobody will resume its checkpoint
+                    if not retry_later(study, frozen, signalled=True) and ctx.checkpoints is not None:
+                        # no retry: nobody will resume its checkpoint
                         ctx.checkpoints.discard(study.study_name, frozen.system_attrs, t.number)
                     _tell(study, t, state=TrialState.FAIL)
                 report.interrupted_by = sig.signum
