@@ -74,11 +74,14 @@ class MetricWriter:
     line when an outage starts, when points are spooled and when the store takes writes again.
     ``senders``: threads that send different runs' points at once, for a tracking server (the
     store's work is the server's; the round trips of the 20-35 ms calls then overlap). ``on_stored(points, now_ms)``
-    (benchmarks) hears of every stored chunk."""
+    (benchmarks) hears of every stored chunk. ``send(run_id, points)`` stores one chunk
+    (``sql_metrics.bulk_sender`` for MLflow's SQL stores; default ``log_batch``)."""
 
     def __init__(self, client, spool: SpoolWriter, senders: int = 1,
-                 warn: Callable[[str], None] | None = None, on_stored: Callable | None = None):
+                 warn: Callable[[str], None] | None = None, on_stored: Callable | None = None,
+                 send: Callable | None = None):
         self.client, self.spool = client, spool
+        self._send = send or self._log_batch
         self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.on_stored = on_stored
         self._inbox: collections.deque = collections.deque()
@@ -206,16 +209,19 @@ class MetricWriter:
             end.done.set()
         self._accepted()
 
+    def _log_batch(self, run_id: str, points: list) -> None:
+        from mlflow.entities import Metric
+
+        self.client.log_batch(run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points])
+
     def _send_run(self, run_id: str, points: list) -> Exception | None:
         """Send one run's points in chunks of MAX_BATCH, removing each chunk once stored;
         returns the refusal, if any (on a sender thread when the store takes several)."""
-        from mlflow.entities import Metric
-
         while points:
             chunk = points[:MAX_BATCH]
             began = time.perf_counter()
             try:
-                self.client.log_batch(run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
+                self._send(run_id, chunk)
             except Exception as err:
                 return err
             del points[:len(chunk)]
