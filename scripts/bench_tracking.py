@@ -14,14 +14,19 @@ as a pack's slots end) and the tracker drains. Per store and K it prints:
 * lag from enqueue to stored: median and p99 over every point;
 * training-thread cost per point (the listener calls only), and that cost for the 2K points
   of one pack step as a share of the step (1/``--rate`` s; the issue's bound: < 1%);
+* for a server: the CPU time its processes spent per point stored (what caps it on a machine it
+  shares, and what ``--workers`` has to divide across free cores);
 * missing/duplicated: every run is read back (``lr`` and ``train_loss`` histories: one row per
   step, steps 0..n-1); the exit status is 1 when any point is missing or doubled.
 
 Stores: ``sqlite`` (an embedded SQLite file), ``server`` (a real ``mlflow server`` subprocess,
-SQLite behind it, over HTTP), ``postgres`` (a throwaway PostgreSQL via scripts/start_postgres.sh;
-needs root and the server binaries, skipped otherwise).
+SQLite behind it, over HTTP), ``server-pg`` (the same server with PostgreSQL behind it, as a
+team's server runs), ``postgres`` (a throwaway PostgreSQL via scripts/start_postgres.sh; needs
+root and the server binaries, skipped otherwise). ``--server-workers N`` starts the server with
+N processes (``mlflow server --workers``).
 
-    python scripts/bench_tracking.py [--runs 8 16 32] [--stores sqlite server postgres] [--seconds 10]
+    python scripts/bench_tracking.py [--runs 8 16 32] [--stores sqlite server server-pg postgres]
+                                     [--seconds 10] [--server-workers 1]
 """
 
 from __future__ import annotations
@@ -120,21 +125,45 @@ def check_stored(client, result: FeedResult) -> list[str]:
 
 
 @contextlib.contextmanager
-def store(kind: str, tmp: Path):
-    """A tracking URI of ``kind``, alive inside the block."""
+def store(kind: str, tmp: Path, server_workers: int = 1):
+    """(tracking URI of ``kind``, the server's pid or None), alive inside the block."""
     if kind == "sqlite":
-        yield f"sqlite:///{tmp}/mlflow.db"
-    elif kind == "server":
+        yield f"sqlite:///{tmp}/mlflow.db", None
+    elif kind in ("server", "server-pg"):
         from sweep.views.ui import mlflow_server
 
-        with mlflow_server(f"sqlite:///{tmp}/server.db",
-                           artifacts_destination=f"{tmp}/served") as (_, url):
-            yield url
+        with contextlib.ExitStack() as stack:
+            backend = (stack.enter_context(postgres()) if kind == "server-pg"
+                       else f"sqlite:///{tmp}/server.db")
+            proc, url = stack.enter_context(mlflow_server(
+                backend, artifacts_destination=f"{tmp}/served", workers=server_workers))
+            yield url, proc.pid
     elif kind == "postgres":
         with postgres() as url:
-            yield url
+            yield url, None
     else:
         raise SystemExit(f"unknown store {kind!r}")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every live process below it, from /proc: the
+    server's own cost, which on a shared machine caps what it can take."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+    tree, total = {pid}, 0.0
+    for _ in range(8):  # mlflow -> uvicorn -> workers: a few levels
+        tree |= {child for child, parent in parents.items() if parent in tree}
+    for member in tree:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 @contextlib.contextmanager
@@ -163,6 +192,8 @@ def main() -> int:
     parser.add_argument("--stores", nargs="+", default=["sqlite", "server", "postgres"])
     parser.add_argument("--seconds", type=float, default=10.0, help="feed time per row")
     parser.add_argument("--rate", type=float, default=60.0, help="steps/s per run")
+    parser.add_argument("--server-workers", type=int, default=1,
+                        help="processes of the mlflow server (server, server-pg)")
     parser.add_argument("--sync-every", type=int, default=10, help="steps per listener call")
     args = parser.parse_args()
 
@@ -171,26 +202,32 @@ def main() -> int:
     from sweep.orchestration.tracking import Tracker
 
     stores = list(args.stores)
-    if "postgres" in stores and (os.geteuid() != 0 or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
-        print("postgres: skipped (needs root and PostgreSQL server binaries)")
-        stores.remove("postgres")
+    no_postgres = os.geteuid() != 0 or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    for kind in ("postgres", "server-pg"):
+        if kind in stores and no_postgres:
+            print(f"{kind}: skipped (needs root and PostgreSQL server binaries)")
+            stores.remove(kind)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}; {args.seconds:g} s feed per row, {args.rate:g} steps/s "
           f"per run, lr + train_loss per step, listener every {args.sync_every} steps")
     print(f"{'store':9} {'K':>3} {'offered/s':>9} {'points':>8} {'stored/s':>9} {'drain s':>7} "
-          f"{'capacity/s':>10} {'lag med s':>9} {'lag p99 s':>9} {'us/point':>8} {'% of step':>9}  missing")
+          f"{'capacity/s':>10} {'lag med s':>9} {'lag p99 s':>9} {'us/point':>8} {'% of step':>9} "
+          f"{'server CPU us/pt':>16}  missing")
     failed = False
     for kind in stores:
-        with tempfile.TemporaryDirectory() as tmp, store(kind, Path(tmp)) as uri:
+        with tempfile.TemporaryDirectory() as tmp, store(kind, Path(tmp), args.server_workers) as (uri, server_pid):
             for k in args.runs:
                 tracker = Tracker(uri)
                 experiment_id = tracker.experiment_id(f"bench-{k}")
                 parent = tracker.study_run(experiment_id, f"bench-{k}", {}, None)
                 lags: list = []
+                server_cpu = tree_cpu_s(server_pid) if server_pid else 0.0
                 result = feed(tracker, experiment_id, parent, k, args.rate, args.seconds,
                               args.sync_every, lags=lags)
                 busy = tracker.writer.busy_s
                 tracker.close()
+                server_us = (f"{1e6 * (tree_cpu_s(server_pid) - server_cpu) / result.points:16.0f}"
+                             if server_pid else f"{'-':>16}")
                 problems = check_stored(MlflowClient(uri), result)
                 failed |= bool(problems)
                 per_point = result.listener_s / max(result.points, 1)
@@ -200,7 +237,7 @@ def main() -> int:
                       f"{result.drain_s:7.2f} {result.points / max(busy, 1e-9):10.0f} "
                       f"{statistics.median(lags) / 1000:9.2f} "
                       f"{percentile(lags, 0.99) / 1000:9.2f} {1e6 * per_point:8.2f} "
-                      f"{100 * per_point * 2 * k / step_s:9.4f}  "
+                      f"{100 * per_point * 2 * k / step_s:9.4f} {server_us}  "
                       f"{len(problems) or 'none'}", flush=True)
                 for line in problems[:5]:
                     print("   ", line)

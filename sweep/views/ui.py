@@ -109,15 +109,16 @@ def serve_mlflow(tracking_uri: str, host: str = LOCALHOST, port: int = 5000,
 
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, host: str = LOCALHOST, port: int = 0,
-                  artifacts_destination: str | None = None):
+                  artifacts_destination: str | None = None, workers: int = 1):
     """``mlflow server`` for ``backend_uri`` in a child process: yields (process, base URL) once
     ``/health`` answers, and stops it on exit. With ``artifacts_destination`` the server stores
     artifacts there and clients upload them over HTTP (``--serve-artifacts``), as a tracking
-    server shared by cluster nodes does; without, a SQLite store keeps them beside itself."""
+    server shared by cluster nodes does; without, a SQLite store keeps them beside itself.
+    ``workers``: the server's processes (each handles requests on one core)."""
     port = check_port(host, port)
     base = f"http://{_url_host(host)}:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
+           "--host", host, "--port", str(port), "--workers", str(workers)]
     path = sqlite_path(backend_uri)
     if artifacts_destination is not None:
         cmd += ["--serve-artifacts", "--artifacts-destination", artifacts_destination]
