@@ -154,7 +154,10 @@ def site(tmp_path_factory, shared_cifar):
         pytest.skip("chromium is not installed (apt-get install chromium); the browser tests need it")
     pytest.importorskip("websocket", reason="websocket-client is not installed (extra 'test')")
     root = tmp_path_factory.mktemp("browser")
-    _sweep("launch", "--study", "smoke", "--data-dir", str(shared_cifar), "--quiet", cwd=root)
+    # the study's budget, epochs and steps; a third of its images (the UI shows the same runs)
+    _sweep("launch", "--study", "smoke", "--data-dir", str(shared_cifar), "--quiet",
+           "--set", "data.train_size=300", "--set", "data.val_size=100", "--set",
+           "data.test_size=100", "--set", "train.batch_size=30", cwd=root)
     _sweep("report", "--study", "smoke", cwd=root)
     # stderr to a file: an undrained pipe could fill up and block `sweep ui`
     ui_log = open(root / "sweep_ui.log", "w")
