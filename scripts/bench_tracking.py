@@ -145,24 +145,38 @@ def store(kind: str, tmp: Path, server_workers: int = 1):
         raise SystemExit(f"unknown store {kind!r}")
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, from /proc (no psutil here)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and every live process below it, from /proc: the
-    server's own cost, which on a shared machine caps what it can take."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-    tree, total = {pid}, 0.0
-    for _ in range(8):  # mlflow -> uvicorn -> workers: a few levels
-        tree |= {child for child, parent in parents.items() if parent in tree}
-    for member in tree:
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) of ``pid`` and every live process below it (mlflow ->
+    uvicorn -> its workers): the server's own cost, which on a shared machine caps what it can
+    take."""
+    total = 0.0
+    for member in [pid, *descendants(pid)]:
+        fields = _stat_fields(member)
+        if fields is not None:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -22,12 +23,13 @@ SMALL = ["--set", "data.train_size=150", "--set", "data.val_size=50", "--set", "
          "--set", "train.batch_size=15", "--set", "train.epochs=1"]
 
 
-def launch(folder: Path, data: Path, seed: int) -> subprocess.Popen:
+def launch(folder: Path, data: Path, seed: int) -> None:
     folder.mkdir()
-    return subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", "--study", "smoke",
-                             "--trials", "2", "--seed", str(seed), "--quiet", "--data-dir", str(data),
-                             *SMALL], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, "-m", "sweep.cli", "launch", "--study", "smoke",
+                           "--trials", "2", "--seed", str(seed), "--quiet", "--data-dir", str(data),
+                           *SMALL], cwd=folder, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
 
 
 def trials_and_curves(folder: Path) -> list[tuple]:
@@ -47,10 +49,10 @@ def trials_and_curves(folder: Path) -> list[tuple]:
 def runs(tmp_path_factory, tiny_cifar):
     root = tmp_path_factory.mktemp("seeds")
     # at once, in separate folders: one thread each, so running side by side changes no result
-    procs = [launch(root / name, tiny_cifar, seed) for name, seed in (("a", 3), ("b", 3), ("c", 4))]
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out + err[-3000:]
+    with ThreadPoolExecutor(3) as pool:  # result(): a failed launch's assertion is raised here
+        for done in [pool.submit(launch, root / name, tiny_cifar, seed)
+                     for name, seed in (("a", 3), ("b", 3), ("c", 4))]:
+            done.result()
     return root
 
 

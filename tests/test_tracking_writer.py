@@ -101,23 +101,6 @@ def _assert_exactly_once(rows: dict, result) -> None:
             assert rows.get((run.run_id, key)) == (steps, steps), (run.run_id, key, steps)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (no psutil here)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _start_server(backend: str, port: int, artifacts: Path) -> subprocess.Popen:
     """``mlflow server`` on a fixed port, as ``sweep ui`` starts it, once /health answers.
     Not ``ui.mlflow_server``: its free-port check refuses a port the killed server's
@@ -141,7 +124,7 @@ def _start_server(backend: str, port: int, artifacts: Path) -> subprocess.Popen:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    for pid in [*_descendants(proc.pid), proc.pid]:  # uvicorn's worker holds the socket
+    for pid in [*bench.descendants(proc.pid), proc.pid]:  # uvicorn's worker holds the socket
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
