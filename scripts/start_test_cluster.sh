@@ -7,9 +7,12 @@
 # Needs root and Debian's `slurm-wlm` + `munge`. No systemd and no cgroups: munged runs as the
 # munge user (with /run/munge created first), slurmctld and slurmd run as root with
 # proctrack/linuxproc, task/none and select/cons_tres + CR_CPU. One node `localhost` with CPUS
-# CPUs (default 2; may exceed the real cores: config_overrides), one partition `debug`. Ports are picked free, so clusters of several test
-# runs do not collide. No accounting (sacct needs slurmdbd): read results from job output files
-# or `scontrol show job`. Every client needs SLURM_CONF exported.
+# CPUs (default 2; may exceed the real cores: config_overrides), RealMemory=2000 (MB) and the
+# feature `sweeptest` (so --mem and --constraint are judged as on a real cluster: more memory or
+# a feature no node has is refused at submission), one partition `debug`. Ports are picked free,
+# so clusters of several test runs do not collide. No accounting (sacct needs slurmdbd): read
+# results from job output files or `scontrol show job`; --account is recorded unchecked and
+# --qos dropped (QOS=(null)). Every client needs SLURM_CONF exported.
 set -euo pipefail
 cmd="${1:?usage: start [CPUS] | stop DIR}"
 for bin in munged slurmctld slurmd sbatch; do
@@ -72,7 +75,7 @@ SlurmdTimeout=30
 SchedulerParameters=sched_interval=1
 # Trust the CPU count below even where the machine has fewer cores (tests oversubscribe).
 SlurmdParameters=config_overrides
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=2000 Features=sweeptest State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$dir/slurm.conf"

@@ -267,23 +267,37 @@ def status(study_name, storage, tracking_uri, repair):
 @click.option("--requeue", is_flag=True,
               help="Let SLURM requeue a task that is preempted or whose node fails (#SBATCH "
                    "--requeue); its trials resume from their checkpoints.")
+@click.option("--account", help="SLURM account to charge (#SBATCH --account).")
+@click.option("--qos", help="SLURM quality of service (#SBATCH --qos).")
+@click.option("--mem", help="Memory per task (= per worker), e.g. 16G (#SBATCH --mem).")
+@click.option("--constraint", help="Node features the tasks need, e.g. 'a100|h100' "
+                                   "(#SBATCH --constraint).")
+@click.option("--sbatch-option", "sbatch_options", multiple=True, metavar="'--KEY=VALUE'",
+              help="Any other sbatch long option, written verbatim into the script, e.g. "
+                   "'--gres=gpu:a100:1' (repeatable).")
+@click.option("--setup", multiple=True, metavar="'LINE'",
+              help="A shell line each task runs before the worker starts, e.g. 'module load "
+                   "cuda/12.4' (repeatable, in order; one that fails ends the task).")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script; create and submit nothing.")
 @friendly_errors
 def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, cpus_per_task,
            time_limit, trials, data_dir, device, overrides, job_dir, allow_space_change,
-           checkpoint_dir, requeue, dry_run):
+           checkpoint_dir, requeue, account, qos, mem, constraint, sbatch_options, setup,
+           dry_run):
     """Submit a SLURM job array of ``sweep worker`` tasks sharing one study."""
     from pathlib import Path
 
     from sweep.orchestration.launch import LaunchOptions
     from sweep.orchestration.slurm import SubmitOptions, submit as run_submit
+    from sweep.orchestration.slurm_site import SiteOptions
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
+    site = SiteOptions(account, qos, mem, constraint, tuple(sbatch_options), tuple(setup))
     text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
                                           allow_space_change, checkpoint_dir),
                       SubmitOptions(array, Path(job_dir), partition, gpus_per_task, time_limit,
-                                    cpus_per_task, dry_run, requeue), list(overrides))
+                                    cpus_per_task, dry_run, requeue, site), list(overrides))
     click.echo(mask_url(text))
 
 

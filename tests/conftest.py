@@ -85,7 +85,8 @@ def _postgres_cluster():
 @pytest.fixture(scope="session")
 def slurm():
     """The SLURM_CONF of a fresh single-node cluster; stopped after the session. It declares 3
-    CPUs (on 2 real cores) so that all three array tasks start at once, as on a real cluster."""
+    CPUs (on 2 real cores) so that all three array tasks start at once, as on a real cluster,
+    RealMemory=2000 (MB) and the node feature ``sweeptest``."""
     import shutil
     import subprocess
 

@@ -79,7 +79,12 @@ def submit_tiny_array(data_dir: Path, slurm_conf: str, folder: Path, storage: st
                   *[arg for s in sets for arg in ("--set", s)]),
         env=env, cwd=folder, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout.split("submitted job ", 1)[1].split(":")[0], done.stdout + done.stderr, env
+    return submitted_job(done.stdout), done.stdout + done.stderr, env
+
+
+def submitted_job(said: str) -> str:
+    """The job id in ``sweep submit``'s answer ("submitted job 42: array of ...")."""
+    return said.split("submitted job ", 1)[1].split(":")[0]
 
 
 def plain_storage(url: str):

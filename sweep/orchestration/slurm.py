@@ -11,7 +11,12 @@ only open existing stores); then two files are written into the job folder:
   shell: ``scancel``, preemption and ``--signal=B:TERM@60`` (60 s before the time limit)
   deliver SIGTERM to it, and it ends its trial FAIL (re-enqueued) / KILLED in MLflow.
 
-Nothing here talks to slurmctld except ``sbatch`` itself (``SLURM_CONF`` is honoured).
+What a particular cluster asks for (account, QOS, memory, features, other sbatch options, set-up
+lines) is checked and rendered by ``slurm_site``. Before anything is created, ``sbatch
+--test-only`` shows the script to slurmctld, so a job the cluster would refuse (an unknown
+feature, more memory than any node has, a bad partition or account) is refused in one line with
+nothing written. Nothing here talks to slurmctld except ``sbatch`` itself (``SLURM_CONF`` is
+honoured).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.errors import SubmitError
+from sweep.orchestration.slurm_site import SiteOptions, check_site, setup_block, site_directives
 from sweep.orchestration.storage import journal_path, mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
@@ -42,6 +48,7 @@ class SubmitOptions:
     cpus_per_task: int | None = None
     dry_run: bool = False
     requeue: bool = False  # SLURM requeues a preempted task / one on a failed node
+    site: SiteOptions = SiteOptions()  # account, QOS, memory, features, pass-through, set-up
 
 
 def check_submit(opts: SubmitOptions) -> None:
@@ -54,6 +61,7 @@ def check_submit(opts: SubmitOptions) -> None:
         raise SubmitError(f"--partition {opts.partition!r}: not a SLURM partition name")
     if opts.gpus_per_task < 0 or (opts.cpus_per_task is not None and opts.cpus_per_task < 1):
         raise SubmitError("--gpus-per-task must be >= 0 and --cpus-per-task >= 1")
+    check_site(opts.site)
     if not opts.dry_run and shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found on PATH; run sweep submit on a SLURM login node, or "
                           "use --dry-run to see the script")
@@ -80,6 +88,7 @@ def render_script(study_name: str, worker_cmd: list[str], opts: SubmitOptions,
     out = opts.job_dir.resolve() / f"{job}-%A_%a.out"
     lines = ["#!/bin/bash",
              f"# sweep submit: {opts.array} workers of study {study_name!r}, one per array task.",
+             *site_directives(opts.site),  # first: where two lines disagree, sbatch takes the last
              f"#SBATCH --job-name={job}",
              f"#SBATCH --array=0-{opts.array - 1}",
              "#SBATCH --ntasks=1",
@@ -106,6 +115,7 @@ def render_script(study_name: str, worker_cmd: list[str], opts: SubmitOptions,
         "# torch uses this many threads on the CPU: the task's CPUs, not the node's.",
         'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
         'echo "task ${SLURM_ARRAY_TASK_ID} on $(hostname): job ${SLURM_JOB_ID}"',
+        *setup_block(opts.site),
         "# exec: the worker replaces this shell, so scancel/preemption SIGTERM reaches it.",
         "exec " + " ".join(shlex.quote(a) for a in worker_cmd),
         "",
@@ -126,17 +136,39 @@ def env_text(values: dict[str, str]) -> str:
     return "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
 
 
-def sbatch(script: Path) -> str:
-    """Submit ``script``; returns the job id. Raises SubmitError with sbatch's own reason."""
+def _run_sbatch(args: list[str], script_text: str | None = None) -> subprocess.CompletedProcess:
     try:
-        done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True,
+        return subprocess.run(["sbatch", *args], input=script_text, capture_output=True,
                               text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise SubmitError(f"sbatch could not run ({type(err).__name__}); check the SLURM "
                           f"client setup (SLURM_CONF)") from None
+
+
+def _refusal(done: subprocess.CompletedProcess) -> str:
+    """sbatch's reason on one line: its messages joined, without the "Try sbatch --help" hint."""
+    said = []
+    for line in (done.stderr + "\n" + done.stdout).splitlines():
+        line = re.sub(r"^(sbatch: (error|fatal): |sbatch: |allocation failure: )", "", line.strip())
+        if line and not line.startswith("Try ") and line not in said:
+            said.append(line)
+    return mask_url("; ".join(said) or f"exit status {done.returncode}, no message")
+
+
+def sbatch_test_only(script_text: str) -> None:
+    """Ask slurmctld whether it would accept the job (``sbatch --test-only``: nothing is queued).
+    Raises SubmitError with sbatch's own reason when it would not."""
+    done = _run_sbatch(["--test-only"], script_text)
     if done.returncode != 0:
-        reason = (done.stderr.strip() or done.stdout.strip() or "no message").splitlines()[-1]
-        raise SubmitError(f"sbatch refused the job: {mask_url(reason)}; the script is {script}")
+        raise SubmitError(f"sbatch refused the job: {_refusal(done)} (checked with sbatch "
+                          f"--test-only; nothing was created, written or submitted)")
+
+
+def sbatch(script: Path) -> str:
+    """Submit ``script``; returns the job id. Raises SubmitError with sbatch's own reason."""
+    done = _run_sbatch(["--parsable", str(script)])
+    if done.returncode != 0:
+        raise SubmitError(f"sbatch refused the job: {_refusal(done)}; the script is {script}")
     return done.stdout.strip().split(";")[0]
 
 
@@ -165,6 +197,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     if opts.dry_run:
         return (f"# dry run: nothing created, written or submitted. The job would read the "
                 f"storage and tracking URLs from {env_file} (mode 0600).\n" + script)
+    sbatch_test_only(script)  # before the stores: a job SLURM refuses creates nothing
     budget = open_study_stores(spec, launch_opts, check_device=False, load_data=False).budget
     values = {"SWEEP_STORAGE": storage, "MLFLOW_TRACKING_URI": tracking}
     write_private(env_file, env_text(values))
