@@ -272,10 +272,10 @@ def status(study_name, storage, tracking_uri, repair):
 @click.option("--mem", help="Memory per task (= per worker), e.g. 16G (#SBATCH --mem).")
 @click.option("--constraint", help="Node features the tasks need, e.g. 'a100|h100' "
                                    "(#SBATCH --constraint).")
-@click.option("--sbatch-option", "sbatch_options", multiple=True, metavar="'--KEY=VALUE'",
-              help="Any other sbatch long option, written verbatim into the script, e.g. "
-                   "'--gres=gpu:a100:1' (repeatable).")
-@click.option("--setup", multiple=True, metavar="'LINE'",
+@click.option("--sbatch-option", "sbatch_options", multiple=True, metavar="--KEY=VALUE",
+              help="Any other sbatch long option, one per flag, written verbatim as an #SBATCH "
+                   "line (repeatable).")
+@click.option("--setup", multiple=True, metavar="LINE",
               help="A shell line each task runs before the worker starts, e.g. 'module load "
                    "cuda/12.4' (repeatable, in order; one that fails ends the task).")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script; create and submit nothing.")
