@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from helpers import (TINY, check_consistent, submitted_job, sweep_cmd, sweep_env, trial_runs,
                      wait_array_ended)
 from sweep.cli import main
-from sweep.orchestration.slurm_site import SBATCH_OPTIONS_LIKE_OWNED, _OWNED
+from sweep.orchestration.slurm_site import OWNED_OPTIONS, SBATCH_OPTIONS_LIKE_OWNED
 
 SITE = ["--account", "physics", "--qos", "normal", "--mem", "500M", "--constraint", "sweeptest",
         "--sbatch-option", '--comment=sweep "test" #1', "--sbatch-option", "--nice=7"]
@@ -92,7 +92,8 @@ def test_owned_option_abbreviations_match_the_installed_sbatch(slurm):
                            capture_output=True, text=True, timeout=60).stdout
     options = set(re.findall(r"--([a-z][a-z0-9-]*)", shown))
     assert {"account", "qos", "mem", "constraint", "array", "gres"} <= options
-    like_owned = {o for o in options if any(o != owned and owned.startswith(o) for owned in _OWNED)}
+    like_owned = {o for o in options
+                  if any(o != owned and owned.startswith(o) for owned in OWNED_OPTIONS)}
     assert like_owned == SBATCH_OPTIONS_LIKE_OWNED
 
 

@@ -35,7 +35,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NEEDS_QUOTES = re.compile(r"[\s\"'\\#]")  # sbatch splits directives on these
 
 # Options sweep's script sets itself or has a flag for: an --sbatch-option may not name them.
-_OWNED = {
+OWNED_OPTIONS = {
     "job-name": "sweep names the job sweep-STUDY itself",
     "array": "sweep writes --array itself (use sweep submit --array K)",
     "ntasks": "every array task is one worker (sweep writes --ntasks=1)",
@@ -103,8 +103,8 @@ def _check_sbatch_option(option: str) -> None:
     name, value = match.group(1), match.group(2)
     if value == "":
         raise SubmitError(f"{said}: nothing after '='; give a value or drop the '='")
-    owner = _OWNED.get(name) or next(
-        (f"abbreviates --{owned}: {why}" for owned, why in _OWNED.items()
+    owner = OWNED_OPTIONS.get(name) or next(
+        (f"abbreviates --{owned}: {why}" for owned, why in OWNED_OPTIONS.items()
          if owned.startswith(name) and name not in SBATCH_OPTIONS_LIKE_OWNED), None)
     if owner:
         raise SubmitError(f"{said}: {owner}")
@@ -150,7 +150,8 @@ def setup_block(site: SiteOptions) -> list[str]:
     if not site.setup:
         return []
     lines = ["# Set-up (--setup): each line runs in this shell, in order, so what it exports or",
-             "# loads reaches the worker; a line that fails ends the task before the worker starts.",
+             "# loads reaches the worker; a line that fails ends the task before the worker "
+             "starts.",
              "sweep_setup_failed() {",
              '  echo "sweep: set-up line failed with exit status $1, the worker was not '
              'started: $2" >&2',
