@@ -14,9 +14,9 @@ only open existing stores); then two files are written into the job folder:
 What a particular cluster asks for (account, QOS, memory, features, other sbatch options, set-up
 lines) is checked and rendered by ``slurm_site``. Before anything is created, ``sbatch
 --test-only`` shows the script to slurmctld, so a job the cluster would refuse (an unknown
-feature, more memory than any node has, a bad partition or account) is refused in one line with
-nothing written. Nothing here talks to slurmctld except ``sbatch`` itself (``SLURM_CONF`` is
-honoured).
+feature, more memory than any node has, a bad partition, an account it refuses) is refused in
+one line with nothing written. Nothing here talks to slurmctld except ``sbatch`` itself
+(``SLURM_CONF`` is honoured).
 """
 
 from __future__ import annotations
