@@ -27,6 +27,7 @@ _BLOCK = re.compile(r"^```([\w-]*)\n(.*?)^```", re.M | re.S)
 _INLINE = re.compile(r"`(sweep [^`]+)`")
 _OPTION = re.compile(r"^--?[A-Za-z][\w-]*$")
 _ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+(?=sweep\b)")
+_COMMENT = re.compile(r"\s+#.*$")  # a shell comment after the command
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -62,6 +63,7 @@ def shown_commands() -> list[tuple[str, bool, str]]:
             for line in _logical_lines(body):
                 for part in line.split("&&"):  # `pip install -e . && sweep launch ...`
                     part = _ENV_PREFIX.sub("", part.strip())  # `SWEEP_DATA_DIR=... sweep ...`
+                    part = _COMMENT.sub("", part)
                     if part == "sweep" or part.startswith("sweep "):
                         found.append((_rel(page), lang in SHELL_BLOCKS, part))
         prose = _BLOCK.sub("", text)
