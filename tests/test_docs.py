@@ -28,6 +28,8 @@ _INLINE = re.compile(r"`(sweep [^`]+)`")
 _OPTION = re.compile(r"^--?[A-Za-z][\w-]*$")
 _ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+(?=sweep\b)")
 _COMMENT = re.compile(r"\s+#.*$")  # a shell comment after the command
+_REPO_FILE = re.compile(r"(?<![\w/.])((?:scripts|tests|sweep|studies|docs)/[\w/.-]+"
+                        r"\.(?:py|yaml|sh|sbatch|md|png))")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -160,6 +162,16 @@ def test_relative_links_point_to_files(page):
         if not path.exists() and _rel_or_none(path) not in PENDING_PAGES:
             broken.append(target)
     assert not broken, f"{_rel(page)}: links to missing files {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_named_repository_files_exist(page):
+    """`scripts/bench_fused.py`, `sweep/orchestration/retry.py`, ...: files the text names
+    (placeholders such as `studies/NAME.yaml` aside)."""
+    named = set(_REPO_FILE.findall(page.read_text()))
+    missing = sorted(name for name in named - PENDING_PAGES
+                     if not (ROOT / name).exists() and not re.search(r"\b[A-Z]{2,}\b", name))
+    assert not missing, f"{_rel(page)} names files that do not exist: {missing}"
 
 
 def _rel_or_none(path: Path) -> str | None:
