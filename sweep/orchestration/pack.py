@@ -54,8 +54,8 @@ def auto_fuse(device: torch.device, model: str, width: int, batch_size: int) -> 
     """How many trials to fuse when a study says ``fuse: auto`` (before the budget bound).
 
     * CPU: 1. On this project's 2-core CPU (resnet8, batch 128, bench_fused.py) a fused pack
-      trained fewer images/s in all than one unfused trial: K=2 0.78x, K=4 0.59x (README
-      "Fused trials"). The cores are already busy with one model; fusion only adds work.
+      trained fewer images/s in all than one unfused trial: K=2 0.78x, K=4 0.59x
+      (docs/performance.md). The cores are already busy with one model; fusion only adds work.
     * CUDA: the knee of the measured throughput (``MEASURED_THROUGHPUT``): 16 on the H100,
       where K=32 trained only 6% more images/s than K=16 while a TPE study of 40 trials fused
       32 at a time would sample almost blind (half its budget proposed before any result).

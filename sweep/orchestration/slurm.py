@@ -205,7 +205,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     job_id = sbatch(script_file)
     out = opts.job_dir.resolve() / f"{name}-{job_id}_*.out"
     note = ("\nnote: SQLite on a cluster's shared file system is fragile; prefer postgresql:// "
-            "(see README, Run on a cluster)" if storage.startswith("sqlite") else "")
+            "(see docs/clusters.md)" if storage.startswith("sqlite") else "")
     return (f"submitted job {job_id}: array of {opts.array} workers for study {spec.name!r} "
             f"(budget {budget} trials)\n"
             f"  script: {script_file} (URLs from {env_file}, mode 0600)\n"

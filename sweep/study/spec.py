@@ -121,7 +121,7 @@ class DivergenceSpec:
     reference_steps: int = 10  # the reference is the lowest loss of the first steps
     # Loss above ceiling_factor x min(lowest loss so far, chance level ln C) is divergence at
     # once. 100: resnet8 runs on the shared subset peaked at 2.4x (4.8x if left at chance), a
-    # 2-epoch resnet20 at LR 2 at 8.4x (README, "Pruning and divergence").
+    # 2-epoch resnet20 at LR 2 at 8.4x (docs/pruning.md).
     ceiling_factor: float = 100.0
     # Validation loss above val_loss_factor x ln C after an epoch is divergence. 10,000: early
     # val_loss reached 39x ln C in a healthy run and 260x in a 2-epoch resnet20 at LR 2 with
@@ -555,7 +555,7 @@ _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 # The sections that decide what a trial trains and how it is judged: a confirmation must
 # replicate the search with the same ones. ``train.fuse`` is left out: a fused trial is the same
-# computation as an unfused one (README "Fused trials").
+# computation as an unfused one (docs/packs.md).
 TRIAL_SETTINGS = ("objective", "divergence", "data", "train")
 NOT_A_SETTING = {("train", "fuse")}
 

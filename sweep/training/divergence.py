@@ -12,8 +12,7 @@ A trial has diverged when
   trial shorter than ``patience_steps``. Measured on resnet8 runs on the shared subset (LR
   0.05-2 in the smoke study, 0.1-8 with and without warmup in pruning_bench), the largest
   loss / running reference was 2.4 in runs that learned and 4.8 in runs left at chance; 8.4 in
-  a 2-epoch resnet20 at LR 2 without warmup. 100 leaves a 12x margin (README, "Pruning and
-  divergence"); or
+  a 2-epoch resnet20 at LR 2 without warmup. 100 leaves a 12x margin (docs/pruning.md); or
 * after an epoch, its validation loss exceeds ``val_loss_factor`` x ln C. The first epochs'
   validation loss of a healthy run can be large (BatchNorm statistics still settling: 89, i.e.
   39x ln 10, for resnet8 at LR 1.6 with warmup, which ended at 32% accuracy; 601 = 260x for a

@@ -107,7 +107,7 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, normalize: N
 
 def compiles(setting: bool | str, device: torch.device) -> bool:
     """``train.compile`` for ``device``: true, false, or "auto" = on CUDA only (the CPU
-    compiles for minutes and the compiled step was no faster there: README "Compiled packs")."""
+    compiles for minutes and the compiled step was no faster there: docs/packs.md)."""
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
