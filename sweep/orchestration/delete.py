@@ -49,6 +49,7 @@ class DeletePlan:
     checkpoint_files: int = 0
     spool_points: int = 0
     spool_runs: int = 0
+    trials: int = 0
 
     @property
     def name(self) -> str:
@@ -56,8 +57,7 @@ class DeletePlan:
 
     def lines(self, done: bool) -> list[str]:
         verb = "removed" if done else "would remove"
-        n = len(self.study.get_trials(deepcopy=False))
-        out = [f"{verb}: Optuna study {self.name!r} ({n} trial(s)) from "
+        out = [f"{verb}: Optuna study {self.name!r} ({self.trials} trial(s)) from "
                f"{mask_url(self.storage_url)}"]
         if self.tracker is None:
             out.append(f"  MLflow: no store at {mask_url(self.tracking_uri)}; nothing there")
@@ -87,12 +87,14 @@ def plan_delete(study_name: str, storage_url: str, tracking_uri: str,
     """Find what belongs to the study (see the module docstring); removes nothing. Raises
     SweepError for an unknown study or a study with RUNNING trials."""
     study, tracker, experiment_id = open_for_status(study_name, storage_url, tracking_uri)
-    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    trials = study.get_trials(deepcopy=False)
+    running = [t.number for t in trials if t.state == TrialState.RUNNING]
     if running:
         raise SweepError(f"study {study.study_name!r} has RUNNING trial(s) {running}: stop its "
                          f"workers first (or, if they are dead, `sweep status --repair --study "
                          f"{study.study_name}`), then delete")
-    plan = DeletePlan(study, storage_url, tracking_uri, tracker, experiment_id)
+    plan = DeletePlan(study, storage_url, tracking_uri, tracker, experiment_id,
+                      trials=len(trials))
     if tracker is not None and experiment_id is not None:
         from mlflow.entities import ViewType
 
