@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -50,8 +51,7 @@ def _complete_study(ctx, param, incomplete: str):
     from sweep.orchestration.storage import study_names
     from sweep.study.spec import available_studies
 
-    url = ctx.params.get("storage") or ctx.lookup_default("storage") or \
-        __import__("os").environ.get("SWEEP_STORAGE") or DEFAULT_STORAGE
+    url = ctx.params.get("storage") or os.environ.get("SWEEP_STORAGE") or DEFAULT_STORAGE
     try:
         names = study_names(url) + available_studies()
     except Exception:

@@ -403,4 +403,3 @@ def test_on_postgresql(postgres_server, tiny_cifar, tmp_path):
     assert optuna.get_all_study_summaries(plain_storage(optuna_url)) == []
     client = MlflowClient(mlflow_url)
     assert client.get_experiment_by_name("pg") is None
-    from sweep.orchestration.completeness import is_sql_store  # noqa: F401  (PostgreSQL: SQL)
