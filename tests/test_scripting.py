@@ -226,6 +226,8 @@ def test_status_json_and_exit_codes(sqlite_stores):
     data = json.loads(res.output)
     assert data["stale_trials"] == [trial.number] and data["running"][0]["stale"]
     assert "STALE" in invoke("status", "--study", name, *stores_of(where)).output
+    refused = invoke("delete", "--study", name, *stores_of(where), "--yes")
+    assert refused.exit_code == 2 and f"RUNNING trial(s) [{trial.number}]" in refused.output
 
     # Points of one of its runs waiting in the spool: the record is incomplete -> 3 (both: 3).
     run_id = independent_trials(where, name)[0][1].info.run_id
@@ -238,7 +240,7 @@ def test_status_json_and_exit_codes(sqlite_stores):
 
     res = invoke("status", "--study", name, *stores_of(where), "--repair", "--json")
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output.split("\n", 1)[1] if not res.output.startswith("{") else res.output)
+    data = json.loads(res.stdout)  # the replay's line went to stderr
     assert data["repaired"]["failed_trials"] == [trial.number] and data["stale_trials"] == []
     assert [m.value for m in MlflowClient(where["tracking"]).get_metric_history(run_id, "spooled")] == [1.0]
 

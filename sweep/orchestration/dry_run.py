@@ -84,7 +84,8 @@ def dry_run(spec: StudySpec, opts) -> str:
         f"epoch: data.train_size {spec.data.train_size} // train.batch_size "
         f"{spec.train.batch_size})",
         f"storage {mask_url(opts.storage)}: {where}",
-        f"budget: {budget} trials, {used} used, {left} left",
+        f"budget: {budget} trials, {used} used, {left} left"
+        + ("" if left else "; nothing to run: raise it with --trials N"),
         f"device {device}: fused pack size {capacity}"
         + (" (trials train as one grouped network)" if trains_as_pack(spec.train, device, capacity)
            else " (one trial at a time)"),
