@@ -142,8 +142,10 @@ def _remove_runs(plan: DeletePlan) -> None:
             from urllib.parse import unquote, urlsplit
 
             folder = Path(unquote(urlsplit(location).path))
-            if folder.is_dir() and not any(folder.rglob("*.*")):
-                shutil.rmtree(folder, ignore_errors=True)  # only empty sub-folders were left
+            # sweep's artifact root may be shared by every experiment of the store: it goes
+            # only when not one file is left in it (the runs' emptied folders)
+            if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _delete_artifacts(artifact_uri: str | None) -> None:
