@@ -260,6 +260,9 @@ def test_delete_removes_the_study_everywhere_and_nothing_else(sqlite_stores):
                   {"run": alpha_run, "metrics": [["x", 2.0, 1, 0]]}])
     spool.close()
 
+    beta_artifacts = [Path(client.get_run(r).info.artifact_uri.removeprefix("file://"))
+                      for r in beta_runs]
+    assert (beta_artifacts[0] / "lr_curve.png").is_file()  # what an ended trial run holds
     before = snapshot(where["root"])
     res = invoke("delete", "--study", "beta", *stores_of(where))
     assert res.exit_code == 0, res.output
@@ -279,6 +282,8 @@ def test_delete_removes_the_study_everywhere_and_nothing_else(sqlite_stores):
         with pytest.raises(Exception):
             client.get_run(run_id)
     assert not folder.exists() and default_dir(where["storage"]).exists()
+    assert not any(art.exists() for art in beta_artifacts)
+    assert "lr_curve.png" in [a.path for a in client.list_artifacts(alpha_run)]  # alpha's stay
     from sweep.orchestration.spool import pending
 
     left = pending(where["tracking"])
