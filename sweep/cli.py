@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,9 +44,33 @@ def _absolute_dir(ctx, param, value):
     return str(Path(value).expanduser().resolve()) if value else None
 
 
+def _complete_study(ctx, param, incomplete: str):
+    """Shell completion of --study: the study names in the storage the command line names (or
+    SWEEP_STORAGE, or the default), silently none when it is unreachable, then the study files
+    in studies/. Prints nothing: a completion must never show a URL or its credentials."""
+    from sweep.orchestration.storage import study_names
+    from sweep.study.spec import available_studies
+
+    url = ctx.params.get("storage") or os.environ.get("SWEEP_STORAGE") or DEFAULT_STORAGE
+    try:
+        names = study_names(url) + available_studies()
+    except Exception:
+        names = []
+    return [n for n in dict.fromkeys(names) if n.startswith(incomplete)]
+
+
 # Options that several commands share, declared once each (with one help text).
-study_option = click.option("--study", "study_name", required=True,
-                            help="Name in studies/ or path to a YAML file.")
+STUDY_HELP = ("The study: its name (as in the storage; for launch, worker, submit and confirm "
+              "the file studies/NAME.yaml) or the path of its YAML study file.")
+
+
+def study_option(required: bool = True):
+    """--study, the same meaning and help text on every command (optional where a command works
+    without a study)."""
+    return click.option("--study", "study_name", required=required, default=None,
+                        help=STUDY_HELP, shell_complete=_complete_study)
+
+
 storage_option = click.option("--storage", envvar="SWEEP_STORAGE", default=DEFAULT_STORAGE,
                               show_default=True, help="Optuna storage URL [env SWEEP_STORAGE].")
 tracking_uri_option = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
@@ -68,6 +93,20 @@ allow_space_change_option = click.option(
     "--allow-space-change", is_flag=True,
     help="Resume even if the search space changed (the change is recorded).")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print JSON (keys in docs/scripting.md) instead of text.")
+
+
+def top_option(help_text: str, default: int | None = None, high: int | None = None):
+    """--top, the one name for "how many of the best" on every command."""
+    return click.option("--top", type=click.IntRange(min=1, max=high), default=default,
+                        show_default=default is not None, help=help_text)
+
+
+def _echo_json(data) -> None:
+    import json
+
+    click.echo(mask_url(json.dumps(data, indent=1, allow_nan=False)))
 checkpoint_dir_option = click.option(
     "--checkpoint-dir", envvar="SWEEP_CHECKPOINT_DIR", default=None, callback=_absolute_dir,
     help="Where trials checkpoint each epoch, to resume after an interruption [env "
@@ -111,7 +150,7 @@ def main():
 
 
 @main.command()
-@study_option
+@study_option()
 @trials_option
 @storage_option
 @tracking_uri_option
@@ -126,9 +165,12 @@ def main():
               help="Worker processes sharing the study (each its own GPU when there are several).")
 @click.option("--workers-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --workers and several GPUs: workers per GPU.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved study, T, the budget left, the fused pack size and the "
+                   "estimated MLflow store size; create and run nothing.")
 @friendly_errors
 def launch(study_name, trials, storage, tracking_uri, data_dir, device, overrides, seed,
-           allow_space_change, quiet, checkpoint_dir, workers, workers_per_device):
+           allow_space_change, quiet, checkpoint_dir, workers, workers_per_device, dry_run):
     """Create or resume a study and run its trials on this machine."""
     from sweep.orchestration.launch import LaunchOptions, launch as run_launch
     from sweep.study.spec import load_study
@@ -138,6 +180,11 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
     spec = load_study(study_name, overrides)
     opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, allow_space_change,
                          checkpoint_dir)
+    if dry_run:
+        from sweep.orchestration.dry_run import dry_run as plan
+
+        click.echo(mask_url(plan(spec, opts)))
+        return
     if workers > 1:
         from sweep.orchestration.pool import PoolOptions, launch_pool
 
@@ -150,11 +197,10 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
 
 
 @main.command()
-@study_option
+@study_option()
 @click.option("--seeds", type=click.IntRange(min=2),
               help="Fresh seeds per configuration [default: 5; a resumed confirmation keeps its own].")
-@click.option("--top", type=click.IntRange(min=1),
-              help="Best configurations per scheduler type [default: 1].")
+@top_option("Best configurations per scheduler type [default: 1].")
 @storage_option
 @tracking_uri_option
 @data_dir_option
@@ -208,7 +254,7 @@ def validate(files):
 # --- parallel workers, status, SLURM (issue 6) ------------------------------------------------
 
 @main.command()
-@study_option
+@study_option()
 @storage_option
 @tracking_uri_option
 @trials_option
@@ -234,21 +280,31 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
 
 
 @main.command()
-@click.option("--study", "study_name", required=True, help="Study name (or its study file).")
+@study_option()
 @storage_option
 @tracking_uri_option
 @click.option("--repair", is_flag=True,
               help="Fail stale RUNNING trials and end MLflow runs whose trial is finished.")
+@json_option
 @friendly_errors
-def status(study_name, storage, tracking_uri, repair):
-    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs."""
+def status(study_name, storage, tracking_uri, repair, as_json):
+    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs. Exit 0:
+    all well; 3: MLflow lacks points or points wait in a spool; 4: stale trials (RUNNING with
+    no live worker); 2: bad input."""
     from sweep.orchestration.status import show_status
 
-    click.echo(mask_url(show_status(study_name, storage, tracking_uri, repair)))
+    said, facts = show_status(study_name, storage, tracking_uri, repair)
+    if said:
+        click.echo(mask_url(said), err=as_json)  # stdout stays one JSON document
+    if as_json:
+        _echo_json(facts.as_json())
+    else:
+        click.echo(mask_url(facts.text()))
+    sys.exit(facts.exit_code)
 
 
 @main.command()
-@study_option
+@study_option()
 @click.option("--array", type=int, required=True, help="Number of array tasks (= workers).")
 @storage_option
 @tracking_uri_option
@@ -318,8 +374,9 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
               help="A scheduler parameter, as in the study file (repeatable), e.g. gamma=0.1.")
 @click.option("--val-losses", metavar="L0,L1,...",
               help="plateau: validation loss at the end of each epoch (else no reductions).")
-@click.option("--study", "study_name", help="Redraw a trial of this study (with --trial).")
-@click.option("--trial", "trial_number", type=click.IntRange(min=0), help="Trial number.")
+@study_option(required=False)
+@click.option("--trial", "trial_number", type=click.IntRange(min=0),
+              help="Number of the trial of --study to redraw.")
 @storage_option
 @tracking_uri_option
 @click.option("--csv", "as_csv", is_flag=True, help="Write the curve as CSV (step,lr) to stdout.")
@@ -347,26 +404,32 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
 # --- report, MLflow UI, optuna-dashboard, list (issue 7) --------------------------------------
 
 @main.command()
-@click.option("--study", "study_name", required=True, help="Study name (as in the storage).")
+@study_option()
 @storage_option
 @tracking_uri_option
 @click.option("-o", "--output", "output", default=None, metavar="DIR",
               help="Report folder [default: reports/STUDY].")
-@click.option("--top-k", type=click.IntRange(min=1, max=10), default=5, show_default=True,
-              help="How many of the best trials get LR and accuracy curves.")
+@top_option("How many of the best trials get LR and accuracy curves.", default=5, high=10)
+@click.option("--top-k", "top_k", type=click.IntRange(min=1, max=10), hidden=True,
+              help="Deprecated name of --top.")
 @friendly_errors
-def report(study_name, storage, tracking_uri, output, top_k):
+def report(study_name, storage, tracking_uri, output, top, top_k):
     """Write index.html + summary.md + PNG plots answering the study's question; log them to
     the study's parent MLflow run under report/."""
     from sweep.views.report import write_report
 
-    result = write_report(study_name, storage, tracking_uri, output, top_k)
+    if top_k is not None:
+        click.echo("note: --top-k is deprecated; use --top", err=True)
+        top = top_k
+    from sweep.orchestration.status import stored_name
+
+    result = write_report(stored_name(study_name), storage, tracking_uri, output, top)
     click.echo(mask_url(result.text))
 
 
 @main.command()
 @tracking_uri_option
-@click.option("--study", "study_name", default=None, help="Print this study's experiment URL.")
+@study_option(required=False)
 @server_options(5000, "the UI")
 @friendly_errors
 def ui(tracking_uri, study_name, port, host):
@@ -378,7 +441,7 @@ def ui(tracking_uri, study_name, port, host):
 
 @main.command()
 @storage_option
-@click.option("--study", "study_name", default=None, help="Print this study's page URL.")
+@study_option(required=False)
 @server_options(8080, "the dashboard")
 @friendly_errors
 def dashboard(storage, study_name, port, host):
@@ -390,12 +453,76 @@ def dashboard(storage, study_name, port, host):
 
 @main.command(name="list")
 @storage_option
+@json_option
 @friendly_errors
-def list_command(storage):
+def list_command(storage, as_json):
     """Study files in studies/ and the studies in the storage (trials, best value)."""
-    from sweep.views.ui import list_studies
+    from sweep.views.ui import list_data, list_studies
 
-    click.echo(mask_url(list_studies(storage)))
+    if as_json:
+        _echo_json(list_data(storage))
+    else:
+        click.echo(mask_url(list_studies(storage)))
+
+
+# --- for scripts: best, export, delete --------------------------------------------------------
+
+@main.command()
+@study_option()
+@storage_option
+@tracking_uri_option
+@click.option("--per", metavar="PARAM",
+              help="The best of each choice of this categorical search parameter, e.g. "
+                   "--per scheduler.")
+@json_option
+@friendly_errors
+def best(study_name, storage, tracking_uri, per, as_json):
+    """The best complete search trial: value, parameters, trial number and MLflow run id (exit
+    1 when no trial has completed yet)."""
+    from sweep.orchestration.status import stored_name
+    from sweep.views.trials import best as find_best, best_text
+
+    data = find_best(stored_name(study_name), storage, tracking_uri, per)
+    if as_json:
+        _echo_json(data)
+    else:
+        click.echo(mask_url(best_text(data)))
+
+
+@main.command()
+@study_option()
+@storage_option
+@tracking_uri_option
+@click.option("--format", "fmt", required=True, metavar="csv|json",
+              help="csv: one row per trial, per-epoch metrics as columns; json: nested.")
+@click.option("-o", "--output", required=True, metavar="FILE", help="The file to write.")
+@friendly_errors
+def export(study_name, storage, tracking_uri, fmt, output):
+    """Write one record per trial: number, state, value, every parameter, epochs trained,
+    per-epoch metrics and the MLflow run id."""
+    from sweep.orchestration.status import stored_name
+    from sweep.views.trials import check_output, export as write_export
+
+    check_output(fmt, output)  # before any store is opened
+    click.echo(mask_url(write_export(stored_name(study_name), storage, tracking_uri, fmt,
+                                     output)))
+
+
+@main.command()
+@study_option()
+@storage_option
+@tracking_uri_option
+@checkpoint_dir_option
+@click.option("--yes", is_flag=True, help="Really remove; without it, only say what would go.")
+@friendly_errors
+def delete(study_name, storage, tracking_uri, checkpoint_dir, yes):
+    """Remove a study everywhere: its Optuna study, its MLflow runs (the experiment when it is
+    left empty), its checkpoints and its spool. Without --yes, print what would be removed."""
+    from sweep.orchestration.delete import delete_study, plan_delete
+
+    plan = plan_delete(study_name, storage, tracking_uri, checkpoint_dir)
+    lines = delete_study(plan) if yes else plan.lines(done=False)
+    click.echo(mask_url("\n".join(lines)))
 
 
 if __name__ == "__main__":

@@ -72,3 +72,10 @@ class ConfirmError(SweepError):
 
 class CheckpointError(SweepError):
     """Raised when the checkpoint folder (``--checkpoint-dir``) cannot be written."""
+
+
+class NoResultError(SweepError):
+    """Raised when ``sweep best`` finds no complete search trial (yet): not bad input, so its
+    exit status is 1."""
+
+    exit_code = 1

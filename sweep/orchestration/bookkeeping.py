@@ -53,10 +53,16 @@ def resolve_budget(study: optuna.Study, spec: StudySpec, trials: int | None) -> 
     Whatever is chosen is stored, so every later launch and worker agrees until ``--trials``
     raises (or lowers) it again."""
     stored = study.user_attrs.get(BUDGET)
-    budget = trials or stored or spec.trials
+    budget = chosen_budget(stored, spec, trials)
     if budget != stored:
         study.set_user_attr(BUDGET, budget)
     return budget
+
+
+def chosen_budget(stored: int | None, spec: StudySpec, trials: int | None) -> int:
+    """``resolve_budget``'s rule without the store: ``--trials``, else the stored budget, else
+    the study file's (``sweep launch --dry-run`` asks it without writing)."""
+    return trials or stored or spec.trials
 
 
 def _replaced(trials) -> set[int]:
@@ -147,15 +153,21 @@ def state_counts(study: optuna.Study, phase: str | None = None) -> dict[str, int
     return out
 
 
+def best_trial(trials, direction: optuna.study.StudyDirection):
+    """The best complete search trial of ``trials`` (None when there is none). Confirmation
+    replicates never count: a replicate's lucky seed is no search result."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and is_search(t)]
+    if not done:
+        return None
+    pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
+    return pick(done, key=lambda t: t.value)
+
+
 def study_summary(study: optuna.Study) -> StudySummary:
     """The study's standing for its parent MLflow run (``Tracker.update_study_run``)."""
     trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and is_search(t)]  # a replicate's lucky seed is no search result
-    best = None
-    if done:
-        pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-        best = pick(done, key=lambda t: t.value)
+    best = best_trial(trials, study.direction)
     ends = [t.datetime_complete for t in trials if t.state in FINISHED and t.datetime_complete]
     return StudySummary(
         budget=int(study.user_attrs.get(BUDGET) or 0), used=budget_used(study),
@@ -205,6 +217,15 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def worker_gone(t, host: str | None = None, me: int | None = None) -> bool:
+    """Whether ``t``'s worker ran on this host (``host``) and its process is gone; a trial
+    of another host, or of this process (``me``), is never judged here (heartbeats judge it)."""
+    host = socket.gethostname() if host is None else host
+    pid = t.user_attrs.get("pid")
+    return (t.user_attrs.get("host") == host and isinstance(pid, int) and pid != (me or os.getpid())
+            and not _pid_alive(pid))
+
+
 def fail_dead_trials(study: optuna.Study) -> list[int]:
     """Fail RUNNING trials whose worker is gone; returns their numbers.
 
@@ -223,9 +244,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         if t.state != TrialState.RUNNING:
             failed.append(t.number)  # failed by heartbeat just now (or finished meanwhile)
             continue
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and isinstance(pid, int) and pid != me \
-                and not _pid_alive(pid):
+        if worker_gone(t, host, me):
             try:  # the attribute first: a finished trial takes no more attributes
                 study._storage.set_trial_user_attr(t._trial_id, "error", "worker died")
                 if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):

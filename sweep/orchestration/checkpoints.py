@@ -60,6 +60,11 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", name) or "_"
 
 
+def study_folder(root: Path, study_name: str) -> Path:
+    """The folder of one study's checkpoints under the checkpoint folder ``root``."""
+    return root / _safe(study_name)
+
+
 class Record:
     """A training listener that keeps the LR and loss of every step it hears; replays them, with
     the per-epoch metrics, into other listeners."""
@@ -141,7 +146,7 @@ class CheckpointDir:
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
     def path(self, study_name: str, original: int) -> Path:
-        return self.root / _safe(study_name) / f"trial-{original}.pt"
+        return study_folder(self.root, study_name) / f"trial-{original}.pt"
 
     def open(self, trial: optuna.Trial, cfg, on_saved: Callable[[int], None]) -> TrialCheckpoint:
         """The checkpoint of ``trial`` (config ``cfg``): for a retry, loaded and checked (a

@@ -191,3 +191,34 @@ def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
             path.unlink()
             sent += count
     return sent, problems
+
+
+def drop_runs(tracking_uri: str, run_ids: set[str]) -> int:
+    """Remove the records of ``run_ids`` from every segment of the spool no live process holds
+    (``sweep delete``): a segment left empty is deleted, one that holds other runs too is
+    rewritten with theirs only (beside it, then renamed). Returns the records removed."""
+    removed = 0
+    for path in _segments(spool_dir(tracking_uri)):
+        with _claimed(path) as held:
+            if held is None:
+                continue  # a live writer's: the caller refuses studies with running trials
+            lines = held.read().splitlines(keepends=True)
+            keep = []
+            for line in lines:
+                try:
+                    run = json.loads(line).get("run")
+                except ValueError:
+                    run = None  # a partial last line: nobody's, dropped with the rest
+                if run in run_ids or run is None:
+                    removed += run is not None
+                else:
+                    keep.append(line)
+            if len(keep) == len(lines):
+                continue
+            if keep:
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text("".join(keep), encoding="utf-8")
+                os.replace(tmp, path)
+            else:
+                path.unlink()
+    return removed

@@ -5,20 +5,120 @@ MLflow runs; ``--repair`` reconciles the stores (the rules live in ``bookkeeping
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
 
 from sweep.orchestration.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile,
-                                             stale_runs, state_counts, update_parent_run)
+                                             stale_runs, state_counts, update_parent_run,
+                                             worker_gone)
 from sweep.orchestration.checkpoints import waiting_with_checkpoint
-from sweep.orchestration.completeness import check, replay_spool
+from sweep.orchestration.completeness import Completeness, check, replay_spool
 from sweep.orchestration.tracking import Tracker
 
 
-def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = False) -> str:
-    """``sweep status``: the status text of a stored study, after reconciling it with
-    ``repair``. Creates no store."""
+#: ``sweep status`` exit codes (docs/scripting.md). RECORD_INCOMPLETE is branch i23's: it owns
+#: what "the record is incomplete" means; this module only reads ``Completeness.complete``.
+ALL_WELL, RECORD_INCOMPLETE, STALE_TRIALS = 0, 3, 4
+
+
+@dataclass
+class StatusFacts:
+    """What ``sweep status`` found, read once; rendered as text (``text``) or JSON (``as_json``)."""
+
+    study: str
+    budget: int | None
+    used: int
+    counts: dict  # complete, pruned, diverged, failed, running, waiting
+    running: list[dict]  # number, host, pid, heartbeat_age_s, started_s_ago, stale
+    resumable: list[tuple[int, int]]  # (waiting trial, epochs its checkpoint holds)
+    stale_runs: list[dict]  # run_id, trial, trial_state: MLflow runs RUNNING for a finished trial
+    completeness: Completeness | None  # None: no MLflow store to look at
+    repaired: Reconciled | None = None
+
+    @property
+    def stale_trials(self) -> list[int]:
+        return [r["number"] for r in self.running if r["stale"]]
+
+    @property
+    def exit_code(self) -> int:
+        return status_exit_code(self)
+
+    def as_json(self) -> dict:
+        """The stable keys of ``sweep status --json`` (documented in docs/scripting.md)."""
+        c = self.completeness
+        mlflow = None
+        if c is not None:
+            spool = c.spool
+            mlflow = {"complete": c.complete, "trial_runs": c.runs, "expected_points": c.expected,
+                      "stored_points": c.stored,
+                      "gaps": [{"run_id": g.run_id, "trial": _number(g.trial), "missing": g.missing}
+                               for g in c.gaps],
+                      "spool": {"folder": str(spool.folder), "points": spool.total,
+                                "runs": len(set(spool.points) | spool.ends),
+                                "segments": spool.segments, "live_segments": spool.live}
+                      if spool is not None else None}
+        return {"study": self.study, "budget": self.budget, "used": self.used,
+                "counts": dict(self.counts), "running": self.running,
+                "stale_trials": self.stale_trials,
+                "resumable": [{"number": n, "epochs": e} for n, e in self.resumable],
+                "stale_runs": self.stale_runs, "mlflow": mlflow,
+                "repaired": None if self.repaired is None else
+                {"failed_trials": self.repaired.failed_trials,
+                 "ended_runs": self.repaired.ended_runs},
+                "exit_code": self.exit_code}
+
+    def text(self) -> str:
+        c = self.counts
+        lines = [f"study {self.study!r}: {self.used}/{self.budget if self.budget else '?'} trials "
+                 f"used; complete {c['complete']}, pruned {c['pruned']}, diverged {c['diverged']}, "
+                 f"failed {c['failed']}, running {c['running']}, waiting {c['waiting']}"]
+        if self.resumable:
+            lines.append(f"  {len(self.resumable)} waiting trial(s) resume from a checkpoint: "
+                         + ", ".join(f"#{n} ({epochs} epochs done)" for n, epochs in self.resumable))
+        for r in self.running:
+            age, since = r["heartbeat_age_s"], r["started_s_ago"]
+            lines.append(f"  running #{r['number']}: host {r['host'] or '?'} pid "
+                         f"{r['pid'] if r['pid'] is not None else '?'}, heartbeat "
+                         f"{f'{age:.0f} s ago' if age is not None else 'n/a'}"
+                         + (f", started {since:.0f} s ago" if since is not None else "")
+                         + (" -- STALE (no live worker)" if r["stale"] else ""))
+        if self.stale_trials:
+            lines.append(f"fix: sweep status --repair (fails the stale trial(s) "
+                         f"{self.stale_trials} and re-enqueues each once)")
+        if self.repaired is not None:
+            lines.append(f"repaired: failed {len(self.repaired.failed_trials)} stale trial(s)"
+                         + (f" {self.repaired.failed_trials}" if self.repaired.failed_trials else "")
+                         + f", ended {len(self.repaired.ended_runs)} stale MLflow run(s)")
+        for run in self.stale_runs:
+            lines.append(f"  stale MLflow run {run['run_id']} (trial "
+                         f"#{run['trial'] if run['trial'] is not None else '?'} is "
+                         f"{run['trial_state'] or 'unknown'}) is still RUNNING")
+        if self.stale_runs:
+            lines.append("fix: sweep status --repair (ends those runs as FAILED)")
+        if self.completeness is not None:
+            lines += self.completeness.lines(self.study)
+        return "\n".join(lines)
+
+
+def status_exit_code(facts: StatusFacts) -> int:
+    """0 when all is well; 3 when the record is incomplete (MLflow lacks points, or points wait
+    in a spool: ``Completeness.complete``, whose rules branch i23 owns); 4 when trials are
+    stale (RUNNING with no live worker). Both: 3, the one that loses results if ignored."""
+    if facts.completeness is not None and not facts.completeness.complete:
+        return RECORD_INCOMPLETE
+    return STALE_TRIALS if facts.stale_trials else ALL_WELL
+
+
+def _number(text) -> int | None:
+    return int(text) if str(text).isdigit() else None
+
+
+def show_status(study: str, storage_url: str, tracking_uri: str,
+                repair: bool = False) -> tuple[str, StatusFacts]:
+    """``sweep status``: (lines said while repairing, the facts of the stored study after
+    reconciling it with ``repair``). Creates no store."""
     loaded, tracker, experiment_id = open_for_status(study, storage_url, tracking_uri)
     replayed: list[str] = []
     if repair and tracker is not None:  # first: a replayed run's end beats a repair's guess
@@ -26,7 +126,8 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     fixed = reconcile(loaded, tracker, experiment_id) if repair else None
     if repair and tracker is not None:
         update_parent_run(loaded, tracker, experiment_id)
-    return "\n".join([*replayed, status_text(loaded, tracker, experiment_id, fixed)])
+    return "\n".join(replayed), status_facts(loaded, tracker, experiment_id, fixed)
+
 
 def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
     """Seconds since the last heartbeat of each RUNNING trial, by trial id (RDB storages only)."""
@@ -48,42 +149,55 @@ def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
         session.close()
 
 
+def _grace_period(study: optuna.Study) -> float | None:
+    """The storage's heartbeat grace period in seconds (None: it keeps no heartbeats)."""
+    grace = getattr(study._storage, "grace_period", None)
+    return float(grace) if grace else None
+
+
+def status_facts(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None,
+                 repaired: Reconciled | None = None) -> StatusFacts:
+    """Counts per state, running trials (worker host/pid, heartbeat age, whether stale), stale
+    MLflow runs and MLflow's completeness, read from the stores; writes nothing.
+
+    A RUNNING trial is stale when its heartbeat is older than the storage's grace period, or
+    its worker ran on this host and that process is gone (``bookkeeping.worker_gone``): the
+    two signs ``reconcile`` acts on."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {**state_counts(study),
+              "waiting": sum(1 for t in trials if t.state == TrialState.WAITING)}
+    ages, grace = heartbeat_ages(study), _grace_period(study)
+    running = []
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        age = ages.get(t._trial_id)
+        started = t.datetime_start
+        pid = t.user_attrs.get("pid")
+        running.append({
+            "number": t.number, "host": t.user_attrs.get("host"),
+            "pid": pid if isinstance(pid, int) else None,
+            "heartbeat_age_s": round(age, 3) if age is not None else None,
+            "started_s_ago": round((dt.datetime.now() - started).total_seconds(), 3)
+            if started else None,
+            "stale": bool((age is not None and grace is not None and age > grace)
+                          or worker_gone(t))})
+    stale, completeness = [], None
+    if tracker is not None:
+        stale = [{"run_id": run.info.run_id, "trial": trial.number if trial else None,
+                  "trial_state": trial.state.name if trial else None}
+                 for run, trial in stale_runs(study, tracker, experiment_id)]
+        completeness = check(tracker, experiment_id)
+    budget = study.user_attrs.get(BUDGET)
+    return StatusFacts(study.study_name, int(budget) if budget else None, budget_used(study),
+                       counts, running, waiting_with_checkpoint(trials), stale, completeness,
+                       repaired)
+
+
 def status_text(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None,
                 repaired: Reconciled | None = None) -> str:
     """Counts per state, running trials with worker host/pid and heartbeat age, stale runs."""
-    c = state_counts(study)
-    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    budget = study.user_attrs.get(BUDGET)
-    lines = [f"study {study.study_name!r}: {budget_used(study)}/{budget if budget else '?'} trials "
-             f"used; complete {c['complete']}, pruned {c['pruned']}, diverged {c['diverged']}, "
-             f"failed {c['failed']}, running {c['running']}, waiting {waiting}"]
-    resumable = waiting_with_checkpoint(study.get_trials(deepcopy=False))
-    if resumable:
-        lines.append(f"  {len(resumable)} waiting trial(s) resume from a checkpoint: "
-                     + ", ".join(f"#{n} ({epochs} epochs done)" for n, epochs in resumable))
-    ages = heartbeat_ages(study)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        age = ages.get(t._trial_id)
-        started = t.datetime_start
-        since = (dt.datetime.now() - started).total_seconds() if started else None
-        lines.append(f"  running #{t.number}: host {t.user_attrs.get('host', '?')} pid "
-                     f"{t.user_attrs.get('pid', '?')}, heartbeat "
-                     f"{f'{age:.0f} s ago' if age is not None else 'n/a'}"
-                     + (f", started {since:.0f} s ago" if since is not None else ""))
-    if repaired is not None:
-        lines.append(f"repaired: failed {len(repaired.failed_trials)} stale trial(s)"
-                     + (f" {repaired.failed_trials}" if repaired.failed_trials else "")
-                     + f", ended {len(repaired.ended_runs)} stale MLflow run(s)")
-    if tracker is not None:
-        stale = stale_runs(study, tracker, experiment_id)
-        for run, trial in stale:
-            lines.append(f"  stale MLflow run {run.info.run_id} (trial "
-                         f"#{run.data.tags.get('sweep.trial_number', '?')} is "
-                         f"{trial.state.name if trial else 'unknown'}) is still RUNNING")
-        if stale:
-            lines.append("fix: sweep status --repair (ends those runs as FAILED)")
-        lines += check(tracker, experiment_id).lines(study.study_name)
-    return "\n".join(lines)
+    return status_facts(study, tracker, experiment_id, repaired).text()
 
 
 def open_for_status(study: str, storage_url: str, tracking_uri: str):
@@ -92,10 +206,7 @@ def open_for_status(study: str, storage_url: str, tracking_uri: str):
     ``study`` is a study name, or a study file (its ``name`` is used)."""
     from sweep.orchestration.storage import load_existing_study, sqlite_path
 
-    if study.endswith((".yaml", ".yml")) or "/" in study:
-        from sweep.study.spec import load_study
-
-        study = load_study(study).name
+    study = stored_name(study)
     loaded = load_existing_study(study, storage_url)
     tracker, experiment_id = None, None
     mlflow_path = sqlite_path(tracking_uri)
@@ -103,3 +214,13 @@ def open_for_status(study: str, storage_url: str, tracking_uri: str):
         tracker = Tracker(tracking_uri)
         experiment_id = tracker.experiment_id(study, create=False)
     return loaded, tracker, experiment_id
+
+
+def stored_name(study: str) -> str:
+    """The stored study's name for ``--study``: a study file (a path, or a name ending in
+    .yaml) gives its ``name``; anything else is the name itself."""
+    if study.endswith((".yaml", ".yml")) or "/" in study:
+        from sweep.study.spec import load_study
+
+        return load_study(study).name
+    return study

@@ -179,6 +179,17 @@ def check_storage_url(url: str) -> None:
                            f"journal:///PATH.log or postgresql://USER:PASSWORD@HOST/DB")
 
 
+def _unreachable(url: str, err: Exception) -> StorageError:
+    """The one line for a storage that cannot be opened (a missing driver module, or the
+    server's or file's own complaint, credentials masked)."""
+    if isinstance(err, ModuleNotFoundError):
+        return StorageError(f"storage {mask_url(url)!r} needs the Python module {err.name!r}; "
+                            f"install it with: pip install 'sweep[postgres]'")
+    reason = mask_url(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    return StorageError(f"storage {mask_url(url)!r} is unreachable: {reason}; check the URL, "
+                        f"the server and the credentials")
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the Optuna storage at ``url``. Raises StorageError."""
     check_storage_url(url)
@@ -206,13 +217,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(
             url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
             **kwargs)
-    except ModuleNotFoundError as err:
-        raise StorageError(f"storage {mask_url(url)!r} needs the Python module {err.name!r}; "
-                           f"install it with: pip install 'sweep[postgres]'") from None
     except Exception as err:
-        reason = mask_url(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        raise StorageError(f"storage {mask_url(url)!r} is unreachable: {reason}; check the URL, "
-                           f"the server and the credentials") from None
+        raise _unreachable(url, err) from None
 
 
 def open_existing_storage(url: str):
@@ -233,3 +239,50 @@ def load_existing_study(name: str, storage_url: str) -> optuna.Study:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, False))
         raise StorageError(f"no study {name!r} in storage {mask_url(storage_url)}; studies there: "
                            f"{', '.join(names) or 'none'} (see `sweep list`)") from None
+
+
+def peek_study(name: str, url: str) -> optuna.Study | None:
+    """The stored study ``name``, or None where the storage holds none (no file, no tables, no
+    such study). Creates nothing: no file, no table, no pragma (``sweep launch --dry-run``).
+    Raises StorageError for a bad URL or an unreachable server."""
+    check_storage_url(url)
+    path = sqlite_path(url) or journal_path(url)
+    if path is not None and not path.is_file():
+        return None
+    if journal_path(url) is not None:
+        storage = open_storage(url)  # the file exists; reading it writes nothing
+    else:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                if not sqlalchemy.inspect(conn).has_table("studies"):
+                    return None
+        except Exception as err:
+            raise _unreachable(url, err) from None
+        finally:
+            engine.dispose()
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def study_names(url: str) -> list[str]:
+    """Names of the studies in the storage at ``url``, for shell completion: empty when it is
+    unreachable, holds none, or is a SQLite/journal file that does not exist (never created)."""
+    path = sqlite_path(url) or journal_path(url)
+    if path is not None and not path.is_file():
+        return []
+    try:
+        if journal_path(url) is not None:
+            storage = open_storage(url)
+        else:  # no table creation; a server gets a short wait at most
+            storage = optuna.storages.RDBStorage(
+                url, skip_table_creation=True,
+                engine_kwargs={} if path else {"connect_args": {"connect_timeout": 3}})
+        return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, False))
+    except Exception:
+        return []

@@ -40,6 +40,19 @@ ROLE, STATE, REASON = "sweep.role", "sweep.state", "sweep.prune_reason"
 CODE_VERSION = "sweep.code_version"  # on every trial run, and on the parent (last launch)
 STEPS_TRAINED, EPOCHS_TRAINED = "sweep.steps_trained", "sweep.epochs_trained"
 EXPECTED_POINTS = "sweep.expected_points"  # "lr=1200,train_loss=1200,val_loss=10,..."
+EPOCH_METRICS = ("val_loss", "val_acc")  # logged once per epoch, step = the epoch (0-based)
+FINAL_METRICS = ("test_acc", "epoch_seconds")  # logged once when a trial completes
+STEP_METRICS = ("lr", "train_loss")  # logged at every optimizer step, step = the step
+# MLflow's SQLite store per point (measured: 96,144 points of 16 runs added 23.8 MB; the metrics
+# table's primary key repeats the run id and key per row); PostgreSQL is of the same order.
+BYTES_PER_POINT = 250
+
+
+def points_per_trial(total_steps: int, epochs: int) -> int:
+    """The points a trial that trains to its end logs (a pruned one logs fewer): every
+    ``STEP_METRICS`` at each of its ``total_steps`` steps, ``EPOCH_METRICS`` per epoch, and the
+    ``FINAL_METRICS`` once."""
+    return len(STEP_METRICS) * total_steps + len(EPOCH_METRICS) * epochs + len(FINAL_METRICS)
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -327,7 +340,7 @@ class TrialRun:
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
         self.epochs_trained += 1
-        for key in ("val_loss", "val_acc"):
+        for key in EPOCH_METRICS:
             self.log_metric(key, metrics[key], epoch)
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:

@@ -185,7 +185,7 @@ def _seconds(t) -> float | None:
     return None
 
 
-def _run_of(t, runs: dict, by_number: dict):
+def run_of(t, runs: dict, by_number: dict):
     run_id = t.user_attrs.get("mlflow_run_id")
     if run_id in runs:
         return runs[run_id]
@@ -218,7 +218,7 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         outcome = trial_outcome(t)
-        run = _run_of(t, runs, by_number)
+        run = run_of(t, runs, by_number)
         inter = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
         finite = [v for v in inter if v is not None and math.isfinite(v)]
         reason = str(t.user_attrs.get("prune_reason", "")) if outcome in ("PRUNED", "DIVERGED") \
@@ -352,7 +352,7 @@ def load_confirmation(study: optuna.Study, every, runs: dict, by_number: dict) -
         val, test = [], []
         for t in members:
             if t.state == TrialState.COMPLETE:
-                v, te = _accuracies(t, _run_of(t, runs, by_number))
+                v, te = _accuracies(t, run_of(t, runs, by_number))
                 if v is not None:
                     val.append(v)
                 if te is not None:

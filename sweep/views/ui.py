@@ -215,31 +215,55 @@ def serve_dashboard(storage_url: str, host: str = LOCALHOST, port: int = 8080,
     return 0
 
 
-def list_studies(storage_url: str) -> str:
-    """The study files in ``studies/`` and the studies in the storage (trials, best value)."""
+def list_data(storage_url: str) -> dict:
+    """The stable keys of ``sweep list --json`` (docs/scripting.md): the study files in
+    ``studies/`` and the studies in the storage (``None`` when its SQLite file does not exist
+    yet). Creates no store."""
     import optuna
 
     from sweep.study.spec import STUDIES_DIR, available_studies, load_study
 
-    lines = [f"study files in {STUDIES_DIR}:"]
+    files = []
     for name in available_studies():
         try:
             spec = load_study(name)
-            about = " ".join(spec.description.split())
-            lines.append(f"  {name:<22} {spec.trials:>4} trials  {about[:80]}")
+            files.append({"name": name, "path": str(spec.path), "trials": spec.trials,
+                          "description": " ".join(spec.description.split()), "error": None})
         except SweepError as err:
-            lines.append(f"  {name:<22} invalid: {err}")
+            files.append({"name": name, "path": None, "trials": None, "description": None,
+                          "error": str(err)})
+    out = {"studies_dir": str(STUDIES_DIR), "study_files": files,
+           "storage": mask_url(storage_url), "studies": None}
     path = sqlite_path(storage_url)
     if path is not None and not path.is_file():
-        lines.append(f"storage {mask_url(storage_url)}: no such file yet (no study launched here)")
-        return "\n".join(lines)
+        return out
     storage = open_existing_storage(storage_url)
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=True)
-    lines.append(f"studies in {mask_url(storage_url)}:" if summaries else
-                 f"studies in {mask_url(storage_url)}: none")
-    for s in sorted(summaries, key=lambda s: s.study_name):
+    out["studies"] = []
+    for s in sorted(optuna.get_all_study_summaries(storage, include_best_trial=True),
+                    key=lambda s: s.study_name):
         best = s.best_trial
-        direction = s.direction.name.lower() if s.direction is not None else "?"
-        lines.append(f"  {s.study_name:<22} {s.n_trials:>4} trials  best "
-                     + (f"{best.value:.4g} (trial #{best.number}, {direction})" if best else "-"))
+        out["studies"].append({
+            "name": s.study_name, "trials": s.n_trials,
+            "direction": s.direction.name.lower() if s.direction is not None else None,
+            "best_value": best.value if best else None,
+            "best_trial": best.number if best else None})
+    return out
+
+
+def list_studies(storage_url: str) -> str:
+    """The study files in ``studies/`` and the studies in the storage (trials, best value)."""
+    data = list_data(storage_url)
+    lines = [f"study files in {data['studies_dir']}:"]
+    for f in data["study_files"]:
+        lines.append(f"  {f['name']:<22} invalid: {f['error']}" if f["error"] else
+                     f"  {f['name']:<22} {f['trials']:>4} trials  {f['description'][:80]}")
+    where = data["storage"]
+    if data["studies"] is None:
+        lines.append(f"storage {where}: no such file yet (no study launched here)")
+        return "\n".join(lines)
+    lines.append(f"studies in {where}:" if data["studies"] else f"studies in {where}: none")
+    for s in data["studies"]:
+        lines.append(f"  {s['name']:<22} {s['trials']:>4} trials  best "
+                     + (f"{s['best_value']:.4g} (trial #{s['best_trial']}, {s['direction'] or '?'})"
+                        if s["best_trial"] is not None else "-"))
     return "\n".join(lines)
