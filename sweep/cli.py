@@ -238,13 +238,16 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
 @storage_option
 @tracking_uri_option
 @click.option("--repair", is_flag=True,
-              help="Fail stale RUNNING trials and end MLflow runs whose trial is finished.")
+              help="Fail stale RUNNING trials, end MLflow runs whose trial is finished and remove "
+                   "checkpoint files of no live trial.")
+@checkpoint_dir_option
 @friendly_errors
-def status(study_name, storage, tracking_uri, repair):
-    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs."""
+def status(study_name, storage, tracking_uri, repair, checkpoint_dir):
+    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs, checkpoint
+    files of no live trial."""
     from sweep.orchestration.status import show_status
 
-    click.echo(mask_url(show_status(study_name, storage, tracking_uri, repair)))
+    click.echo(mask_url(show_status(study_name, storage, tracking_uri, repair, checkpoint_dir)))
 
 
 @main.command()

@@ -4,15 +4,20 @@ prints when it does not. The end-to-end resumption is in test_resume.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from sweep.orchestration.checkpoints import CheckpointDir, waiting_with_checkpoint
+from sweep.study.schedules import LRSchedule
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS, retry_later
 from sweep.study.space import trial_config
 from sweep.study.spec import load_study
-from sweep.training.checkpoint import write_atomic
+from sweep.training.checkpoint import unfused_state, write_atomic
+from sweep.training.models import build_model
+from sweep.training.train import build_optimizer
 
 
 def _interrupted(study: optuna.Study, checkpoint_epochs: int | None = None,
@@ -59,38 +64,49 @@ def test_a_retry_is_retried_again_only_when_it_made_progress():
     assert again.system_attrs["retry_history"][-1] == preempted.number
 
 
-def _retry_and_dir(tmp_path, code="1.0+abc"):
+def _retry_and_dir(tmp_path, code="1.0+abc", epochs=2, checkpoint_epochs=1):
     spec = load_study("smoke")
+    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=epochs))
     study = optuna.create_study(study_name="smoke")
     study.set_user_attr("sweep.space", "the space")
     original = study.ask()
     cfg = trial_config(original, spec)
     original.set_user_attr("seed", cfg.seed)
-    original.set_user_attr(CHECKPOINT_EPOCHS, 1)
+    original.set_user_attr(CHECKPOINT_EPOCHS, checkpoint_epochs)
     study.tell(original, state=TrialState.FAIL)
     retry_later(study, study.get_trials()[0])
-    assert waiting_with_checkpoint(study.get_trials()) == [(1, 1)]
+    assert waiting_with_checkpoint(study.get_trials()) == [(1, checkpoint_epochs)]
     retry = study.ask()
     lines: list[str] = []
     folder = CheckpointDir(tmp_path, code, "cpu", log=lines.append)
     return folder, retry, trial_config(retry, spec), lines
 
 
-def _state(steps: int = 20) -> dict:
-    return {"model": {}, "optimizer": {"kind": "sgd", "steps": steps, "buffers": {}},
-            "schedule": {}, "generator": torch.Generator().get_state(), "epochs": 1,
-            "steps": steps, "history": [{"val_loss": 1.0, "val_acc": 0.5}]}
+STEPS = 10  # the smoke study's steps per epoch
+
+
+def _state(cfg, epochs: int = 1) -> dict:
+    """A real training state of ``cfg``'s model after ``epochs`` epochs (fresh weights)."""
+    model = build_model(cfg.train.model, cfg.train.width)
+    schedule = LRSchedule(cfg.schedule, STEPS, cfg.train.epochs)
+    return unfused_state(model, build_optimizer(model, cfg), schedule, torch.Generator(), epochs,
+                         epochs * STEPS, [{"val_loss": 1.0, "val_acc": 0.5}] * epochs)
+
+
+def _open(folder: CheckpointDir, retry, cfg):
+    return folder.open(retry, cfg, on_saved=lambda n: None, steps_per_epoch=STEPS)
 
 
 def _write(folder: CheckpointDir, retry, cfg, lines: list[str], config: dict | None = None,
-           **identity) -> None:
+           state: dict | None = None, **identity) -> None:
     """The checkpoint the interrupted trial would have written (its identity is the retry's,
     which ``open`` computes), with ``identity``'s and ``config``'s entries changed."""
-    written = folder.open(retry, cfg, on_saved=lambda n: None)
+    written = _open(folder, retry, cfg)
     identity = {**written.identity, **identity}
     identity["config"] = {**identity["config"], **(config or {})}
-    write_atomic(written.path, {"format": 1, "identity": identity,
-                                "state": _state(), "lrs": [0.1] * 20, "losses": [2.0] * 20})
+    state = state if state is not None else _state(cfg)
+    write_atomic(written.path, {"format": 1, "identity": identity, "state": state,
+                                "lrs": [0.1] * state["steps"], "losses": [2.0] * state["steps"]})
     lines.clear()
 
 
@@ -98,15 +114,17 @@ def test_a_retry_resumes_its_own_checkpoint(tmp_path):
     folder, retry, cfg, lines = _retry_and_dir(tmp_path)
     assert retry.number == 1 and cfg.seed == 0  # the original's seed, not seed + 1
     _write(folder, retry, cfg, lines)
-    found = folder.open(retry, cfg, on_saved=lambda n: None)
-    assert found.path == tmp_path / "smoke" / "trial-0.pt"
-    assert found.resume["epochs"] == 1 and found.record.lrs == [0.1] * 20 and not lines
+    found = _open(folder, retry, cfg)
+    assert found.path == folder.folder(retry.study) / "trial-0.pt"
+    assert found.path.parent.name.startswith("smoke-")
+    assert found.resume["epochs"] == 1 and found.record.lrs == [0.1] * STEPS and not lines
 
 
 def test_a_foreign_or_missing_checkpoint_is_one_line_and_a_restart(tmp_path):
     folder, retry, cfg, lines = _retry_and_dir(tmp_path)
-    assert folder.open(retry, cfg, on_saved=lambda n: None).resume is None
-    assert lines == [f"trial 1 (a retry of trial 0): its checkpoint {tmp_path}/smoke/trial-0.pt "
+    path = folder.folder(retry.study) / "trial-0.pt"
+    assert _open(folder, retry, cfg).resume is None
+    assert lines == [f"trial 1 (a retry of trial 0): its checkpoint {path} "
                      f"(epoch 1) is missing; it restarts from step 0"]
     for identity, says in (({"code": "0.9+old"}, "another code version ('0.9+old', this is "
                                                  "'1.0+abc')"),
@@ -115,8 +133,8 @@ def test_a_foreign_or_missing_checkpoint_is_one_line_and_a_restart(tmp_path):
                            ({"config": {"epochs": 99}},
                             "another configuration (epochs 99, now 2)")):
         _write(folder, retry, cfg, lines, **identity)
-        assert folder.open(retry, cfg, on_saved=lambda n: None).resume is None
+        assert _open(folder, retry, cfg).resume is None
         (line,) = lines
-        assert line.startswith(f"trial 1 (a retry of trial 0): checkpoint {tmp_path}/smoke/"
-                               f"trial-0.pt was written for {says}"), line
+        assert line.startswith(f"trial 1 (a retry of trial 0): checkpoint {path} was written "
+                               f"for {says}"), line
         assert line.endswith("; it restarts from step 0")

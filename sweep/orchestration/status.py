@@ -11,14 +11,16 @@ from optuna.trial import TrialState
 
 from sweep.orchestration.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile,
                                              stale_runs, state_counts, update_parent_run)
-from sweep.orchestration.checkpoints import waiting_with_checkpoint
+from sweep.orchestration.checkpoints import (checkpoint_root, orphans, remove_orphans,
+                                             storage_key, waiting_with_checkpoint)
 from sweep.orchestration.completeness import check, replay_spool
 from sweep.orchestration.tracking import Tracker
 
 
-def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = False) -> str:
+def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = False,
+                checkpoint_dir: str | None = None) -> str:
     """``sweep status``: the status text of a stored study, after reconciling it with
-    ``repair``. Creates no store."""
+    ``repair`` (which also removes checkpoint files of no live trial). Creates no store."""
     loaded, tracker, experiment_id = open_for_status(study, storage_url, tracking_uri)
     replayed: list[str] = []
     if repair and tracker is not None:  # first: a replayed run's end beats a repair's guess
@@ -26,7 +28,24 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     fixed = reconcile(loaded, tracker, experiment_id) if repair else None
     if repair and tracker is not None:
         update_parent_run(loaded, tracker, experiment_id)
-    return "\n".join([*replayed, status_text(loaded, tracker, experiment_id, fixed)])
+    lines = [*replayed, status_text(loaded, tracker, experiment_id, fixed)]
+    lines += orphan_lines(loaded, checkpoint_root(checkpoint_dir, storage_url),
+                          storage_key(storage_url), repair)
+    return "\n".join(lines)
+
+
+def orphan_lines(study: optuna.Study, root, storage: str, repair: bool) -> list[str]:
+    """Checkpoint files of no live trial (``checkpoints.orphans``): listed, or removed with
+    ``repair`` (after the stale trials were failed, so their files count)."""
+    found = orphans(study, root, storage)
+    if not found:
+        return []
+    if repair:
+        return [f"repaired: removed {remove_orphans(found)} checkpoint file(s) of no live trial "
+                f"under {root}"]
+    return [f"  {len(found)} checkpoint file(s) of no live trial under {root}:",
+            *(f"    {path}" for path in found),
+            "fix: sweep status --repair (removes them)"]
 
 def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
     """Seconds since the last heartbeat of each RUNNING trial, by trial id (RDB storages only)."""
