@@ -313,6 +313,6 @@ def _tell(study: optuna.Study, trial: optuna.Trial, value=None, state=None) -> N
             study.tell(trial, state=state)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
-    except ValueError as err:
-        if "finished" not in str(err).lower():
+    except ValueError:  # "Cannot tell a FAIL trial": failed by another worker's stale check
+        if not study._storage.get_trial(trial._trial_id).state.is_finished():
             raise
