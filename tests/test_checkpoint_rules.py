@@ -138,3 +138,140 @@ def test_a_foreign_or_missing_checkpoint_is_one_line_and_a_restart(tmp_path):
         assert line.startswith(f"trial 1 (a retry of trial 0): checkpoint {path} was written "
                                f"for {says}"), line
         assert line.endswith("; it restarts from step 0")
+
+
+def test_a_file_that_loads_but_does_not_fit_or_disagrees_is_one_line_and_a_restart(tmp_path):
+    """What the file says is checked against itself, its trial's record and the trial's model
+    before anything is replayed: each problem costs a restart from step 0, never the trial."""
+    folder, retry, cfg, lines = _retry_and_dir(tmp_path, epochs=4, checkpoint_epochs=2)
+    path = folder.folder(retry.study) / "trial-0.pt"
+    no_weight = _state(cfg, 2)
+    del no_weight["model"][next(iter(no_weight["model"]))]
+    wrong_buffer = _state(cfg, 2)
+    name = next(n for n, _ in build_model(cfg.train.model, cfg.train.width).named_parameters())
+    wrong_buffer["optimizer"]["buffers"][name] = {"momentum_buffer": torch.zeros(3)}
+    short_history = {**_state(cfg, 2), "history": [{"val_loss": 1.0, "val_acc": 0.5}]}
+    odd_steps = {**_state(cfg, 2), "steps": 2 * STEPS - 1}
+    cases = [(no_weight, "does not fit the trial (ValueError: weights of another model"),
+             (wrong_buffer, f"does not fit the trial (ValueError: optimizer state {name}."),
+             (short_history, "does not fit the trial (ValueError: a history of 1 epochs for 2)"),
+             (odd_steps, f"does not fit the trial (ValueError: {2 * STEPS - 1} steps for 2 "
+                         f"epochs of {STEPS})"),
+             (_state(cfg, 4), "holds 4 epochs, its trial recorded 2"),  # at the end: no training
+             (_state(cfg, 1), "holds 1 epochs, its trial recorded 2")]
+    for state, says in cases:
+        _write(folder, retry, cfg, lines, state=state)
+        assert _open(folder, retry, cfg).resume is None
+        (line,) = lines
+        assert line.startswith(f"trial 1 (a retry of trial 0): checkpoint {path} {says}"), line
+        assert line.endswith("; it restarts from step 0")
+    _write(folder, retry, cfg, lines, state=_state(cfg, 3))  # the note lags the write by one
+    assert _open(folder, retry, cfg).resume["epochs"] == 3 and not lines
+
+
+def test_no_two_studies_share_or_escape_a_checkpoint_folder(tmp_path):
+    """Names that sanitise alike, one name in two storages, a re-created study, and '..'."""
+    from sweep.orchestration.checkpoints import STUDY_UID, storage_key
+
+    root = tmp_path / "ckpt"
+    written = {}
+    for db, name in (("a", "exp 1"), ("a", "exp_1"), ("b", "exp_1"), ("a", ".."), ("a", "x/../y")):
+        url = f"sqlite:///{tmp_path}/{db}.db"
+        study = optuna.create_study(study_name=name, storage=url)
+        study.set_user_attr(STUDY_UID, f"uid-{db}-{name}")
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        cfg = trial_config(trial, load_study("smoke"))
+        folder = CheckpointDir(root, "v", "cpu", storage_key(url))
+        found = folder.open(trial, cfg, on_saved=lambda n: None, steps_per_epoch=STEPS)
+        found.save(_state(cfg))
+        written[(db, name)] = found.path
+    paths = list(written.values())
+    assert len({p.parent for p in paths}) == len(paths)  # one folder each
+    assert all(p.is_file() and p.resolve().parent.parent == root for p in paths)  # none escapes
+    assert written[("a", "exp 1")].name == written[("a", "exp_1")].name == "trial-0.pt"
+    # a study deleted and created again under the same name gets a new folder
+    url = f"sqlite:///{tmp_path}/a.db"
+    optuna.delete_study(study_name="exp_1", storage=url)
+    again = optuna.create_study(study_name="exp_1", storage=url)
+    again.set_user_attr(STUDY_UID, "uid-new")
+    assert CheckpointDir(root, "v", "cpu", storage_key(url)).folder(again) != \
+        written[("a", "exp_1")].parent
+
+
+def test_only_the_owning_trial_writes_or_removes_its_file(tmp_path):
+    """A stalled worker's trial failed by another: its save and remove leave the file alone
+    (the end-to-end case with SIGSTOP/SIGCONT: test_resume.py)."""
+    study = optuna.create_study(study_name="own", storage=f"sqlite:///{tmp_path}/s.db")
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    cfg = trial_config(trial, load_study("smoke"))
+    lines: list[str] = []
+    found = CheckpointDir(tmp_path, "v", "cpu", log=lines.append).open(
+        trial, cfg, on_saved=lambda n: None, steps_per_epoch=STEPS)
+    found.save(_state(cfg))
+    assert found.path.is_file()
+    retrys_file = found.path.read_bytes() + b""
+    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # stale check
+    found.save(_state(cfg, 2))
+    found.remove()
+    assert found.path.read_bytes() == retrys_file and not lines
+
+
+def test_a_write_that_fails_is_a_warning_and_training_goes_on(tmp_path):
+    """Any error of the write or of the note after it (not only OSError): one warning."""
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    cfg = trial_config(trial, load_study("smoke"))
+    lines: list[str] = []
+    found = CheckpointDir(tmp_path, "v", "cpu", log=lines.append).open(
+        trial, cfg, on_saved=lambda n: None, steps_per_epoch=STEPS)
+    unpicklable = {**_state(cfg), "history": [{"val_loss": lambda: 0}]}  # pickle refuses it
+    found.save(unpicklable)
+    found.save(unpicklable)
+    (line,) = lines
+    assert line.startswith(f"warning: checkpoint {found.path} not written (")
+    assert not list(found.path.parent.glob(".*.tmp"))  # its temporary is gone too
+
+    def store_away(epochs):
+        raise optuna.exceptions.StorageInternalError("database is locked")
+
+    lines.clear()
+    found.on_saved, found._warned = store_away, False
+    found.save(_state(cfg))
+    (line,) = lines
+    assert found.path.is_file() and "written, but its epoch count was not recorded" in line
+
+
+def test_temporaries_are_unique_exclusive_and_leave_nothing(tmp_path):
+    import os
+    import socket
+
+    from sweep.training.checkpoint import temporary_name
+
+    target = tmp_path / "trial-0.pt"
+    names = {temporary_name(target) for _ in range(50)}
+    assert len(names) == 50
+    name = next(iter(names)).name
+    assert name.startswith(f".trial-0.pt.{socket.gethostname()}.{os.getpid()}.")
+    write_atomic(target, {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-0.pt"]
+
+
+def test_precision_and_compile_rules_of_a_resumed_trial():
+    """A pack that starts with a resumed trial trains in the precision it trained in (a pack of
+    one included); compiled vs eager is not part of a checkpoint's identity."""
+    from sweep.orchestration.checkpoints import _NOT_IDENTITY
+    from sweep.training.fused import SlotJob, pack_bf16
+
+    def job(precision=None):
+        return SlotJob(cfg=None, listeners=(),
+                       resume=None if precision is None else {"precision": precision})
+
+    assert pack_bf16("auto", True, True, [job("bf16")])  # alone, yet bf16 as it began
+    assert not pack_bf16("auto", True, True, [job("fp32"), job(), job()])
+    assert pack_bf16("auto", True, True, [job(), job()]) and not pack_bf16("auto", True, True, [job()])
+    assert not pack_bf16("auto", False, True, [job("bf16")])  # the CPU: always fp32
+    assert not pack_bf16("fp32", True, True, [job("bf16")])  # asked for: as asked
+    assert "compile" in _NOT_IDENTITY
