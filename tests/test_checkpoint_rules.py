@@ -10,6 +10,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from pathlib import Path
+
 from sweep.orchestration.checkpoints import CheckpointDir, waiting_with_checkpoint
 from sweep.study.schedules import LRSchedule
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS, retry_later
@@ -275,3 +277,65 @@ def test_precision_and_compile_rules_of_a_resumed_trial():
     assert not pack_bf16("auto", False, True, [job("bf16")])  # the CPU: always fp32
     assert not pack_bf16("fp32", True, True, [job("bf16")])  # asked for: as asked
     assert "compile" in _NOT_IDENTITY
+
+
+def test_status_lists_checkpoint_files_of_no_live_trial_and_repair_removes_them(tmp_path):
+    """A shared folder after kills and deletions: files of finished trials, a temporary left by
+    a SIGKILL, a deleted study's folder, beside live trials' files and another storage's study.
+    `sweep status` (a real process) lists exactly the orphans; --repair removes them."""
+    import json
+    import os
+    import subprocess
+    import time
+
+    from helpers import REPO, sweep_cmd
+    from sweep.orchestration.checkpoints import MANIFEST, STUDY_UID, storage_key
+
+    url, root = f"sqlite:///{tmp_path}/s.db", tmp_path / "ckpt"
+    study = optuna.create_study(study_name="orph", storage=url)
+    study.set_user_attr(STUDY_UID, "u1")
+    for state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.FAIL):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if state != TrialState.RUNNING:
+            study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+    retry_later(study, study.get_trials()[2])  # #3 waits to resume #2's file
+    folder = CheckpointDir(root, "v", "cpu", storage_key(url)).folder(study)
+    folder.mkdir(parents=True)
+    for n in range(3):
+        (folder / f"trial-{n}.pt").write_bytes(b"x")
+    (folder / MANIFEST).write_text(json.dumps({"storage": storage_key(url), "study": "orph",
+                                               "study_id": study._study_id, "uid": "u1"}))
+    killed = folder / ".trial-1.pt.node7.4242.0a1b2c.tmp"  # a SIGKILLed writer's, an hour old
+    killed.write_bytes(b"half")
+    os.utime(killed, (time.time() - 3600,) * 2)
+    writing = folder / ".trial-1.pt.node8.4242.3d4e5f.tmp"  # being written by the live trial
+    writing.write_bytes(b"half")
+    gone, foreign = root / "deleted-0123", root / "elsewhere-4567"
+    for other, storage in ((gone, storage_key(url)), (foreign, "file:/other/storage.db")):
+        other.mkdir()
+        (other / "trial-0.pt").write_bytes(b"x")
+        (other / MANIFEST).write_text(json.dumps({"storage": storage, "study": "old",
+                                                  "study_id": 99, "uid": "u0"}))
+    orphans = [folder / "trial-0.pt", killed, gone / MANIFEST, gone / "trial-0.pt"]
+
+    def status(*flags: str) -> str:
+        done = subprocess.run(sweep_cmd("status", "--study", "orph", "--storage", url,
+                                        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                                        "--checkpoint-dir", str(root), *flags),
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return done.stdout
+
+    out = status()
+    listed = [Path(line.strip()) for line in out.splitlines() if line.startswith("    /")]
+    assert sorted(listed) == sorted(orphans), out
+    assert f"4 checkpoint file(s) of no live trial under {root}:" in out
+    assert "fix: sweep status --repair" in out
+    assert f"repaired: removed 4 checkpoint file(s) of no live trial under {root}" in \
+        status("--repair")
+    assert not any(p.exists() for p in orphans) and not gone.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [MANIFEST, "trial-1.pt", "trial-2.pt", writing.name])
+    assert (foreign / "trial-0.pt").is_file()  # another storage's: never ours to judge

@@ -371,8 +371,7 @@ def orphans(study: optuna.Study, root: Path, storage: str) -> list[Path]:
     out = [p for p in sorted(folder.glob("trial-*.pt")) if _number(p) not in live]
     out += stale_temporaries(study, folder)
     existing = {(s._study_id, s.user_attrs.get(STUDY_UID, ""))
-                for s in optuna.get_all_studies(storage=study._storage)} \
-        if root.is_dir() else set()
+                for s in study._storage.get_all_studies()} if root.is_dir() else set()
     for manifest in sorted(root.glob(f"*/{MANIFEST}")):
         try:
             owner = json.loads(manifest.read_text())
@@ -385,19 +384,20 @@ def orphans(study: optuna.Study, root: Path, storage: str) -> list[Path]:
 
 
 def remove_orphans(paths: Sequence[Path]) -> int:
-    """Remove ``orphans``' files (and a deleted study's folder once empty); the count removed."""
+    """Remove ``orphans``' files (a folder's ``study.json`` last, then the folder once empty);
+    the count removed."""
     removed = 0
-    for path in paths:
+    for path in sorted(paths, key=lambda p: p.name == MANIFEST):
         try:
             path.unlink()
             removed += 1
         except FileNotFoundError:
             pass
-        try:
-            if path.name == MANIFEST:
+        if path.name == MANIFEST:
+            try:
                 path.parent.rmdir()
-        except OSError:
-            pass  # not empty: a file written since
+            except OSError:
+                pass  # not empty: a file written since
     return removed
 
 
