@@ -201,16 +201,22 @@ def test_no_two_studies_share_or_escape_a_checkpoint_folder(tmp_path):
         written[("a", "exp_1")].parent
 
 
-def test_only_the_owning_trial_writes_or_removes_its_file(tmp_path):
-    """A stalled worker's trial failed by another: its save and remove leave the file alone
-    (the end-to-end case with SIGSTOP/SIGCONT: test_resume.py)."""
-    study = optuna.create_study(study_name="own", storage=f"sqlite:///{tmp_path}/s.db")
+def _fresh(tmp_path, storage=None):
+    """A fresh trial of the smoke study and its checkpoint (its log lines kept)."""
+    study = optuna.create_study(storage=storage)
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
     cfg = trial_config(trial, load_study("smoke"))
     lines: list[str] = []
     found = CheckpointDir(tmp_path, "v", "cpu", log=lines.append).open(
         trial, cfg, on_saved=lambda n: None, steps_per_epoch=STEPS)
+    return study, trial, cfg, found, lines
+
+
+def test_only_the_owning_trial_writes_or_removes_its_file(tmp_path):
+    """A stalled worker's trial failed by another: its save and remove leave the file alone
+    (the end-to-end case with SIGSTOP/SIGCONT: test_resume.py)."""
+    study, trial, cfg, found, lines = _fresh(tmp_path, f"sqlite:///{tmp_path}/s.db")
     found.save(_state(cfg))
     assert found.path.is_file()
     retrys_file = found.path.read_bytes() + b""
@@ -222,13 +228,7 @@ def test_only_the_owning_trial_writes_or_removes_its_file(tmp_path):
 
 def test_a_write_that_fails_is_a_warning_and_training_goes_on(tmp_path):
     """Any error of the write or of the note after it (not only OSError): one warning."""
-    study = optuna.create_study()
-    trial = study.ask()
-    trial.suggest_float("x", 0, 1)
-    cfg = trial_config(trial, load_study("smoke"))
-    lines: list[str] = []
-    found = CheckpointDir(tmp_path, "v", "cpu", log=lines.append).open(
-        trial, cfg, on_saved=lambda n: None, steps_per_epoch=STEPS)
+    _, _, cfg, found, lines = _fresh(tmp_path)
     unpicklable = {**_state(cfg), "history": [{"val_loss": lambda: 0}]}  # pickle refuses it
     found.save(unpicklable)
     found.save(unpicklable)
