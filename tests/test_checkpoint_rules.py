@@ -159,15 +159,16 @@ def test_a_file_that_loads_but_does_not_fit_or_disagrees_is_one_line_and_a_resta
              (short_history, "does not fit the trial (ValueError: a history of 1 epochs for 2)"),
              (odd_steps, f"does not fit the trial (ValueError: {2 * STEPS - 1} steps for 2 "
                          f"epochs of {STEPS})"),
-             (_state(cfg, 4), "holds 4 epochs, its trial recorded 2"),  # at the end: no training
-             (_state(cfg, 1), "holds 1 epochs, its trial recorded 2")]
+             (_state(cfg, 4), "does not fit the trial (ValueError: it holds 4 finished epochs, "
+                              "not 1 to 3)"),  # at the end: it would complete with no training
+             (_state(cfg, 1), "holds 1 epochs, older than the 2 its trial recorded")]
     for state, says in cases:
         _write(folder, retry, cfg, lines, state=state)
         assert _open(folder, retry, cfg).resume is None
         (line,) = lines
         assert line.startswith(f"trial 1 (a retry of trial 0): checkpoint {path} {says}"), line
         assert line.endswith("; it restarts from step 0")
-    _write(folder, retry, cfg, lines, state=_state(cfg, 3))  # the note lags the write by one
+    _write(folder, retry, cfg, lines, state=_state(cfg, 3))  # a note that lags the write
     assert _open(folder, retry, cfg).resume["epochs"] == 3 and not lines
 
 

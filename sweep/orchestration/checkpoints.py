@@ -315,8 +315,9 @@ _WHAT = {"study": "another study", "study_uid": "an earlier study of the same na
 
 def _load(path: Path, identity: Mapping, expected: int | None) -> tuple[dict | None, str | None]:
     """(payload, None) for a checkpoint to check further; (None, None) when there is none and
-    none was expected; (None, problem) otherwise. ``expected``: the epochs its trial recorded.
-    The note follows the write, so a kill between them leaves a file one epoch ahead of it."""
+    none was expected; (None, problem) otherwise. ``expected``: the epochs its trial recorded;
+    the file may be ahead of it (the note follows the write: a kill between them, or a note
+    the storage refused while the file was written), never behind (an older file)."""
     from sweep.training.checkpoint import check_state, read
 
     if not path.is_file():
@@ -338,9 +339,9 @@ def _load(path: Path, identity: Mapping, expected: int | None) -> tuple[dict | N
                 _config_difference(saved.get(key) or {}, identity["config"])
             return None, f"checkpoint {path} was written for {what} ({detail})"
     epochs = payload["state"]["epochs"]
-    if epochs not in (expected or 0, (expected or 0) + 1):
-        return None, (f"checkpoint {path} holds {epochs!r} epochs, its trial recorded "
-                      f"{expected or 0}")
+    if not isinstance(epochs, int) or epochs < (expected or 0):
+        return None, (f"checkpoint {path} holds {epochs!r} epochs, older than the {expected} its "
+                      f"trial recorded")
     return payload, None
 
 
