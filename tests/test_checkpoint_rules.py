@@ -289,7 +289,10 @@ def test_status_lists_checkpoint_files_of_no_live_trial_and_repair_removes_them(
     import subprocess
     import time
 
+    from click.testing import CliRunner
+
     from helpers import REPO, sweep_cmd
+    from sweep.cli import main
     from sweep.orchestration.checkpoints import MANIFEST, STUDY_UID, storage_key
 
     url, root = f"sqlite:///{tmp_path}/s.db", tmp_path / "ckpt"
@@ -320,22 +323,20 @@ def test_status_lists_checkpoint_files_of_no_live_trial_and_repair_removes_them(
                                                   "study_id": 99, "uid": "u0"}))
     orphans = [folder / "trial-0.pt", killed, gone / MANIFEST, gone / "trial-0.pt"]
 
-    def status(*flags: str) -> str:
-        done = subprocess.run(sweep_cmd("status", "--study", "orph", "--storage", url,
-                                        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                                        "--checkpoint-dir", str(root), *flags),
-                              capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)))
-        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-        return done.stdout
-
-    out = status()
+    args = ["status", "--study", "orph", "--storage", url, "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db", "--checkpoint-dir", str(root)]
+    done = subprocess.run(sweep_cmd(*args), capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    out = done.stdout
     listed = [Path(line.strip()) for line in out.splitlines() if line.startswith("    /")]
     assert sorted(listed) == sorted(orphans), out
     assert f"4 checkpoint file(s) of no live trial under {root}:" in out
     assert "fix: sweep status --repair" in out
+    repaired = CliRunner().invoke(main, [*args, "--repair"])  # in this process: one start less
+    assert repaired.exit_code == 0, repaired.output
     assert f"repaired: removed 4 checkpoint file(s) of no live trial under {root}" in \
-        status("--repair")
+        repaired.output
     assert not any(p.exists() for p in orphans) and not gone.exists()
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [MANIFEST, "trial-1.pt", "trial-2.pt", writing.name])
