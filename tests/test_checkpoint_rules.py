@@ -258,8 +258,12 @@ def test_temporaries_are_unique_exclusive_and_leave_nothing(tmp_path):
     assert len(names) == 50
     name = next(iter(names)).name
     assert name.startswith(f".trial-0.pt.{socket.gethostname()}.{os.getpid()}.")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not a checkpoint")
+    target.symlink_to(elsewhere)  # planted: the write replaces the link, never writes through it
     write_atomic(target, {"a": 1})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-0.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "trial-0.pt"]
+    assert not target.is_symlink() and elsewhere.read_bytes() == b"not a checkpoint"
 
 
 def test_precision_and_compile_rules_of_a_resumed_trial():

@@ -305,7 +305,7 @@ def test_a_stalled_original_leaves_its_retrys_checkpoint_alone(tmp_path, data, s
     def worker() -> subprocess.Popen:
         return subprocess.Popen(
             sweep_cmd("launch", "--study", str(study_file), "--quiet", "--trials", "1",
-                      "--set", "train.epochs=8"),
+                      "--set", "train.epochs=5"),
             cwd=tmp_path, env=dict(env(data), **beat), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
 
