@@ -448,26 +448,29 @@ def checkpoint_root(given: str | None, storage_url: str) -> Path:
 
 
 def resolve_dir(given: str | None, storage_url: str) -> Path:
-    """``checkpoint_root``, once a file could be written there: the folder is created and a
-    probe file written, flushed and removed. Raises CheckpointError (one line) when not, with
-    nothing left behind (folders it created are removed)."""
+    """``checkpoint_root``, once a file could be written there: the folder is created, a probe
+    file written, flushed and removed, and the folders it created removed again (the first
+    checkpoint creates them; a run refused for another input leaves nothing). Raises
+    CheckpointError (one line) when it could not be written."""
     from sweep.errors import CheckpointError
     from sweep.training.checkpoint import write_bytes_atomic
 
     folder = checkpoint_root(given, storage_url)
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     probe = folder / ".sweep-write-probe"
+    problem = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(probe, lambda f: f.write(b"sweep"))
         probe.unlink()
     except OSError as err:
-        for path in created:  # deepest first
-            try:
-                path.rmdir()
-            except OSError:
-                pass
-        raise CheckpointError(f"checkpoint folder {folder} cannot be written "
-                              f"({err.strerror or type(err).__name__}); pass --checkpoint-dir "
-                              f"with a folder on a writable filesystem") from None
+        problem = err.strerror or type(err).__name__
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # another worker wrote there meanwhile
+    if problem is not None:
+        raise CheckpointError(f"checkpoint folder {folder} cannot be written ({problem}); pass "
+                              f"--checkpoint-dir with a folder on a writable filesystem")
     return folder
