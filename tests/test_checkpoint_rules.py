@@ -251,7 +251,7 @@ def test_temporaries_are_unique_exclusive_and_leave_nothing(tmp_path):
     import os
     import socket
 
-    from sweep.training.checkpoint import temporary_name
+    from sweep.training.atomic import temporary_name
 
     target = tmp_path / "trial-0.pt"
     names = {temporary_name(target) for _ in range(50)}

@@ -45,6 +45,7 @@ import optuna
 
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
 from sweep.orchestration.storage import journal_path, sqlite_path
+from sweep.training.atomic import TMP_SUFFIX, write_bytes_atomic
 
 FORMAT = 1
 DIR_NAME = "sweep-checkpoints"
@@ -147,7 +148,7 @@ class TrialCheckpoint:
     def save(self, state: dict) -> None:
         """Write ``state`` (the training state after an epoch) with the steps recorded so far.
         Never raises: a problem is one warning per trial, and the trial trains on."""
-        from sweep.training.checkpoint import write_atomic, write_bytes_atomic
+        from sweep.training.checkpoint import write_atomic
 
         epochs, steps = state["epochs"], state["steps"]
         if epochs >= self.total_epochs:
@@ -360,8 +361,6 @@ def stale_temporaries(study: optuna.Study, folder: Path) -> list[Path]:
     """Temporaries in ``folder`` older than every running trial of ``study`` (by
     ``TMP_MARGIN_S``): a write renames its temporary within one save, so these were left by a
     killed writer."""
-    from sweep.training.checkpoint import TMP_SUFFIX
-
     temporaries = sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
     if not temporaries:
         return []
@@ -453,7 +452,6 @@ def resolve_dir(given: str | None, storage_url: str) -> Path:
     checkpoint creates them; a run refused for another input leaves nothing). Raises
     CheckpointError (one line) when it could not be written."""
     from sweep.errors import CheckpointError
-    from sweep.training.checkpoint import write_bytes_atomic
 
     folder = checkpoint_root(given, storage_url)
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first

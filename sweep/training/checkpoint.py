@@ -20,15 +20,13 @@ The global RNG is not saved: it only seeds the initial weights, which the state 
 
 from __future__ import annotations
 
-import os
-import re
-import secrets
-import socket
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
+
+from sweep.training.atomic import write_bytes_atomic
 
 STATE_KEYS = ("model", "optimizer", "schedule", "generator", "epochs", "steps", "history")
 
@@ -36,51 +34,8 @@ STATE_KEYS = ("model", "optimizer", "schedule", "generator", "epochs", "steps", 
 def write_atomic(path: Path, payload: Mapping) -> None:
     """``torch.save`` to a temporary file beside ``path``, flushed to disk, renamed over it, and
     the folder flushed: a kill at any moment leaves the previous file or the new one, never a
-    mix, and the rename survives a crash of the node (NFS/Lustre rename within a folder is
-    atomic). Each write has its own temporary (``temporary_name``: host, pid, random), created
-    exclusively and never through a symlink, so two nodes with equal pids never share one."""
+    mix, and the rename survives a crash of the node (``sweep.training.atomic``)."""
     write_bytes_atomic(path, lambda f: torch.save(dict(payload), f))
-
-
-TMP_SUFFIX = ".tmp"
-
-
-def temporary_name(path: Path) -> Path:
-    """``.NAME.HOST.PID.RANDOM.tmp`` beside ``path``: unique across the nodes sharing a folder."""
-    host = re.sub(r"[^\w.-]", "_", socket.gethostname())[:40] or "host"
-    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}")
-
-
-def write_bytes_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write(file)`` into a fresh temporary beside ``path``, then as ``write_atomic``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush ``folder``'s entries (a rename or unlink in it) to disk; a filesystem that cannot
-    open folders for it (some network ones) is left as it is."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read(path: Path) -> dict:
