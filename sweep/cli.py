@@ -284,16 +284,18 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
 @storage_option
 @tracking_uri_option
 @click.option("--repair", is_flag=True,
-              help="Fail stale RUNNING trials and end MLflow runs whose trial is finished.")
+              help="Fail stale RUNNING trials, end MLflow runs whose trial is finished and remove "
+                   "checkpoint files of no live trial.")
+@checkpoint_dir_option
 @json_option
 @friendly_errors
-def status(study_name, storage, tracking_uri, repair, as_json):
-    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs. Exit 0:
-    all well; 3: MLflow lacks points or points wait in a spool; 4: stale trials (RUNNING with
-    no live worker); 2: bad input."""
+def status(study_name, storage, tracking_uri, repair, checkpoint_dir, as_json):
+    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs, checkpoint
+    files of no live trial. Exit 0: all well; 3: MLflow lacks points or points wait in a spool;
+    4: stale trials (RUNNING with no live worker); 2: bad input."""
     from sweep.orchestration.status import show_status
 
-    said, facts = show_status(study_name, storage, tracking_uri, repair)
+    said, facts = show_status(study_name, storage, tracking_uri, repair, checkpoint_dir)
     if said:
         click.echo(mask_url(said), err=as_json)  # stdout stays one JSON document
     if as_json:

@@ -149,6 +149,8 @@ FLAG_CASES = [
     ("set-space", ["--set", "space.base_lr=0.1"], "--set space.base_lr: unknown key"),
     ("set-bad-value", ["--set", "train.epochs=0"], "/studies/smoke.yaml: train.epochs (--set): must be >= 1"),
     ("data-too-small", ["--set", "data.train_size=5000"], "/cifar-10-batches-py holds 200 training images"),
+    ("checkpoint-dir-virtual", ["--checkpoint-dir", "/proc/sweep-ckpt"],
+     "checkpoint folder /proc/sweep-ckpt cannot be written ("),
 ]
 
 

@@ -97,6 +97,12 @@ def wait_epochs(db: Path, proc: subprocess.Popen, epochs: int, timeout: float = 
     raise AssertionError(f"no trial reached epoch {epochs}")
 
 
+def checkpoints_of(folder: Path) -> Path:
+    """The study's checkpoint folder: ``sweep-checkpoints/resume-HASH`` (one study per test)."""
+    (found,) = (folder / "sweep-checkpoints").glob("resume-*")
+    return found
+
+
 def stores(folder: Path):
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{folder}/sweep.db")
     return study, MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
@@ -138,8 +144,7 @@ def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data,
     saved = {t.number: len(t.intermediate_values) for t in originals}
     assert all(2 <= n < EPOCHS for n in saved.values()), saved
     for number, epochs in saved.items():
-        payload = torch.load(cut_dir / "sweep-checkpoints" / "resume" / f"trial-{number}.pt",
-                             weights_only=True)
+        payload = torch.load(checkpoints_of(cut_dir) / f"trial-{number}.pt", weights_only=True)
         assert payload["state"]["epochs"] == epochs == study.trials[number].user_attrs[
             "checkpoint_epochs"]
     from sweep.orchestration.status import status_text
@@ -175,7 +180,7 @@ def test_sigkill_resumes_from_the_last_saved_epoch_and_a_truncated_file_restarts
     wait_epochs(tmp_path / "sweep.db", cut, 2)
     cut.kill()
     cut.communicate(timeout=60)
-    folder = tmp_path / "sweep-checkpoints" / "resume"
+    folder = checkpoints_of(tmp_path)
     epochs = torch.load(folder / "trial-0.pt", weights_only=True)["state"]["epochs"]
     assert 2 <= epochs < EPOCHS
     damaged = folder / "trial-1.pt"
@@ -190,7 +195,7 @@ def test_sigkill_resumes_from_the_last_saved_epoch_and_a_truncated_file_restarts
         assert retry.state == TrialState.COMPLETE
         check_whole_curve(client, retry)
     tags = client.get_run(resumed.user_attrs["mlflow_run_id"]).data.tags
-    assert tags["sweep.resumed_at_step"] == str(epochs * STEPS)
+    assert tags.get("sweep.resumed_at_step") == str(epochs * STEPS), err[-3000:]
     # the epochs before the kill are the original's own, replayed once
     assert {e: v for e, v in resumed.intermediate_values.items() if e < epochs} == \
         {e: v for e, v in study.trials[0].intermediate_values.items() if e < epochs}
@@ -249,3 +254,101 @@ def test_scancelled_array_task_is_resumed_by_a_second_array(slurm, tmp_path, dat
     assert tags["sweep.host"] and os.path.exists(tmp_path / "sweep-checkpoints")
     check_whole_curve(client, retry)
     assert not list((tmp_path / "sweep-checkpoints").rglob("*.pt"))
+
+
+def test_a_slot_file_that_does_not_fit_restarts_that_trial_alone(tmp_path, data, study_file):
+    """A CPU pack of 2 stopped by SIGTERM after 2 of 6 epochs; one slot's file is then altered
+    so that it loads (identity, counts and format intact) but does not fit the model (a weight
+    gone). The next worker finishes both trials within the budget of 2: one resumed, one
+    restarted from step 0 after one line, both runs holding their whole LR curve once."""
+    cut = start(tmp_path, data, study_file, fuse=2, trials=2)
+    wait_epochs(tmp_path / "sweep.db", cut, 2)
+    cut.send_signal(signal.SIGTERM)
+    finish(cut, 128 + signal.SIGTERM)
+    folder = checkpoints_of(tmp_path)
+    altered = folder / "trial-1.pt"
+    payload = torch.load(altered, weights_only=True)
+    del payload["state"]["model"]["conv1.weight" if "conv1.weight" in payload["state"]["model"]
+                                  else next(iter(payload["state"]["model"]))]
+    torch.save(payload, altered)
+    kept = (folder / "trial-0.pt").read_bytes()
+
+    out, err = finish(start(tmp_path, data, study_file, fuse=2, trials=2))
+    assert "2/2 trials used" in out
+    study, client = stores(tmp_path)
+    resumed, restarted = retry_of(study, 0), retry_of(study, 1)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    tags = client.get_run(resumed.user_attrs["mlflow_run_id"]).data.tags
+    epochs = torch.load(__import__("io").BytesIO(kept), weights_only=True)["state"]["epochs"]
+    assert int(tags["sweep.resumed_at_step"]) == epochs * STEPS > 0  # the other file was kept
+    assert "sweep.resumed_at_step" not in client.get_run(
+        restarted.user_attrs["mlflow_run_id"]).data.tags
+    (line,) = [ln for ln in err.splitlines() if "restarts from step 0" in ln]
+    assert line.startswith(f"trial {restarted.number} (a retry of trial 1): checkpoint {altered} "
+                           f"does not fit the trial (")
+    with sqlite3.connect(tmp_path / "mlflow.db") as conn:  # each step once, read by SQL
+        for retry in (resumed, restarted):
+            rows = conn.execute("SELECT step, count(*) FROM metrics WHERE run_uuid = ? AND "
+                                "key = 'lr' GROUP BY step", (retry.user_attrs["mlflow_run_id"],))
+            assert sorted(rows) == [(step, 1) for step in range(EPOCHS * STEPS)]
+        check_whole_curve(client, retry)
+    assert not list(folder.glob("*.pt"))
+
+
+def test_a_stalled_original_leaves_its_retrys_checkpoint_alone(tmp_path, data, study_file):
+    """Worker A is frozen (SIGSTOP) after an epoch, past the grace period; worker B fails its
+    trial and resumes the retry from A's checkpoint. A is woken (SIGCONT) while B trains: at
+    its next epoch end it finds its trial failed, so it neither overwrites nor removes the file
+    B writes; B finishes from it."""
+    beat = {"SWEEP_HEARTBEAT_INTERVAL": "1", "SWEEP_GRACE_PERIOD": "2"}
+
+    def worker() -> subprocess.Popen:
+        return subprocess.Popen(
+            sweep_cmd("launch", "--study", str(study_file), "--quiet", "--trials", "1",
+                      "--set", "train.epochs=5"),
+            cwd=tmp_path, env=dict(env(data), **beat), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+
+    a = worker()
+    wait_epochs(tmp_path / "sweep.db", a, 1)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        b = worker()
+        storage = f"sqlite:///{tmp_path}/sweep.db"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # B resumed the retry and saved an epoch of its own
+            study = optuna.load_study(study_name="resume", storage=storage)
+            retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 0]
+            if retries and retries[0].user_attrs.get("checkpoint_epochs", 0) > \
+                    retries[0].user_attrs.get("resumed_epochs", 99):
+                break
+            assert b.poll() is None, b.communicate()
+            time.sleep(0.1)
+        (retry,) = retries
+        resumed_at = retry.user_attrs["resumed_epochs"]
+        assert resumed_at >= 1
+    finally:
+        a.send_signal(signal.SIGCONT)
+    # A wakes, ends its epoch (its report to Optuna is refused: the trial is failed) and ends
+    # its run; its checkpoint's remove came before that, its save before the report.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    original_run = study.trials[0].user_attrs["mlflow_run_id"]
+    while time.monotonic() < deadline:
+        if "UpdateFinishedTrialError" in client.get_run(original_run).data.tags.get(
+                "sweep.error", ""):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the original never woke up")
+    folder = checkpoints_of(tmp_path)
+    if b.poll() is None:  # B still training: its file is there, and is B's own (past A's epochs)
+        payload = torch.load(folder / "trial-0.pt", weights_only=True)
+        assert payload["state"]["epochs"] > resumed_at
+    finish(b)
+    finish(a)
+    study, client = stores(tmp_path)
+    retry = retry_of(study, 0)
+    assert retry.state == TrialState.COMPLETE
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags[
+        "sweep.resumed_at_step"] == str(resumed_at * STEPS)
+    assert not list(folder.glob("*.pt"))  # B removed it; A wrote nothing after

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from helpers import PG_PASSWORD, TINY, plain_storage
 from sweep.cli import main
 from sweep.orchestration.bookkeeping import update_parent_run
-from sweep.orchestration.checkpoints import default_dir
+from sweep.orchestration.checkpoints import CheckpointDir, default_dir, storage_key
 from sweep.orchestration.launch import LaunchOptions, open_study_stores
 from sweep.orchestration.objective import end_trial, start_trial
 from sweep.orchestration.spool import SpoolWriter, spool_dir
@@ -252,7 +252,9 @@ def test_delete_removes_the_study_everywhere_and_nothing_else(sqlite_stores):
     beta_runs = [r.info.run_id for _, r in beta.values()]
     alpha_run = alpha[0][1].info.run_id
     # A checkpoint of beta's, and spool records of both studies' runs in one segment.
-    folder = default_dir(where["storage"]) / "beta"
+    stored = optuna.load_study(study_name="beta", storage=where["storage"])
+    folder = CheckpointDir(default_dir(where["storage"]), "", "",
+                           storage_key(where["storage"])).folder(stored)  # where a worker writes
     folder.mkdir(parents=True)
     (folder / "trial-0.pt").write_bytes(b"state")
     spool = SpoolWriter(spool_dir(where["tracking"]), where["tracking"])

@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import SweepError
-from sweep.orchestration.checkpoints import resolve_dir, study_folder
+from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir, storage_key
 from sweep.orchestration.completeness import is_sql_store
 from sweep.orchestration.spool import drop_runs, pending
 from sweep.orchestration.status import open_for_status
@@ -110,7 +110,8 @@ def plan_delete(study_name: str, storage_url: str, tracking_uri: str,
         mine_spooled = (set(spooled.points) | spooled.ends) & mine
         plan.spool_runs = len(mine_spooled)
         plan.spool_points = sum(spooled.points.get(r, 0) for r in mine_spooled)
-    plan.checkpoints = study_folder(resolve_dir(checkpoint_dir, storage_url), plan.name)
+    plan.checkpoints = CheckpointDir(resolve_dir(checkpoint_dir, storage_url), "", "",
+                                     storage_key(storage_url)).folder(study)
     if plan.checkpoints.is_dir():
         plan.checkpoint_files = sum(1 for p in plan.checkpoints.rglob("*") if p.is_file())
     return plan

@@ -18,7 +18,7 @@ import torch
 
 from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_budget,
                                              update_parent_run)
-from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir
+from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir, storage_key
 from sweep.orchestration.completeness import launch_lines, replay_spool
 from sweep.orchestration.objective import WorkerContext
 from sweep.orchestration.pack import log_pack_times, time_table
@@ -92,11 +92,13 @@ class StudyStores:
     code_version: str
     splits: Splits | None = None
     checkpoint_dir: Path | None = None
+    storage_url: str = ""  # names the study's checkpoint folder (``checkpoints.storage_key``)
 
     def worker_context(self, spec: StudySpec, progress: Callable | None = None) -> WorkerContext:
         """``progress``: a training-listener factory ``(trial number, epochs, row)`` for the
         console."""
-        checkpoints = CheckpointDir(self.checkpoint_dir, self.code_version, self.device.type) \
+        checkpoints = CheckpointDir(self.checkpoint_dir, self.code_version, self.device.type,
+                                    storage_key(self.storage_url)) \
             if self.checkpoint_dir is not None else None
         return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
                              self.parent_run_id, self.code_version, progress=progress,
@@ -133,7 +135,7 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     # The parent run says which code last launched the study (each trial run records its own).
     tracker.client.set_tag(parent, CODE_VERSION, version)
     return StudyStores(study, budget, tracker, experiment_id, parent, device, version, splits,
-                       checkpoint_dir)
+                       checkpoint_dir, opts.storage)
 
 
 def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str],

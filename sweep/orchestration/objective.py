@@ -125,7 +125,8 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
         checkpoint = None
         if ctx.checkpoints is not None:
             checkpoint = ctx.checkpoints.open(
-                trial, cfg, on_saved=lambda epochs: note(trial, CHECKPOINT_EPOCHS, epochs))
+                trial, cfg, on_saved=lambda epochs: note(trial, CHECKPOINT_EPOCHS, epochs),
+                steps_per_epoch=steps_per_epoch)
         resumed = {RESUMED_AT_STEP: checkpoint.resume["steps"]} if checkpoint and checkpoint.resume \
             else {}
         run = ctx.tracker.start_trial(

@@ -5,7 +5,7 @@ MLflow runs; ``--repair`` reconciles the stores (the rules live in ``bookkeeping
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 from sweep.orchestration.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile,
                                              stale_runs, state_counts, update_parent_run,
                                              worker_gone)
-from sweep.orchestration.checkpoints import waiting_with_checkpoint
+from sweep.orchestration.checkpoints import (checkpoint_root, orphans, remove_orphans,
+                                             storage_key, waiting_with_checkpoint)
 from sweep.orchestration.completeness import Completeness, check, replay_spool
 from sweep.orchestration.tracking import Tracker
 
@@ -36,6 +37,9 @@ class StatusFacts:
     stale_runs: list[dict]  # run_id, trial, trial_state: MLflow runs RUNNING for a finished trial
     completeness: Completeness | None  # None: no MLflow store to look at
     repaired: Reconciled | None = None
+    checkpoint_root: str = ""
+    orphans: list[str] = field(default_factory=list)  # checkpoint files of no live trial
+    orphans_removed: int = 0  # by --repair
 
     @property
     def stale_trials(self) -> list[int]:
@@ -66,7 +70,9 @@ class StatusFacts:
                 "stale_runs": self.stale_runs, "mlflow": mlflow,
                 "repaired": None if self.repaired is None else
                 {"failed_trials": self.repaired.failed_trials,
-                 "ended_runs": self.repaired.ended_runs},
+                 "ended_runs": self.repaired.ended_runs,
+                 "removed_checkpoint_files": self.orphans_removed},
+                "orphan_checkpoint_files": self.orphans,
                 "exit_code": self.exit_code}
 
     def text(self) -> str:
@@ -97,6 +103,13 @@ class StatusFacts:
                          f"{run['trial_state'] or 'unknown'}) is still RUNNING")
         if self.stale_runs:
             lines.append("fix: sweep status --repair (ends those runs as FAILED)")
+        if self.orphans_removed:
+            lines.append(f"repaired: removed {self.orphans_removed} checkpoint file(s) of no live "
+                         f"trial under {self.checkpoint_root}")
+        if self.orphans:
+            lines += [f"  {len(self.orphans)} checkpoint file(s) of no live trial under "
+                      f"{self.checkpoint_root}:", *(f"    {path}" for path in self.orphans),
+                      "fix: sweep status --repair (removes them)"]
         if self.completeness is not None:
             lines += self.completeness.lines(self.study)
         return "\n".join(lines)
@@ -115,10 +128,11 @@ def _number(text) -> int | None:
     return int(text) if str(text).isdigit() else None
 
 
-def show_status(study: str, storage_url: str, tracking_uri: str,
-                repair: bool = False) -> tuple[str, StatusFacts]:
+def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = False,
+                checkpoint_dir: str | None = None) -> tuple[str, StatusFacts]:
     """``sweep status``: (lines said while repairing, the facts of the stored study after
-    reconciling it with ``repair``). Creates no store."""
+    reconciling it with ``repair``, which also removes checkpoint files of no live trial).
+    Creates no store."""
     loaded, tracker, experiment_id = open_for_status(study, storage_url, tracking_uri)
     replayed: list[str] = []
     if repair and tracker is not None:  # first: a replayed run's end beats a repair's guess
@@ -126,7 +140,13 @@ def show_status(study: str, storage_url: str, tracking_uri: str,
     fixed = reconcile(loaded, tracker, experiment_id) if repair else None
     if repair and tracker is not None:
         update_parent_run(loaded, tracker, experiment_id)
-    return "\n".join(replayed), status_facts(loaded, tracker, experiment_id, fixed)
+    root = checkpoint_root(checkpoint_dir, storage_url)
+    found = orphans(loaded, root, storage_key(storage_url))
+    facts = status_facts(loaded, tracker, experiment_id, fixed)
+    facts.checkpoint_root, facts.orphans = str(root), [str(p) for p in found]
+    if repair and found:  # after the stale trials were failed, so their files count
+        facts.orphans_removed, facts.orphans = remove_orphans(found), []
+    return "\n".join(replayed), facts
 
 
 def heartbeat_ages(study: optuna.Study) -> dict[int, float]:

@@ -251,7 +251,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                     frozen = study._storage.get_trial(t._trial_id)
                     if not retry_later(study, frozen, signalled=True) and ctx.checkpoints is not None:
                         # no retry: nobody will resume its checkpoint
-                        ctx.checkpoints.discard(study.study_name, frozen.system_attrs, t.number)
+                        ctx.checkpoints.discard(study, frozen)
                     _tell(study, t, state=TrialState.FAIL)
                 report.interrupted_by = sig.signum
                 break
@@ -313,6 +313,6 @@ def _tell(study: optuna.Study, trial: optuna.Trial, value=None, state=None) -> N
             study.tell(trial, state=state)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
-    except ValueError as err:
-        if "finished" not in str(err).lower():
+    except ValueError:  # "Cannot tell a FAIL trial": failed by another worker's stale check
+        if not study._storage.get_trial(trial._trial_id).state.is_finished():
             raise

@@ -12,37 +12,30 @@ A state is a dict of tensors and plain values (``torch.load(weights_only=True)``
 * ``schedule``: ``LRSchedule.state_dict()`` (plateau's counters; warmup and every main schedule
   are closed forms of the step, so the step is their whole state);
 * ``generator``: the state of the trial's generator (data order and augmentation draws);
-* ``epochs`` (finished), ``steps`` (optimizer steps so far), ``history`` (per-epoch metrics).
+* ``epochs`` (finished), ``steps`` (optimizer steps so far), ``history`` (per-epoch metrics);
+* ``precision``: "bf16" or "fp32", what the steps ran in (a pack resumes in it: ``fused.pack_bf16``).
 
 The global RNG is not saved: it only seeds the initial weights, which the state replaces.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from sweep.training.atomic import write_bytes_atomic
+
 STATE_KEYS = ("model", "optimizer", "schedule", "generator", "epochs", "steps", "history")
 
 
 def write_atomic(path: Path, payload: Mapping) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over
-    it: a kill at any moment leaves the previous file or the new one, never a mix (also on
-    NFS/Lustre, where a rename within a folder is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, renamed over it, and
+    the folder flushed: a kill at any moment leaves the previous file or the new one, never a
+    mix, and the rename survives a crash of the node (``sweep.training.atomic``)."""
+    write_bytes_atomic(path, lambda f: torch.save(dict(payload), f))
 
 
 def read(path: Path) -> dict:
@@ -63,6 +56,23 @@ def check_state(state: Mapping) -> None:
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise ValueError(f"incomplete training state (no {', '.join(missing)})")
+
+
+def check_consistent(state: Mapping, steps_per_epoch: int, total_epochs: int) -> None:
+    """Raise ValueError (one line) unless ``state``'s counts agree with each other and with a
+    trial of ``total_epochs`` epochs of ``steps_per_epoch`` steps: some but not all epochs
+    finished (a file at the last epoch would end the trial with no training), steps = epochs x
+    steps per epoch, one history entry per epoch, the optimizer's steps the state's."""
+    check_state(state)
+    epochs, steps = state["epochs"], state["steps"]
+    if not isinstance(epochs, int) or not 0 < epochs < total_epochs:
+        raise ValueError(f"it holds {epochs!r} finished epochs, not 1 to {total_epochs - 1}")
+    if steps != epochs * steps_per_epoch:
+        raise ValueError(f"{steps!r} steps for {epochs} epochs of {steps_per_epoch}")
+    if not isinstance(state["history"], list) or len(state["history"]) != epochs:
+        raise ValueError(f"a history of {len(state['history'])} epochs for {epochs}")
+    if not isinstance(state["optimizer"], Mapping) or state["optimizer"].get("steps") != steps:
+        raise ValueError("its optimizer's step count is not its own")
 
 
 # --- the optimizer, keyed by parameter name --------------------------------------------------
@@ -88,6 +98,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         saved = state["buffers"].get(name, {})
         if not saved:
             continue  # SGD without momentum keeps no state
+        for key, value in saved.items():
+            if not torch.is_tensor(value) or value.shape != p.shape:
+                raise ValueError(f"optimizer state {name}.{key} does not fit the model")
         entry = {k: v.to(p.device) for k, v in saved.items()}
         if isinstance(optimizer, torch.optim.AdamW):
             # torch keeps AdamW's step as a float32 tensor on the CPU (not capturable)
@@ -98,12 +111,13 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 # --- an unfused trial ---------------------------------------------------------------------------
 
 def unfused_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
-                  generator: torch.Generator, epochs: int, steps: int, history: list) -> dict:
+                  generator: torch.Generator, epochs: int, steps: int, history: list,
+                  precision: str = "fp32") -> dict:
     """The training state of ``train()`` after ``epochs`` finished epochs. Its tensors are the
     live ones: write it out (``write_atomic``) before training goes on."""
     return {"model": model.state_dict(), "optimizer": optimizer_state(model, optimizer, steps),
             "schedule": schedule.state_dict(), "generator": generator.get_state(),
-            "epochs": epochs, "steps": steps, "history": list(history)}
+            "epochs": epochs, "steps": steps, "history": list(history), "precision": precision}
 
 
 def load_unfused(state: Mapping, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
@@ -113,8 +127,12 @@ def load_unfused(state: Mapping, model: nn.Module, optimizer: torch.optim.Optimi
     check_state(state)
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         raise ValueError(f"weights of another model ({str(err).splitlines()[0][:200]})") from None
     load_optimizer_state(model, optimizer, state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    generator.set_state(state["generator"])
+    try:
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+    except (RuntimeError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"schedule or generator state does not fit ({type(err).__name__})") \
+            from None

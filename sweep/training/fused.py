@@ -68,6 +68,23 @@ class _Feeder:
             self.on_end(SlotEnd(job.key, error=ValueError(problem)))
 
 
+def pack_bf16(precision: str, cuda: bool, allowed: bool, jobs: Sequence[SlotJob]) -> bool:
+    """Whether a pack starting ``jobs`` trains in bf16 autocast. The CPU: never. ``precision``
+    "bf16"/"fp32": as said. "auto": a pack that starts with resumed trials continues in the
+    precision the first of them trained in (recorded in its state), so a retry resumed alone
+    (a pack of one) goes on as it began; otherwise bf16 when 2+ jobs start and ``allowed``
+    (``train.bf16``; measured: one eager model is slower in bf16, a fused pack of 8 faster)."""
+    if not cuda:
+        return False
+    if precision != "auto":
+        return precision == "bf16"
+    saved = next((j.resume["precision"] for j in jobs
+                  if j.resume is not None and j.resume.get("precision")), None)
+    if saved is not None:
+        return saved == "bf16"
+    return len(jobs) >= 2 and allowed
+
+
 def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Splits,
                device: torch.device, on_end: Callable[[SlotEnd], None],
                guards: Sequence[Listener] = (), precision: str = "auto",
@@ -83,9 +100,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     are pack-wide listeners called after every chunk and epoch with pack step/epoch numbers;
     whatever they raise propagates. A BaseException from a slot's listener propagates too;
     StopTraining or another Exception from it ends that slot alone.
-    ``precision``: "auto" (bf16 autocast on CUDA when 2+ slots start and train.bf16, else fp32;
-    measured: one eager model is slower in bf16, a fused pack of 8 faster), "fp32", "bf16"
-    (CUDA only; the CPU is always fp32). ``graphs``: "auto"/"on" capture the step as a CUDA
+    ``precision``: "auto" (``pack_bf16``), "fp32", "bf16" (CUDA only; the CPU is always fp32). ``graphs``: "auto"/"on" capture the step as a CUDA
     graph on CUDA (eager with a warning if capture fails), "off" eager; the CPU is eager.
     ``compile`` (``train.compile``): True compiles the step and evaluation with torch.compile
     (inductor; on CUDA then captured as a graph), False does not, "auto" is ``train.compiles``'
@@ -115,7 +130,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
         raise ValueError(f"{problem}; run it unfused")
     cuda = device.type == "cuda"
     # decided once for the pack's life (a slot must not change precision when the pack shrinks)
-    bf16 = cuda and (precision == "bf16" or (precision == "auto" and len(jobs) >= 2 and t.bf16))
+    bf16 = pack_bf16(precision, cuda, t.bf16, jobs)
     stats.precision = "bf16" if bf16 else "fp32"
     if cuda:
         # autotuning picks kernels by timing: not under deterministic algorithms (tests)

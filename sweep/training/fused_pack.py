@@ -121,6 +121,7 @@ class Pack:
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
                                                cache_enabled=False)
         self.use_graphs, self.use_compile = graphs, compile
+        self.precision = "bf16" if bf16 else "fp32"  # recorded in each slot's checkpoint
         self.template = build_model(t.model, t.width)  # architecture only
         self.decay = decays(self.template)
         self.slots: list[_Slot] = []
@@ -155,9 +156,13 @@ class Pack:
         self.slots[index] = _Slot(job, LRSchedule(cfg.schedule, self.steps_per_epoch,
                                                   cfg.train.epochs),
                                   torch.Generator(device=self.device).manual_seed(cfg.seed))
-        if job.resume is not None:
-            self._resume(index, job.resume)
         self.stats.jobs += 1
+        if job.resume is not None:
+            try:
+                self._resume(index, job.resume)
+            except Exception as err:  # the caller checked it fits: still, one slot, never the pack
+                self._end(self.slots[index], SlotEnd(job.key, error=ValueError(
+                    f"its checkpoint does not fit ({_first_line(err)})")), wasted=True)
 
     # --- checkpoints (the format: sweep.training.checkpoint) ---------------------------------
     def slot_state(self, index: int) -> dict:
@@ -172,7 +177,8 @@ class Pack:
         return {"model": slot_state(self.net, self.k, index, self.template, s.step),
                 "optimizer": {"kind": self.t.optimizer, "steps": steps, "buffers": buffers},
                 "schedule": s.schedule.state_dict(), "generator": s.generator.get_state(),
-                "epochs": len(s.history), "steps": s.step, "history": list(s.history)}
+                "epochs": len(s.history), "steps": s.step, "history": list(s.history),
+                "precision": self.precision}
 
     def _resume(self, index: int, state: dict) -> None:
         """Slot ``index`` (just filled) continues from ``state`` on its own clock."""

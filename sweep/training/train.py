@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sweep.errors import DeviceError
-from sweep.training.checkpoint import load_unfused, unfused_state
+from sweep.training.checkpoint import check_consistent, load_unfused, unfused_state
 from sweep.training.data import Normalizer, Splits, train_batches
 from sweep.training.models import build_model, memory_format
 from sweep.study.schedules import LRSchedule
@@ -117,6 +117,20 @@ def _autocast_for(device: torch.device, bf16: bool):
     return lambda: torch.autocast(device.type, enabled=False)
 
 
+def check_resumable(state: Mapping, cfg: TrialConfig, steps_per_epoch: int,
+                    device: torch.device) -> None:
+    """Raise ValueError (one line) unless ``train(cfg, resume=state)`` (or a pack's slot) can
+    continue from ``state``: its counts agree (``check_consistent``) and it restores into
+    freshly built objects of ``cfg`` (weights, optimizer, schedule, generator; on the CPU but
+    the generator). Called before a resumed trial's earlier steps are replayed into its
+    listeners, so a file that does not fit costs a restart from step 0, never a trial."""
+    check_consistent(state, steps_per_epoch, cfg.train.epochs)
+    model = build_model(cfg.train.model, cfg.train.width)
+    schedule = LRSchedule(cfg.schedule, steps_per_epoch, cfg.train.epochs)
+    load_unfused(state, model, build_optimizer(model, cfg), schedule,
+                 torch.Generator(device=device))
+
+
 def train(cfg: TrialConfig, splits: Splits, device: torch.device,
           listeners: Sequence[Listener] = (), checkpoint: Callable[[dict], None] | None = None,
           resume: Mapping | None = None) -> TrainResult:
@@ -187,7 +201,8 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
         result.steps = (epoch + 1) * steps_per_epoch
         if checkpoint is not None:  # before the listeners: a stop at this epoch's end keeps it
             checkpoint(unfused_state(model, optimizer, schedule, generator, epoch + 1,
-                                     result.steps, result.history))
+                                     result.steps, result.history,
+                                     "bf16" if device.type == "cuda" and t.bf16 else "fp32"))
         for listener in listeners:
             listener.on_epoch_end(epoch, metrics)
     _, result.test_acc = evaluate(model, splits.test_x, splits.test_y, normalize,
