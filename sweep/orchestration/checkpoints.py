@@ -33,6 +33,7 @@ from typing import Callable, Mapping, Sequence
 
 import optuna
 
+from sweep.orchestration.checkpoint_writer import CheckpointWriter
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RETRY_HISTORY
 from sweep.orchestration.storage import journal_path, sqlite_path
 
@@ -133,12 +134,14 @@ class TrialCheckpoint:
 
 @dataclass(frozen=True)
 class CheckpointDir:
-    """The checkpoint folder of the trials a worker runs."""
+    """The checkpoint folder of the trials a worker runs, and the process's one writer of it
+    (``checkpoint_writer``: saves and removals run there, off the training thread)."""
 
     root: Path
     code_version: str
     device_type: str
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter, compare=False, repr=False)
 
     def path(self, study_name: str, original: int) -> Path:
         return self.root / _safe(study_name) / f"trial-{original}.pt"
@@ -156,6 +159,7 @@ class CheckpointDir:
         if failed is None:
             return found  # a fresh trial: whatever is in the file is not its own
         expected = _recorded_epochs(study, failed)
+        self.writer.wait_for(found.path)  # never read a file while a write of it is pending
         payload, problem = _load(found.path, identity, expected)
         if problem:
             self.log(f"trial {trial.number} (a retry of trial {failed}): {problem}; it restarts "
@@ -168,8 +172,9 @@ class CheckpointDir:
         return found
 
     def discard(self, study_name: str, system_attrs: Mapping, number: int) -> None:
-        """Remove the checkpoint of a trial that will not be retried."""
-        self.path(study_name, original_number(system_attrs, number)).unlink(missing_ok=True)
+        """Remove the checkpoint of a trial that will not be retried (after any pending
+        write of it)."""
+        self.writer.remove(self.path(study_name, original_number(system_attrs, number)))
 
     def _identity(self, study: optuna.Study, original: int, cfg) -> dict:
         attrs = study.user_attrs

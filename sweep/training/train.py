@@ -19,6 +19,7 @@ from torch import nn
 from sweep.errors import DeviceError
 from sweep.training.checkpoint import load_unfused, unfused_state
 from sweep.training.data import Normalizer, Splits, train_batches
+from sweep.training.host_copy import host_state
 from sweep.training.models import build_model, memory_format
 from sweep.study.schedules import LRSchedule
 from sweep.study.space import TrialConfig
@@ -118,11 +119,13 @@ def _autocast_for(device: torch.device, bf16: bool):
 
 
 def train(cfg: TrialConfig, splits: Splits, device: torch.device,
-          listeners: Sequence[Listener] = (), checkpoint: Callable[[dict], None] | None = None,
+          listeners: Sequence[Listener] = (),
+          checkpoint: Callable[[Callable[[], dict]], None] | None = None,
           resume: Mapping | None = None) -> TrainResult:
     """Train one trial. With ``checkpoint``, it is called at every epoch end, before the
-    listeners hear of the epoch (a stop there keeps it), with the training state
-    (``sweep.training.checkpoint``; its tensors are live: write it out in the call). With
+    listeners hear of the epoch (a stop there keeps it), with a function that returns the
+    training state (``sweep.training.checkpoint``) from a host copy taken then: training goes on
+    at once, and the function may be called later, on another thread (``host_copy``). With
     ``resume`` (such a state), training continues after its last epoch with the same weights,
     optimizer state, batches and LR sequence as if never stopped; the listeners hear only the
     epochs trained here (the caller replays the earlier ones if it wants them)."""
@@ -186,8 +189,9 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
         result.history.append(metrics)
         result.steps = (epoch + 1) * steps_per_epoch
         if checkpoint is not None:  # before the listeners: a stop at this epoch's end keeps it
-            checkpoint(unfused_state(model, optimizer, schedule, generator, epoch + 1,
-                                     result.steps, result.history))
+            state = host_state(unfused_state(model, optimizer, schedule, generator, epoch + 1,
+                                             result.steps, result.history))
+            checkpoint(lambda state=state: state)
         for listener in listeners:
             listener.on_epoch_end(epoch, metrics)
     _, result.test_acc = evaluate(model, splits.test_x, splits.test_y, normalize,

@@ -1,0 +1,194 @@
+"""One checkpoint writer per process: trial checkpoints are written off the training thread.
+
+At an epoch end the training thread only copies the state off the device (``host_copy``,
+``fused_snapshot``) and hands ``save`` a function that returns it; this thread calls it and the
+checkpoint's save entry point (``TrialCheckpoint.save``: file, fsync, rename), one file at a
+time. The Optuna notes the saves make (``deferred``: "checkpoint_epochs") wait until no file is
+left to write, so the notes of one epoch boundary go out together, after their files.
+
+Bounded and safe:
+
+* At most one operation waits per file: a newer checkpoint (or the removal of the file) replaces
+  a waiting older one, so memory holds at most one waiting copy per slot plus the one being
+  written, however slow the disk.
+* A file is never read or removed while a write of it waits or runs: ``remove`` is an operation
+  of this thread, after any write of that file in progress; ``wait_for`` (before a retry loads a
+  checkpoint) returns once nothing of that file is left.
+* ``flush(deadline)`` (a stop) waits until everything is written or the deadline passes;
+  ``close(deadline)`` then stops the thread, dropping what waits. A checkpoint not written by
+  then is simply the previous one: the rename is atomic, a file is never torn.
+
+``SWEEP_CHECKPOINT_WRITE_DELAY_S`` (tests only) delays every write by that many seconds: a slow
+disk, for the tests that show training never waits for one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sweep.errors import CheckpointError
+
+DELAY_ENV = "SWEEP_CHECKPOINT_WRITE_DELAY_S"
+
+
+def write_delay_s() -> float:
+    """``SWEEP_CHECKPOINT_WRITE_DELAY_S`` (default 0): seconds each write waits first (tests)."""
+    text = os.environ.get(DELAY_ENV, "0")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise CheckpointError(f"{DELAY_ENV} must be a number of seconds >= 0, got {text!r}; "
+                              f"unset it")
+    return value
+
+
+@dataclass
+class _Op:
+    run: Callable[[], None]
+    write: bool  # a write (delayed by the test hook); else a removal
+    on_done: Callable[[float], None] | None  # told the seconds this thread spent on it
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only folder: the file is stale, and refused once its trial is done
+
+
+class CheckpointWriter:
+    """The thread that writes and removes a process's checkpoint files (module docstring). The
+    thread starts with the first operation and again after ``close``."""
+
+    def __init__(self, log: Callable[[str], None] | None = None):
+        self._cond = threading.Condition()
+        self._pending: dict[Path, _Op] = {}  # one per file, oldest first
+        self._busy: Path | None = None  # the file whose operation runs now
+        self._working = False  # an operation or notes run now
+        self._current: _Op | None = None  # the operation running (whose notes ``deferred`` holds)
+        self._notes: list[tuple[Callable[[], None], _Op]] = []
+        self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None
+        self._delay = write_delay_s()
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._warned: set[Path] = set()
+
+    # --- what other threads call -------------------------------------------------------------
+    def save(self, checkpoint, take: Callable[[], dict],
+             on_written: Callable[[float], None] | None = None) -> None:
+        """Queue ``checkpoint.save(take())`` (``checkpoint``: a ``TrialCheckpoint``); it
+        replaces a waiting, not yet started write of the same file. ``on_written(seconds)`` is
+        told this thread's seconds for it (the cut from the copy, the file, the notes)."""
+        self._put(checkpoint.path, _Op(lambda: checkpoint.save(take()), True, on_written))
+
+    def remove(self, path: Path, remove: Callable[[], None] | None = None) -> None:
+        """Remove ``path`` (with ``remove()`` when given) once any write of it in progress is
+        done; a waiting write of it is dropped."""
+        self._put(path, _Op(remove or (lambda: _unlink(path)), False, None))
+
+    def deferred(self, note: Callable[..., None]) -> Callable[..., None]:
+        """``note`` as a callback for ``TrialCheckpoint.on_saved``: called on this thread it is
+        held until no file is left to write (one boundary's notes together, after their files);
+        called on another thread it runs at once."""
+        def later(*args) -> None:
+            if threading.current_thread() is not self._thread:
+                note(*args)
+                return
+            with self._cond:
+                self._notes.append((lambda: note(*args), self._current))
+        return later
+
+    def wait_for(self, path: Path) -> None:
+        """Return once no operation on ``path`` waits or runs (before the file is read)."""
+        with self._cond:
+            while path in self._pending or self._busy == path:
+                self._cond.wait()
+
+    def flush(self, deadline: float | None = None) -> bool:
+        """Wait until every queued write, removal and note is done, or until ``deadline`` (a
+        ``time.monotonic()`` value; None: no limit); whether everything was done."""
+        with self._cond:
+            while self._pending or self._notes or self._working:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def close(self, deadline: float | None = None) -> bool:
+        """``flush(deadline)``, then stop the thread: what still waits is dropped (the previous
+        checkpoint stays); a write in progress past the deadline finishes or dies with the
+        process. Whether everything was done."""
+        done = self.flush(deadline)
+        with self._cond:
+            if self._stop is not None:
+                self._stop.set()
+            self._thread = self._stop = None
+            self._pending.clear()
+            self._notes.clear()
+            self._cond.notify_all()
+        return done
+
+    # --- the thread --------------------------------------------------------------------------
+    def _put(self, path: Path, op: _Op) -> None:
+        with self._cond:
+            self._pending.pop(path, None)  # newest wins; it goes to the back of the queue
+            self._pending[path] = op
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._loop, args=(self._stop,),
+                                                daemon=True, name="checkpoint-writer")
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _loop(self, stop: threading.Event) -> None:
+        while True:
+            with self._cond:
+                while not (self._pending or self._notes or stop.is_set()):
+                    self._cond.wait()
+                if stop.is_set():
+                    return
+                path = op = None
+                if self._pending:  # files first; the notes once none is left
+                    path = next(iter(self._pending))
+                    op, notes = self._pending.pop(path), []
+                else:
+                    notes, self._notes = self._notes, []
+                self._busy, self._current, self._working = path, op, True
+            try:
+                if op is not None and not (op.write and self._delay and _slept(self._delay, stop)):
+                    self._timed(op.run, op, path)
+                for note, of in notes:
+                    self._timed(note, of)
+            finally:
+                with self._cond:
+                    self._busy, self._current, self._working = None, None, False
+                    self._cond.notify_all()
+
+    def _timed(self, call: Callable[[], None], op: _Op | None, path: Path | None = None) -> None:
+        began = time.perf_counter()
+        try:
+            call()
+        except Exception as err:  # one bad checkpoint must not stop the others' writes
+            if path not in self._warned:
+                self._warned.add(path)
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                self._log(f"warning: checkpoint {path or 'note'} not written "
+                          f"({type(err).__name__}: {first}); training goes on")
+        finally:
+            if op is not None and op.on_done is not None:
+                op.on_done(time.perf_counter() - began)
+
+
+def _slept(seconds: float, stop: threading.Event) -> bool:
+    """The test hook's slow disk: wait ``seconds`` before a write; whether the writer was
+    closed meanwhile (the write is then dropped, as one the deadline did not reach)."""
+    return stop.wait(seconds)
