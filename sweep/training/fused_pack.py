@@ -201,7 +201,7 @@ class Pack:
         s.generator.set_state(state["generator"])
         s.step, s.epoch, s.history = state["steps"], state["epochs"], list(state["history"])
 
-    def _checkpoint(self, indices: Sequence[int]) -> None:
+    def checkpoint_slots(self, indices: Sequence[int]) -> None:
         """Hand each of slots ``indices`` that checkpoints its state: one copy of the pack taken
         here (the training thread's whole share), the slots cut from it by the callee."""
         began = time.perf_counter()
@@ -389,7 +389,7 @@ class Pack:
             if math.isfinite(val_loss[k]):
                 metrics["lr_reduced"] = s.schedule.end_of_epoch(s.epoch, val_loss[k])
             s.history.append(metrics)
-        self._checkpoint(live)  # before the listeners: a stop at this epoch's end keeps it
+        self.checkpoint_slots(live)  # before the listeners: a stop at this epoch's end keeps it
         for k in live:
             s = self.slots[k]
             self._notify(s, lambda lst: lst.on_epoch_end(s.epoch, s.history[-1]))
