@@ -3,8 +3,8 @@
 At an epoch end the training thread only copies the state off the device (``host_copy``,
 ``fused_snapshot``) and hands ``save`` a function that returns it; this thread calls it and the
 checkpoint's save entry point (``TrialCheckpoint.save``: file, fsync, rename), one file at a
-time. The Optuna notes the saves make (``deferred``: "checkpoint_epochs") wait until no file is
-left to write, so the notes of one epoch boundary go out together, after their files.
+time. The Optuna notes the saves make (``deferred``: "checkpoint_epochs") wait until the files of
+their round are written, so the notes of one epoch boundary go out together, after their files.
 
 Bounded and safe:
 
@@ -71,10 +71,11 @@ class CheckpointWriter:
     def __init__(self, log: Callable[[str], None] | None = None):
         self._cond = threading.Condition()
         self._pending: dict[Path, _Op] = {}  # one per file, oldest first
-        self._busy: Path | None = None  # the file whose operation runs now
-        self._working = False  # an operation or notes run now
-        self._current: _Op | None = None  # the operation running (whose notes ``deferred`` holds)
-        self._notes: list[tuple[Callable[[], None], _Op]] = []
+        self._round: set[Path] = set()  # the files of the round in progress not yet done
+        self._working = False  # a round is in progress
+        # the writer thread's own: the operation running, the notes its round holds back
+        self._current: _Op | None = None
+        self._notes: list[tuple[Callable[[], None], _Op | None]] = []
         self._thread: threading.Thread | None = None
         self._stop: threading.Event | None = None
         self._delay = write_delay_s()
@@ -96,27 +97,26 @@ class CheckpointWriter:
 
     def deferred(self, note: Callable[..., None]) -> Callable[..., None]:
         """``note`` as a callback for ``TrialCheckpoint.on_saved``: called on this thread it is
-        held until no file is left to write (one boundary's notes together, after their files);
-        called on another thread it runs at once."""
+        held until the round's files are written (one boundary's notes together, after their
+        files); called on another thread it runs at once."""
         def later(*args) -> None:
             if threading.current_thread() is not self._thread:
                 note(*args)
                 return
-            with self._cond:
-                self._notes.append((lambda: note(*args), self._current))
+            self._notes.append((lambda: note(*args), self._current))
         return later
 
     def wait_for(self, path: Path) -> None:
         """Return once no operation on ``path`` waits or runs (before the file is read)."""
         with self._cond:
-            while path in self._pending or self._busy == path:
+            while path in self._pending or path in self._round:
                 self._cond.wait()
 
     def flush(self, deadline: float | None = None) -> bool:
         """Wait until every queued write, removal and note is done, or until ``deadline`` (a
         ``time.monotonic()`` value; None: no limit); whether everything was done."""
         with self._cond:
-            while self._pending or self._notes or self._working:
+            while self._pending or self._working:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -133,7 +133,6 @@ class CheckpointWriter:
                 self._stop.set()
             self._thread = self._stop = None
             self._pending.clear()
-            self._notes.clear()
             self._cond.notify_all()
         return done
 
@@ -150,28 +149,44 @@ class CheckpointWriter:
             self._cond.notify_all()
 
     def _loop(self, stop: threading.Event) -> None:
+        """Rounds: everything queued when a round starts (one epoch boundary's checkpoints,
+        as the training thread hands them over together), its files, then its notes. What
+        arrives meanwhile waits for the next round, so notes never wait behind a busy disk for
+        more than a round."""
         while True:
             with self._cond:
-                while not (self._pending or self._notes or stop.is_set()):
+                while not (self._pending or stop.is_set()):
                     self._cond.wait()
                 if stop.is_set():
                     return
-                path = op = None
-                if self._pending:  # files first; the notes once none is left
-                    path = next(iter(self._pending))
-                    op, notes = self._pending.pop(path), []
-                else:
-                    notes, self._notes = self._notes, []
-                self._busy, self._current, self._working = path, op, True
+                round_ = list(self._pending.items())
+                self._pending.clear()
+                self._round, self._working = {path for path, _ in round_}, True
+            self._notes = []
             try:
-                if op is not None and not (op.write and self._delay and _slept(self._delay, stop)):
-                    self._timed(op.run, op, path)
-                for note, of in notes:
+                for path, op in round_:
+                    if stop.is_set():
+                        return
+                    self._current = op
+                    self._timed(lambda: self._run(op, stop), op, path)
+                    with self._cond:
+                        self._round.discard(path)
+                        self._cond.notify_all()
+                for note, of in self._notes:
+                    if stop.is_set():
+                        return
                     self._timed(note, of)
             finally:
                 with self._cond:
-                    self._busy, self._current, self._working = None, None, False
+                    self._round, self._working, self._current = set(), False, None
                     self._cond.notify_all()
+
+    def _run(self, op: _Op, stop: threading.Event) -> None:
+        # the test hook's slow disk; closed meanwhile, the write is dropped as one the stop's
+        # deadline did not reach
+        if op.write and self._delay and stop.wait(self._delay):
+            return
+        op.run()
 
     def _timed(self, call: Callable[[], None], op: _Op | None, path: Path | None = None) -> None:
         began = time.perf_counter()
@@ -188,7 +203,3 @@ class CheckpointWriter:
                 op.on_done(time.perf_counter() - began)
 
 
-def _slept(seconds: float, stop: threading.Event) -> bool:
-    """The test hook's slow disk: wait ``seconds`` before a write; whether the writer was
-    closed meanwhile (the write is then dropped, as one the deadline did not reach)."""
-    return stop.wait(seconds)
