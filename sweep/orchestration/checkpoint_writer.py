@@ -75,7 +75,7 @@ class CheckpointWriter:
         self._working = False  # a round is in progress
         # the writer thread's own: the operation running, the notes its round holds back
         self._current: _Op | None = None
-        self._notes: list[tuple[Callable[[], None], _Op | None]] = []
+        self._notes: list[tuple[Callable[[], None], Callable[[float], None] | None]] = []
         self._thread: threading.Thread | None = None
         self._stop: threading.Event | None = None
         self._delay = write_delay_s()
@@ -103,7 +103,8 @@ class CheckpointWriter:
             if threading.current_thread() is not self._thread:
                 note(*args)
                 return
-            self._notes.append((lambda: note(*args), self._current))
+            current = self._current
+            self._notes.append((lambda: note(*args), current.on_done if current else None))
         return later
 
     def wait_for(self, path: Path) -> None:
@@ -162,24 +163,31 @@ class CheckpointWriter:
                 round_ = list(self._pending.items())
                 self._pending.clear()
                 self._round, self._working = {path for path, _ in round_}, True
-            self._notes = []
             try:
-                for path, op in round_:
-                    if stop.is_set():
-                        return
-                    self._current = op
-                    self._timed(lambda: self._run(op, stop), op, path)
-                    with self._cond:
-                        self._round.discard(path)
-                        self._cond.notify_all()
-                for note, of in self._notes:
-                    if stop.is_set():
-                        return
-                    self._timed(note, of)
+                self._write_round(round_, stop)
             finally:
+                round_ = None  # the copies go now, not at the next round (their buffers return)
                 with self._cond:
-                    self._round, self._working, self._current = set(), False, None
+                    self._round, self._working = set(), False
                     self._cond.notify_all()
+
+    def _write_round(self, round_: list[tuple[Path, _Op]], stop: threading.Event) -> None:
+        self._notes = []
+        for i, (path, op) in enumerate(round_):
+            if stop.is_set():
+                return
+            self._current = op
+            self._timed(lambda: self._run(op, stop), op.on_done, path)
+            round_[i] = (path, None)  # done with its copy
+            self._current = op = None
+            with self._cond:
+                self._round.discard(path)
+                self._cond.notify_all()
+        notes, self._notes = self._notes, []
+        for note, on_done in notes:
+            if stop.is_set():
+                return
+            self._timed(note, on_done)
 
     def _run(self, op: _Op, stop: threading.Event) -> None:
         # the test hook's slow disk; closed meanwhile, the write is dropped as one the stop's
@@ -188,7 +196,8 @@ class CheckpointWriter:
             return
         op.run()
 
-    def _timed(self, call: Callable[[], None], op: _Op | None, path: Path | None = None) -> None:
+    def _timed(self, call: Callable[[], None], on_done: Callable[[float], None] | None,
+               path: Path | None = None) -> None:
         began = time.perf_counter()
         try:
             call()
@@ -199,7 +208,7 @@ class CheckpointWriter:
                 self._log(f"warning: checkpoint {path or 'note'} not written "
                           f"({type(err).__name__}: {first}); training goes on")
         finally:
-            if op is not None and op.on_done is not None:
-                op.on_done(time.perf_counter() - began)
+            if on_done is not None:
+                on_done(time.perf_counter() - began)
 
 

@@ -32,6 +32,7 @@ from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
 from sweep.training.fused_snapshot import PackSnapshot, SlotClock
 from sweep.training.graphs import CapturedStep, restored
+from sweep.training.host_copy import HostBuffers
 from sweep.training.models import build_model, memory_format
 from sweep.training.train import Listener, StopTraining, TrainResult, full_precision
 
@@ -136,6 +137,7 @@ class Pack:
         self.decay = decays(self.template)
         self.slots: list[_Slot] = []
         self.k = 0
+        self._host_buffers = HostBuffers()  # the snapshots' copies, reused (see host_copy)
 
     # --- building --------------------------------------------------------------------------
     def _build(self, k: int) -> tuple[nn.Module, SlotOptimizer]:
@@ -179,7 +181,7 @@ class Pack:
                                [dict(h) for h in self.slots[k].history], self.slots[k].step)
                   for k in indices}
         return PackSnapshot(self.net, self.optimizer, self.k, self.template_state,
-                            self.t.optimizer, clocks, copy=copy)
+                            self.t.optimizer, clocks, self._host_buffers if copy else None)
 
     def slot_state(self, index: int) -> dict:
         """Slot ``index``'s training state after its last finished epoch, in the format of an
@@ -218,6 +220,7 @@ class Pack:
         copy_slots(net, self.net, self.k, keep)
         optimizer.take_slots(self.optimizer, keep)
         self.net, self.optimizer, self.k = net, optimizer, len(keep)
+        self._host_buffers = HostBuffers()  # other sizes now: the old ones go with their copies
         self.slots = [self.slots[i] for i in keep]
         self.stats.shrinks += 1
         self._make_step()

@@ -11,13 +11,14 @@ later, on whichever thread writes its checkpoint. The copy is never written by t
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from sweep.training.fused_model import slot_state, slot_tensors
 from sweep.training.fused_optim import SlotOptimizer
-from sweep.training.host_copy import copy_to_host, synchronize
+from sweep.training.host_copy import HostBuffers, copy_to_host, synchronize
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,20 @@ class SlotClock:
 
 
 class PackSnapshot:
-    """The pack's tensors (copied off the device, or live with ``copy=False``: the synchronous
-    path, which must then be cut before training goes on) and the clocks of some slots."""
+    """The pack's tensors (copied off the device into ``buffers``, which get them back when
+    the snapshot is dropped; or live with ``buffers=None``: the synchronous path, which must
+    then be cut before training goes on) and the clocks of some slots. A slot's state is cut
+    into new tensors: nothing of it keeps the snapshot alive."""
 
     def __init__(self, net: torch.nn.Module, optimizer: SlotOptimizer, k: int,
                  template_state: dict, kind: str, clocks: dict[int, SlotClock],
-                 copy: bool = True):
+                 buffers: HostBuffers | None):
         model, optim = slot_tensors(net), optimizer.slot_tensors()
-        if copy:
+        if buffers is not None:
             live = [*model.values(), *optim.values()]
-            copies = copy_to_host(live)
+            copies, wholes = copy_to_host(live, buffers)
             synchronize(live)  # once for the whole pack
+            weakref.finalize(self, buffers.give_back, wholes)
             model = dict(zip(model, copies))
             optim = dict(zip(optim, copies[len(model):]))
         self._model, self._optim, self._optimizer = model, optim, optimizer
