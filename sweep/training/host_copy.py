@@ -23,9 +23,9 @@ import torch
 
 class HostBuffers:
     """Free host buffers by (size, dtype, pinned), handed out again by ``copy_to_host``. Its
-    owner gives a copy's buffers back (``give_back``) once nothing reads the copy; any thread."""
-
-    KEEP = 2  # free buffers kept per size: the copy being written and the next one
+    owner gives a copy's buffers back (``give_back``) once nothing reads the copy; any thread.
+    It never holds more than the most copies alive at once held (a pack's checkpoint writes
+    bound those: ``checkpoint_writer``); its owner drops it when the sizes change."""
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = {}
@@ -41,9 +41,7 @@ class HostBuffers:
     def give_back(self, buffers: Sequence[torch.Tensor]) -> None:
         with self._lock:
             for b in buffers:
-                free = self._free.setdefault((b.numel(), b.dtype, b.is_pinned()), [])
-                if len(free) < self.KEEP:
-                    free.append(b)
+                self._free.setdefault((b.numel(), b.dtype, b.is_pinned()), []).append(b)
 
 
 def copy_to_host(tensors: Sequence[torch.Tensor], buffers: HostBuffers | None = None
