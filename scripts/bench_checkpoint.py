@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What trial checkpoints cost and what resumption saves (issue 19).
+"""What trial checkpoints cost and what resumption saves.
 
 1. ``cost``: seconds per checkpoint per trial (the real write path: training state + step record,
    ``torch.save`` to a temporary file, fsync, rename), and the file's size, for the models a
@@ -9,9 +9,16 @@
    interrupted with SIGTERM at random moments (seeded); counts the epochs trained in all, the
    epochs its retries did not train again because they resumed (``resumed_epochs``), and what
    the interrupted trials lost (their unfinished epochs).
+3. ``pack``: a fused pack's epoch boundary, for K = 1, 8, 16, 32 ResNet-20 slots: the training
+   thread's seconds (``blocking_s_median``: copying the pack off the device and handing it to
+   the writer) and the writer thread's (``write_s_median``: cutting each slot from the copy, its
+   file, fsync, rename, its Optuna note), side by side with the synchronous path in the same run
+   (``sync_blocking_s_median``: every slot cut, written and noted on the training thread). The
+   notes go to a real SQLite Optuna store. Each boundary's writes finish before the next (an
+   epoch takes seconds); old and new paths alternate.
 
-    python scripts/bench_checkpoint.py [--what cost|resume|both] [--data-dir DIR]
-        [--interruptions 3] [--trials 3] [--seed 0] [--threads 1]
+    python scripts/bench_checkpoint.py [--what cost|resume|pack|both] [--data-dir DIR]
+        [--interruptions 3] [--trials 3] [--seed 0] [--threads 1] [--device cpu] [--reps 5]
 """
 
 from __future__ import annotations
@@ -37,12 +44,13 @@ SMOKE_SETS = ["train.epochs=10", "train.fuse=1"]  # smoke: 1,000 images, batch 1
 
 
 def _timed_saves(checkpoint):
-    """Wrap ``checkpoint.save``, recording the seconds of each call."""
+    """``train``'s ``checkpoint`` callback that saves on the calling thread (the synchronous
+    cost of one checkpoint), recording the seconds of each call."""
     seconds = []
 
-    def save(state):
+    def save(take):
         began = time.perf_counter()
-        checkpoint.save(state)
+        checkpoint.save(take())
         seconds.append(time.perf_counter() - began)
 
     return save, seconds
@@ -76,7 +84,8 @@ def state_cost(model: str, width: int, folder: Path, reps: int, steps: int) -> d
     save, seconds = _timed_saves(ckpt)
     generator = torch.Generator().manual_seed(0)
     for _ in range(reps):
-        save(unfused_state(net, optimizer, Schedule(), generator, 1, steps, [{"val_loss": 1.0}]))
+        state = unfused_state(net, optimizer, Schedule(), generator, 1, steps, [{"val_loss": 1.0}])
+        save(lambda: state)
     return {"model": f"{model} x{width}", "params": sum(p.numel() for p in net.parameters()),
             "file_mb": ckpt.path.stat().st_size / 1e6, "seconds_median": statistics.median(seconds),
             "seconds_max": max(seconds), "reps": reps, "record_steps": steps}
@@ -147,6 +156,71 @@ def trial_share(data_dir: str, folder: Path) -> dict:
             "file_mb": ckpt.path.stat().st_size / 1e6}
 
 
+# --- a pack's epoch boundary: the training thread's share, then and now -----------------------
+
+def pack_boundary(folder: Path, k: int, reps: int, device: str, record_steps: int) -> dict:
+    """One pack of ``k`` ResNet-20 slots; ``reps`` boundaries each way (see the docstring)."""
+    import optuna
+    import torch
+
+    from sweep.orchestration.checkpoint_writer import CheckpointWriter
+    from sweep.orchestration.checkpoints import TrialCheckpoint
+    from sweep.study.schedules import ScheduleConfig
+    from sweep.study.space import TrialConfig
+    from sweep.study.spec import DataSpec, TrainSpec
+    from sweep.training.data import Splits
+    from sweep.training.fused_pack import Pack, PackStats, SlotJob
+
+    dev = torch.device(device)
+    t = TrainSpec(model="resnet20", width=1, epochs=10, batch_size=100, bf16=False)
+    x = torch.zeros(200, 3, 32, 32, dtype=torch.uint8, device=dev)
+    y = torch.zeros(200, dtype=torch.long, device=dev)
+    cfg = TrialConfig(0.1, ScheduleConfig("cosine"), t, DataSpec(200, 100, 100), 0, {})
+    study = optuna.create_study(study_name=f"pack-{k}",
+                                storage=f"sqlite:///{folder}/bench-notes.db")
+    trials = [study.ask() for _ in range(k)]
+    writer = CheckpointWriter()
+    written: list[float] = []
+
+    def slot(i: int, deferred: bool) -> TrialCheckpoint:
+        note = (lambda epochs, trial=trials[i]: trial.set_user_attr("checkpoint_epochs", epochs))
+        ckpt = TrialCheckpoint(folder / f"k{k}-{'new' if deferred else 'old'}-{i}.pt",
+                               {"bench": i}, 10, writer.deferred(note) if deferred else note)
+        ckpt.record.lrs, ckpt.record.losses = [0.1] * record_steps, [2.3] * record_steps
+        return ckpt
+
+    old, new = [slot(i, False) for i in range(k)], [slot(i, True) for i in range(k)]
+    jobs = [SlotJob(cfg, [], checkpoint=lambda take, c=c: writer.save(c, take, written.append))
+            for c in new]
+    pack = Pack(t, Splits(x, y, x, y, x, y, "zeros"), dev, False, False, lambda end: None,
+                PackStats())
+    pack.start(jobs)
+    for s in pack.slots:  # a state after the first epoch, with a step record to match
+        s.step, s.history = record_steps, [{"val_loss": 1.0, "val_acc": 0.1}]
+    sync, blocking, write = [], [], []
+    for rep in range(reps):
+        for mode in ("sync", "writer") if rep % 2 == 0 else ("writer", "sync"):
+            began = time.perf_counter()
+            if mode == "sync":  # the old path: Pack.end_epoch -> slot_state -> save, per slot
+                for i, ckpt in enumerate(old):
+                    ckpt.save(pack.slot_state(i))
+                sync.append(time.perf_counter() - began)
+                continue
+            written.clear()
+            pack.checkpoint_slots(range(k))
+            blocking.append(time.perf_counter() - began)
+            writer.flush()
+            write.append(sum(written))
+    writer.close()
+    stored = study.trials[0].user_attrs.get("checkpoint_epochs")
+    return {"k": k, "device": device, "sync_blocking_s_median": statistics.median(sync),
+            "blocking_s_median": statistics.median(blocking),
+            "write_s_median": statistics.median(write),
+            "blocking_ratio": statistics.median(blocking) / statistics.median(sync),
+            "file_mb": new[0].path.stat().st_size / 1e6, "reps": reps,
+            "notes_stored": stored == 1}
+
+
 # --- resumption in a study interrupted at random moments ---------------------------------------
 
 def _epochs_running(db: Path) -> int:
@@ -210,12 +284,15 @@ def resume_run(data_dir: str, folder: Path, trials: int, interruptions: int, see
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--what", choices=("cost", "resume", "both"), default="both")
+    parser.add_argument("--what", choices=("cost", "resume", "pack", "both"), default="both")
     parser.add_argument("--data-dir", default=DEFAULT_DATA)
     parser.add_argument("--interruptions", type=int, default=3)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="pack: cpu or cuda")
+    parser.add_argument("--reps", type=int, default=5, help="pack: boundaries per path and K")
+    parser.add_argument("--ks", default="1,8,16,32", help="pack: the K to measure")
     args = parser.parse_args()
     import torch
 
@@ -230,6 +307,13 @@ def main() -> None:
                             state_cost("resnet18", 1, folder, 3, 10_000)]
             out["slot"] = [slot_cost(folder, k, 10) for k in (2, 8)]
             out["trial"] = trial_share(args.data_dir, folder)
+        if args.what == "pack":
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            out["load_1min"] = os.getloadavg()[0]
+            out["pack"] = [pack_boundary(folder, int(k), args.reps, args.device, 10_000)
+                           for k in args.ks.split(",")]
         if args.what in ("resume", "both"):
             run = folder / "resume"
             run.mkdir()

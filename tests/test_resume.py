@@ -1,5 +1,7 @@
-"""Trials checkpoint at epoch ends and their retries resume exactly (issue 19), on real
-processes with real signals, real SQLite and MLflow stores and real training on tiny data.
+"""Trials checkpoint at epoch ends and their retries resume exactly, on real processes with real
+signals, real SQLite and MLflow stores and real training on tiny data. The files are written by
+the process's checkpoint writer thread; a slow disk is a real delay before each write
+(``SWEEP_CHECKPOINT_WRITE_DELAY_S``).
 
 The reference for "exactly" is an uninterrupted launch of the same study in another folder (same
 seeds, one thread, the same CPU): the retry's curves, metrics and Optuna values must equal its
@@ -57,16 +59,20 @@ def study_file(tmp_path) -> Path:
     return path
 
 
-def env(data: Path) -> dict:
+def env(data: Path, write_delay: float = 0.0) -> dict:
     # one thread: a tiny model on two threads only spins, and the reference must use as many
-    return dict(sweep_env(data), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return dict(sweep_env(data), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                SWEEP_CHECKPOINT_WRITE_DELAY_S=str(write_delay))
 
 
-def start(folder: Path, data: Path, study_file: Path, fuse: int, trials: int) -> subprocess.Popen:
+def start(folder: Path, data: Path, study_file: Path, fuse: int, trials: int,
+          write_delay: float = 0.0, sets: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``sweep launch`` in ``folder``; ``write_delay``: seconds before each checkpoint write."""
     folder.mkdir(exist_ok=True)
     return subprocess.Popen(sweep_cmd("launch", "--study", str(study_file), "--quiet",
-                                      "--trials", str(trials), "--set", f"train.fuse={fuse}"),
-                            cwd=folder, env=env(data), stdout=subprocess.PIPE,
+                                      "--trials", str(trials), "--set", f"train.fuse={fuse}",
+                                      *[a for item in sets for a in ("--set", item)]),
+                            cwd=folder, env=env(data, write_delay), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -113,6 +119,13 @@ def curves(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float
             for key in ("lr", "train_loss", "val_loss", "val_acc", "test_acc")}
 
 
+def parent_run(folder: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`sweep.role` = 'study'")
+    return run
+
+
 def retry_of(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     (retry,) = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == number]
     return retry
@@ -128,12 +141,19 @@ def check_whole_curve(client: MlflowClient, trial: optuna.trial.FrozenTrial) -> 
     return run_curves
 
 
+SLOW_DISK_S = 2.0  # each checkpoint write waits this long first: longer than an epoch here
+
+
 @pytest.mark.parametrize("fuse", [1, 2])
 def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data, study_file, fuse):
+    """On a slow disk (every write delayed longer than an epoch): the stop waits for the
+    checkpoints still pending, the retries resume from them exactly, and the pack's training
+    thread never waited for a write."""
     ref = start(tmp_path / "ref", data, study_file, fuse, trials=fuse)  # uninterrupted, alongside
     cut_dir = tmp_path / "cut"
-    cut = start(cut_dir, data, study_file, fuse, trials=fuse)
+    cut = start(cut_dir, data, study_file, fuse, trials=fuse, write_delay=SLOW_DISK_S)
     wait_epochs(cut_dir / "sweep.db", cut, 2)  # in the third epoch (or just past it)
+    signalled = time.time()  # the last reported epoch's write waits SLOW_DISK_S from about now
     cut.send_signal(signal.SIGTERM)
     finish(cut, 128 + signal.SIGTERM)
     finish(ref)
@@ -144,15 +164,27 @@ def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data,
     saved = {t.number: len(t.intermediate_values) for t in originals}
     assert all(2 <= n < EPOCHS for n in saved.values()), saved
     for number, epochs in saved.items():
-        payload = torch.load(checkpoints_of(cut_dir) / f"trial-{number}.pt", weights_only=True)
+        path = checkpoints_of(cut_dir) / f"trial-{number}.pt"
+        payload = torch.load(path, weights_only=True)
+        # the checkpoint of every epoch the trial reported, and its note: the stop waited for
+        # the write still pending at the signal (it ended after the signal)
         assert payload["state"]["epochs"] == epochs == study.trials[number].user_attrs[
             "checkpoint_epochs"]
+        assert path.stat().st_mtime > signalled
     from sweep.orchestration.status import status_text
 
     assert f"{fuse} waiting trial(s) resume from a checkpoint" in status_text(study, None, None)
 
-    out, err = finish(start(cut_dir, data, study_file, fuse, trials=fuse))
+    out, err = finish(start(cut_dir, data, study_file, fuse, trials=fuse,
+                            write_delay=SLOW_DISK_S))
     assert f"{fuse}/{fuse} trials used" in out  # interrupted and resumed: counted once
+    if fuse > 1:  # a pack: the parent run holds where its time went, checkpoints on their own
+        metrics = parent_run(cut_dir).data.metrics
+        # every boundary's copies together took less than one delayed write: the training
+        # thread never waited for the writer, which spent the delay at least once
+        assert 0 < metrics["pack_seconds_checkpoint"] < SLOW_DISK_S
+        assert metrics["pack_seconds_checkpoint_writer"] >= SLOW_DISK_S
+        assert "checkpoints: copies off the device" in out and "checkpoints: writer thread" in out
     study, client = stores(cut_dir)
     ref_study, ref_client = stores(tmp_path / "ref")
     for number, epochs in saved.items():
@@ -205,6 +237,39 @@ def test_sigkill_resumes_from_the_last_saved_epoch_and_a_truncated_file_restarts
     tags = client.get_run(restarted.user_attrs["mlflow_run_id"]).data.tags
     assert "sweep.resumed_at_step" not in tags and "resumed_epochs" not in restarted.user_attrs
     assert not list(folder.glob("*.pt"))
+
+
+def test_sigkill_while_a_write_is_pending_leaves_the_previous_checkpoint(tmp_path, data,
+                                                                         study_file):
+    """kill -9 while the writer holds a newer checkpoint than the file (a slow disk): the file
+    is the previous checkpoint, whole."""
+    from sweep.training.checkpoint import check_state, read
+
+    cut = start(tmp_path, data, study_file, fuse=1, trials=1, write_delay=SLOW_DISK_S,
+                sets=("train.epochs=40",))
+    query = "SELECT count(*) FROM trial_intermediate_values"
+    deadline = time.monotonic() + 200
+    while True:  # until the trial has reported an epoch the file does not hold: its write waits
+        assert cut.poll() is None and time.monotonic() < deadline, cut.communicate()
+        try:
+            with sqlite3.connect(f"file:{tmp_path}/sweep.db?mode=ro", uri=True) as conn:
+                reported = conn.execute(query).fetchone()[0]
+        except sqlite3.OperationalError:
+            reported = 0
+        folders = list((tmp_path / "sweep-checkpoints").glob("resume-*"))  # once it is written
+        path = folders[0] / "trial-0.pt" if folders else tmp_path / "none"
+        on_disk = read(path)["state"]["epochs"] if path.is_file() else 0
+        if 0 < on_disk < reported:
+            break
+        time.sleep(0.05)
+    cut.kill()
+    cut.communicate(timeout=60)
+    payload = read(path)  # whole, not torn (ValueError otherwise)
+    check_state(payload["state"])
+    with sqlite3.connect(f"file:{tmp_path}/sweep.db?mode=ro", uri=True) as conn:
+        reported = conn.execute(query).fetchone()[0]
+    assert 1 <= payload["state"]["epochs"] < reported  # the previous one: the newer never landed
+    assert len(payload["lrs"]) == payload["state"]["steps"] == payload["state"]["epochs"] * STEPS
 
 
 def test_scancelled_array_task_is_resumed_by_a_second_array(slurm, tmp_path, data, study_file):

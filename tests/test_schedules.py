@@ -447,7 +447,7 @@ def test_training_resumed_from_checkpoint_follows_the_same_lr_sequence(tiny_cifa
         first = _Recorder(stop_after=1)
         with pytest.raises(StopTraining):
             train(cfg, splits, device, [first],
-                  checkpoint=lambda state: write_atomic(checkpoint, state))
+                  checkpoint=lambda take: write_atomic(checkpoint, take()))
         assert checkpoint.is_file() and sorted(first.lrs) == list(range(12))
         second = _Recorder()
         resumed = train(cfg, splits, device, [second], resume=read(checkpoint))

@@ -43,6 +43,7 @@ from typing import Callable, Mapping, Sequence
 
 import optuna
 
+from sweep.orchestration.checkpoint_writer import CheckpointWriter
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
 from sweep.orchestration.storage import journal_path, sqlite_path
 from sweep.training.atomic import TMP_SUFFIX, write_bytes_atomic
@@ -216,13 +217,15 @@ def owner_check(storage, trial_id: int) -> Callable[[], bool]:
 @dataclass
 class CheckpointDir:
     """The checkpoint folder of the trials a worker runs (``storage``: ``storage_key`` of the
-    study's storage URL)."""
+    study's storage URL), and the process's one writer of it (``checkpoint_writer``: saves and
+    removals run there, off the training thread)."""
 
     root: Path
     code_version: str
     device_type: str
     storage: str = ""
     log: Callable[[str], None] = _log
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter, compare=False, repr=False)
     _swept: set = field(default_factory=set)  # study folders whose stale temporaries are gone
 
     def folder(self, study: optuna.Study) -> Path:
@@ -249,6 +252,7 @@ class CheckpointDir:
         failed = system_attrs.get(FAILED_TRIAL)
         if failed is None:
             return found  # a fresh trial: whatever is in the file is not its own
+        self.writer.wait_for(found.path)  # never read a file while a write of it is pending
         payload, problem = _load(found.path, identity, _recorded_epochs(study, failed))
         if payload is not None and problem is None:
             problem = self._fits(found.path, payload["state"], cfg, steps_per_epoch)
@@ -282,10 +286,10 @@ class CheckpointDir:
             path.unlink(missing_ok=True)
 
     def discard(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Remove the checkpoint of a trial that will not be retried (if it still owns it)."""
+        """Remove the checkpoint of a trial that will not be retried (if it still owns it),
+        after any pending write of it."""
         if trial.state == optuna.trial.TrialState.RUNNING:
-            self.path(study, original_number(trial.system_attrs, trial.number)).unlink(
-                missing_ok=True)
+            self.writer.remove(self.path(study, original_number(trial.system_attrs, trial.number)))
 
     def _identity(self, study: optuna.Study, original: int, cfg) -> dict:
         attrs = study.user_attrs

@@ -16,7 +16,7 @@ import os
 import socket
 import traceback
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import optuna
 
@@ -26,6 +26,7 @@ from sweep.study.phases import phase_tags
 from sweep.study.pruning import describe_pruner
 from sweep.study.space import TrialConfig, trial_config
 from sweep.study.spec import StudySpec
+from sweep.orchestration.checkpoint_writer import CheckpointWriter
 from sweep.orchestration.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
 from sweep.orchestration.storage import mask_url
@@ -101,15 +102,18 @@ class StartedTrial:
     metric: str  # the objective: which of the last epoch's metrics is the trial's value
     progress: object | None = None
     checkpoint: TrialCheckpoint | None = None  # its file; ``.resume``: the state to go on from
+    writer: CheckpointWriter | None = None  # the process's checkpoint writer (with checkpoint)
 
     @property
     def resume(self) -> dict | None:
         return self.checkpoint.resume if self.checkpoint is not None else None
 
-    @property
-    def save(self):
-        """The training loop's ``checkpoint`` callback (None: no checkpoints)."""
-        return self.checkpoint.save if self.checkpoint is not None else None
+    def save_later(self, on_written: Callable[[float], None] | None = None):
+        """The training loop's ``checkpoint`` callback (None: no checkpoints): the state's copy
+        goes to the writer thread, which saves it (``on_written``: its seconds there)."""
+        if self.checkpoint is None:
+            return None
+        return lambda take: self.writer.save(self.checkpoint, take, on_written)
 
 
 def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, object] | None = None,
@@ -124,8 +128,10 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
         cfg = trial_config(trial, spec)
         checkpoint = None
         if ctx.checkpoints is not None:
+            # the note is written by the writer thread, with the boundary's other notes
             checkpoint = ctx.checkpoints.open(
-                trial, cfg, on_saved=lambda epochs: note(trial, CHECKPOINT_EPOCHS, epochs),
+                trial, cfg, on_saved=ctx.checkpoints.writer.deferred(
+                    lambda epochs: note(trial, CHECKPOINT_EPOCHS, epochs)),
                 steps_per_epoch=steps_per_epoch)
         resumed = {RESUMED_AT_STEP: checkpoint.resume["steps"]} if checkpoint and checkpoint.resume \
             else {}
@@ -149,7 +155,8 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     bar = ctx.progress(trial.number, spec.train.epochs, row) if ctx.progress else None
     if bar is not None:
         listeners.append(bar)
-    started = StartedTrial(trial, cfg, run, listeners, spec.objective.metric, bar, checkpoint)
+    started = StartedTrial(trial, cfg, run, listeners, spec.objective.metric, bar, checkpoint,
+                           ctx.checkpoints.writer if checkpoint is not None else None)
     if checkpoint is not None:
         listeners.append(checkpoint.record)
         if checkpoint.resume is not None:
@@ -189,7 +196,9 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
         started.progress.close()
     interrupted = error is not None and not isinstance(error, Exception)
     if started.checkpoint is not None and not interrupted:
-        started.checkpoint.remove()  # the trial is done; an interrupted one's retry needs it
+        # the trial is done (an interrupted one's retry needs its file): removed by the writer,
+        # after any write of it still pending
+        started.writer.remove(started.checkpoint.path, started.checkpoint.remove)
     if stop is not None:
         # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
         # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
@@ -244,7 +253,8 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
     try:
         if interrupt is not None:
             interrupt.check()  # a signal that came while the trial was being set up
-        result = train(started.cfg, ctx.splits, ctx.device, listeners, checkpoint=started.save,
+        result = train(started.cfg, ctx.splits, ctx.device, listeners,
+                       checkpoint=started.save_later(),
                        resume=started.resume)
     except StopTraining as stop:
         return end_trial(started, stop=stop, background=True)

@@ -135,6 +135,7 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
     out of the pack fails every live slot with it; returns None then, else the pack's
     ``PackStats``."""
     pack_id = uuid.uuid4().hex[:12]
+    stats = PackStats()
     waiting = [first]
     live: dict[int, _Slot] = {}
     free = list(range(capacity))
@@ -166,7 +167,8 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
                 other.peers.add(trial.number)
                 slot.peers.add(other.trial.number)
             live[trial.number] = slot
-            return SlotJob(started.cfg, started.listeners, key=slot, checkpoint=started.save,
+            return SlotJob(started.cfg, started.listeners, key=slot,
+                           checkpoint=started.save_later(on_written=stats.add_write_seconds),
                            resume=started.resume)
 
     def ended(slot: _Slot, **how) -> Outcome:
@@ -182,9 +184,9 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
 
     t = ctx.spec.train
     try:
-        stats = train_pack(next_job, capacity, ctx.splits, ctx.device, on_end, guards=(guard,),
-                           precision="auto" if t.bf16 else "fp32", graphs="auto",
-                           compile=t.compile)
+        train_pack(next_job, capacity, ctx.splits, ctx.device, on_end, guards=(guard,),
+                   precision="auto" if t.bf16 else "fp32", graphs="auto", compile=t.compile,
+                   stats=stats)
         _split_bookkeeping(stats, spent)
         return stats
     except BaseException as err:
@@ -209,6 +211,7 @@ TIME_PARTS = {
     "compile": "torch.compile",
     "capture": "CUDA graph capture",
     "listeners": "slot listeners (metrics, pruning, divergence)",
+    "checkpoint": "checkpoints: copies off the device (training thread)",
     "ask": "sampler + storage: ask",
     "start_trial": "starting trials (storage attributes, MLflow runs)",
     "tell": "storage: tell",
@@ -250,6 +253,9 @@ def time_table(packs: list) -> str:
                         .rjust(26) for p in packs)
         lines.append(f"  {_label(part)}".ljust(58) + cells)
     lines.append("  total".ljust(58) + "".join(f"{p.seconds:10.1f} s".rjust(26) for p in packs))
+    if any(p.checkpoint_write_seconds for p in packs):  # on its own thread: not in the total
+        lines.append("  checkpoints: writer thread (files, notes; not in the total)".ljust(58)
+                     + "".join(f"{p.checkpoint_write_seconds:10.1f} s".rjust(26) for p in packs))
     for i, p in enumerate(packs):
         if p.epoch_seconds:
             lines.append(f"  pack {i + 1}: {_epochs(p.epoch_seconds)}")
@@ -273,12 +279,15 @@ def _label(part: str) -> str:
 
 
 def pack_time_metrics(packs: list) -> dict[str, float]:
-    """The packs' time parts summed, as parent-run metrics ``pack_seconds_<part>``."""
+    """The packs' time parts summed, as parent-run metrics ``pack_seconds_<part>``; with
+    ``pack_seconds_checkpoint`` (the training thread's copies) and
+    ``pack_seconds_checkpoint_writer`` (the writer thread's seconds, not a part of the total)."""
     total: dict[str, float] = {}
     for p in packs:
         if p is None:
             continue
-        for part, seconds in [*p.time.items(), ("total", p.seconds)]:
+        for part, seconds in [*p.time.items(), ("total", p.seconds),
+                              ("checkpoint_writer", p.checkpoint_write_seconds)]:
             key = "pack_seconds_" + part.replace(" ", "_")
             total[key] = total.get(key, 0.0) + seconds
     return total

@@ -211,11 +211,46 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     re-enqueued retry must still be run by someone.
     """
     report = WorkerReport()
-    storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
     capacity = pack_capacity(ctx.spec.train, ctx.device,
                              open_slots(study.get_trials(deepcopy=False), budget, phase))
     as_pack = trains_as_pack(ctx.spec.train, ctx.device, capacity)
+    writer = ctx.checkpoints.writer if ctx.checkpoints is not None else None
+    stop = _Stop()
+    try:
+        _study_loop(study, ctx, budget, on_trial, phase, report, capacity, as_pack, writer, stop)
+    finally:
+        if writer is not None:
+            # checkpoints still queued are written until the stop's deadline, then dropped (the
+            # previous file stays); after a normal end only finished trials' removals are left
+            writer.close(stop.deadline())
+    ctx.tracker.wait()  # runs ended in the background, the last LR-curve figures
+    try:
+        end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+    except Exception:
+        pass  # best effort on the way out; `sweep status --repair` does it again
+    return report
+
+
+class _Stop:
+    """The deadline of a worker's stop, fixed when it is first asked for (one bound for the
+    whole stop: the flush before the retries, then the writer's close)."""
+
+    def __init__(self):
+        self._at: float | None = None
+
+    def deadline(self) -> float:
+        """``SWEEP_STOP_S`` seconds (default 20) after the first call, as a ``time.monotonic()``
+        value. Branch i23 owns that bound and its validation (``stopping.stop_seconds()``);
+        the lead wires it here at merge."""
+        if self._at is None:
+            self._at = time.monotonic() + float(os.environ.get("SWEEP_STOP_S", "20"))
+        return self._at
+
+
+def _study_loop(study, ctx, budget, on_trial, phase, report, capacity, as_pack, writer,
+                stop: _Stop) -> None:
+    storage = study._storage
     with SignalGuard() as guard:
         while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
             live = {trial._trial_id: trial}  # began, not yet told
@@ -245,6 +280,10 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                     settle(trial, run_trial(trial, ctx, guard))
             except Interrupted as sig:
                 heartbeat.stop()
+                if writer is not None:
+                    # the files the retries load, and the notes retry_later reads: written
+                    # first, within the stop bound
+                    writer.flush(stop.deadline())
                 for t in live.values():  # their runs are ended KILLED; the trials retried
                     # Enqueue first, tell second: a second Ctrl-C in between must not leave
                     # a FAIL without a retry (see retry.py).
@@ -259,12 +298,6 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                 heartbeat.stop()
         if guard.signum is not None and report.interrupted_by is None:
             report.interrupted_by = guard.signum
-    ctx.tracker.wait()  # runs ended in the background, the last LR-curve figures
-    try:
-        end_stale_runs(study, ctx.tracker, ctx.experiment_id)
-    except Exception:
-        pass  # best effort on the way out; `sweep status --repair` does it again
-    return report
 
 
 def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuard,

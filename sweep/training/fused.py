@@ -89,6 +89,7 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
                device: torch.device, on_end: Callable[[SlotEnd], None],
                guards: Sequence[Listener] = (), precision: str = "auto",
                graphs: str = "auto", compile: bool | str = "auto", *,
+               stats: PackStats | None = None,
                _pack_hook: Callable | None = None) -> PackStats:
     """Train up to ``capacity`` trials as ONE fused network until ``next_job`` returns None and
     no slot is live (see the module docstring).
@@ -106,6 +107,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     (inductor; on CUDA then captured as a graph), False does not, "auto" is ``train.compiles``'
     rule (CUDA only); a failed compilation falls back to the uncompiled step with a warning. See ``fused_pack`` for what recompiles (nothing after the
     first compilation: a shrink runs uncompiled).
+    ``stats``: the ``PackStats`` to fill (a new one by default; the caller's, when its
+    callbacks add to it while the pack trains).
     ``_pack_hook(pack)`` is for tests (they inject faults into a slot's weights through it).
     """
     if capacity < 1:
@@ -117,7 +120,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be true, false or auto, got {compile!r}")
     began = time.perf_counter()
-    stats = PackStats(capacity=capacity)
+    stats = stats if stats is not None else PackStats()
+    stats.capacity = capacity
     feed = _Feeder(next_job, on_end)
     jobs: list[SlotJob] = []
     while len(jobs) < capacity and (job := feed()) is not None:

@@ -121,15 +121,25 @@ def load_slot(fused: nn.Module, k: int, slot: int, model: nn.Module | Mapping[st
 
 
 @torch.no_grad()
-def slot_state(fused: nn.Module, k: int, slot: int, template: nn.Module,
+def slot_tensors(fused: nn.Module) -> dict[str, torch.Tensor]:
+    """The fused network's tensors that hold slot rows (what ``slot_state`` cuts from)."""
+    return _slot_tensors(fused)
+
+
+def slot_state(fused: nn.Module | Mapping[str, torch.Tensor], k: int, slot: int,
+               template: nn.Module | Mapping[str, torch.Tensor],
                steps: int) -> dict[str, torch.Tensor]:
-    """Slot ``slot`` of ``fused`` as the unfused model's ``state_dict`` (copies; the inverse of
-    ``load_slot``). The 0-dim ``num_batches_tracked`` counters, one for all slots in the fused
-    network, are the slot's own: one per training step it took (``steps``), as unfused."""
-    rows = {name: slot_rows(t, k)[slot] for name, t in _slot_tensors(fused).items()}
+    """Slot ``slot`` of ``fused`` (the network, or its ``slot_tensors`` copied off the device)
+    as the unfused model's ``state_dict`` (copies; the inverse of ``load_slot``; ``template``:
+    the unfused model or its ``state_dict``). The 0-dim ``num_batches_tracked`` counters, one
+    for all slots in the fused network, are the slot's own: one per training step it took
+    (``steps``), as unfused."""
+    tensors = fused if isinstance(fused, Mapping) else _slot_tensors(fused)
+    shapes = template if isinstance(template, Mapping) else template.state_dict()
+    rows = {name: slot_rows(t, k)[slot] for name, t in tensors.items()}
     return {name: rows[name].reshape(t.shape).clone() if name in rows
             else torch.tensor(steps, dtype=t.dtype)
-            for name, t in template.state_dict().items()}
+            for name, t in shapes.items()}
 
 
 @torch.no_grad()

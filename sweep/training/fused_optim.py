@@ -96,13 +96,21 @@ class SlotOptimizer:
                 slot_rows(self._view(t, i), self.k).copy_(
                     slot_rows(src._view(src.state[name], i), src.k)[index])
 
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """The per-slot step counts and the flat state buffers (what ``slot_state`` cuts from)."""
+        return {"steps": self.steps, **self.state}
+
     @torch.no_grad()
-    def slot_state(self, slot: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+    def slot_state(self, slot: int, tensors: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[int, list[dict[str, torch.Tensor]]]:
         """Slot ``slot``'s optimizer steps and, per parameter (``params`` order), its state
-        tensors shaped like the unfused parameter (copies)."""
-        per_param = [{name: slot_rows(self._view(t, i), self.k)[slot].clone()
-                      for name, t in self.state.items()} for i in range(len(self.shapes))]
-        return int(self.steps[slot].item()), per_param
+        tensors shaped like the unfused parameter (copies); from ``tensors`` (``slot_tensors``
+        copied off the device) when given, else from the live buffers. Reads only the layout
+        of this optimizer, which never changes: any thread may cut from a copy."""
+        tensors = tensors if tensors is not None else self.slot_tensors()
+        per_param = [{name: slot_rows(self._view(tensors[name], i), self.k)[slot].clone()
+                      for name in self.state_names} for i in range(len(self.shapes))]
+        return int(tensors["steps"][slot].item()), per_param
 
     @torch.no_grad()
     def load_slot_state(self, slot: int, steps: int,

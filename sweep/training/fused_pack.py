@@ -13,6 +13,7 @@ uncompiled step (under a CUDA graph on CUDA), so a pack compiles exactly once.""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -27,9 +28,11 @@ from sweep.study.space import TrialConfig
 from sweep.study.spec import TrainSpec
 from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
 from sweep.training.checkpoint import check_state
-from sweep.training.fused_model import copy_slots, decays, fuse, load_slot, slot_state
+from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
+from sweep.training.fused_snapshot import PackSnapshot, SlotClock
 from sweep.training.graphs import CapturedStep, restored
+from sweep.training.host_copy import HostBuffers
 from sweep.training.models import build_model, memory_format
 from sweep.training.train import Listener, StopTraining, TrainResult, full_precision
 
@@ -39,9 +42,10 @@ class SlotJob:
     cfg: TrialConfig              # the slot's complete trial config
     listeners: Sequence[Listener]  # as train()'s; steps/epochs are the slot's own, from 0
     key: object = None            # the caller's handle, handed back in SlotEnd
-    # as train()'s: called with the slot's training state at each of its epoch ends (before
-    # its listeners), and a state to continue from (sweep.training.checkpoint)
-    checkpoint: Callable[[dict], None] | None = None
+    # as train()'s: called at each of the slot's epoch ends (before its listeners) with a
+    # function that returns the slot's training state from a copy taken then (call it later, on
+    # any thread); and a state to continue from (sweep.training.checkpoint)
+    checkpoint: Callable[[Callable[[], dict]], None] | None = None
     resume: dict | None = None
 
 
@@ -73,13 +77,20 @@ class PackStats:
     capture_seconds: float = 0.0
     compile_seconds: float = 0.0
     # Where the pack's wall time went (seconds; see ``TIME_PARTS``). The training layer fills
-    # steps/evaluation/listeners/refill/ends/compile/capture; the orchestration splits refill
+    # steps/evaluation/listeners/checkpoint/refill/ends/compile/capture; the orchestration splits refill
     # and ends into the sampler/storage calls and tracking it made in them.
     time: dict = field(default_factory=dict)
+    # Seconds the process's checkpoint writer spent on this pack's checkpoints (cutting slots
+    # from the copies, files, notes): on another thread, so not a part of ``seconds``; added
+    # to by that thread, also after the pack returned.
+    checkpoint_write_seconds: float = 0.0
     epoch_seconds: list = field(default_factory=list)  # each pack epoch, boundary work included
 
     def add_time(self, part: str, seconds: float) -> None:
         self.time[part] = self.time.get(part, 0.0) + seconds
+
+    def add_write_seconds(self, seconds: float) -> None:
+        self.checkpoint_write_seconds += seconds  # only the writer thread adds to it
 
 
 @dataclass
@@ -123,9 +134,11 @@ class Pack:
         self.use_graphs, self.use_compile = graphs, compile
         self.precision = "bf16" if bf16 else "fp32"  # recorded in each slot's checkpoint
         self.template = build_model(t.model, t.width)  # architecture only
+        self.template_state = self.template.state_dict()  # shapes and dtypes, read by snapshots
         self.decay = decays(self.template)
         self.slots: list[_Slot] = []
         self.k = 0
+        self._host_buffers = HostBuffers()  # the snapshots' copies, reused (see host_copy)
 
     # --- building --------------------------------------------------------------------------
     def _build(self, k: int) -> tuple[nn.Module, SlotOptimizer]:
@@ -165,20 +178,21 @@ class Pack:
                     f"its checkpoint does not fit ({_first_line(err)})")), wasted=True)
 
     # --- checkpoints (the format: sweep.training.checkpoint) ---------------------------------
+    def snapshot(self, indices: Sequence[int], copy: bool = True) -> PackSnapshot:
+        """The pack's state with the clocks of slots ``indices``: copied off the device (one
+        copy per storage, one sync: ``fused_snapshot``), or live with ``copy=False``."""
+        clocks = {k: SlotClock(self.slots[k].schedule.state_dict(),
+                               self.slots[k].generator.get_state(),
+                               [dict(h) for h in self.slots[k].history], self.slots[k].step)
+                  for k in indices}
+        return PackSnapshot(self.net, self.optimizer, self.k, self.template_state,
+                            self.t.optimizer, clocks, self._host_buffers if copy else None,
+                            self.precision)
+
     def slot_state(self, index: int) -> dict:
         """Slot ``index``'s training state after its last finished epoch, in the format of an
-        unfused trial's (copies of the slot's rows)."""
-        s = self.slots[index]
-        steps, per_param = self.optimizer.slot_state(index)
-        shapes = {name: p.shape for name, p in self.template.named_parameters()}
-        names = [name for name, _ in self.net.named_parameters()]
-        buffers = {name: {key: t.reshape(shapes[name]) for key, t in state.items()}
-                   for name, state in zip(names, per_param)}
-        return {"model": slot_state(self.net, self.k, index, self.template, s.step),
-                "optimizer": {"kind": self.t.optimizer, "steps": steps, "buffers": buffers},
-                "schedule": s.schedule.state_dict(), "generator": s.generator.get_state(),
-                "epochs": len(s.history), "steps": s.step, "history": list(s.history),
-                "precision": self.precision}
+        unfused trial's (copies of the slot's rows, cut from the live tensors)."""
+        return self.snapshot([index], copy=False).state(index)
 
     def _resume(self, index: int, state: dict) -> None:
         """Slot ``index`` (just filled) continues from ``state`` on its own clock."""
@@ -195,10 +209,16 @@ class Pack:
         s.generator.set_state(state["generator"])
         s.step, s.epoch, s.history = state["steps"], state["epochs"], list(state["history"])
 
-    def _checkpoint(self, index: int) -> None:
-        s = self.slots[index]
-        if s.job.checkpoint is not None:
-            s.job.checkpoint(self.slot_state(index))
+    def checkpoint_slots(self, indices: Sequence[int]) -> None:
+        """Hand each of slots ``indices`` that checkpoints its state: one copy of the pack taken
+        here (the training thread's whole share), the slots cut from it by the callee."""
+        began = time.perf_counter()
+        wanted = [k for k in indices if self.slots[k].job.checkpoint is not None]
+        if wanted:
+            snapshot = self.snapshot(wanted)
+            for k in wanted:
+                self.slots[k].job.checkpoint(functools.partial(snapshot.state, k))
+        self.stats.add_time("checkpoint", time.perf_counter() - began)
 
     def shrink(self, keep: list[int]) -> None:
         """Rebuild with slots ``keep`` only (their weights, statistics and optimizer state)."""
@@ -206,6 +226,7 @@ class Pack:
         copy_slots(net, self.net, self.k, keep)
         optimizer.take_slots(self.optimizer, keep)
         self.net, self.optimizer, self.k = net, optimizer, len(keep)
+        self._host_buffers = HostBuffers()  # other sizes now: the old ones go with their copies
         self.slots = [self.slots[i] for i in keep]
         self.stats.shrinks += 1
         self._make_step()
@@ -370,15 +391,17 @@ class Pack:
             return
         val_loss, val_acc = self.evaluate(self.splits.val_x, self.splits.val_y)
         seconds = time.perf_counter() - began
-        for k, s in enumerate(self.slots):
-            if s.ended:
-                continue
+        live = [k for k, s in enumerate(self.slots) if not s.ended]
+        for k in live:
+            s = self.slots[k]
             metrics = {"val_loss": val_loss[k], "val_acc": val_acc[k], "epoch_seconds": seconds}
             if math.isfinite(val_loss[k]):
                 metrics["lr_reduced"] = s.schedule.end_of_epoch(s.epoch, val_loss[k])
             s.history.append(metrics)
-            self._checkpoint(k)  # before the listeners: a stop at this epoch's end keeps it
-            self._notify(s, lambda lst: lst.on_epoch_end(s.epoch, metrics))
+        self.checkpoint_slots(live)  # before the listeners: a stop at this epoch's end keeps it
+        for k in live:
+            s = self.slots[k]
+            self._notify(s, lambda lst: lst.on_epoch_end(s.epoch, s.history[-1]))
             s.epoch += 1
         finished = [k for k, s in enumerate(self.slots)
                     if not s.ended and s.epoch == s.job.cfg.train.epochs]

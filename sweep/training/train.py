@@ -19,6 +19,7 @@ from torch import nn
 from sweep.errors import DeviceError
 from sweep.training.checkpoint import check_consistent, load_unfused, unfused_state
 from sweep.training.data import Normalizer, Splits, train_batches
+from sweep.training.host_copy import host_state
 from sweep.training.models import build_model, memory_format
 from sweep.study.schedules import LRSchedule
 from sweep.study.space import TrialConfig
@@ -132,11 +133,13 @@ def check_resumable(state: Mapping, cfg: TrialConfig, steps_per_epoch: int,
 
 
 def train(cfg: TrialConfig, splits: Splits, device: torch.device,
-          listeners: Sequence[Listener] = (), checkpoint: Callable[[dict], None] | None = None,
+          listeners: Sequence[Listener] = (),
+          checkpoint: Callable[[Callable[[], dict]], None] | None = None,
           resume: Mapping | None = None) -> TrainResult:
     """Train one trial. With ``checkpoint``, it is called at every epoch end, before the
-    listeners hear of the epoch (a stop there keeps it), with the training state
-    (``sweep.training.checkpoint``; its tensors are live: write it out in the call). With
+    listeners hear of the epoch (a stop there keeps it), with a function that returns the
+    training state (``sweep.training.checkpoint``) from a host copy taken then: training goes on
+    at once, and the function may be called later, on another thread (``host_copy``). With
     ``resume`` (such a state), training continues after its last epoch with the same weights,
     optimizer state, batches and LR sequence as if never stopped; the listeners hear only the
     epochs trained here (the caller replays the earlier ones if it wants them)."""
@@ -200,9 +203,10 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
         result.history.append(metrics)
         result.steps = (epoch + 1) * steps_per_epoch
         if checkpoint is not None:  # before the listeners: a stop at this epoch's end keeps it
-            checkpoint(unfused_state(model, optimizer, schedule, generator, epoch + 1,
-                                     result.steps, result.history,
-                                     "bf16" if device.type == "cuda" and t.bf16 else "fp32"))
+            state = host_state(unfused_state(
+                model, optimizer, schedule, generator, epoch + 1, result.steps, result.history,
+                "bf16" if device.type == "cuda" and t.bf16 else "fp32"))
+            checkpoint(lambda state=state: state)
         for listener in listeners:
             listener.on_epoch_end(epoch, metrics)
     _, result.test_acc = evaluate(model, splits.test_x, splits.test_y, normalize,
