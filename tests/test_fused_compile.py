@@ -1,5 +1,10 @@
-"""Issue 18 on the CPU: the compiled pack (torch.compile, inductor) against the eager pack, and
-the pack's one-pass evaluation against ``train.evaluate`` of each slot's model on its own.
+"""The compiled pack (torch.compile, inductor) on the CPU against the eager pack, for SGD and
+AdamW, with dynamo's own counters showing what was compiled (once per K: at the start and at
+the shrink, nothing at refills and evaluations, no graph break); a recompile counted and warned
+once; a failing compilation falling back to eager in train() and in a pack; and the pack's
+one-pass evaluation against ``train.evaluate`` of each slot's model on its own.
+
+The compiled tests are few and small because each compilation costs tens of CPU seconds here.
 
 Both in float64 (the same code: ``test_fused`` says why): inductor's fused kernels sum in
 another order than eager torch, which in float64 is ~1e-16 relative, so ``F64_TOL`` holds on

@@ -230,8 +230,9 @@ class Pack:
             with torch.cuda.device(self.device):  # the side stream and the graph on our GPU
                 return CapturedStep(lambda: self._train_step(static_x, static_y), self._state())
 
+        instead = "compiled, without a graph" if self.use_compile else "eagerly"
         captured = or_fall_back(capture, "CUDA graph capture",  # must not fail the trials
-                                f"this pack trains {'compiled, without a graph' if self.use_compile else 'eagerly'}")
+                                f"this pack trains {instead}")
         if captured is None:
             self.use_graphs = False
             return
@@ -258,7 +259,7 @@ class Pack:
         b, k = self.t.batch_size, self.k
         h, w = self.splits.train_x.shape[-2:]
 
-        def warm_up() -> bool:
+        def warmed_up() -> tuple:
             with planned_compile(), restored(self._state()):
                 x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
                     memory_format=memory_format())
@@ -272,18 +273,18 @@ class Pack:
                                           logits_fn)
                 finally:
                     self.net.train()
-            return True
+            return loss_fn, update, logits_fn
 
         instead = f"this pack trains with the {'CUDA graph' if self.use_graphs else 'eager'} step"
         if self.stats.compiles:
             instead += f" from its shrink to {k} slots"
         self.watch.mark()
-        compiled = or_fall_back(warm_up, "torch.compile of the pack step", instead)
+        compiled = or_fall_back(warmed_up, "torch.compile of the pack step", instead)
         _, graph_breaks = self.watch.since()  # the frames compiled here were planned
-        if not compiled:
+        if compiled is None:
             self.use_compile = False
             return
-        self.loss_fn, self.update, self.logits_fn = loss_fn, update, logits_fn
+        self.loss_fn, self.update, self.logits_fn = compiled
         seconds = time.perf_counter() - began
         self.stats.compiled, self.stats.compiles = True, self.stats.compiles + 1
         self.stats.compile_seconds += seconds
@@ -336,7 +337,7 @@ class Pack:
         x = images.view(k, b, *images.shape[1:]).transpose(0, 1).reshape(b, -1, *images.shape[2:])
         # y with the strides of a fresh [B, K] tensor, as the compilation's and the graph's
         # static y: a transposed y made dynamo recompile the loss at the first step of every
-        # pack without a graph (``contiguous()`` keeps a transposed [B, 1]: it counts as such)
+        # pack without a graph (not ``contiguous()``: a transposed [B, 1] counts as contiguous)
         return self.normalize(x), self.splits.train_y[idx].t().clone(
             memory_format=torch.contiguous_format)
 
