@@ -203,6 +203,7 @@ def refuse(graph, example_inputs):
     raise RuntimeError("this backend compiles nothing")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("float64")
 def test_a_compilation_that_fails_falls_back_to_eager_with_one_warning_line(data):
     """train() with compile on and a pack with compile on, when the compilation fails: one
