@@ -18,6 +18,9 @@
 
 CPU (this project's 2-core machine; small sizes, ratios from one run):
     python scripts/bench_fused.py --device cpu
+GPU, the step table (K = 1, 8, 16, 32; eager / graphs / compiled + graph side by side, bf16):
+    python scripts/bench_fused.py --device cuda --model resnet20 --what throughput \
+        --ks 1,8,16,32 --modes eager:bf16,graphs:bf16,compiled:bf16 --steps 30 --rounds 1
 GPU (full-size warmup_vs_plateau on the shared subset tiled to 50,000 training images):
     python scripts/bench_fused.py --device cuda --model resnet20 --study warmup_vs_plateau \
         --tile 50000 --fuse auto
@@ -82,15 +85,37 @@ def throughput(args, device) -> None:
                   f"{rates[i][-1]:,.0f} img/s", file=sys.stderr, flush=True)
     rows = [(name, g, p, statistics.median(rates[i])) for i, (name, g, p, _) in enumerate(variants)]
     base = rows[0][3]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n## throughput: {args.model}, batch {args.batch} per trial, {args.steps} timed "
-          f"steps, device {device}, torch threads {torch.get_num_threads()}, median of "
-          f"{args.rounds} alternating rounds")
+          f"steps, device {device} ({card}), torch {torch.__version__}, torch threads "
+          f"{torch.get_num_threads()}, median of {args.rounds} alternating rounds, "
+          f"{time.strftime('%Y-%m-%d')}")
     print(f"trials/hour: training steps only, at {args.trial_images:,} images per trial")
     print("| variant | step | precision | images/s (all slots) | vs unfused fp32 | trials/hour |")
     print("|---|---|---|---|---|---|")
     for name, graphs, precision, rate in rows:
         print(f"| {name} | {graphs} | {precision} | {rate:,.0f} | {rate / base:.2f}x | "
               f"{rate * 3600 / args.trial_images:,.1f} |")
+    side_by_side(rows, args.ks, modes)
+
+
+def side_by_side(rows, ks, modes) -> None:
+    """The fused rows again, one line per K and one column per step (eager / graphs /
+    compiled + graph ...), with compiled against graphs where both ran: the table to compare."""
+    rate = {(name, mode, p): r for name, mode, p, r in rows}
+    columns = [f"{mode}:{p}" for mode, p in modes]
+    label = {"graphs": "graphs", "compiled": "compiled + graph", "eager": "eager",
+             "inductor": "compiled, no graph"}
+    ratio = [(f"compiled:{p}", f"graphs:{p}") for p in dict.fromkeys(p for _, p in modes)
+             if f"compiled:{p}" in columns and f"graphs:{p}" in columns]
+    print("\n| K | " + " | ".join(f"{label[c.split(':')[0]]} {c.split(':')[1]} img/s"
+                                  for c in columns)
+          + "".join(f" | {a.replace(':', ' ')} / {b.replace(':', ' ')}" for a, b in ratio) + " |")
+    print("|---" * (1 + len(columns) + len(ratio)) + "|")
+    for k in ks:
+        got = {c: rate.get((f"fused K={k}", *c.split(":")), float("nan")) for c in columns}
+        print(f"| {k} | " + " | ".join(f"{got[c]:,.0f}" for c in columns)
+              + "".join(f" | {got[a] / got[b]:.2f}x" for a, b in ratio) + " |")
 
 
 def fixed_cost(args) -> None:

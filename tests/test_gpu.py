@@ -146,13 +146,14 @@ def test_the_cuda_graph_step_equals_the_eager_step(tiny_cifar, k):
 def test_the_compiled_graphed_pack_equals_the_eager_pack_through_a_refill(tiny_cifar):
     """torch.compile then a CUDA graph against the eager step, float64: capacity 2, job 0
     pruned after epoch 0, job 2 refills its seat (written into the compiled graph's memory),
-    then the pack shrinks (uncompiled from there, no recompilation)."""
+    then the pack shrinks and compiles its step once more, for K=1 (and nothing else)."""
     spec, cfgs = _fused_configs(3)
     splits = load_splits(tiny_cifar, spec.data, torch.device("cuda"))
     eager, eager_ends, _ = _run_pack(cfgs, splits, 2, "off", stop_first=True)
     compiled, ends, stats = _run_pack(cfgs, splits, 2, "on", stop_first=True, compile=True)
-    assert stats.compiled and stats.compiles == 1 and stats.graphs and stats.compile_seconds > 0
+    assert stats.compiled and stats.compiles == 2 and stats.graphs and stats.compile_seconds > 0
     assert stats.refills == 1 and stats.shrinks == 1
+    assert stats.recompiles == 0 and stats.graph_breaks == 0
     for i in range(3):
         assert compiled[i].lrs == eager[i].lrs
         _assert_losses_close(compiled[i].losses, eager[i].losses, F64_TOL)

@@ -259,6 +259,10 @@ def time_table(packs: list) -> str:
     for i, p in enumerate(packs):
         if p.epoch_seconds:
             lines.append(f"  pack {i + 1}: {_epochs(p.epoch_seconds)}")
+        if p.recompiles or p.graph_breaks:  # its steps' share holds their time (dynamo's counts)
+            lines.append(f"  pack {i + 1}: {p.recompiles} recompiles and {p.graph_breaks} graph "
+                         f"breaks after its compilation (torch.compile; "
+                         f"TORCH_LOGS=recompiles,graph_breaks says why)")
     return "\n".join(lines)
 
 

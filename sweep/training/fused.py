@@ -105,8 +105,9 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     graph on CUDA (eager with a warning if capture fails), "off" eager; the CPU is eager.
     ``compile`` (``train.compile``): True compiles the step and evaluation with torch.compile
     (inductor; on CUDA then captured as a graph), False does not, "auto" is ``train.compiles``'
-    rule (CUDA only); a failed compilation falls back to the uncompiled step with a warning. See ``fused_pack`` for what recompiles (nothing after the
-    first compilation: a shrink runs uncompiled).
+    rule (CUDA only); a failed compilation falls back to the uncompiled step with a warning.
+    See ``fused_pack`` for what compiles (the step once per K: at the start and at each
+    shrink) and how any recompile is counted (``PackStats.recompiles``).
     ``stats``: the ``PackStats`` to fill (a new one by default; the caller's, when its
     callbacks add to it while the pack trains).
     ``_pack_hook(pack)`` is for tests (they inject faults into a slot's weights through it).

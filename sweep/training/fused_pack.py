@@ -8,8 +8,11 @@ backward with it), the per-slot optimizer update another; inductor fuses BatchNo
 residual adds and the whole update over the flat buffer into few kernels. On CUDA the step is
 then captured as a CUDA graph as before (compile, then capture). Per-slot LR, weight decay and
 momentum are device tensors written in place, and a refill writes a slot's weights in place,
-so neither recompiles. A shrink (a new K) does not recompile either: the smaller pack runs the
-uncompiled step (under a CUDA graph on CUDA), so a pack compiles exactly once."""
+so neither recompiles. A shrink (a new K) compiles the step once more, for the new K
+(``compiling.planned_compile``), so a slot keeps the compiled step's numerics to its end (in
+bf16 on CUDA inductor keeps fp32 intermediates where the eager step rounds to bf16). Nothing else
+compiles: whatever dynamo compiles between the pack's own compilations (a recompile, a graph
+break) is counted in ``PackStats.recompiles`` from dynamo's counters, with one warning."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from sweep.study.space import TrialConfig
 from sweep.study.spec import TrainSpec
 from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
 from sweep.training.checkpoint import check_state
+from sweep.training.compiling import DynamoWatch, or_fall_back, planned_compile
 from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
 from sweep.training.fused_snapshot import PackSnapshot, SlotClock
@@ -73,7 +77,9 @@ class PackStats:
     precision: str = "fp32"
     graphs: bool = False         # the step ran as a CUDA graph
     compiled: bool = False       # the step (and evaluation) ran torch.compile'd (inductor)
-    compiles: int = 0            # compilations of the step: 1 per pack (a shrink does not recompile)
+    compiles: int = 0            # compilations of the step: 1 per pack and 1 per shrink (new K)
+    recompiles: int = 0          # frames dynamo compiled outside those (recompiles): should be 0
+    graph_breaks: int = 0        # graph breaks dynamo made in the pack's compiled functions: 0
     capture_seconds: float = 0.0
     compile_seconds: float = 0.0
     # Where the pack's wall time went (seconds; see ``TIME_PARTS``). The training layer fills
@@ -116,10 +122,6 @@ class _StackedNormalizer(Normalizer):
         self.scale, self.shift = self.scale.repeat(1, k, 1, 1), self.shift.repeat(1, k, 1, 1)
 
 
-def _first_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-
-
 class Pack:
     """The fused network, its optimizer and step, and the slots; ``train_pack`` drives it."""
 
@@ -139,6 +141,7 @@ class Pack:
         self.slots: list[_Slot] = []
         self.k = 0
         self._host_buffers = HostBuffers()  # the snapshots' copies, reused (see host_copy)
+        self.watch = DynamoWatch()  # what dynamo compiles after the pack's own compilations
 
     # --- building --------------------------------------------------------------------------
     def _build(self, k: int) -> tuple[nn.Module, SlotOptimizer]:
@@ -238,7 +241,7 @@ class Pack:
 
     def _make_step(self) -> None:
         self.loss_fn, self.update, self.logits_fn = self._loss, self.optimizer.step, self.net
-        if self.use_compile and not self.stats.compiles:  # once per pack: see the docstring
+        if self.use_compile:  # at the start and after each shrink: see the docstring
             self._compile()
         self.step = self._train_step
         if not self.use_graphs:
@@ -249,13 +252,15 @@ class Pack:
             memory_format=memory_format())
         static_y = torch.zeros(b, k, dtype=torch.long, device=self.device)
         began = time.perf_counter()
-        try:
+
+        def capture() -> CapturedStep:
             with torch.cuda.device(self.device):  # the side stream and the graph on our GPU
-                captured = CapturedStep(lambda: self._train_step(static_x, static_y),
-                                        self._state())
-        except Exception as err:  # a capture that fails must not fail the trials
-            warnings.warn(f"CUDA graph capture failed ({_first_line(err)}); this pack trains "
-                          f"{'compiled, without a graph' if self.stats.compiled else 'eagerly'}")
+                return CapturedStep(lambda: self._train_step(static_x, static_y), self._state())
+
+        instead = "compiled, without a graph" if self.use_compile else "eagerly"
+        captured = or_fall_back(capture, "CUDA graph capture",  # must not fail the trials
+                                f"this pack trains {instead}")
+        if captured is None:
             self.use_graphs = False
             return
         self.stats.capture_seconds += time.perf_counter() - began
@@ -269,17 +274,20 @@ class Pack:
         self.step = replay
 
     def _compile(self) -> None:
-        """Compile the step and the evaluation forward (``dynamic=False``: K and the batch are
-        fixed for the pack's life) and run each once on zeros, state restored, so the
-        compilation happens here and is timed; a failure falls back, in one warning line."""
+        """Compile the step and the evaluation forward for this K (``dynamic=False``: K and the
+        batch are fixed until the next shrink) and run each once on zeros, state restored, so
+        the compilation happens here and is timed; a failure falls back, in one warning line,
+        for the rest of the pack."""
+        self._note_recompiles()  # anything compiled since the last compilation was unplanned
         began = time.perf_counter()
         loss_fn = torch.compile(self._loss, dynamic=False)
         update = torch.compile(self.optimizer.step, dynamic=False)
         logits_fn = torch.compile(self.net, dynamic=False)
         b, k = self.t.batch_size, self.k
         h, w = self.splits.train_x.shape[-2:]
-        try:
-            with restored(self._state()):
+
+        def warmed_up() -> tuple:
+            with planned_compile(), restored(self._state()):
                 x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
                     memory_format=memory_format())
                 y = torch.zeros(b, k, dtype=torch.long, device=self.device)
@@ -292,16 +300,39 @@ class Pack:
                                           logits_fn)
                 finally:
                     self.net.train()
-        except Exception as err:  # a compilation that fails must not fail the trials
-            warnings.warn(f"torch.compile of the pack step failed ({_first_line(err)}); this pack "
-                          f"trains with the {'CUDA graph' if self.use_graphs else 'eager'} step")
+            return loss_fn, update, logits_fn
+
+        instead = f"this pack trains with the {'CUDA graph' if self.use_graphs else 'eager'} step"
+        if self.stats.compiles:
+            instead += f" from its shrink to {k} slots"
+        self.watch.mark()
+        compiled = or_fall_back(warmed_up, "torch.compile of the pack step", instead)
+        _, graph_breaks = self.watch.since()  # the frames compiled here were planned
+        if compiled is None:
             self.use_compile = False
             return
-        self.loss_fn, self.update, self.logits_fn = loss_fn, update, logits_fn
+        self.loss_fn, self.update, self.logits_fn = compiled
         seconds = time.perf_counter() - began
         self.stats.compiled, self.stats.compiles = True, self.stats.compiles + 1
         self.stats.compile_seconds += seconds
         self.stats.add_time("compile", seconds)
+        self._count_unplanned(0, graph_breaks)
+
+    def _note_recompiles(self) -> None:
+        """Count what dynamo compiled since the pack's last look (see the module docstring)."""
+        if self.stats.compiled:
+            self._count_unplanned(*self.watch.since())
+
+    def _count_unplanned(self, frames: int, graph_breaks: int) -> None:
+        if not (frames or graph_breaks):
+            return
+        if not (self.stats.recompiles or self.stats.graph_breaks):  # one warning per pack
+            warnings.warn(f"torch.compile: {frames} recompile(s) and {graph_breaks} graph "
+                          f"break(s) in this pack's step or evaluation (PackStats counts them "
+                          f"all); it trains on, slower, or eagerly where dynamo gave up; "
+                          f"TORCH_LOGS=recompiles,graph_breaks says why")
+        self.stats.recompiles += frames
+        self.stats.graph_breaks += graph_breaks
 
     # --- one step ----------------------------------------------------------------------------
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -331,7 +362,11 @@ class Pack:
                                                     for s in self.slots)))
         images = crop_flip(self.splits.train_x[idx.flatten()], dy, dx, flip)
         x = images.view(k, b, *images.shape[1:]).transpose(0, 1).reshape(b, -1, *images.shape[2:])
-        return self.normalize(x), self.splits.train_y[idx].t()
+        # y with the strides of a fresh [B, K] tensor, as the compilation's and the graph's
+        # static y: a transposed y made dynamo recompile the loss at the first step of every
+        # pack without a graph (not ``contiguous()``: a transposed [B, 1] counts as contiguous)
+        return self.normalize(x), self.splits.train_y[idx].t().clone(
+            memory_format=torch.contiguous_format)
 
     # --- an epoch ----------------------------------------------------------------------------
     def run_epoch(self, guards: Sequence[Listener], pack_step: int) -> None:
@@ -342,6 +377,7 @@ class Pack:
         finally:  # the steps' share: the epoch less the slots' listeners called within it
             listened = self.stats.time.get("listeners", 0.0) - listening
             self.stats.add_time("steps", time.perf_counter() - began - listened)
+            self._note_recompiles()
 
     def _run_epoch(self, guards: Sequence[Listener], pack_step: int) -> None:
         self.normalize = _StackedNormalizer(self.device, self.k)
@@ -454,10 +490,10 @@ class Pack:
         """Whether to rebuild for ``live`` slots now that seats stay empty. Eagerly at once
         (a rebuild costs nothing). Under a CUDA graph each shrink recaptures (with cuDNN
         autotuning the new shapes: ~1 s on an H100, 13.9 s of a 196 s pack whose tail shrank
-        one seat at a time) and leaves the compiled step, while a step's time falls only in
-        proportion to K: so only once half the seats or more are empty (at most log2 K
-        recaptures); until then they idle at LR 0."""
-        return not self.use_graphs or live <= self.k // 2
+        one seat at a time), and a compiled step compiles again for the new K, while a step's
+        time falls only in proportion to K: so only once half the seats or more are empty (at
+        most log2 K recaptures and compilations); until then they idle at LR 0."""
+        return not (self.use_graphs or self.use_compile) or live <= self.k // 2
 
     @torch.no_grad()
     def evaluate(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -479,6 +515,7 @@ class Pack:
         n = y.shape[0]
         losses, accuracies = [v / n for v in loss_sum.tolist()], [c / n for c in correct.tolist()]
         self.stats.add_time("evaluation", time.perf_counter() - began)
+        self._note_recompiles()
         return losses, accuracies
 
     def _eval_logits(self, x_u8: torch.Tensor, logits_fn) -> torch.Tensor:

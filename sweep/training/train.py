@@ -18,7 +18,9 @@ from torch import nn
 
 from sweep.errors import DeviceError
 from sweep.training.checkpoint import check_consistent, load_unfused, unfused_state
+from sweep.training.compiling import or_fall_back
 from sweep.training.data import Normalizer, Splits, train_batches
+from sweep.training.graphs import restored
 from sweep.training.host_copy import host_state
 from sweep.training.models import build_model, memory_format
 from sweep.study.schedules import LRSchedule
@@ -166,9 +168,11 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
     step_fn = model
     if compiles(t.compile, device):
         began = time.perf_counter()
-        step_fn = torch.compile(model)
-        _warm_compile(step_fn, model, normalize(splits.train_x[: t.batch_size]), autocast)
-        result.compile_seconds = time.perf_counter() - began
+        x = normalize(splits.train_x[: t.batch_size])
+        compiled = or_fall_back(lambda: _compiled(model, x, autocast),  # must not fail the trial
+                                "torch.compile of the model", "this trial trains eagerly")
+        if compiled is not None:
+            step_fn, result.compile_seconds = compiled, time.perf_counter() - began
 
     sync_every = t.sync_every_steps
     losses = torch.zeros(sync_every, device=device)
@@ -214,11 +218,14 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
     return result
 
 
-def _warm_compile(compiled, model: nn.Module, x: torch.Tensor, autocast) -> None:
-    """Run one forward/backward so compilation happens outside the timed epochs; the model's
-    state (BatchNorm running statistics) is restored afterwards."""
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    with autocast():
-        compiled(x).float().sum().backward()
-    model.zero_grad(set_to_none=True)
-    model.load_state_dict(saved)
+def _compiled(model: nn.Module, x: torch.Tensor, autocast) -> nn.Module:
+    """``torch.compile(model)``, run once forward and backward on ``x`` so the compilation
+    happens here, outside the timed epochs; the model's state (BatchNorm running statistics)
+    is restored afterwards, even when the compilation fails."""
+    compiled = torch.compile(model)
+    try:
+        with restored([*model.parameters(), *model.buffers()]), autocast():
+            compiled(x).float().sum().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled
