@@ -241,10 +241,14 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
               help="Fail stale RUNNING trials and end MLflow runs whose trial is finished.")
 @friendly_errors
 def status(study_name, storage, tracking_uri, repair):
-    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs."""
+    """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs, the MLflow
+    record's completeness. Exit status 3: points are missing in MLflow, wait in a spool or were
+    set aside."""
     from sweep.orchestration.status import show_status
 
-    click.echo(mask_url(show_status(study_name, storage, tracking_uri, repair)))
+    result = show_status(study_name, storage, tracking_uri, repair)
+    click.echo(mask_url(result.text))
+    sys.exit(result.exit_code)
 
 
 @main.command()

@@ -19,6 +19,8 @@ Anything else (a tracking server, another database, an MLflow without these inte
 from __future__ import annotations
 
 import math
+
+from sweep.orchestration.spool import log_batch
 from typing import Callable, Sequence
 
 Point = tuple  # (key, value, timestamp ms, step)
@@ -53,7 +55,7 @@ def bulk_sender(client) -> Callable[[str, Sequence[Point]], None] | None:
         if not all(math.isfinite(v) for _, v, _, _ in points):
             from mlflow.entities import Metric  # MLflow's own encoding of NaN and inf
 
-            client.log_batch(run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points])
+            log_batch(client, run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points])
             return
         newest: dict[str, tuple] = {}  # key -> (step, timestamp, value): MLflow's order
         for key, value, ts, step in points:

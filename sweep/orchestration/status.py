@@ -5,6 +5,7 @@ MLflow runs; ``--repair`` reconciles the stores (the rules live in ``bookkeeping
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
@@ -12,13 +13,31 @@ from optuna.trial import TrialState
 from sweep.orchestration.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile,
                                              stale_runs, state_counts, update_parent_run)
 from sweep.orchestration.checkpoints import waiting_with_checkpoint
-from sweep.orchestration.completeness import check, replay_spool
+from sweep.orchestration.completeness import Completeness, check, replay_spool
 from sweep.orchestration.tracking import Tracker
 
 
-def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = False) -> str:
+RECORD_INCOMPLETE = 3  # exit status: MLflow lacks points, or points wait in a spool or were set aside
+
+
+@dataclass
+class StatusResult:
+    text: str
+    exit_code: int
+
+
+def exit_code(record: Completeness | None) -> int:
+    """``sweep status``'s exit status: 0 all well; 3 (``RECORD_INCOMPLETE``) when the MLflow
+    record is incomplete. The one place that decides it."""
+    if record is not None and not record.complete:
+        return RECORD_INCOMPLETE
+    return 0
+
+
+def show_status(study: str, storage_url: str, tracking_uri: str,
+                repair: bool = False) -> StatusResult:
     """``sweep status``: the status text of a stored study, after reconciling it with
-    ``repair``. Creates no store."""
+    ``repair``, and its exit status (``exit_code``). Creates no store."""
     loaded, tracker, experiment_id = open_for_status(study, storage_url, tracking_uri)
     replayed: list[str] = []
     if repair and tracker is not None:  # first: a replayed run's end beats a repair's guess
@@ -26,7 +45,8 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     fixed = reconcile(loaded, tracker, experiment_id) if repair else None
     if repair and tracker is not None:
         update_parent_run(loaded, tracker, experiment_id)
-    return "\n".join([*replayed, status_text(loaded, tracker, experiment_id, fixed)])
+    lines, record = status_lines(loaded, tracker, experiment_id, fixed)
+    return StatusResult("\n".join([*replayed, *lines]), exit_code(record))
 
 def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
     """Seconds since the last heartbeat of each RUNNING trial, by trial id (RDB storages only)."""
@@ -51,6 +71,12 @@ def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
 def status_text(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None,
                 repaired: Reconciled | None = None) -> str:
     """Counts per state, running trials with worker host/pid and heartbeat age, stale runs."""
+    return "\n".join(status_lines(study, tracker, experiment_id, repaired)[0])
+
+
+def status_lines(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None,
+                 repaired: Reconciled | None = None) -> tuple[list[str], Completeness | None]:
+    """``status_text``'s lines, and the MLflow record's completeness (None: no store)."""
     c = state_counts(study)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     budget = study.user_attrs.get(BUDGET)
@@ -82,8 +108,10 @@ def status_text(study: optuna.Study, tracker: Tracker | None, experiment_id: str
                          f"{trial.state.name if trial else 'unknown'}) is still RUNNING")
         if stale:
             lines.append("fix: sweep status --repair (ends those runs as FAILED)")
-        lines += check(tracker, experiment_id).lines(study.study_name)
-    return "\n".join(lines)
+        record = check(tracker, experiment_id)
+        lines += record.lines(study.study_name)
+        return lines, record
+    return lines, None
 
 
 def open_for_status(study: str, storage_url: str, tracking_uri: str):

@@ -28,6 +28,7 @@ from sweep.orchestration.checkpoints import STUDY_UID
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
 from sweep.orchestration.pack import pack_capacity, run_pack, trains_as_pack
 from sweep.orchestration.retry import retry_later
+from sweep.orchestration.stopping import BoundedStop, stop_seconds
 from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec, trial_settings
@@ -42,37 +43,36 @@ class Interrupted(BaseException):
 
 
 class SignalGuard:
-    """First SIGINT/SIGTERM: the running trial stops at its next check (a few optimizer steps)
-    or the worker stops before the next trial. Second: exit at once (the storages are
-    transactional, so nothing is corrupted; the next launch reconciles the abandoned trial).
+    """The study loop's view of a stop (``stopping.BoundedStop``): the running trial stops at its
+    next check (a few optimizer steps) or the worker stops before the next trial. A second
+    signal, or the deadline, spools what is queued and exits (the storages are transactional,
+    so nothing is corrupted; the next launch reconciles the abandoned trial).
 
-    The handler itself never raises: an exception raised from a signal handler can land in a
-    finalizer (``__del__``), where Python prints and ignores it and training goes on. The guard
+    ``stop``: the command's own (handlers for the whole command, with its last words); without
+    one (a study loop run on its own) the guard installs one for the loop's duration. The guard
     is also a training listener and raises ``Interrupted`` from the loop at a safe point.
     """
 
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
+    def __init__(self, stop: BoundedStop | None = None):
+        self._own = stop is None
+        self.stop = stop if stop is not None else BoundedStop()
+
+    @property
+    def signum(self) -> int | None:
+        return self.stop.signum
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+        if self._own:
+            self.stop.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            os._exit(128 + signum)
-        self.signum = signum
+        if self._own:
+            self.stop.__exit__(*exc)
 
     def check(self) -> None:
-        if self.signum is not None:
-            raise Interrupted(self.signum)
+        if self.stop.signum is not None:
+            raise Interrupted(self.stop.signum)
 
     def on_steps(self, first_step, lrs, losses) -> None:
         self.check()
@@ -216,7 +216,28 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     capacity = pack_capacity(ctx.spec.train, ctx.device,
                              open_slots(study.get_trials(deepcopy=False), budget, phase))
     as_pack = trains_as_pack(ctx.spec.train, ctx.device, capacity)
-    with SignalGuard() as guard:
+    guard = SignalGuard(ctx.stop)
+    try:
+        _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity, as_pack)
+    except BaseException:
+        # Any exception leaving the worker: the same bound as a stop for what is queued.
+        ctx.tracker.settle_by(time.monotonic() + stop_seconds())
+        raise
+    if guard.stop.deadline is not None:  # a stop: the record first, within the bound
+        ctx.tracker.settle_by(guard.stop.deadline)
+        return report  # stale runs: the next launch or `sweep status --repair`
+    ctx.tracker.wait()  # runs ended in the background, the last LR-curve figures
+    try:
+        end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+    except Exception:
+        pass  # best effort on the way out; `sweep status --repair` does it again
+    return report
+
+
+def _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity,
+          as_pack) -> None:
+    """``run_worker``'s ask -> run -> tell loop, under the signal guard."""
+    with guard:
         while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
             live = {trial._trial_id: trial}  # began, not yet told
             heartbeat = _Heartbeat(storage, trial._trial_id)
@@ -259,12 +280,6 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
                 heartbeat.stop()
         if guard.signum is not None and report.interrupted_by is None:
             report.interrupted_by = guard.signum
-    ctx.tracker.wait()  # runs ended in the background, the last LR-curve figures
-    try:
-        end_stale_runs(study, ctx.tracker, ctx.experiment_id)
-    except Exception:
-        pass  # best effort on the way out; `sweep status --repair` does it again
-    return report
 
 
 def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuard,
@@ -277,7 +292,10 @@ def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuar
     without waiting for its later slots (its own live trials hold the rest of the budget)."""
     while guard.signum is None:
         if fail_dead_trials(study):
-            end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+            try:
+                end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+            except Exception:
+                pass  # the MLflow store is away: the next reconcile ends them
         trials = study.get_trials(deepcopy=False)
         step = next_step(trials, budget, phase)
         if step != RUN:
