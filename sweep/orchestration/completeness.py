@@ -152,8 +152,7 @@ def launch_lines(tracker: Tracker, experiment_id: str | None, study: str) -> lis
     spool = pending(tracker.uri)
     if not (spool.waiting or spool.set_aside):
         stored = writer.stored if writer is not None else 0
-        return [f"MLflow: {stored} point(s) of this launch stored, none waiting in the spool "
-                f"(`sweep status` counts every run)"]
+        return [f"MLflow: all {stored} points of this launch stored"]
     return Completeness(spool=spool).lines(study)
 
 

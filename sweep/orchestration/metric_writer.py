@@ -169,15 +169,21 @@ class MetricWriter:
         may end up both stored and spooled: a replay stores it once (the spool's exactly-once
         rule). Returns False when the disk refuses."""
         with self._moving:
+            pending, ends = {}, []
+            if not self._abandoned:  # a second call (a signal after the deadline's) adds only new items
+                pending = {run: list(points) for run, points in list(self._pending.items())}
+                ends = list(self._ends)
             self._abandoned = True
-            queued = list(self._inbox)
-            pending = {run: list(points) for run, points in list(self._pending.items())}
-            ends = list(self._ends)
+            queued = []
+            while self._inbox:
+                queued.append(self._inbox.popleft())
         for item in queued:
             if isinstance(item, tuple):
                 pending.setdefault(item[0], []).extend(item[1])
             elif isinstance(item, RunEnd):
                 ends.append(item)
+            else:
+                item.done.set()  # a drain: everything before it is spooled below
         records = [{"run": run, "metrics": points} for run, points in pending.items() if points]
         records += [_end_record(e) for e in ends]
         if records:
@@ -212,7 +218,7 @@ class MetricWriter:
         while True:
             self._wake.clear()  # before taking: a wake that comes later is not lost
             if self._abandoned:
-                for mark in self._drains + [i for i in list(self._inbox) if isinstance(i, _Drain)]:
+                for mark in self._drains:
                     mark.done.set()
                 return
             self._take()

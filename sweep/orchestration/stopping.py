@@ -51,7 +51,8 @@ class BoundedStop:
     called by the timer just before the deadline, or at once on a second signal, and the
     process exits with 128 + the signal number. The handler itself never raises: an exception
     raised from a signal handler can land in a finalizer, where Python prints and ignores it.
-    Leaving the ``with`` block ends the timer (the orderly path finished in time)."""
+    Leaving the ``with`` block restores the handlers; the timer stays armed once a stop began
+    (the process is on its way out; the bound covers the interpreter's own exit too)."""
 
     def __init__(self, last_words: Callable[[], None] | None = None):
         self.signum: int | None = None
@@ -69,7 +70,10 @@ class BoundedStop:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._cancelled.set()
+        if self.deadline is None:
+            self._cancelled.set()
+        # else a stop is under way: the timer stays armed until the process has exited (the
+        # interpreter's exit joins threads that may still wait on a store that is away)
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
