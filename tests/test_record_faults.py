@@ -104,7 +104,7 @@ def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_
 
         trials = study.get_trials(deepcopy=False)
         assert trials[0].state == TrialState.COMPLETE
-        assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["error"] == "interrupted"
+        assert trials[1].state == TrialState.FAIL  # stopped while waiting for its run: retried
         assert [t for t in trials if t.system_attrs.get("failed_trial") == 1]  # its retry waits
         assert budget_used(study) == 1  # the outage cost no seat of the budget
 
@@ -219,9 +219,9 @@ def test_a_run_deleted_mid_study_is_set_aside_and_named_and_holds_up_no_other_ru
 
 def test_replay_skips_a_record_it_cannot_store_and_two_hosts_share_one_spool(tmp_path):
     """Two hosts' segments in one spool folder (one of them holding a line for a run deleted
-    through MLflow's API), replayed by two processes at once: each segment exactly once, the
+    through MLflow's API), replayed by two replayers at once: each segment exactly once, the
     deleted run's line set aside, every other point stored once and the segments gone."""
-    from sweep.orchestration.spool import SpoolWriter, pending, spool_dir
+    from sweep.orchestration.spool import SpoolWriter, pending, replay, spool_dir
 
     uri = f"sqlite:///{tmp_path}/m.db"
     tracker, _, runs = _tracker_with_runs(uri, "hosts", 3)
@@ -238,13 +238,17 @@ def test_replay_skips_a_record_it_cannot_store_and_two_hosts_share_one_spool(tmp
         writer.append(records)
         writer.close()
     assert sorted(p.name[:6] for p in spool_dir(uri).glob("*.jsonl")) == ["node-a", "node-b"]
-    code = ("import sys; from mlflow.tracking import MlflowClient; "
-            "from sweep.orchestration.spool import replay; "
-            f"print(replay({uri!r}, MlflowClient({uri!r}))[0])")
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE,
-                              text=True, env=sweep_env(tmp_path)) for _ in range(2)]
-    sent = [int(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+    # Two replayers at once (threads: each opens the segments itself, and flock locks belong to
+    # an open file, so they exclude each other as two processes on two hosts would).
+    import threading
+
+    sent = []
+    replayers = [threading.Thread(target=lambda: sent.append(replay(uri, MlflowClient(uri))[0]))
+                 for _ in range(2)]
+    for thread in replayers:
+        thread.start()
+    for thread in replayers:
+        thread.join()
     assert sum(sent) == 600  # each segment replayed by exactly one of them
     for run in runs[:2]:
         assert _rows(tmp_path / "m.db", run.run_id)["lr"] == (300, 300)
