@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from helpers import (REPO, free_port, kill_tree, plain_storage, start_mlflow_server, sweep_cmd,
                      sweep_env, wait_running)
 from sweep.orchestration.bookkeeping import budget_used, counted
+from sweep.orchestration.status import show_status
 
 SMOKE = REPO / "studies" / "smoke.yaml"
 # 4 steps per epoch, 4 epochs on the tiny synthetic data: a trial trains in about a second.
@@ -55,7 +56,7 @@ def _wait_for(condition, what: str, timeout: float = 120):
 
 @pytest.mark.slow
 def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_the_record(
-        tmp_path, tiny_cifar):
+        tmp_path, tiny_cifar, monkeypatch):
     """Scenario: the tracking server is killed while trial 0 trains; trial 0 completes in the
     outage and trial 1's run cannot start; then the job's SIGTERM (SIGKILL would follow 30 s
     later). The worker exits by itself within SWEEP_STOP_S, its queued points in the spool, and
@@ -109,10 +110,10 @@ def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_
         assert budget_used(study) == 1  # the outage cost no seat of the budget
 
         server = start_mlflow_server(f"sqlite:///{db}", port, tmp_path / "artifacts")
-        before = subprocess.run(sweep_cmd("status", "--study", "smoke"), env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300)
-        assert before.returncode == 3, before.stdout + before.stderr[-2000:]
-        assert "pending in" in before.stdout and "sweep status --repair" in before.stdout
+        monkeypatch.setenv("SWEEP_SPOOL_DIR", str(spool))
+        before = show_status("smoke", storage, url)  # in this process: no second start-up
+        assert before.exit_code == 3, before.text
+        assert "pending in" in before.text and "sweep status --repair" in before.text
         repaired = subprocess.run(sweep_cmd("status", "--study", "smoke", "--repair"), env=env,
                                   cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert repaired.returncode == 0, repaired.stdout + repaired.stderr[-2000:]
@@ -133,10 +134,9 @@ def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_
         final = counted(study.get_trials(deepcopy=False))
         assert len(final) == 3
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in final)
-        status = subprocess.run(sweep_cmd("status", "--study", "smoke"), env=env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300)
-        assert status.returncode == 0, status.stdout
-        assert "MLflow: all " in status.stdout and " of 3 trial run(s) stored" in status.stdout
+        status = show_status("smoke", storage, url)
+        assert status.exit_code == 0, status.text
+        assert "MLflow: all " in status.text and " of 3 trial run(s) stored" in status.text
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
