@@ -300,3 +300,28 @@ def test_bad_record_settings_are_one_line_exit_2_and_write_nothing(env, flag, me
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [message]
     assert not list(in_tmp.iterdir())
+
+
+def test_a_run_whose_end_is_on_its_way_is_not_ended_by_another_workers_cleanup(tmp_path):
+    """Optuna hears a trial's result before its run's end is written; until the time its worker
+    promised (``sweep.run_end_by``), another worker's stale-run cleanup leaves the run alone;
+    after it, or with no promise, the run is stale."""
+    from sweep.orchestration.bookkeeping import stale_runs
+    from sweep.orchestration.tracking import RUN_END_BY
+
+    study = optuna.create_study(study_name="grace", storage=f"sqlite:///{tmp_path}/o.db")
+    tracker, experiment_id, runs = _tracker_with_runs(f"sqlite:///{tmp_path}/m.db", "grace", 0)
+    parent = tracker.study_runs(experiment_id, "grace")[0].info.run_id
+    promised = []
+    for by in (time.time() + 600, time.time() - 1, None):
+        trial = study.ask()
+        trial.set_user_attr("host", "node-elsewhere")  # no pid check possible from here
+        trial.set_user_attr("pid", 4242)
+        if by is not None:
+            trial.set_user_attr(RUN_END_BY, by)
+        run = tracker.start_trial(experiment_id, parent, "grace", trial.number, {}, {})
+        study.tell(trial, 0.5)
+        promised.append(run.run_id)
+    stale = {run.info.run_id for run, _ in stale_runs(study, tracker, experiment_id)}
+    assert stale == set(promised[1:])
+    tracker.close()
