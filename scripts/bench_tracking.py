@@ -30,11 +30,12 @@ N processes (``mlflow server --workers``).
 
 ``--slow-store F`` (the backlog bound): a SQLite store throttled to take only F of the offered
 points/s while K runs feed for ``--seconds``, side by side without a cap on the writer's backlog
-and with ``SWEEP_BACKLOG_POINTS`` = ``--cap``: the process's resident memory sampled every 2 s,
+and with ``SWEEP_BACKLOG_POINTS`` = ``--cap`` (each case in a fresh process): the process's
+resident memory sampled every 2 s (reported from 10 s on, after start-up),
 the backlog and the spooled points at the feed's end; then the store takes its full rate, the
 spool is replayed and every run is read back (nothing may be missing or doubled).
 
-    python scripts/bench_tracking.py --slow-store 0.5 --runs 32 --seconds 60 --cap 20000
+    python scripts/bench_tracking.py --slow-store 0.5 --runs 32 --seconds 60 --cap 0 20000
 """
 
 from __future__ import annotations
@@ -243,14 +244,29 @@ def slow_store(args) -> int:
     from sweep.orchestration.sql_metrics import bulk_sender
     from sweep.orchestration.tracking import Tracker
 
+    if len(args.runs) > 1 or len(args.cap) > 1:  # each case in a fresh process, side by side
+        failed = False
+        for k in args.runs:
+            offered = 2 * k * args.rate
+            print(f"K={k}: offered {offered:.0f} points/s, store takes "
+                  f"{args.slow_store * offered:.0f} points/s for {args.seconds:g} s")
+            print(f"{'backlog cap':>12} {'RSS at 10 s MB':>14} {'RSS max MB':>10} "
+                  f"{'RSS end MB':>10} {'queued at end':>13} {'spooled':>8} {'points':>8}  missing",
+                  flush=True)
+            for cap in args.cap:
+                done = subprocess.run([sys.executable, __file__, "--slow-store",
+                                       str(args.slow_store), "--runs", str(k), "--seconds",
+                                       str(args.seconds), "--rate", str(args.rate), "--cap",
+                                       str(cap), "--sync-every", str(args.sync_every)],
+                                      capture_output=True, text=True)
+                print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else
+                      done.stderr[-2000:], flush=True)
+                failed |= done.returncode != 0
+        return 1 if failed else 0
     failed = False
     for k in args.runs:
         offered = 2 * k * args.rate
-        print(f"K={k}: offered {offered:.0f} points/s, store takes {args.slow_store * offered:.0f} "
-              f"points/s for {args.seconds:g} s")
-        print(f"{'backlog cap':>12} {'RSS start MB':>12} {'RSS max MB':>10} {'RSS end MB':>10} "
-              f"{'queued at end':>13} {'spooled':>8} {'points':>8}  missing")
-        for cap in (None, args.cap):
+        for cap in args.cap:
             os.environ["SWEEP_BACKLOG_POINTS"] = str(cap or 10**12)
             with tempfile.TemporaryDirectory() as tmp:
                 uri = f"sqlite:///{tmp}/mlflow.db"
@@ -286,7 +302,8 @@ def slow_store(args) -> int:
                 replay(uri, MlflowClient(uri))
                 problems = check_stored(MlflowClient(uri), result)
                 failed |= bool(problems)
-                print(f"{cap or 'none':>12} {samples[0]:12.0f} {max(samples):10.0f} "
+                warm = samples[min(5, len(samples) - 1)]  # at 10 s: imports and first allocations done
+                print(f"{cap or 'none':>12} {warm:14.0f} {max(samples):10.0f} "
                       f"{samples[-1]:10.0f} {queued[0] if queued else -1:13d} {spooled:8d} "
                       f"{result.points:8d}  {len(problems) or 'none'}", flush=True)
     return 1 if failed else 0
@@ -303,8 +320,8 @@ def main() -> int:
     parser.add_argument("--sync-every", type=int, default=10, help="steps per listener call")
     parser.add_argument("--slow-store", type=float, default=None, metavar="F",
                         help="the backlog benchmark: a store taking F of the offered rate")
-    parser.add_argument("--cap", type=int, default=20_000,
-                        help="SWEEP_BACKLOG_POINTS beside no cap (--slow-store)")
+    parser.add_argument("--cap", type=int, nargs="+", default=[0, 20_000],
+                        help="SWEEP_BACKLOG_POINTS values to compare, 0: no cap (--slow-store)")
     args = parser.parse_args()
     if args.slow_store is not None:
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "

@@ -17,6 +17,13 @@ of size 5 overflow 10 reached"), after which a run's later points were dropped (
   attempt every 5 s); the first accepted write ends the outage.
 * A run's end (tags, status) goes through the same queue after its points: it is sent only
   once every point of the run is stored, or spooled together with them.
+* A refusal that will never pass (``store_errors.is_permanent``: a deleted or inactive run, a
+  row gone, HTTP 4xx) sets that run's points and end aside in the spool folder with the
+  reason; the other runs go on.
+* More than ``SWEEP_BACKLOG_POINTS`` queued: they go to the spool although the store takes
+  writes (memory stays bounded when the store is slower than the trainer).
+* A stop (``stopping``): ``settle_by(deadline)`` lets the thread store what it can until the
+  deadline, then ``spool_now`` writes the rest to the spool from the stopping thread.
 """
 
 from __future__ import annotations
