@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import (REPO, free_port, kill_tree, plain_storage, start_mlflow_server, sweep_cmd,
+from helpers import (REPO, free_port, has_trials, kill_tree, plain_storage, start_mlflow_server, sweep_cmd,
                      sweep_env, wait_running)
 from sweep.orchestration.bookkeeping import budget_used, counted
 from sweep.orchestration.status import show_status
@@ -76,6 +76,7 @@ def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_
                                             "--quiet", *SMALL),
                                   env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: has_trials(tmp_path / "optuna.db"), "the study's first trial", 300)
         trial0 = wait_running(plain_storage(storage), "smoke", set(), time.time() + 300)
         kill_tree(server)  # the outage starts while trial 0 trains
         study = optuna.load_study(study_name="smoke", storage=plain_storage(storage))
@@ -147,12 +148,14 @@ def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_
 def test_kill_9_mid_trial_names_the_killed_run_and_what_it_holds(tmp_path, tiny_cifar):
     """`kill -9` of a launch mid-trial (SQLite stores); `sweep status --repair` ends the run
     and names it with the points it holds, never "all 0 points of 0 runs"."""
-    storage = f"sqlite:///{tmp_path}/optuna.db"
+    storage = f"sqlite:///{tmp_path}/sweep.db"  # the launch's default, as the repair's
     proc = subprocess.Popen(sweep_cmd("launch", "--study", str(SMOKE), "--trials", "2",
                                       "--quiet", *SMALL),
                             env=sweep_env(tiny_cifar), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
+        # a reader opens the storage only once the launcher has created it (creation races)
+        _wait_for(lambda: has_trials(tmp_path / "sweep.db"), "the study's first trial", 300)
         trial = wait_running(plain_storage(storage), "smoke", set(), time.time() + 300)
     finally:
         proc.kill()  # SIGKILL: no handler runs
