@@ -114,7 +114,7 @@ class MetricWriter:
         self._inbox: collections.deque = collections.deque()
         # Held while items move from the inbox to the writer's own lists, so that ``spool_now``
         # (another thread, at a stop's deadline) sees every queued item in one place or the other.
-        self._moving = threading.Lock()
+        self._moving = threading.RLock()  # reentrant: a second signal's handler may spool_now
         self._abandoned = False  # spool_now took everything: the thread writes nothing more
         self._wake = threading.Event()
         self._pending: dict[str, list] = {}  # run id -> [(key, value, ts, step)] not yet sent

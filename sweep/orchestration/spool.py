@@ -80,7 +80,9 @@ class SpoolWriter:
         self.host = host or socket.gethostname()
         self.path: Path | None = None
         self._file = None
-        self._lock = threading.Lock()  # the writer thread, and a stop's last words
+        # the writer thread, and a stop's last words: reentrant, as a second signal's handler may
+        # run on a thread that is inside append already
+        self._lock = threading.RLock()
         self._name = f"{self.host}-{os.getpid()}-{int(time.time() * 1000)}"
 
     def set_aside(self, records: list[dict], reason: str) -> None:
