@@ -33,18 +33,27 @@ def is_permanent(err: BaseException) -> bool:
     return isinstance(err, IntegrityError)  # the direct insert: the run's row is gone
 
 
+def is_read_only(err: BaseException) -> bool:
+    """A SQLite store opened or mounted read-only: transient for points (the file may become
+    writable; they spool meanwhile), but no run can start in it, so a trial fails loudly
+    instead of waiting without end for a setting to be fixed."""
+    return "readonly database" in str(err) or "read-only file system" in str(err).lower()
+
+
 def wait_for_store(call: Callable[[], T], what: str, check: Callable[[], None] | None = None,
-                   warn: Callable[[str], None] = print) -> T:
+                   warn: Callable[[str], None] = print,
+                   permanent: Callable[[BaseException], bool] = is_permanent) -> T:
     """``call()``, retried with backoff (0.5 s doubling to 10 s) while the store refuses it for
     a transient reason; a permanent error is raised at once. ``check`` runs between tries (a
     stop raises from it: a trial waiting for its run is then retried, its budget untouched).
-    ``warn`` hears one line when the waiting starts and one when it ends."""
+    ``warn`` hears one line when the waiting starts and one when it ends; ``permanent`` says
+    which errors are raised at once."""
     wait, since = FIRST_WAIT_S, None
     while True:
         try:
             result = call()
         except Exception as err:
-            if is_permanent(err):
+            if permanent(err):
                 raise
             if since is None:
                 since = time.monotonic()

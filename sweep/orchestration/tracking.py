@@ -34,7 +34,7 @@ from sweep.orchestration.metric_writer import MetricWriter, RunEnd, backlog_poin
 from sweep.orchestration.spool import SpoolWriter, log_batch, replay, spool_dir
 from sweep.orchestration.sql_metrics import bulk_sender
 from sweep.orchestration.stopping import LAST_WORDS_S, stop_seconds
-from sweep.orchestration.store_errors import wait_for_store
+from sweep.orchestration.store_errors import is_permanent, is_read_only, wait_for_store
 from sweep.orchestration.storage import check_writable_file, creation_lock, mask_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -93,6 +93,11 @@ def check_server_answers(uri: str, timeout_s: float = 10) -> None:
             raise TrackingError(f"no MLflow tracking server answers at {mask_url(uri)} "
                                 f"({reason}); start it (mlflow server ...) or fix --tracking-uri "
                                 f"/ MLFLOW_TRACKING_URI") from None
+
+
+def _never_starts(err: BaseException) -> bool:
+    """A run start that waiting cannot cure: a permanent refusal or a read-only store."""
+    return is_permanent(err) or is_read_only(err)
 
 
 def _warn(line: str) -> None:
@@ -295,9 +300,9 @@ class Tracker:
             tags={ROLE: "trial", "mlflow.parentRunId": parent_run_id, STATE: "RUNNING",
                   "sweep.trial_number": str(trial_number), "optuna.study_name": study_name,
                   **{k: mask_url(str(v)) for k, v in tags.items()}}),
-            f"trial #{trial_number}'s run start", check, _warn)
+            f"trial #{trial_number}'s run start", check, _warn, _never_starts)
         wait_for_store(lambda: self.log_params(run.info.run_id, params),
-                       f"trial #{trial_number}'s params", check, _warn)
+                       f"trial #{trial_number}'s params", check, _warn, _never_starts)
         return TrialRun(self, run.info.run_id)
 
     def trial_runs(self, experiment_id: str, status: str | None = None):
