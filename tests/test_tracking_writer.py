@@ -107,8 +107,17 @@ def test_server_killed_mid_study_and_restarted_then_the_next_launch_stores_every
     url = f"http://127.0.0.1:{port}"
     servers = [start_mlflow_server(backend, port, tmp_path / "a")]
 
-    def outage():  # kill 1.5 s into the feed, start again at once (startup takes seconds)
-        time.sleep(1.5)
+    def outage():  # kill once the feed's first points are stored (mid-feed, however loaded
+        # the machine), start again at once (startup takes seconds)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(f"file:{tmp_path / 'server.db'}?mode=ro", uri=True) as conn:
+                    if conn.execute("SELECT count(*) FROM metrics").fetchone()[0]:
+                        break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.1)
         kill_tree(servers[0])
         servers.append(start_mlflow_server(backend, port, tmp_path / "a"))
 
