@@ -25,7 +25,6 @@ from optuna.trial import TrialState
 from helpers import (REPO, free_port, has_trials, kill_tree, plain_storage, start_mlflow_server, sweep_cmd,
                      sweep_env, wait_running)
 from sweep.orchestration.bookkeeping import budget_used, counted
-from sweep.orchestration.status import show_status
 
 SMOKE = REPO / "studies" / "smoke.yaml"
 # 4 steps per epoch, 4 epochs on the tiny synthetic data: a trial trains in about a second.
@@ -56,7 +55,7 @@ def _wait_for(condition, what: str, timeout: float = 120):
 
 @pytest.mark.slow
 def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_the_record(
-        tmp_path, tiny_cifar, monkeypatch):
+        tmp_path, tiny_cifar):
     """Scenario: the tracking server is killed while trial 0 trains; trial 0 completes in the
     outage and trial 1's run cannot start; then the job's SIGTERM (SIGKILL would follow 30 s
     later). The worker exits by itself within SWEEP_STOP_S, its queued points in the spool, and
@@ -111,10 +110,10 @@ def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_
         assert budget_used(study) == 1  # the outage cost no seat of the budget
 
         server = start_mlflow_server(f"sqlite:///{db}", port, tmp_path / "artifacts")
-        monkeypatch.setenv("SWEEP_SPOOL_DIR", str(spool))
-        before = show_status("smoke", storage, url)  # in this process: no second start-up
-        assert before.exit_code == 3, before.text
-        assert "pending in" in before.text and "sweep status --repair" in before.text
+        before = subprocess.run(sweep_cmd("status", "--study", "smoke"), env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert before.returncode == 3, before.stdout + before.stderr[-2000:]
+        assert "pending in" in before.stdout and "sweep status --repair" in before.stdout
         repaired = subprocess.run(sweep_cmd("status", "--study", "smoke", "--repair"), env=env,
                                   cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert repaired.returncode == 0, repaired.stdout + repaired.stderr[-2000:]
@@ -135,9 +134,10 @@ def test_outage_then_sigterm_loses_no_point_fails_no_trial_and_repair_completes_
         final = counted(study.get_trials(deepcopy=False))
         assert len(final) == 3
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in final)
-        status = show_status("smoke", storage, url)
-        assert status.exit_code == 0, status.text
-        assert "MLflow: all " in status.text and " of 3 trial run(s) stored" in status.text
+        status = subprocess.run(sweep_cmd("status", "--study", "smoke"), env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert status.returncode == 0, status.stdout + status.stderr[-2000:]
+        assert "MLflow: all " in status.stdout and " of 3 trial run(s) stored" in status.stdout
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
@@ -202,7 +202,6 @@ def test_a_run_deleted_mid_study_is_set_aside_and_named_and_holds_up_no_other_ru
     good (the run is not active). It is set aside with the reason, the other run ends whole,
     and the completeness check names it and counts the record incomplete (status exit 3)."""
     from sweep.orchestration.completeness import check
-    from sweep.orchestration.status import RECORD_INCOMPLETE, exit_code
 
     monkeypatch.setenv("SWEEP_SPOOL_AFTER_S", "600")  # a permanent error must not wait for it
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -225,7 +224,7 @@ def test_a_run_deleted_mid_study_is_set_aside_and_named_and_holds_up_no_other_ru
     assert "active" in reason  # MLflow's own words: the run must be in the 'active' state
     text = "\n".join(record.lines("deleted"))
     assert f"run {deleted.run_id}:" in text and "set aside" in text
-    assert exit_code(record) == RECORD_INCOMPLETE
+    assert not record.complete  # `sweep status` exits 3
 
 
 def test_replay_skips_a_record_it_cannot_store_and_two_hosts_share_one_spool(tmp_path):
