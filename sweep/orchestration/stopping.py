@@ -80,7 +80,7 @@ class BoundedStop:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            self._exit(128 + signum)
+            self._exit(128 + signum, f"interrupted again ({signal.Signals(signum).name})")
         self.signum = signum
         self.begin(128 + signum)
 
@@ -101,15 +101,22 @@ class BoundedStop:
     def _expire(self, exit_code: int) -> None:
         fire_at = self.deadline - min(LAST_WORDS_S, (self.deadline - time.monotonic()) / 4)
         if not self._cancelled.wait(max(0.0, fire_at - time.monotonic())):
-            self._exit(exit_code)
+            self._exit(exit_code, f"interrupted: the {stop_seconds():g} s bound of a stop "
+                                  f"(SWEEP_STOP_S) is reached")
 
-    def _exit(self, exit_code: int) -> None:
+    def _exit(self, exit_code: int, why: str) -> None:
         with self._words_lock:  # the timer and a second signal: one of them speaks
             if self.last_words is not None:
                 try:
                     self.last_words()
                 except BaseException:
                     pass  # nothing may stand between the stop and the exit
+            try:  # the job's log says why it ends here (stdout: where the summary would be)
+                print(f"{why}: exiting; what MLflow had not taken is in the spool, and the next "
+                      f"launch or `sweep status --repair` replays it and retries the trial(s)",
+                      flush=True)
+            except Exception:
+                pass
             for stream in (sys.stdout, sys.stderr):  # the job's log keeps its last lines
                 try:
                     stream.flush()
