@@ -9,11 +9,9 @@ one point per step fed, counted in the store itself.
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 

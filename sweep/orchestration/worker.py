@@ -5,7 +5,6 @@ until the study's budget is used (what counts towards it: ``bookkeeping``).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
