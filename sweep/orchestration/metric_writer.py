@@ -164,8 +164,9 @@ class MetricWriter:
     def settle_by(self, deadline: float) -> bool:
         """A stop's way out: let the thread store (or spool) what is queued until ``deadline``,
         then spool whatever is left from this thread (``spool_now``). True when everything
-        queued is stored or spooled (False only when the spool's disk refuses too)."""
-        if self.drain(deadline):
+        queued is stored or spooled (False only when the spool's disk refuses too). In an outage
+        (the store refuses now) it spools at once: waiting would only spend the bound."""
+        if self._failing_since is None and self.drain(deadline):
             return True
         return self.spool_now()
 
