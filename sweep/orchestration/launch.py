@@ -188,7 +188,8 @@ def _launch(spec: StudySpec, opts: LaunchOptions, display: Display,
                             on_trial=bar)
     finally:
         bar.close()
-        update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
+        if not (stop.deadline and stores.tracker.refusing):  # a stop in an outage: the next launch
+            update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
     text = "\n".join([display.closing(study, budget, budget_used(study)),
                       *filter(None, [time_table(report.packs)]),
@@ -230,7 +231,8 @@ def _worker_main(spec: StudySpec, opts: LaunchOptions, log, stop: BoundedStop) -
     try:
         report = run_worker(study, ctx, budget, on_trial=on_trial)
     finally:
-        update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
+        if not (stop.deadline and stores.tracker.refusing):  # a stop in an outage: the next launch
+            update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     used = budget_used(study)
     log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
     for line in [*time_table(report.packs).splitlines(),

@@ -166,9 +166,14 @@ class MetricWriter:
         then spool whatever is left from this thread (``spool_now``). True when everything
         queued is stored or spooled (False only when the spool's disk refuses too). In an outage
         (the store refuses now) it spools at once: waiting would only spend the bound."""
-        if self._failing_since is None and self.drain(deadline):
+        if not self.refusing and self.drain(deadline):
             return True
         return self.spool_now()
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the store refused the last write (an outage under way)."""
+        return self._failing_since is not None
 
     def spool_now(self) -> bool:
         """Write every queued point and run end to the spool now, from the calling thread

@@ -175,6 +175,11 @@ class Tracker:
         if self._writer is not None:
             self._writer.settle_by(deadline - LAST_WORDS_S)
 
+    @property
+    def refusing(self) -> bool:
+        """Whether the store refused this process's last write (an outage under way)."""
+        return self._writer is not None and self._writer.refusing
+
     def spool_now(self) -> None:
         """The process's last words at a stop's deadline or second signal: spool what is
         queued, from this thread, at once."""
