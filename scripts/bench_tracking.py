@@ -27,6 +27,15 @@ N processes (``mlflow server --workers``).
 
     python scripts/bench_tracking.py [--runs 8 16 32] [--stores sqlite server server-pg postgres]
                                      [--seconds 10] [--server-workers 1]
+
+``--slow-store F`` (the backlog bound): a SQLite store throttled to take only F of the offered
+points/s while K runs feed for ``--seconds``, side by side without a cap on the writer's backlog
+and with ``SWEEP_BACKLOG_POINTS`` = ``--cap`` (each case in a fresh process): the process's
+resident memory sampled every 2 s (reported from 10 s on, after start-up),
+the backlog and the spooled points at the feed's end; then the store takes its full rate, the
+spool is replayed and every run is read back (nothing may be missing or doubled).
+
+    python scripts/bench_tracking.py --slow-store 0.5 --runs 32 --seconds 60 --cap 0 20000
 """
 
 from __future__ import annotations
@@ -200,6 +209,106 @@ def percentile(values, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def rss_mb() -> float:
+    """This process's resident memory, MB (/proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Throttle:
+    """A store's ``send`` that takes at most ``points_per_s`` (a slow store: the real insert,
+    then a sleep); ``points_per_s = None`` lifts the limit."""
+
+    def __init__(self, send, points_per_s: float | None):
+        self.send, self.points_per_s = send, points_per_s
+        self.began, self.taken = time.perf_counter(), 0
+
+    def __call__(self, run_id: str, points) -> None:
+        self.send(run_id, points)
+        self.taken += len(points)
+        if self.points_per_s:
+            due = self.began + self.taken / self.points_per_s
+            time.sleep(max(0.0, due - time.perf_counter()))
+
+
+def slow_store(args) -> int:
+    """The ``--slow-store`` benchmark (module docstring): with and without a backlog cap."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from sweep.orchestration.metric_writer import MetricWriter
+    from sweep.orchestration.spool import SpoolWriter, replay, spool_dir
+    from sweep.orchestration.sql_metrics import bulk_sender
+    from sweep.orchestration.tracking import Tracker
+
+    if len(args.runs) > 1 or len(args.cap) > 1:  # each case in a fresh process, side by side
+        failed = False
+        for k in args.runs:
+            offered = 2 * k * args.rate
+            print(f"K={k}: offered {offered:.0f} points/s, store takes "
+                  f"{args.slow_store * offered:.0f} points/s for {args.seconds:g} s")
+            print(f"{'backlog cap':>12} {'RSS at 10 s MB':>14} {'RSS max MB':>10} "
+                  f"{'RSS end MB':>10} {'queued at end':>13} {'spooled':>8} {'points':>8}  missing",
+                  flush=True)
+            for cap in args.cap:
+                done = subprocess.run([sys.executable, __file__, "--slow-store",
+                                       str(args.slow_store), "--runs", str(k), "--seconds",
+                                       str(args.seconds), "--rate", str(args.rate), "--cap",
+                                       str(cap), "--sync-every", str(args.sync_every)],
+                                      capture_output=True, text=True)
+                print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else
+                      done.stderr[-2000:], flush=True)
+                failed |= done.returncode != 0
+        return 1 if failed else 0
+    failed = False
+    for k in args.runs:
+        offered = 2 * k * args.rate
+        for cap in args.cap:
+            os.environ["SWEEP_BACKLOG_POINTS"] = str(cap or 10**12)
+            with tempfile.TemporaryDirectory() as tmp:
+                uri = f"sqlite:///{tmp}/mlflow.db"
+                tracker = Tracker(uri)
+                throttle = Throttle(bulk_sender(tracker.client), args.slow_store * offered)
+                tracker._writer = MetricWriter(tracker.client, SpoolWriter(spool_dir(uri), uri),
+                                               send=throttle)
+                experiment_id = tracker.experiment_id(f"slow-{k}")
+                parent = tracker.study_run(experiment_id, f"slow-{k}", {}, None)
+                samples, stop = [rss_mb()], threading.Event()
+
+                def sample():
+                    while not stop.wait(2.0):
+                        samples.append(rss_mb())
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                writer = tracker._writer
+                # the feed ends its runs and drains: lift the limit as its feed time ends
+                lift = threading.Timer(args.seconds, lambda: setattr(throttle, "points_per_s", None))
+                lift.start()
+                queued = []
+                probe = threading.Timer(args.seconds - 0.5, lambda: queued.append(
+                    sum(len(p) for p in list(writer._pending.values())) + len(writer._inbox)))
+                probe.start()
+                throttle.began, throttle.taken = time.perf_counter(), 0  # the feed's clock
+                result = feed(tracker, experiment_id, parent, k, args.rate, args.seconds,
+                              args.sync_every)
+                stop.set()
+                sampler.join()
+                spooled = writer.spooled
+                tracker.close()
+                replay(uri, MlflowClient(uri))
+                problems = check_stored(MlflowClient(uri), result)
+                failed |= bool(problems)
+                warm = samples[min(5, len(samples) - 1)]  # at 10 s: imports and first allocations done
+                print(f"{cap or 'none':>12} {warm:14.0f} {max(samples):10.0f} "
+                      f"{samples[-1]:10.0f} {queued[0] if queued else -1:13d} {spooled:8d} "
+                      f"{result.points:8d}  {len(problems) or 'none'}", flush=True)
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, nargs="+", default=[8, 16, 32])
@@ -209,7 +318,15 @@ def main() -> int:
     parser.add_argument("--server-workers", type=int, default=1,
                         help="processes of the mlflow server (server, server-pg)")
     parser.add_argument("--sync-every", type=int, default=10, help="steps per listener call")
+    parser.add_argument("--slow-store", type=float, default=None, metavar="F",
+                        help="the backlog benchmark: a store taking F of the offered rate")
+    parser.add_argument("--cap", type=int, nargs="+", default=[0, 20_000],
+                        help="SWEEP_BACKLOG_POINTS values to compare, 0: no cap (--slow-store)")
     args = parser.parse_args()
+    if args.slow_store is not None:
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+              f"{platform.python_version()}; listener every {args.sync_every} steps")
+        return slow_store(args)
 
     from mlflow.tracking import MlflowClient
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- a real MLflow tracking server, killed and restarted -----------------------------------------
+
+def start_mlflow_server(backend: str, port: int, artifacts: Path) -> subprocess.Popen:
+    """``mlflow server`` on a fixed port (backend store URI, artifact folder), as ``sweep ui``
+    starts it, once /health answers. Not ``ui.mlflow_server``: its free-port check refuses a port the killed server's
+    connections still hold in TIME_WAIT, which the server itself (SO_REUSEADDR) takes."""
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             backend, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--serve-artifacts", "--artifacts-destination", str(artifacts)],
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("mlflow server did not start")
+
+
+def bench_tracking():
+    """``scripts/bench_tracking.py`` as a module (its feed, its /proc walk), loaded once."""
+    import importlib.util
+
+    if "bench_tracking" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_tracking",
+                                                      REPO / "scripts" / "bench_tracking.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_tracking"] = module  # dataclasses look their module up while defined
+        spec.loader.exec_module(module)
+    return sys.modules["bench_tracking"]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything below it (a server's workers hold its socket)."""
+    for pid in [*bench_tracking().descendants(proc.pid), proc.pid]:  # uvicorn's worker holds the socket
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 # --- sweep processes and what they leave in the stores ------------------------------------------

@@ -9,12 +9,9 @@ one point per step fed, counted in the store itself.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,22 +20,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import REPO, TINY, free_port, sweep_cmd, sweep_env
+from helpers import (TINY, bench_tracking, free_port, kill_tree, start_mlflow_server, sweep_cmd,
+                     sweep_env)
 
 pytestmark = pytest.mark.slow
 
 FEED_S = 3.0  # per feed: 5,760 points at K = 16, 11,520 at K = 32
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_tracking", REPO / "scripts" / "bench_tracking.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_tracking"] = module  # dataclasses look their module up while defined
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = bench_tracking()
 
 
 def _feed(uri: str, study: str, k: int, seconds: float = FEED_S, **kw):
@@ -101,37 +91,6 @@ def _assert_exactly_once(rows: dict, result) -> None:
             assert rows.get((run.run_id, key)) == (steps, steps), (run.run_id, key, steps)
 
 
-def _start_server(backend: str, port: int, artifacts: Path) -> subprocess.Popen:
-    """``mlflow server`` on a fixed port, as ``sweep ui`` starts it, once /health answers.
-    Not ``ui.mlflow_server``: its free-port check refuses a port the killed server's
-    connections still hold in TIME_WAIT, which the server itself (SO_REUSEADDR) takes."""
-    import urllib.request
-
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             backend, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--serve-artifacts", "--artifacts-destination", str(artifacts)],
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "mlflow server exited"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError("mlflow server did not start")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    for pid in [*bench.descendants(proc.pid), proc.pid]:  # uvicorn's worker holds the socket
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
 def test_server_killed_mid_study_and_restarted_then_the_next_launch_stores_every_point_once(
         tmp_path, tiny_cifar, monkeypatch):
     """SIGKILL of the tracking server while 8 runs are fed; the writer retries, then spools;
@@ -144,12 +103,21 @@ def test_server_killed_mid_study_and_restarted_then_the_next_launch_stores_every
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"
     url = f"http://127.0.0.1:{port}"
-    servers = [_start_server(backend, port, tmp_path / "a")]
+    servers = [start_mlflow_server(backend, port, tmp_path / "a")]
 
-    def outage():  # kill 1.5 s into the feed, start again at once (startup takes seconds)
-        time.sleep(1.5)
-        _kill(servers[0])
-        servers.append(_start_server(backend, port, tmp_path / "a"))
+    def outage():  # kill once the feed's first points are stored (mid-feed, however loaded
+        # the machine), start again at once (startup takes seconds)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(f"file:{tmp_path / 'server.db'}?mode=ro", uri=True) as conn:
+                    if conn.execute("SELECT count(*) FROM metrics").fetchone()[0]:
+                        break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.1)
+        kill_tree(servers[0])
+        servers.append(start_mlflow_server(backend, port, tmp_path / "a"))
 
     timer = threading.Thread(target=outage)
     timer.start()
@@ -169,7 +137,7 @@ def test_server_killed_mid_study_and_restarted_then_the_next_launch_stores_every
     finally:
         timer.join()
         for proc in servers:
-            _kill(proc)
+            kill_tree(proc)
     _assert_exactly_once(_metric_rows(tmp_path / "server.db"), result)
     client = MlflowClient(f"sqlite:///{tmp_path}/server.db")
     assert all(client.get_run(r.run_id).info.status == "FINISHED" for r in result.runs)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 
 import optuna
@@ -33,7 +34,7 @@ from optuna.trial import TrialState
 
 from sweep.orchestration.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
 from sweep.orchestration.spool import pending
-from sweep.orchestration.tracking import STATE, StudySummary, Tracker
+from sweep.orchestration.tracking import RUN_END_BY, STATE, StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
 from sweep.study.spec import StudySpec
 
@@ -274,9 +275,23 @@ def stale_runs(study: optuna.Study, tracker: Tracker, experiment_id: str | None)
             continue
         number = run.data.tags.get("sweep.trial_number")
         trial = trials.get(int(number)) if number and number.isdigit() else None
-        if trial is None or trial.state in FINISHED:
+        if trial is None or (trial.state in FINISHED and not _end_on_its_way(trial)):
             out.append((run, trial))
     return out
+
+
+def _end_on_its_way(trial) -> bool:
+    """Whether the trial's own worker may still be writing its run's end: Optuna is told first
+    and the run ends on the worker's writer thread once its points are stored or spooled, which
+    the worker promised by ``RUN_END_BY`` (a user attribute, seconds since the epoch). Until
+    then the run is not stale, unless its worker ran on this host and its pid is gone."""
+    by = trial.user_attrs.get(RUN_END_BY)
+    if not isinstance(by, (int, float)) or time.time() >= by:
+        return False
+    pid, host = trial.user_attrs.get("pid"), trial.user_attrs.get("host")
+    if host == socket.gethostname() and isinstance(pid, int):
+        return pid != os.getpid() and _pid_alive(pid)
+    return True
 
 
 def end_stale_runs(study: optuna.Study, tracker: Tracker, experiment_id: str | None) -> list[str]:

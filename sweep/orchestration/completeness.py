@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sweep.orchestration.spool import Pending, pending
 from sweep.orchestration.storage import mask_url
-from sweep.orchestration.tracking import EXPECTED_POINTS, Tracker
+from sweep.orchestration.tracking import EXPECTED_POINTS, STATE, Tracker
 
 REPLAY_HINT = "sweep status --repair"
 
@@ -70,6 +70,7 @@ class RunGap:
     run_id: str
     trial: str  # the trial number, as the run's tag holds it
     missing: dict[str, int]  # key -> points expected and not stored
+    state: str = ""  # the trial's state as its run's end recorded it (COMPLETE, PRUNED, ...)
 
     @property
     def total(self) -> int:
@@ -82,32 +83,57 @@ class Completeness:
     expected: int = 0
     stored: int = 0
     gaps: list[RunGap] = field(default_factory=list)
-    uncounted: list[str] = field(default_factory=list)  # ended without a count (worker died)
+    # ended without a count (a killed worker; ended by a repair): (trial, run id, points held)
+    uncounted: list[tuple[str, str, int]] = field(default_factory=list)
     spool: Pending | None = None
 
     @property
     def complete(self) -> bool:
-        return not self.gaps and not (self.spool and (self.spool.total or self.spool.ends))
+        """No point missing, none waiting in a spool, none set aside (``sweep status`` exits 3
+        otherwise). Runs ended without a count are named, not counted: their trial was retried
+        (its retry resumes the curve from step 0) or failed with its worker."""
+        spool = self.spool
+        return not self.gaps and not (spool and (spool.waiting or spool.set_aside))
 
     def lines(self, study: str | None = None) -> list[str]:
         """What a person reads: one line when complete, else the runs that lack points, what
-        waits in the spool and the command that replays it."""
-        if self.complete:
-            return [f"MLflow: all {self.stored} points of {self.runs} trial run(s) stored"]
+        waits in the spool and the command that replays it, what was set aside; and the runs
+        that ended without a count."""
         out = []
-        if self.gaps:
-            out.append(f"MLflow: {len(self.gaps)} of {self.runs} trial run(s) lack "
-                       f"{sum(g.total for g in self.gaps)} of {self.expected} point(s):")
-            for g in self.gaps[:20]:
+        if self.complete and self.runs:
+            out.append(f"MLflow: all {self.stored} points of {self.runs} trial run(s) stored")
+        elif self.complete and not self.uncounted:
+            out.append("MLflow: no trial run has ended with a count yet")
+        for label, gaps in (("COMPLETE trial(s) whose run lacks points",
+                             [g for g in self.gaps if g.state == "COMPLETE"]),
+                            ("other trial run(s) lack points",
+                             [g for g in self.gaps if g.state != "COMPLETE"])):
+            if not gaps:
+                continue
+            out.append(f"MLflow: {len(gaps)} {label} ({sum(g.total for g in gaps)} of "
+                       f"{self.expected} expected point(s) of {self.runs} run(s) missing):")
+            for g in gaps[:20]:
                 what = ", ".join(f"{k} {n}" for k, n in sorted(g.missing.items()))
-                out.append(f"  trial #{g.trial} run {g.run_id}: missing {what}")
-            if len(self.gaps) > 20:
-                out.append(f"  ... and {len(self.gaps) - 20} more run(s)")
-        if self.spool is not None and (self.spool.total or self.spool.ends):
-            live = f" ({self.spool.live} segment(s) still being written)" if self.spool.live else ""
+                out.append(f"  trial #{g.trial} ({g.state or '?'}) run {g.run_id}: missing {what}")
+            if len(gaps) > 20:
+                out.append(f"  ... and {len(gaps) - 20} more run(s)")
+        spool = self.spool
+        if spool is not None and spool.waiting:
+            live = f" ({spool.live} segment(s) still being written)" if spool.live else ""
             target = f" --study {study}" if study else ""
-            out.append(f"MLflow: {self.spool.describe()}{live}; replay: `{REPLAY_HINT}{target}` "
+            out.append(f"MLflow: {spool.describe()}{live}; replay: `{REPLAY_HINT}{target}` "
                        f"(or the next sweep launch)")
+        if spool is not None and spool.set_aside:
+            out.append(f"MLflow: {sum(n for n, _ in spool.set_aside.values())} point(s) of "
+                       f"{len(spool.set_aside)} run(s) set aside in {spool.folder}/set-aside "
+                       f"(the store will never take them):")
+            for run_id, (points, reason) in sorted(spool.set_aside.items())[:20]:
+                out.append(f"  run {run_id}: {points} point(s): {reason}")
+        for trial, run_id, held in self.uncounted[:20]:
+            out.append(f"MLflow: trial #{trial} run {run_id} holds {held} point(s) and ended "
+                       f"without a count: the worker was killed; its curve may be partial")
+        if len(self.uncounted) > 20:
+            out.append(f"  ... and {len(self.uncounted) - 20} more run(s) ended without a count")
         return out
 
 
@@ -124,7 +150,7 @@ def launch_lines(tracker: Tracker, experiment_id: str | None, study: str) -> lis
         return check(tracker, experiment_id).lines(study)
     writer = tracker._writer
     spool = pending(tracker.uri)
-    if not (spool.total or spool.ends):
+    if not (spool.waiting or spool.set_aside):
         stored = writer.stored if writer is not None else 0
         return [f"MLflow: all {stored} points of this launch stored"]
     return Completeness(spool=spool).lines(study)
@@ -135,16 +161,21 @@ def check(tracker: Tracker, experiment_id: str | None) -> Completeness:
     out = Completeness(spool=pending(tracker.uri))
     if experiment_id is None:
         return out
-    wanted, numbers = {}, {}
+    wanted, numbers, states, uncounted = {}, {}, {}, {}
     for run in tracker.trial_runs(experiment_id):
+        run_id = run.info.run_id
+        numbers[run_id] = run.data.tags.get("sweep.trial_number", "?")
+        states[run_id] = run.data.tags.get(STATE, "")
         expected = expected_points(run.data.tags)
         if expected is None:
-            if run.info.status != "RUNNING":
-                out.uncounted.append(run.info.run_id)
+            if run.info.status != "RUNNING" and run_id not in out.spool.ends:
+                uncounted[run_id] = list(run.data.metrics)  # the keys it holds
             continue
-        wanted[run.info.run_id] = expected
-        numbers[run.info.run_id] = run.data.tags.get("sweep.trial_number", "?")
-    stored = stored_points(tracker, {run_id: list(e) for run_id, e in wanted.items()})
+        wanted[run_id] = expected
+    stored = stored_points(tracker, {**{run_id: list(e) for run_id, e in wanted.items()},
+                                     **uncounted})
+    out.uncounted = sorted(((numbers[r], r, sum(stored.get(r, {}).values())) for r in uncounted),
+                           key=lambda u: int(u[0]) if u[0].isdigit() else -1)
     out.runs = len(wanted)
     for run_id, expected in wanted.items():
         have = stored.get(run_id, {})
@@ -152,6 +183,6 @@ def check(tracker: Tracker, experiment_id: str | None) -> Completeness:
         out.stored += sum(min(have.get(k, 0), n) for k, n in expected.items())
         missing = {k: n - have.get(k, 0) for k, n in expected.items() if have.get(k, 0) < n}
         if missing:
-            out.gaps.append(RunGap(run_id, numbers[run_id], missing))
+            out.gaps.append(RunGap(run_id, numbers[run_id], missing, states[run_id]))
     out.gaps.sort(key=lambda g: int(g.trial) if g.trial.isdigit() else -1)
     return out

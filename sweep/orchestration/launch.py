@@ -22,6 +22,7 @@ from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir, storage_
 from sweep.orchestration.completeness import launch_lines, replay_spool
 from sweep.orchestration.objective import WorkerContext
 from sweep.orchestration.pack import log_pack_times, time_table
+from sweep.orchestration.stopping import BoundedStop
 from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
 from sweep.orchestration.tracking import CODE_VERSION, Tracker, check_tracking_uri
 from sweep.orchestration.worker import code_version, open_study, run_worker
@@ -94,15 +95,16 @@ class StudyStores:
     checkpoint_dir: Path | None = None
     storage_url: str = ""  # names the study's checkpoint folder (``checkpoints.storage_key``)
 
-    def worker_context(self, spec: StudySpec, progress: Callable | None = None) -> WorkerContext:
+    def worker_context(self, spec: StudySpec, progress: Callable | None = None,
+                       stop: BoundedStop | None = None) -> WorkerContext:
         """``progress``: a training-listener factory ``(trial number, epochs, row)`` for the
-        console."""
+        console; ``stop``: the command's bounded stop."""
         checkpoints = CheckpointDir(self.checkpoint_dir, self.code_version, self.device.type,
                                     storage_key(self.storage_url)) \
             if self.checkpoint_dir is not None else None
         return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
                              self.parent_run_id, self.code_version, progress=progress,
-                             checkpoints=checkpoints)
+                             checkpoints=checkpoints, stop=stop)
 
 
 def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool = True,
@@ -170,18 +172,26 @@ def nothing_to_run(spec: StudySpec, stores: StudyStores, display: Display) -> La
 
 
 def launch(spec: StudySpec, opts: LaunchOptions, display: Display) -> LaunchResult:
+    with BoundedStop() as stop:  # SIGTERM/SIGINT: every queued point stored or spooled in time
+        return _launch(spec, opts, display, stop)
+
+
+def _launch(spec: StudySpec, opts: LaunchOptions, display: Display,
+            stop: BoundedStop) -> LaunchResult:
     stores = open_study_stores(spec, opts)
+    stop.last_words = stores.tracker.spool_now
     done = nothing_to_run(spec, stores, display)
     if done is not None:
         return done
     study, budget = stores.study, stores.budget
     bar = display.trial_bar(budget, budget_used(study))
     try:
-        report = run_worker(study, stores.worker_context(spec, display.epoch_bar), budget,
+        report = run_worker(study, stores.worker_context(spec, display.epoch_bar, stop), budget,
                             on_trial=bar)
     finally:
         bar.close()
-        update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
+        if not (stop.deadline and stores.tracker.refusing):  # a stop in an outage: the next launch
+            update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
     text = "\n".join([display.closing(study, budget, budget_used(study)),
                       *filter(None, [time_table(report.packs)]),
@@ -196,9 +206,16 @@ def launch(spec: StudySpec, opts: LaunchOptions, display: Display) -> LaunchResu
 def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:
     """The body of a ``sweep worker`` process, one of many pulling trials from a shared study
     until its total budget is used. ``log`` receives one line per finished trial (batch jobs'
-    output files)."""
+    output files). A stop (SIGTERM from SLURM, Ctrl-C) is bounded by ``SWEEP_STOP_S``
+    (``stopping``)."""
+    with BoundedStop() as stop:
+        return _worker_main(spec, opts, log, stop)
+
+
+def _worker_main(spec: StudySpec, opts: LaunchOptions, log, stop: BoundedStop) -> LaunchResult:
     stores = open_study_stores(spec, opts)
-    study, budget, ctx = stores.study, stores.budget, stores.worker_context(spec)
+    stop.last_words = stores.tracker.spool_now
+    study, budget, ctx = stores.study, stores.budget, stores.worker_context(spec, stop=stop)
     # Every worker builds its sampler from the study's seed; unseeded, N workers would propose
     # the same N parameter sets in lockstep. (A parallel sweep is not reproducible anyway.)
     study.sampler.reseed_rng()
@@ -216,7 +233,8 @@ def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult
     try:
         report = run_worker(study, ctx, budget, on_trial=on_trial)
     finally:
-        update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
+        if not (stop.deadline and stores.tracker.refusing):  # a stop in an outage: the next launch
+            update_parent_run(study, stores.tracker, stores.experiment_id, stores.parent_run_id)
     used = budget_used(study)
     log_pack_times(stores.tracker, stores.parent_run_id, report.packs)
     for line in [*time_table(report.packs).splitlines(),

@@ -30,7 +30,8 @@ from sweep.orchestration.checkpoint_writer import CheckpointWriter
 from sweep.orchestration.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
 from sweep.orchestration.storage import mask_url
-from sweep.orchestration.tracking import CODE_VERSION, REASON, STATE, Tracker, TrialRun
+from sweep.orchestration.tracking import (CODE_VERSION, REASON, RUN_END_BY, STATE, Tracker,
+                                         TrialRun)
 from sweep.training.train import StopTraining, TrainResult, train
 
 import torch
@@ -81,6 +82,7 @@ class WorkerContext:
     # close(); row 1 is under the trials bar, a fused slot takes the row of its seat.
     progress: object | None = None
     checkpoints: CheckpointDir | None = None  # None: trials neither checkpoint nor resume
+    stop: object | None = None  # the command's ``stopping.BoundedStop`` (None: the loop's own)
 
 
 @dataclass
@@ -117,11 +119,12 @@ class StartedTrial:
 
 
 def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, object] | None = None,
-                row: int = 1) -> StartedTrial | Outcome:
+                row: int = 1, interrupt=None) -> StartedTrial | Outcome:
     """Draw the trial's config, open its MLflow run, record its user attributes and build its
-    listeners (a progress bar on console ``row`` when the worker shows progress). Returns a
-    FAIL ``Outcome`` (the trial's own, to be told) when the run cannot be opened. Shared by the
-    unfused trial (``run_trial``) and the fused pack (``pack``)."""
+    listeners (a progress bar on console ``row`` when the worker shows progress). While the
+    store is away the run's start waits and retries (a stop raises from ``interrupt.check``);
+    returns a FAIL ``Outcome`` (the trial's own, to be told) only when the store refuses the run
+    for good. Shared by the unfused trial (``run_trial``) and the fused pack (``pack``)."""
     spec = ctx.spec
     steps_per_epoch = spec.steps_per_epoch
     try:
@@ -140,7 +143,8 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
             params={**cfg.flat_params(), "device": str(ctx.device)},
             tags={CODE_VERSION: ctx.code_version, "sweep.study_file": str(spec.path),
                   "sweep.host": socket.gethostname(), "sweep.pid": os.getpid(), **phase_tags(trial),
-                  **resumed, **(tags or {})})
+                  **resumed, **(tags or {})},
+            check=interrupt.check if interrupt is not None else None)
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
         detail = " ".join(str(err).split())[:400]  # one line, with the driver's own reason
         message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: {detail}")
@@ -192,6 +196,8 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
     queued by then; a store that refuses is retried, then spooled (``metric_writer``)."""
     trial, run = started.trial, started.run
     extra = dict(tags or {})
+    if background:  # Optuna hears first: the cleanup leaves the run to this worker until then
+        note(trial, RUN_END_BY, run.end_by())
     if started.progress is not None:
         started.progress.close()
     interrupted = error is not None and not isinstance(error, Exception)
@@ -244,7 +250,7 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
 def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcome:
     """Train one trial; returns its outcome. Re-raises only interruptions (BaseException),
     which the optional ``interrupt`` listener raises from the training loop."""
-    started = start_trial(trial, ctx)
+    started = start_trial(trial, ctx, interrupt=interrupt)
     if isinstance(started, Outcome):
         return started
     listeners = started.listeners

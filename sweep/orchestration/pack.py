@@ -33,6 +33,7 @@ import torch
 
 from sweep.orchestration.objective import (Outcome, StartedTrial, WorkerContext, end_trial,
                                            note, start_trial)
+from sweep.orchestration.spool import log_batch
 from sweep.orchestration.storage import mask_url
 from sweep.study.spec import TrainSpec
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
@@ -156,7 +157,7 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
                 return None
             seat = min(free)
             started = timed("start_trial", start_trial, trial, ctx, row=1 + seat,
-                            tags={"sweep.pack": pack_id, "sweep.slot": seat})
+                            tags={"sweep.pack": pack_id, "sweep.slot": seat}, interrupt=guard)
             if isinstance(started, Outcome):  # its run could not be opened: it fails alone
                 settle(trial, started)
                 continue
@@ -306,7 +307,7 @@ def log_pack_times(tracker, run_id: str | None, packs: list) -> None:
 
     now = int(time.time() * 1000)
     try:
-        tracker.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        log_batch(tracker.client, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     except Exception as err:
         print(f"warning: pack times not logged on parent run {run_id}: {type(err).__name__}",
               file=sys.stderr)

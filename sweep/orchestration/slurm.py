@@ -31,6 +31,7 @@ from pathlib import Path
 
 from sweep.errors import SubmitError
 from sweep.orchestration.slurm_site import SiteOptions, check_site, setup_block, site_directives
+from sweep.orchestration.spool import SPOOL_DIR_NAME
 from sweep.orchestration.storage import journal_path, mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
@@ -199,7 +200,10 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
                 f"storage and tracking URLs from {env_file} (mode 0600).\n" + script)
     sbatch_test_only(script)  # before the stores: a job SLURM refuses creates nothing
     budget = open_study_stores(spec, launch_opts, check_device=False, load_data=False).budget
-    values = {"SWEEP_STORAGE": storage, "MLFLOW_TRACKING_URI": tracking}
+    # Every task, on whichever node, spools to one folder the submit host can replay from.
+    spool_root = Path(os.environ.get("SWEEP_SPOOL_DIR") or SPOOL_DIR_NAME).resolve()
+    values = {"SWEEP_STORAGE": storage, "MLFLOW_TRACKING_URI": tracking,
+              "SWEEP_SPOOL_DIR": str(spool_root)}
     write_private(env_file, env_text(values))
     script_file.write_text(script)
     job_id = sbatch(script_file)
@@ -213,6 +217,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
             f"  status: sweep status --study {spec.name} --storage {mask_url(storage)} "
             f"--tracking-uri {mask_url(tracking)}\n"
             f"  checkpoints: {checkpoints} (must be on a file system every node shares)\n"
+            f"  MLflow spool: {spool_root} (shared too; `sweep status --repair` replays it)\n"
             f"  cancel: scancel {job_id} (running trials end FAIL/KILLED and are re-enqueued; "
             f"their retries resume from their last finished epoch)"
             + note)

@@ -2,10 +2,16 @@
 ``sweep launch``/``sweep worker`` or ``sweep status --repair`` replays them.
 
 Where: beside an MLflow SQLite file ``DIR/mlflow.db`` in ``DIR/mlflow.db.spool/``; for any other
-store (a tracking server, PostgreSQL) in ``./sweep-spool/<host>-<12 hex of the URI>/`` of the
-folder the process runs in (``SWEEP_SPOOL_DIR`` replaces ``./sweep-spool``). Each writing
-process appends to its own segment ``<host>-<pid>-<ms>.jsonl`` and holds an exclusive ``flock``
-on it while it lives, so a replayer never reads a segment that is still growing.
+store (a tracking server, PostgreSQL) in ``./sweep-spool/<12 hex of the URI>/`` of the folder
+the process runs in (``SWEEP_SPOOL_DIR`` replaces ``./sweep-spool``; ``sweep submit`` sets it to
+the job folder's, which every node shares). One folder for every host: each writing process
+appends to its own segment ``<host>-<pid>-<ms>.jsonl`` and holds an exclusive ``flock`` on it
+while it lives, so a replayer (on any host that mounts the folder) never reads a segment that
+is still growing, and two replayers never take the same segment.
+
+Set aside: the points and ends of a run the store will never take (``store_errors``: deleted,
+not active, its row gone) go to ``set-aside/<segment>.jsonl`` in the same folder, each line with
+its ``reason``; ``sweep status`` names them. They are never replayed.
 
 A segment is append-only JSON lines, one per spooled write:
 
@@ -27,6 +33,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +41,14 @@ from pathlib import Path
 from sweep.orchestration.storage import mask_url, sqlite_path
 
 MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
+
+
+def log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """``MlflowClient.log_batch``, always synchronous: with ``MLFLOW_ENABLE_ASYNC_LOGGING=true``
+    MLflow would otherwise queue the batch and swallow a refusal, and the writer would count
+    points as stored that never were."""
+    client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags),
+                     synchronous=True)
 
 
 def first_line(err: BaseException) -> str:
@@ -47,28 +62,51 @@ def spool_dir(tracking_uri: str) -> Path:
     path = sqlite_path(tracking_uri)
     if path is not None:
         return path.resolve().with_name(path.name + ".spool")
-    root = Path(os.environ.get("SWEEP_SPOOL_DIR") or "sweep-spool")
+    root = Path(os.environ.get("SWEEP_SPOOL_DIR") or SPOOL_DIR_NAME)
     digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
-    return (root / f"{socket.gethostname()}-{digest}").resolve()
+    return (root / digest).resolve()
+
+
+SPOOL_DIR_NAME = "sweep-spool"
+SET_ASIDE = "set-aside"
 
 
 class SpoolWriter:
-    """This process's segment of a spool, created on the first write."""
+    """This process's segment of a spool, created on the first write. ``host`` names the
+    segment (default: this machine's name; tests give two processes two hosts)."""
 
-    def __init__(self, folder: Path, tracking_uri: str):
+    def __init__(self, folder: Path, tracking_uri: str, host: str | None = None):
         self.folder, self.uri = folder, tracking_uri
+        self.host = host or socket.gethostname()
         self.path: Path | None = None
         self._file = None
+        # the writer thread, and a stop's last words: reentrant, as a second signal's handler may
+        # run on a thread that is inside append already
+        self._lock = threading.RLock()
+        self._name = f"{self.host}-{os.getpid()}-{int(time.time() * 1000)}"
+
+    def set_aside(self, records: list[dict], reason: str) -> None:
+        """Append records the store will never take, with the reason, to this process's
+        set-aside file (fsynced). Raises OSError when the disk refuses."""
+        folder = self.folder / SET_ASIDE
+        with self._lock:
+            folder.mkdir(parents=True, exist_ok=True)
+            _append_synced(folder / f"{self._name}.jsonl",
+                           [{**r, "reason": reason} for r in records])
 
     def append(self, records: list[dict]) -> None:
         """Append records and fsync: once this returns they survive a crash of the process.
         Raises OSError when the disk refuses (the writer keeps them in memory then)."""
+        with self._lock:
+            self._append(records)
+
+    def _append(self, records: list[dict]) -> None:
         if self._file is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             note = self.folder / "STORE"
             if not note.exists():  # which store these points belong to (no credentials)
                 note.write_text(mask_url(self.uri) + "\n")
-            name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}"
+            name = self._name
             # Locked under a name no replayer looks at, then renamed: a replayer that saw the
             # segment empty and unlocked would delete it under the writer's feet.
             hidden = self.folder / f".{name}.tmp"
@@ -83,9 +121,17 @@ class SpoolWriter:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()  # releases the lock: the segment can be replayed now
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()  # releases the lock: the segment can be replayed now
+                self._file = None
+
+
+def _append_synced(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -97,10 +143,16 @@ class Pending:
     ends: set[str] = field(default_factory=set)  # runs whose end (tags, status) is spooled
     segments: int = 0
     live: int = 0  # segments a live process is still writing
+    set_aside: dict[str, tuple[int, str]] = field(default_factory=dict)  # run -> (points, reason)
 
     @property
     def total(self) -> int:
         return sum(self.points.values())
+
+    @property
+    def waiting(self) -> bool:
+        """Whether anything waits for a replay (points or run ends)."""
+        return bool(self.total or self.ends)
 
     def describe(self) -> str:
         return (f"{self.total} point(s) of {len(set(self.points) | self.ends)} run(s) pending in "
@@ -135,6 +187,9 @@ def _claimed(path: Path):
         except OSError:
             yield None
             return
+        if os.fstat(f.fileno()).st_nlink == 0:  # replayed and deleted while this one waited
+            yield None
+            return
         yield f
     finally:
         f.close()
@@ -153,6 +208,11 @@ def pending(tracking_uri: str) -> Pending:
                 out.points[run] = out.points.get(run, 0) + len(record["metrics"])
             elif "end" in record:
                 out.ends.add(run)
+    for path in sorted((out.folder / SET_ASIDE).glob("*.jsonl")) if out.folder.is_dir() else []:
+        for record in _records(path):
+            run = record.get("run")
+            points, _ = out.set_aside.get(run, (0, ""))
+            out.set_aside[run] = (points + len(record.get("metrics", ())), record.get("reason", "?"))
     return out
 
 
@@ -160,31 +220,26 @@ def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
     """Send every segment no live process holds to the store with ``client`` (an
     ``MlflowClient``), then delete it. Returns (points sent, problems: one line per segment
     that could not be replayed, which stays for the next replay)."""
-    from mlflow.entities import Metric, RunTag
+    from sweep.orchestration.store_errors import is_permanent
 
     sent, problems = 0, []
-    for path in _segments(spool_dir(tracking_uri)):
+    folder = spool_dir(tracking_uri)
+    aside = SpoolWriter(folder, tracking_uri)  # records the store will never take go here
+    for path in _segments(folder):
         with _claimed(path) as held:
             if held is None:
                 continue  # still being written, or another process replays it now
             count = 0
             try:
-                ends = []
-                for record in _records(path):
-                    if "metrics" in record:
-                        items = record["metrics"]
-                        for start in range(0, len(items), MAX_BATCH):
-                            client.log_batch(record["run"], metrics=[
-                                Metric(k, v, ts, s) for k, v, ts, s in items[start:start + MAX_BATCH]])
-                        count += len(items)
-                    elif "end" in record:
-                        ends.append(record)
-                for record in ends:  # after every point: a run ends once it holds them all
-                    tags = [RunTag(k, v) for k, v in record.get("tags", {}).items()]
-                    if tags:
-                        client.log_batch(record["run"], tags=tags)
-                    client.set_terminated(record["run"], record["end"],
-                                          end_time=record.get("end_time"))
+                records = list(_records(path))
+                # points first, then ends: a run ends once it holds every point
+                for record in sorted(records, key=lambda r: "end" in r):
+                    try:
+                        count += _replay_record(client, record)
+                    except Exception as err:
+                        if not is_permanent(err):
+                            raise
+                        aside.set_aside([record], first_line(err))  # skipped; the rest goes on
             except Exception as err:
                 problems.append(f"{path}: {first_line(err)}")
                 continue
@@ -193,12 +248,31 @@ def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
     return sent, problems
 
 
+def _replay_record(client, record: dict) -> int:
+    """Store one spool line; returns the points it held."""
+    from mlflow.entities import Metric, RunTag
+
+    if "metrics" in record:
+        items = record["metrics"]
+        for start in range(0, len(items), MAX_BATCH):
+            log_batch(client, record["run"], metrics=[
+                Metric(k, v, ts, s) for k, v, ts, s in items[start:start + MAX_BATCH]])
+        return len(items)
+    if "end" in record:
+        tags = [RunTag(k, v) for k, v in record.get("tags", {}).items()]
+        if tags:
+            log_batch(client, record["run"], tags=tags)
+        client.set_terminated(record["run"], record["end"], end_time=record.get("end_time"))
+    return 0
+
+
 def drop_runs(tracking_uri: str, run_ids: set[str]) -> int:
-    """Remove the records of ``run_ids`` from every segment of the spool no live process holds
-    (``sweep delete``): a segment left empty is deleted, one that holds other runs too is
+    """Remove the records of ``run_ids`` from every segment of the spool no live process holds,
+    set-aside segments included (``sweep delete``): a segment left empty is deleted, one that holds other runs too is
     rewritten with theirs only (beside it, then renamed). Returns the records removed."""
     removed = 0
-    for path in _segments(spool_dir(tracking_uri)):
+    folder = spool_dir(tracking_uri)
+    for path in _segments(folder) + _segments(folder / SET_ASIDE):  # set-aside records too
         with _claimed(path) as held:
             if held is None:
                 continue  # a live writer's: the caller refuses studies with running trials

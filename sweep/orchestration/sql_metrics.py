@@ -12,30 +12,53 @@ same exactly-once rule (a point equal to a stored one in every column of the tab
 key is already logged: MLflow skips it, ``ON CONFLICT DO NOTHING`` too, so a replayed spool
 still stores each point once), and ``latest_metrics`` updated by MLflow's own
 ``_update_latest_metrics_if_necessary`` with each key's newest point, in the same transaction.
-Anything else (a tracking server, another database, an MLflow without these internals) gets
-``None`` and the writer uses ``log_batch``.
+Anything else (a tracking server, another database) gets ``None`` and the writer uses
+``log_batch``; so does an MLflow other than the 3.x it was tested against, or a ``metrics``
+table whose columns or primary key differ, with one warning line (these are MLflow's
+internals, which may change in any release).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+
+from sweep.orchestration.spool import log_batch
 from typing import Callable, Sequence
 
 Point = tuple  # (key, value, timestamp ms, step)
 
 
-def bulk_sender(client) -> Callable[[str, Sequence[Point]], None] | None:
+TESTED_MAJOR = "3"  # pyproject.toml: mlflow>=3,<4
+COLUMNS = {"key", "value", "timestamp", "step", "run_uuid", "is_nan"}
+PRIMARY_KEY = {"key", "timestamp", "step", "run_uuid", "value", "is_nan"}
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def bulk_sender(client, warn: Callable[[str], None] = _warn
+                ) -> Callable[[str, Sequence[Point]], None] | None:
     """``send(run_id, points)`` writing straight into ``client``'s SQL store, or None when the
-    store is not one of MLflow's SQLite/PostgreSQL stores written from this process."""
+    store is not one of MLflow's SQLite/PostgreSQL stores written from this process, or when
+    MLflow's version or metrics table is not the one this was tested against (``warn`` then
+    hears one line)."""
+    import mlflow
+
     try:
-        from mlflow.store.tracking.dbmodels.models import SqlMetric
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
         store = client._tracking_client.store
     except (ImportError, AttributeError):
         return None
-    if not isinstance(store, SqlAlchemyStore) or not hasattr(
-            store, "_update_latest_metrics_if_necessary"):
+    if not isinstance(store, SqlAlchemyStore):
         return None
+    problem = _untested(mlflow.__version__, store)
+    if problem is not None:
+        warn(f"MLflow points go through log_batch (slower): the direct insert was tested with "
+             f"MLflow {TESTED_MAJOR}.x and its metrics table, and {problem}")
+        return None
+    from mlflow.store.tracking.dbmodels.models import SqlMetric
     dialect = store.engine.dialect.name
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
@@ -53,7 +76,7 @@ def bulk_sender(client) -> Callable[[str, Sequence[Point]], None] | None:
         if not all(math.isfinite(v) for _, v, _, _ in points):
             from mlflow.entities import Metric  # MLflow's own encoding of NaN and inf
 
-            client.log_batch(run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points])
+            log_batch(client, run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points])
             return
         newest: dict[str, tuple] = {}  # key -> (step, timestamp, value): MLflow's order
         for key, value, ts, step in points:
@@ -69,3 +92,28 @@ def bulk_sender(client) -> Callable[[str, Sequence[Point]], None] | None:
                  for k, (s, ts, v) in newest.items()], session)
 
     return send
+
+
+def _untested(version: str, store) -> str | None:
+    """Why the direct insert must not be used with this MLflow (None: it may)."""
+    if version.split(".")[0] != TESTED_MAJOR:
+        return f"this is MLflow {version}"
+    try:
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+        import sqlalchemy
+    except ImportError as err:
+        return f"MLflow's metric model is gone ({err})"
+    if not hasattr(store, "_update_latest_metrics_if_necessary"):
+        return "the store lacks _update_latest_metrics_if_necessary"
+    table = SqlMetric.__table__
+    model_columns = {c.name for c in table.columns}
+    model_key = {c.name for c in table.primary_key.columns}
+    try:
+        stored = {c["name"] for c in sqlalchemy.inspect(store.engine).get_columns("metrics")}
+    except Exception as err:
+        return f"the metrics table could not be read ({type(err).__name__})"
+    if model_columns != COLUMNS or stored != COLUMNS:
+        return f"the metrics table has columns {sorted(stored)}"
+    if model_key != PRIMARY_KEY:
+        return f"the metrics primary key is {sorted(model_key)}"
+    return None

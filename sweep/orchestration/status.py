@@ -59,9 +59,13 @@ class StatusFacts:
                       "stored_points": c.stored,
                       "gaps": [{"run_id": g.run_id, "trial": _number(g.trial), "missing": g.missing}
                                for g in c.gaps],
+                      "ended_without_count": [{"trial": _number(t), "run_id": r, "points": n}
+                                              for t, r, n in c.uncounted],
                       "spool": {"folder": str(spool.folder), "points": spool.total,
                                 "runs": len(set(spool.points) | spool.ends),
-                                "segments": spool.segments, "live_segments": spool.live}
+                                "segments": spool.segments, "live_segments": spool.live,
+                                "set_aside": [{"run_id": run, "points": points, "reason": why}
+                                              for run, (points, why) in sorted(spool.set_aside.items())]}
                       if spool is not None else None}
         return {"study": self.study, "budget": self.budget, "used": self.used,
                 "counts": dict(self.counts), "running": self.running,

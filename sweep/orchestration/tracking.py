@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sweep.errors import TrackingError
-from sweep.orchestration.metric_writer import MetricWriter, RunEnd, spool_after_s
-from sweep.orchestration.spool import SpoolWriter, replay, spool_dir
+from sweep.orchestration.metric_writer import MetricWriter, RunEnd, backlog_points, spool_after_s
+from sweep.orchestration.spool import SpoolWriter, log_batch, replay, spool_dir
 from sweep.orchestration.sql_metrics import bulk_sender
+from sweep.orchestration.stopping import LAST_WORDS_S, stop_seconds
+from sweep.orchestration.store_errors import is_permanent, is_read_only, wait_for_store
 from sweep.orchestration.storage import check_writable_file, creation_lock, mask_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -53,12 +55,18 @@ def points_per_trial(total_steps: int, epochs: int) -> int:
     ``STEP_METRICS`` at each of its ``total_steps`` steps, ``EPOCH_METRICS`` per epoch, and the
     ``FINAL_METRICS`` once."""
     return len(STEP_METRICS) * total_steps + len(EPOCH_METRICS) * epochs + len(FINAL_METRICS)
+# Optuna user attribute: by when (s since the epoch) the trial's run end is written or spooled;
+# until then another worker's stale-run cleanup leaves the run to its own worker.
+RUN_END_BY = "sweep.run_end_by"
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Validate a tracking URI (and the writer's ``SWEEP_SPOOL_AFTER_S``) without creating
-    anything."""
+    """Validate a tracking URI (and the writer's ``SWEEP_SPOOL_AFTER_S``, ``SWEEP_STOP_S`` and
+    ``SWEEP_BACKLOG_POINTS``) without creating anything. ``file:`` stores are refused: they have
+    no primary key on metrics, so a retried or replayed write would store points twice."""
     spool_after_s()
+    stop_seconds()
+    backlog_points()
     path = sqlite_path(uri)
     if path is not None:
         check_writable_file(path, "MLflow store", TrackingError)
@@ -66,7 +74,11 @@ def check_tracking_uri(uri: str) -> None:
         check_server_answers(uri)
     elif uri.startswith("sqlite:"):
         raise TrackingError(f"tracking URI {mask_url(uri)!r}: use sqlite:///PATH.db")
-    elif not uri.startswith(("postgresql", "mysql", "file:", "databricks")):
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"tracking URI {mask_url(uri)!r}: MLflow's file store keeps no key "
+                            f"on metrics, so a retried or replayed write would store points twice; "
+                            f"use sqlite:///PATH.db or http://HOST:PORT of an MLflow server")
+    elif not uri.startswith(("postgresql", "mysql", "databricks")):
         raise TrackingError(f"tracking URI {mask_url(uri)!r}: unsupported; use sqlite:///PATH.db "
                             f"or http://HOST:PORT of an MLflow server")
 
@@ -94,6 +106,15 @@ def check_server_answers(uri: str, timeout_s: float = 10) -> None:
             raise TrackingError(f"no MLflow tracking server answers at {mask_url(uri)} "
                                 f"({reason}); start it (mlflow server ...) or fix --tracking-uri "
                                 f"/ MLFLOW_TRACKING_URI") from None
+
+
+def _never_starts(err: BaseException) -> bool:
+    """A run start that waiting cannot cure: a permanent refusal or a read-only store."""
+    return is_permanent(err) or is_read_only(err)
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -145,14 +166,38 @@ class Tracker:
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._executor.submit(work))
 
-    def wait(self) -> None:
+    def wait(self, deadline: float | None = None) -> None:
         """Wait for the work handed to ``in_background`` and for every queued point to be
-        stored or spooled (call before the process exits)."""
+        stored or spooled (call before the process exits), until ``deadline`` (a
+        ``time.monotonic()`` value; None: no limit)."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
         for future in self._pending:
-            future.result()  # the work catches and reports its own errors
-        self._pending.clear()
+            try:  # the work catches and reports its own errors
+                future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                break
+        self._pending = [f for f in self._pending if not f.done()]
         if self._writer is not None:
-            self._writer.drain()
+            self._writer.drain(deadline)
+
+    def settle_by(self, deadline: float) -> None:
+        """A stop's way out (``stopping``): every queued point and run end is stored by
+        ``deadline`` or, failing that, spooled now. The LR-curve figures still being drawn are
+        left (the curve is in the ``lr`` metric)."""
+        if self._writer is not None:
+            self._writer.settle_by(deadline - LAST_WORDS_S)
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the store refused this process's last write (an outage under way)."""
+        return self._writer is not None and self._writer.refusing
+
+    def spool_now(self) -> None:
+        """The process's last words at a stop's deadline or second signal: spool what is
+        queued, from this thread, at once."""
+        if self._writer is not None:
+            self._writer.spool_now()
 
     @property
     def writer(self) -> MetricWriter:
@@ -239,7 +284,7 @@ class Tracker:
         if summary.best_trial is not None:
             tags["sweep.best_trial"] = summary.best_trial
             tags["sweep.best_value"] = f"{summary.best_value:.6g}"
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, summary.used)
+        log_batch(self.client, run_id, metrics=[Metric(k, float(v), now, summary.used)
                                                for k, v in values.items()],
                               tags=[RunTag(k, str(v)) for k, v in tags.items()])
         start = self.client.get_run(run_id).info.start_time or now
@@ -260,16 +305,22 @@ class Tracker:
 
         items = [Param(k, mask_url(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start: start + 100])
+            log_batch(self.client, run_id, params=items[start: start + 100])
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study_name: str,
-                    trial_number: int, params: Mapping[str, Any], tags: Mapping[str, str]):
-        run = self.client.create_run(
+                    trial_number: int, params: Mapping[str, Any], tags: Mapping[str, str],
+                    check=None):
+        """Open a trial's run. While the store is away (an outage, a restart) this waits and
+        retries (``store_errors.wait_for_store``): a trial never fails for an outage; ``check``
+        raises to stop the waiting (a stop signal). A permanent refusal is raised."""
+        run = wait_for_store(lambda: self.client.create_run(
             experiment_id, run_name=f"trial-{trial_number:04d}",
             tags={ROLE: "trial", "mlflow.parentRunId": parent_run_id, STATE: "RUNNING",
                   "sweep.trial_number": str(trial_number), "optuna.study_name": study_name,
-                  **{k: mask_url(str(v)) for k, v in tags.items()}})
-        self.log_params(run.info.run_id, params)
+                  **{k: mask_url(str(v)) for k, v in tags.items()}}),
+            f"trial #{trial_number}'s run start", check, _warn, _never_starts)
+        wait_for_store(lambda: self.log_params(run.info.run_id, params),
+                       f"trial #{trial_number}'s params", check, _warn, _never_starts)
         return TrialRun(self, run.info.run_id)
 
     def trial_runs(self, experiment_id: str, status: str | None = None):
@@ -348,6 +399,11 @@ class TrialRun:
             self._count(key, 1)
             self._writer.put_many(self.run_id, [(key, float(value), int(time.time() * 1000), step)])
 
+    def end_by(self) -> float:
+        """When (s since the epoch) an end queued now is written or spooled at the latest
+        (``RUN_END_BY``): the writer's outage allowance and a stop's bound, with a margin."""
+        return time.time() + spool_after_s() + stop_seconds() + 30
+
     def completeness_tags(self) -> dict[str, str]:
         """What the run should hold once every point is stored (``completeness`` reads it)."""
         return {STEPS_TRAINED: str(len(self.lr_curve)), EPOCHS_TRAINED: str(self.epochs_trained),
@@ -365,11 +421,13 @@ class TrialRun:
         """
         items = {k: mask_url(str(v))[:5000] for k, v in (tags or {}).items()}
         items.update(self.completeness_tags())
-        done = self._writer.end(RunEnd(self.run_id, status, items, int(time.time() * 1000)))
+        end = RunEnd(self.run_id, status, items, int(time.time() * 1000))
+        done = self._writer.end(end)
         if curve_png and self.lr_curve:
             # After the run's end is written: an upload then never races the run's points for
             # a store that is coming back, and a dead server costs the figure, not the points.
-            self.tracker.in_background(lambda: done.wait(spool_after_s() + 60) and self._log_curve())
+            self.tracker.in_background(lambda: done.wait(spool_after_s() + 60) and not end.spooled
+                                       and self._log_curve())
         if not background and not done.wait(spool_after_s() + 60):
             print(f"warning: the end of run {self.run_id} is still queued (MLflow store and "
                   f"spool both refuse); it is written when one of them takes it",

@@ -5,7 +5,6 @@ until the study's budget is used (what counts towards it: ``bookkeeping``).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from sweep.orchestration.checkpoints import STUDY_UID
 from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
 from sweep.orchestration.pack import pack_capacity, run_pack, trains_as_pack
 from sweep.orchestration.retry import retry_later
+from sweep.orchestration.stopping import BoundedStop, stop_seconds
 from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec, trial_settings
@@ -42,37 +42,36 @@ class Interrupted(BaseException):
 
 
 class SignalGuard:
-    """First SIGINT/SIGTERM: the running trial stops at its next check (a few optimizer steps)
-    or the worker stops before the next trial. Second: exit at once (the storages are
-    transactional, so nothing is corrupted; the next launch reconciles the abandoned trial).
+    """The study loop's view of a stop (``stopping.BoundedStop``): the running trial stops at its
+    next check (a few optimizer steps) or the worker stops before the next trial. A second
+    signal, or the deadline, spools what is queued and exits (the storages are transactional,
+    so nothing is corrupted; the next launch reconciles the abandoned trial).
 
-    The handler itself never raises: an exception raised from a signal handler can land in a
-    finalizer (``__del__``), where Python prints and ignores it and training goes on. The guard
+    ``stop``: the command's own (handlers for the whole command, with its last words); without
+    one (a study loop run on its own) the guard installs one for the loop's duration. The guard
     is also a training listener and raises ``Interrupted`` from the loop at a safe point.
     """
 
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
+    def __init__(self, stop: BoundedStop | None = None):
+        self._own = stop is None
+        self.stop = stop if stop is not None else BoundedStop()
+
+    @property
+    def signum(self) -> int | None:
+        return self.stop.signum
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+        if self._own:
+            self.stop.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            os._exit(128 + signum)
-        self.signum = signum
+        if self._own:
+            self.stop.__exit__(*exc)
 
     def check(self) -> None:
-        if self.signum is not None:
-            raise Interrupted(self.signum)
+        if self.stop.signum is not None:
+            raise Interrupted(self.stop.signum)
 
     def on_steps(self, first_step, lrs, losses) -> None:
         self.check()
@@ -211,19 +210,28 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     re-enqueued retry must still be run by someone.
     """
     report = WorkerReport()
+    storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
     capacity = pack_capacity(ctx.spec.train, ctx.device,
                              open_slots(study.get_trials(deepcopy=False), budget, phase))
     as_pack = trains_as_pack(ctx.spec.train, ctx.device, capacity)
     writer = ctx.checkpoints.writer if ctx.checkpoints is not None else None
-    stop = _Stop()
+    guard = SignalGuard(ctx.stop)
     try:
-        _study_loop(study, ctx, budget, on_trial, phase, report, capacity, as_pack, writer, stop)
-    finally:
-        if writer is not None:
-            # checkpoints still queued are written until the stop's deadline, then dropped (the
-            # previous file stays); after a normal end only finished trials' removals are left
-            writer.close(stop.deadline())
+        _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity, as_pack,
+              writer)
+    except BaseException:
+        # Any exception leaving the worker: the same bound as a stop for what is queued.
+        deadline = time.monotonic() + stop_seconds()
+        _close_checkpoints(writer, deadline)
+        ctx.tracker.settle_by(deadline)
+        raise
+    if guard.stop.deadline is not None:  # a stop: checkpoints and the record, within the bound
+        _close_checkpoints(writer, guard.stop.deadline)
+        ctx.tracker.settle_by(guard.stop.deadline)
+        return report  # stale runs: the next launch or `sweep status --repair`
+    # after a normal end only finished trials' removals are left
+    _close_checkpoints(writer, time.monotonic() + stop_seconds())
     ctx.tracker.wait()  # runs ended in the background, the last LR-curve figures
     try:
         end_stale_runs(study, ctx.tracker, ctx.experiment_id)
@@ -232,26 +240,17 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     return report
 
 
-class _Stop:
-    """The deadline of a worker's stop, fixed when it is first asked for (one bound for the
-    whole stop: the flush before the retries, then the writer's close)."""
-
-    def __init__(self):
-        self._at: float | None = None
-
-    def deadline(self) -> float:
-        """``SWEEP_STOP_S`` seconds (default 20) after the first call, as a ``time.monotonic()``
-        value. Branch i23 owns that bound and its validation (``stopping.stop_seconds()``);
-        the lead wires it here at merge."""
-        if self._at is None:
-            self._at = time.monotonic() + float(os.environ.get("SWEEP_STOP_S", "20"))
-        return self._at
+def _close_checkpoints(writer, deadline: float) -> None:
+    """Checkpoints still queued are written until ``deadline`` (``time.monotonic()``), then
+    dropped: the previous file stays (atomic rename)."""
+    if writer is not None:
+        writer.close(deadline)
 
 
-def _study_loop(study, ctx, budget, on_trial, phase, report, capacity, as_pack, writer,
-                stop: _Stop) -> None:
-    storage = study._storage
-    with SignalGuard() as guard:
+def _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity,
+          as_pack, writer) -> None:
+    """``run_worker``'s ask -> run -> tell loop, under the signal guard."""
+    with guard:
         while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
             live = {trial._trial_id: trial}  # began, not yet told
             heartbeat = _Heartbeat(storage, trial._trial_id)
@@ -282,8 +281,8 @@ def _study_loop(study, ctx, budget, on_trial, phase, report, capacity, as_pack, 
                 heartbeat.stop()
                 if writer is not None:
                     # the files the retries load, and the notes retry_later reads: written
-                    # first, within the stop bound
-                    writer.flush(stop.deadline())
+                    # first, within the stop bound (an exception, not a signal: the same bound)
+                    writer.flush(guard.stop.deadline or time.monotonic() + stop_seconds())
                 for t in live.values():  # their runs are ended KILLED; the trials retried
                     # Enqueue first, tell second: a second Ctrl-C in between must not leave
                     # a FAIL without a retry (see retry.py).
@@ -310,7 +309,10 @@ def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuar
     without waiting for its later slots (its own live trials hold the rest of the budget)."""
     while guard.signum is None:
         if fail_dead_trials(study):
-            end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+            try:
+                end_stale_runs(study, ctx.tracker, ctx.experiment_id)
+            except Exception:
+                pass  # the MLflow store is away: the next reconcile ends them
         trials = study.get_trials(deepcopy=False)
         step = next_step(trials, budget, phase)
         if step != RUN:

@@ -31,7 +31,7 @@ from sweep.study.space import TrialConfig
 from sweep.study.spec import TrainSpec
 from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
 from sweep.training.checkpoint import check_state
-from sweep.training.compiling import DynamoWatch, or_fall_back, planned_compile
+from sweep.training.compiling import DynamoWatch, first_line, or_fall_back, planned_compile
 from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
 from sweep.training.fused_snapshot import PackSnapshot, SlotClock
@@ -178,7 +178,7 @@ class Pack:
                 self._resume(index, job.resume)
             except Exception as err:  # the caller checked it fits: still, one slot, never the pack
                 self._end(self.slots[index], SlotEnd(job.key, error=ValueError(
-                    f"its checkpoint does not fit ({_first_line(err)})")), wasted=True)
+                    f"its checkpoint does not fit ({first_line(err)})")), wasted=True)
 
     # --- checkpoints (the format: sweep.training.checkpoint) ---------------------------------
     def snapshot(self, indices: Sequence[int], copy: bool = True) -> PackSnapshot:
