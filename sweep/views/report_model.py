@@ -148,14 +148,14 @@ class ReportData:
     curves: list[TrialCurve]
     importances: list[tuple[str, dict]]
     importance_notes: list[str]
-    # every searched parameter but scheduler, warmup_steps and base_lr (the warmup figure has
-    # those) -> how its axis reads: "log", "linear" or "categorical" (searched_scales)
-    searched: dict = field(default_factory=dict)
     experiment_id: str
     parent_run_id: str | None
     tracking_uri: str
     storage_url: str
     confirmation: Confirmation | None = None
+    # every searched parameter but scheduler, warmup_steps and base_lr (the warmup figure has
+    # those) -> how its axis reads: "log", "linear" or "categorical" (searched_scales)
+    searched: dict = field(default_factory=dict)
     # MLflow's completeness (``orchestration.completeness``): empty when every point is stored
     tracking_notes: list[str] = field(default_factory=list)
     made_at: str = field(default_factory=lambda: datetime.now().strftime("%Y-%m-%d %H:%M"))
