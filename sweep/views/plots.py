@@ -145,6 +145,7 @@ def parameter_effects(points: Sequence[dict], scales: Mapping[str, str],
         elif scale == "log":
             ax.set_xscale("log")
             _log_axis(ax.xaxis)
+            ax.tick_params(axis="x", labelrotation=30)  # 1-2-5 ticks crowd a narrow panel
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig
