@@ -276,7 +276,7 @@ def test_a_pack_of_four_with_different_hyperparameters_equals_four_unfused_trial
     """Four slots that differ in weight decay, momentum and nesterov (SGD) or betas (AdamW),
     and label smoothing; slot 0 is stopped after its first epoch and refilled with a fifth
     trial of yet other values. Every slot that trains to the end equals its unfused train()."""
-    spec = make_spec(optimizer=kind, train_size=4 * BATCH)
+    spec = make_spec(optimizer=kind, train_size=2 * BATCH, val_size=32)  # 2 steps per epoch
     splits = load_splits(shared_cifar, spec.data, CPU, download=False)
     slots, refill = PER_SLOT[kind]
     base = trial_config(optuna.trial.FixedTrial({}), spec)
