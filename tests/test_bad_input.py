@@ -60,6 +60,27 @@ FILE_CASES = [
     ("trials-zero", ("trials: 2", "trials: 0"), "trials (line 2): must be an integer >= 1"),
     ("compile-neither-bool-nor-auto", ("batch_size: 50}", "batch_size: 50, compile: maybe}"),
      "train.compile (line 4): must be true, false or auto, got 'maybe'"),
+    # searched training fields (docs/search-space.md): each value checked as train: checks it
+    ("momentum-one", ("  scheduler:", "  momentum: {type: float, low: 0.5, high: 1.0}\n  scheduler:"),
+     "space.momentum (line 8): must be in [0, 1), got 1.0"),
+    ("negative-weight-decay", ("  scheduler:", "  weight_decay: {type: categorical, choices: [0.001, -0.001]}\n  scheduler:"),
+     "space.weight_decay (line 8): must be >= 0, got -0.001"),
+    ("unknown-warmup-shape", ("  scheduler:", "  warmup_shape: {type: categorical, choices: [linear, cubic]}\n  scheduler:"),
+     "space.warmup_shape (line 8): must be one of linear, exponential, constant, got 'cubic'"),
+    ("one-choice", ("  scheduler:", "  label_smoothing: {type: categorical, choices: [0.1]}\n  scheduler:"),
+     "space.label_smoothing.choices (line 8): has one choice (0.1): nothing to search"),
+    ("float-low-equals-high", ("  scheduler:", "  weight_decay: {type: float, low: 0.001, high: 0.001}\n  scheduler:"),
+     "space.weight_decay (line 8): low (0.001) = high (0.001): nothing to search"),
+    ("fixed-and-searched", [("batch_size: 50}", "batch_size: 50, momentum: 0.9}"),
+                            ("  scheduler:", "  momentum: {type: float, low: 0.5, high: 0.95}\n  scheduler:")],
+     "space.momentum (line 8): is both fixed in train: (train.momentum (line 4)) and searched in space:"),
+    ("searched-key-misspelt", ("  scheduler:", "  weigth_decay: 0.001\n  scheduler:"),
+     "space.weigth_decay (line 8): unknown key (did you mean 'weight_decay'?)"),
+    ("beta-with-sgd", ("  scheduler:", "  beta2: {type: float, low: 0.9, high: 0.999}\n  scheduler:"),
+     "space.beta2 (line 8): is a parameter of optimizer 'adamw', but train.optimizer is 'sgd'"),
+    ("exponential-warmup-from-zero", [("batch_size: 50}", "batch_size: 50, warmup_start_factor: 0.0}"),
+                                      ("  scheduler:", "  warmup_shape: {type: categorical, choices: [linear, exponential]}\n  scheduler:")],
+     "train.warmup_start_factor (line 4): must be in (0, 1] for warmup_shape 'exponential'"),
 ]
 
 

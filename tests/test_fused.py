@@ -192,16 +192,37 @@ def test_the_fused_forward_is_each_models_forward(model):
                                            rtol=F64_TOL, atol=F64_TOL)
 
 
+# Per-slot hyperparameters: four slots that differ in every one of them (nesterov with momentum
+# 0 included: torch then runs plain SGD), and a fifth set that a refilled slot takes.
+SGD_SLOTS = [dict(weight_decay=5e-4, momentum=0.9, nesterov=True, label_smoothing=0.0),
+             dict(weight_decay=0.0, momentum=0.5, nesterov=False, label_smoothing=0.1),
+             dict(weight_decay=1e-2, momentum=0.0, nesterov=True, label_smoothing=0.3),
+             dict(weight_decay=2e-3, momentum=0.95, nesterov=False, label_smoothing=0.05)]
+SGD_REFILL = dict(weight_decay=3e-3, momentum=0.7, nesterov=True, label_smoothing=0.2)
+ADAMW_SLOTS = [dict(weight_decay=5e-4, beta1=0.9, beta2=0.999, label_smoothing=0.0),
+               dict(weight_decay=0.0, beta1=0.8, beta2=0.99, label_smoothing=0.1),
+               dict(weight_decay=1e-1, beta1=0.0, beta2=0.9, label_smoothing=0.3),
+               dict(weight_decay=2e-2, beta1=0.95, beta2=0.9999, label_smoothing=0.05)]
+ADAMW_REFILL = dict(weight_decay=5e-2, beta1=0.7, beta2=0.95, label_smoothing=0.2)
+PER_SLOT = {"sgd": (SGD_SLOTS, SGD_REFILL), "adamw": (ADAMW_SLOTS, ADAMW_REFILL)}
+
+
+def with_train(cfg, **values):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **values))
+
+
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_the_slot_optimizers_are_torch_optim_per_slot(kind):
     """Slot k of the vector optimizer follows torch.optim built by build_optimizer with slot k's
-    hyperparameters (different per slot, changed every step), decay only on ndim > 1; a slot
-    reset mid-run (a refill) follows a fresh torch.optim from there (AdamW's bias correction
-    restarts at step 1 for that slot alone)."""
+    hyperparameters (LR, weight decay, momentum and nesterov or betas: different per slot, the LR
+    changed every step), decay only on ndim > 1; a slot reset mid-run with other
+    hyperparameters (a refill) follows a fresh torch.optim with those from there (AdamW's bias
+    correction restarts at step 1 for that slot alone)."""
     spec = make_spec(optimizer=kind)
-    settings = [(0.1, 5e-4, 0.9), (0.03, 0.0, 0.5), (0.5, 1e-2, 0.0)]  # lr, wd, momentum
-    k = len(settings)
+    slots, refill = PER_SLOT[kind]
+    lrs = [0.1, 0.03, 0.5, 0.2]
+    k = len(slots)
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
@@ -213,28 +234,27 @@ def test_the_slot_optimizers_are_torch_optim_per_slot(kind):
     names = [n for n, _ in net.named_parameters()]
     decay = [dict(models[0].named_parameters())[n].ndim > 1 for n in names]
     params = [p for _, p in net.named_parameters()]
-    ours = (SlotSGD(params, decay, k, nesterov=True) if kind == "sgd"
-            else SlotAdamW(params, decay, k))
-    theirs, cfgs = [], []
-    for m, (lr, wd, mom) in zip(models, settings):
-        cfg = dataclasses.replace(trial_config(optuna.trial.FixedTrial({}), spec), base_lr=lr)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, weight_decay=wd,
-                                                                 momentum=mom))
-        theirs.append(build_optimizer(m, cfg))
-        cfgs.append(cfg)
-        assert isinstance(theirs[-1], torch.optim.AdamW if kind == "adamw" else torch.optim.SGD)
-    ours.weight_decay.copy_(torch.tensor([s[1] for s in settings]))
-    ours.momentum.copy_(torch.tensor([s[2] for s in settings]))
+    ours = SlotSGD(params, decay, k) if kind == "sgd" else SlotAdamW(params, decay, k)
+    base = trial_config(optuna.trial.FixedTrial({}), spec)
+    cfgs = [with_train(dataclasses.replace(base, base_lr=lr), **values)
+            for lr, values in zip(lrs, slots)]
+    theirs = [build_optimizer(m, cfg) for m, cfg in zip(models, cfgs)]
+    for slot, cfg in enumerate(cfgs):
+        ours.set_slot(slot, cfg.train)
+    for opt in theirs:
+        assert isinstance(opt, torch.optim.AdamW if kind == "adamw" else torch.optim.SGD)
     gen = torch.Generator().manual_seed(0)
     for step in range(7):
-        if step == 3:
+        if step == 3:  # slot 1 is refilled with a trial of other values
+            cfgs[1] = with_train(cfgs[1], **refill)
             ours.reset_slot(1)
+            ours.set_slot(1, cfgs[1].train)
             theirs[1] = build_optimizer(models[1], cfgs[1])
         factor = 1.0 / (1 + step)  # a new LR every step, as a schedule writes it
-        ours.lr.copy_(torch.tensor([s[0] * factor for s in settings]))
+        ours.lr.copy_(torch.tensor([lr * factor for lr in lrs]))
         for slot, (m, opt) in enumerate(zip(models, theirs)):
             for group in opt.param_groups:
-                group["lr"] = settings[slot][0] * factor
+                group["lr"] = lrs[slot] * factor
             for p in m.parameters():
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
@@ -247,6 +267,32 @@ def test_the_slot_optimizers_are_torch_optim_per_slot(kind):
             for name, p in m.named_parameters():
                 got = slot_rows(dict(net.named_parameters())[name], k)[slot].reshape(p.shape)
                 torch.testing.assert_close(got, p.detach(), rtol=F64_TOL, atol=F64_TOL)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_pack_of_four_with_different_hyperparameters_equals_four_unfused_trials(shared_cifar,
+                                                                                   kind):
+    """Four slots that differ in weight decay, momentum and nesterov (SGD) or betas (AdamW),
+    and label smoothing; slot 0 is stopped after its first epoch and refilled with a fifth
+    trial of yet other values. Every slot that trains to the end equals its unfused train()."""
+    spec = make_spec(optimizer=kind, train_size=2 * BATCH, val_size=32)  # 2 steps per epoch
+    splits = load_splits(shared_cifar, spec.data, CPU, download=False)
+    slots, refill = PER_SLOT[kind]
+    base = trial_config(optuna.trial.FixedTrial({}), spec)
+    lrs = [0.02, 0.05, 0.01, 0.03, 0.04] if kind == "sgd" else [2e-3, 5e-3, 1e-3, 3e-3, 4e-3]
+    cfgs = [with_train(dataclasses.replace(base, seed=20 + i, base_lr=lr,
+                                           schedule=schedule("cosine", warmup=2)), **values)
+            for i, (lr, values) in enumerate(zip(lrs, slots + [refill]))]
+    references = {i: unfused(cfgs[i], splits) for i in (1, 2, 3, 4)}
+    records = [Record() for _ in cfgs]
+    listeners = [[r] for r in records]
+    listeners[0].append(StopAtEpochEnd(0))
+    stats, ends = run_pack([SlotJob(c, lst, key=i) for i, (c, lst) in
+                            enumerate(zip(cfgs, listeners))], 4, splits)
+    assert stats.refills == 1 and ends[0].stop is not None
+    for i, (reference, result) in references.items():
+        assert_same_trial(reference, result, records[i], ends[i])
 
 
 class Exotic(nn.Module):

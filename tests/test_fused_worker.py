@@ -236,6 +236,9 @@ train: {model: resnet8, width: 1, epochs: 3, batch_size: 20, sync_every_steps: 2
 space:
   warmup_steps: 0
   base_lr: {type: categorical, choices: [0.05, 1000.0]}
+  # per-slot values: the trials of the one pack differ in these too (docs/search-space.md)
+  weight_decay: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  label_smoothing: {type: categorical, choices: [0.0, 0.1]}
   scheduler: {constant: {}}
 """
 
@@ -269,6 +272,8 @@ def test_pruned_and_diverged_slots_are_refilled_within_the_budget(tmp_path, tiny
         assert val_acc == t.intermediate_values
         lrs = client.get_metric_history(run.info.run_id, "lr")
         assert lrs and all(m.value == t.params["base_lr"] for m in lrs)  # constant, its own
+        for name in ("weight_decay", "label_smoothing"):  # MLflow's params are Optuna's
+            assert float(run.data.params[name]) == t.params[name]
         if t.user_attrs["prune_reason"] == "pruner":  # two whole epochs, then the pruner
             assert sorted(val_acc) == [0, 1] and t.user_attrs["prune_epoch"] == 1
             assert sorted(m.step for m in lrs) == list(range(2 * steps_per_epoch))
@@ -277,6 +282,7 @@ def test_pruned_and_diverged_slots_are_refilled_within_the_budget(tmp_path, tiny
             assert len(lrs) < steps_per_epoch
     # One pack ran the whole study: trials 2..5 took the seats 0 and 1 that others freed.
     assert len(pack_ids) == 1 and set(seats) == {"0", "1"} and sum(seats.values()) == 6
+    assert len({t.params["weight_decay"] for t in trials}) == 6  # six decays, one pack
 
 
 def test_each_slot_of_a_pack_shows_its_own_epoch_bar(tmp_path, tiny_cifar):
@@ -284,7 +290,7 @@ def test_each_slot_of_a_pack_shows_its_own_epoch_bar(tmp_path, tiny_cifar):
     of its seat (a pack would otherwise be silent until its first trial ends)."""
     study_file = tmp_path / "bars.yaml"
     study_file.write_text(REFILL.replace("name: refill", "name: bars").replace("trials: 6", "trials: 2")
-                          .replace("choices: [0.05, 1000.0]", "choices: [0.05]")
+                          .replace("{type: categorical, choices: [0.05, 1000.0]}", "0.05")
                           .replace("pruner: {type: threshold, lower: 1.01, n_warmup_steps: 1}",
                                    "pruner: {type: none}"))
     proc = launch(tmp_path, tiny_cifar, "--study", str(study_file), quiet=False)

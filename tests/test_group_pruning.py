@@ -106,6 +106,32 @@ def test_per_is_a_categorical_parameter_of_the_space(tmp_path):
         parse_study(hyperband % "scheduler", "s.yaml", tmp_path / "s.yaml")
 
 
+def test_per_may_name_a_searched_training_field(tmp_path):
+    """``per: warmup_shape`` groups by the searched categorical training field, as ``per:
+    scheduler`` groups by scheduler type: a trial is compared only with its own shape's."""
+    searched = STUDY.replace("  scheduler:", "  warmup_shape: {type: categorical, choices: "
+                                             "[linear, exponential]}\n  scheduler:")
+    spec = parse_study(searched % "warmup_shape", "s.yaml", tmp_path / "s.yaml")
+    assert spec.pruner.per == "warmup_shape"
+    study = optuna.create_study(direction="maximize",
+                                pruner=build_pruner(spec.pruner, spec.train.epochs))
+    shapes = optuna.distributions.CategoricalDistribution(["linear", "exponential"])
+
+    def run(shape, value, complete=True):
+        study.enqueue_trial({"warmup_shape": shape})
+        trial = study.ask({"warmup_shape": shapes})
+        for step in range(4):
+            trial.report(value, step)
+        pruned = trial.should_prune()
+        study.tell(trial, value if complete else None,
+                   state=None if complete else optuna.trial.TrialState.PRUNED)
+        return pruned
+
+    run("linear", 0.8), run("linear", 0.9)  # two complete linear trials, far better ...
+    assert not run("exponential", 0.1)  # ... do not judge the first exponential trial
+    assert run("linear", 0.1, complete=False)  # within its own group it is the worst
+
+
 def test_the_shipped_question_prunes_per_scheduler_type():
     spec = load_study("warmup_vs_plateau")
     assert spec.pruner.per == "scheduler"

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from torch.optim import lr_scheduler as tl
 
-from helpers import torch_lr_reference
+from helpers import REPO, torch_lr_reference
 from sweep.cli import main
 
 S, E = 5, 4
@@ -164,6 +164,10 @@ train: {model: resnet8, width: 1, epochs: 2, batch_size: 20, sync_every_steps: 4
 space:
   warmup_steps: {type: int, low: 1, high: 5}
   base_lr: {type: float, low: 0.05, high: 0.5, log: true}
+  # searched warmup shape and start factor (not the default linear from 0.01): the redraw must
+  # take the trial's own values, not the study's train: defaults
+  warmup_shape: {type: categorical, choices: [exponential, constant]}
+  warmup_start_factor: {type: float, low: 0.05, high: 0.5}
   scheduler:
     # threshold 0.9: only a tenfold drop of the validation loss counts as an improvement, so
     # the end of epoch 1 reduces the LR and epoch 2 shows it
@@ -174,6 +178,7 @@ space:
 def _run_cli(folder: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("SWEEP_STORAGE", "MLFLOW_TRACKING_URI")}
     env["OMP_NUM_THREADS"] = "1"  # a tiny model: a second thread only spins on a busy machine
+    env["PYTHONPATH"] = str(REPO)  # this checkout's sweep, not whichever is installed
     return subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -203,6 +208,7 @@ def test_redrawn_trials_match_the_logged_lr_metric(tiny_cifar, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     first = check_trial("lrcheck", 0, "sqlite:///sweep.db", "sqlite:///mlflow.db")
     assert first.matches and first.logged_steps == 18
+    assert first.curve.schedule.warmup_shape in ("exponential", "constant")
     client = MlflowClient("sqlite:///mlflow.db")
     client.log_metric(first.run_id, "lr", first.curve.lrs[9] * (1 + 1e-6), step=9)
     corrupted = check_trial("lrcheck", 0, "sqlite:///sweep.db", "sqlite:///mlflow.db")

@@ -39,8 +39,12 @@ SCHEDULERS = {  # type -> its own conditional parameters (gamma has another rang
     "plateau": {"gamma": FloatDistribution(0.1, 0.5), "patience_epochs": IntDistribution(0, 2)},
     "exponential": {"gamma": FloatDistribution(0.85, 0.99)},
 }
+# searched training fields (docs/search-space.md): every trial draws them, as it draws base_lr
+TRAIN_SEARCHED = {"weight_decay": FloatDistribution(5e-5, 5e-3, log=True),
+                  "warmup_shape": CategoricalDistribution(("linear", "exponential"))}
 COMMON = {"scheduler": CategoricalDistribution(tuple(SCHEDULERS)),
-          "warmup_steps": IntDistribution(0, 12), "base_lr": FloatDistribution(0.02, 2.0, log=True)}
+          "warmup_steps": IntDistribution(0, 12), "base_lr": FloatDistribution(0.02, 2.0, log=True),
+          **TRAIN_SEARCHED}
 
 
 def _lr_curve(params: dict, steps: int) -> list[float]:
@@ -65,7 +69,7 @@ def fab(tmp_path_factory):
     exp = tracker.experiment_id(STUDY)
     parent = tracker.study_run(exp, STUDY, {"objective.metric": "val_acc",
                                             "train.epochs": EPOCHS}, None)
-    rng = random.Random(0)
+    rng, rng_train = random.Random(0), random.Random(1)
     plan = [(s, o) for s in SCHEDULERS for o in ["COMPLETE"] * 6 + ["PRUNED", "DIVERGED"]]
     plan.append(("step", "FAIL"))
     records = []
@@ -76,8 +80,11 @@ def fab(tmp_path_factory):
         for name, d in SCHEDULERS[sched].items():
             params[name] = (rng.randint(d.low, d.high) if isinstance(d, IntDistribution)
                             else rng.uniform(d.low, d.high))
+        params.update(weight_decay=10 ** rng_train.uniform(math.log10(5e-5), math.log10(5e-3)),
+                      warmup_shape=rng_train.choice(("linear", "exponential")))
         value = 0.4 + 0.01 * params["warmup_steps"] - 0.05 * abs(math.log10(params["base_lr"]) + 0.7) \
-            + {"step": 0.02, "plateau": 0.0, "exponential": 0.01}[sched] + rng.uniform(0, 0.02)
+            + {"step": 0.02, "plateau": 0.0, "exponential": 0.01}[sched] + rng.uniform(0, 0.02) \
+            - 0.02 * abs(math.log10(params["weight_decay"]) + 3.3)
         epochs_run = {"COMPLETE": EPOCHS, "PRUNED": 2, "DIVERGED": 1, "FAIL": 1}[outcome]
         steps_run = {"DIVERGED": 13}.get(outcome, epochs_run * SPE)
         vals = [value - 0.05 * (EPOCHS - 1 - e) for e in range(epochs_run)]
@@ -152,13 +159,29 @@ def test_importance_is_grouped_by_scheduler_type(fab):
     study = optuna.load_study(study_name=STUDY, storage=fab["storage"])
     groups, notes = compute_importances(study, study.get_trials(), list(SCHEDULERS))
     by_title = {title.split(" (n=")[0]: set(values) for title, values in groups}
-    # every trial has scheduler, warmup_steps and base_lr; gamma exists only in some trials
-    assert by_title["all trials"] == {"scheduler", "warmup_steps", "base_lr"}
-    assert by_title["scheduler = step"] == {"warmup_steps", "base_lr", "gamma", "step_size_epochs"}
-    assert by_title["scheduler = plateau"] == {"warmup_steps", "base_lr", "gamma", "patience_epochs"}
-    assert by_title["scheduler = exponential"] == {"warmup_steps", "base_lr", "gamma"}
+    # every trial has scheduler, warmup_steps, base_lr and the searched training fields; gamma
+    # exists only in some trials
+    every = {"warmup_steps", "base_lr", *TRAIN_SEARCHED}
+    assert by_title["all trials"] == {"scheduler", *every}
+    assert by_title["scheduler = step"] == {*every, "gamma", "step_size_epochs"}
+    assert by_title["scheduler = plateau"] == {*every, "gamma", "patience_epochs"}
+    assert by_title["scheduler = exponential"] == {*every, "gamma"}
     assert all(abs(sum(v.values()) - 1) < 1e-6 for _, v in groups)
     assert notes == []
+
+
+def test_every_searched_parameter_is_ranked_and_plotted(fab, report):
+    """The importance table names every searched parameter, and one figure plots the objective
+    against each searched parameter besides warmup and base LR (weight decay on a log axis)."""
+    md = report["md"]
+    ranked = md.split("## Parameter importance")[1].split("\n## ")[0]
+    for name in ("weight_decay", "warmup_shape", "base_lr", "warmup_steps", "scheduler"):
+        assert f"{name} 0." in ranked or f"{name} 1." in ranked, ranked
+    assert "## Effect of the other searched parameters" in md and "(searched.png)" in md
+    assert (report["out"] / "searched.png").stat().st_size > 10_000
+    data = load_report_data(STUDY, fab["storage"], fab["tracking"])
+    assert data.searched == {"weight_decay": "log", "warmup_shape": "categorical", "gamma": "linear",
+                             "step_size_epochs": "linear", "patience_epochs": "linear"}
 
 
 def test_top_k_curves_are_the_lr_logged_in_mlflow(fab):
@@ -175,8 +198,8 @@ def test_top_k_curves_are_the_lr_logged_in_mlflow(fab):
 def test_report_is_self_contained_and_logged_to_the_parent_run(fab, report):
     out, html = report["out"], report["html"]
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted(["schedulers.png", "warmup.png", "top_curves.png", "importance.png",
-                           "history.png", "timeline.png"])
+    assert pngs == sorted(["schedulers.png", "warmup.png", "searched.png", "top_curves.png",
+                           "importance.png", "history.png", "timeline.png"])
     for name in pngs:
         width, height = _png_size(out / name)
         assert width >= 500 and height >= 200, name

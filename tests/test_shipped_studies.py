@@ -30,7 +30,7 @@ def _train_sizes(name: str) -> list[int]:
 
 
 def test_the_shipped_studies_are_there():
-    assert {"smoke", "warmup_vs_plateau", "pruning_bench"} <= set(STUDIES)
+    assert {"smoke", "warmup_vs_plateau", "pruning_bench", "lr_wd"} <= set(STUDIES)
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -43,8 +43,9 @@ def test_a_shipped_study_loads_for_every_length_and_size(name):
         warmups = param_values(spec.space.warmup_steps)
         assert 0 <= min(warmups) <= max(warmups) <= T - 1, (overrides, warmups)
         for scheduler, params in spec.space.scheduler.items():
-            keys = [k for k, p in params.items() if not isinstance(p, Fixed)]
-            for combo in itertools.product(*(param_values(params[k]) for k in keys)):
+            searched = {**params, **spec.space.train}  # the training fields at their extremes too
+            keys = [k for k, p in searched.items() if not isinstance(p, Fixed)]
+            for combo in itertools.product(*(param_values(searched[k]) for k in keys)):
                 fixed = {"scheduler": scheduler, "warmup_steps": max(warmups),
                          "base_lr": max(param_values(spec.space.base_lr)), **dict(zip(keys, combo))}
                 cfg = trial_config(optuna.trial.FixedTrial(fixed), spec)

@@ -78,3 +78,44 @@ space:
     assert cfg.schedule.warmup_steps == 3
     with pytest.raises(StudyFileError, match="space.warmup_steps.*warmup given twice"):
         parse_study(text.replace("WARMUP", "3"), "s.yaml", Path("s.yaml"))
+
+
+SEARCHED = """
+name: searched
+trials: 4
+data: {train_size: 512, val_size: 64}
+train: {model: resnet8, epochs: 2, batch_size: 128, optimizer: adamw, beta2: 0.99}
+space:
+  warmup_steps: 2
+  base_lr: 0.001
+  weight_decay: {type: float, low: 5.0e-5, high: 5.0e-3, log: true}
+  beta1: {type: categorical, choices: [0.8, 0.9]}
+  label_smoothing: {type: categorical, choices: [0, 0.1]}
+  warmup_shape: {type: categorical, choices: [linear, exponential]}
+  warmup_start_factor: {type: float, low: 0.1, high: 0.5}
+  scheduler: {cosine: {}}
+"""
+
+
+def test_searched_training_fields_are_the_trials_own_everywhere(tmp_path):
+    """A searched training field is an Optuna param under its plain name, the trial's value in
+    its training settings and its schedule, and an MLflow param under the same name; the
+    fields not searched keep the study's values (beta2 fixed in train:)."""
+    from sweep.study.spec import parse_study
+
+    spec = parse_study(SEARCHED, "s.yaml", tmp_path / "s.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    cfg = trial_config(trial, spec)
+    assert set(trial.params) == {"weight_decay", "beta1", "label_smoothing", "warmup_shape",
+                                 "warmup_start_factor"}
+    flat = cfg.flat_params()
+    for name, value in trial.params.items():
+        assert getattr(cfg.train, name) == value and flat[name] == value
+    assert isinstance(cfg.train.label_smoothing, float)  # the categorical's 0 is the number 0.0
+    assert (cfg.schedule.warmup_shape, cfg.schedule.warmup_start_factor) == \
+        (trial.params["warmup_shape"], trial.params["warmup_start_factor"])
+    assert cfg.train.beta2 == flat["beta2"] == 0.99 and cfg.train.model == "resnet8"
+    assert cfg.seed == spec.seed + trial.number
+    fixed = trial_config(optuna.trial.FixedTrial(dict(trial.params)), spec)
+    assert fixed.train == cfg.train and fixed.schedule == cfg.schedule  # as confirm/preview redraw

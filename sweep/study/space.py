@@ -1,8 +1,11 @@
 """The one place that calls ``trial.suggest_*``: an Optuna trial becomes a ``TrialConfig``.
 
 Parameter names in Optuna are the study file's names (``warmup_steps``, ``base_lr``,
-``scheduler``, ``gamma``, ``step_size_epochs`` ...), so Optuna, MLflow and the study file agree.
-Conditional parameters are suggested only for the scheduler that uses them.
+``scheduler``, ``gamma``, ``step_size_epochs``, and the searched training fields such as
+``weight_decay`` or ``warmup_shape``), so Optuna, MLflow and the study file agree.
+Conditional parameters are suggested only for the scheduler that uses them. The searched
+training fields are suggested after all the others, so a study that searches none samples
+exactly as before they existed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import optuna
 from sweep.study.phases import SEED
 from sweep.study.schedules import ScheduleConfig, resolve_params
 from sweep.study.spec import CategoricalParam, FloatParam, Fixed, IntParam, Param, SearchSpace, StudySpec
-from sweep.study.spec import DataSpec, TrainSpec
+from sweep.study.spec import DataSpec, TrainSpec, train_with
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,10 @@ class TrialConfig:
         """The resolved configuration as flat ``name -> value`` pairs (MLflow params)."""
         out = dict(self.sampled)
         out.update({f"sched.{k}": v for k, v in self.schedule.params.items() if v is not None})
-        out.update(asdict(self.train))
+        train = asdict(self.train)
+        if self.train.optimizer != "adamw":  # AdamW's betas mean nothing to SGD
+            train.pop("beta1"), train.pop("beta2")
+        out.update(train)
         out.update({k: v for k, v in asdict(self.data).items()})
         out.update(base_lr=self.base_lr, scheduler=self.schedule.name,
                    warmup_steps=self.schedule.warmup_steps, seed=self.seed,
@@ -69,10 +75,13 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> TrialConfig:
     sampled["base_lr"] = suggest(trial, "base_lr", space.base_lr)
     given = {k: suggest(trial, k, p) for k, p in space.scheduler[scheduler].items()}
     sampled.update(given)
+    searched = {k: suggest(trial, k, p) for k, p in space.train.items()}
+    sampled.update(searched)
+    train = train_with(spec.train, searched)
     params = resolve_params(scheduler, given, spec.train.epochs)
-    schedule = ScheduleConfig(scheduler, int(sampled["warmup_steps"]), spec.train.warmup_shape,
-                              spec.train.warmup_start_factor, params)
-    return TrialConfig(base_lr=float(sampled["base_lr"]), schedule=schedule, train=spec.train,
+    schedule = ScheduleConfig(scheduler, int(sampled["warmup_steps"]), train.warmup_shape,
+                              train.warmup_start_factor, params)
+    return TrialConfig(base_lr=float(sampled["base_lr"]), schedule=schedule, train=train,
                        data=spec.data, seed=trial_seed(trial, spec), sampled=sampled)
 
 

@@ -8,6 +8,7 @@ study file has passed validation in full.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
 import importlib.resources
@@ -42,7 +43,12 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = tuple(PRUNER_PARAMS)  # none, median, percentile, successive_halving, ...
 METRICS = ("val_acc", "val_loss")  # what the trainer produces each epoch
 DIRECTIONS = ("maximize", "minimize")
-SPACE_KEYS = ("warmup_steps", "base_lr", "scheduler")
+SPACE_KEYS = ("warmup_steps", "base_lr", "scheduler")  # every space has these
+#: ``train:`` fields that may be searched in ``space:`` instead (per trial; per slot in a pack)
+SEARCHABLE_TRAIN = ("weight_decay", "momentum", "nesterov", "warmup_shape", "warmup_start_factor",
+                    "label_smoothing", "beta1", "beta2")
+#: the optimizer each optimizer-specific field belongs to (elsewhere it would be silently unused)
+OPTIMIZER_OF = {"momentum": "sgd", "nesterov": "sgd", "beta1": "adamw", "beta2": "adamw"}
 
 
 # --- typed specs ------------------------------------------------------------------------------
@@ -83,6 +89,8 @@ class SearchSpace:
     warmup_steps: Param
     base_lr: Param
     scheduler: Mapping[str, Mapping[str, Param]]
+    #: the ``train:`` fields given in ``space:`` (``SEARCHABLE_TRAIN``), by name
+    train: Mapping[str, Param] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,10 @@ class TrainSpec:
     epochs: int = 30
     batch_size: int = 128
     optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    beta1: float = 0.9  # adamw only (torch.optim.AdamW's defaults)
+    beta2: float = 0.999
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     warmup_shape: str = "linear"
@@ -210,13 +220,15 @@ class _Ctx:
         self.source, self.doc, self.overridden = source, doc, overridden
 
     def fail(self, path: tuple, problem: str) -> StudyFileError:
+        return StudyFileError(f"{self.source}: {self.where(path)}: {problem}")
+
+    def where(self, path: tuple) -> str:
+        """``key.path (line N)``, or ``(--set)`` for a value from the command line."""
         where = ".".join(map(_key_text, path)) or "(top level)"
         if tuple(path) in self.overridden:
-            origin = " (--set)"  # the value came from the command line, not the file
-        else:
-            line = self._line(path)
-            origin = f" (line {line})" if line else ""
-        return StudyFileError(f"{self.source}: {where}{origin}: {problem}")
+            return f"{where} (--set)"  # the value came from the command line, not the file
+        line = self._line(path)
+        return f"{where} (line {line})" if line else where
 
     def _line(self, path: tuple) -> int | None:
         node, line = self.doc, None
@@ -305,17 +317,21 @@ def _at_least(low):
     return lambda v: None if v >= low else f"must be >= {low}, got {v!r}"
 
 
-def _in_range(low, high, low_open=False):
+def _in_range(low, high, low_open=False, high_open=False):
     def check(v):
-        ok = (v > low if low_open else v >= low) and v <= high
-        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}], got {v!r}"
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        return None if ok else (f"must be in {'(' if low_open else '['}{low}, {high}"
+                                f"{')' if high_open else ']'}, got {v!r}")
     return check
 
 
 _TRAIN_RULES = {
     "model": (str, _one_of(MODELS)), "width": (int, _at_least(1)), "epochs": (int, _at_least(1)),
     "batch_size": (int, _at_least(1)), "optimizer": (str, _one_of(OPTIMIZERS)),
-    "momentum": (float, _in_range(0, 1)), "nesterov": (bool, None),
+    # momentum 1 never forgets a gradient (steps grow without bound); the same for AdamW's betas
+    "momentum": (float, _in_range(0, 1, high_open=True)), "nesterov": (bool, None),
+    "beta1": (float, _in_range(0, 1, high_open=True)),
+    "beta2": (float, _in_range(0, 1, high_open=True)),
     "weight_decay": (float, _at_least(0)), "label_smoothing": (float, _in_range(0, 1)),
     "warmup_shape": (str, _one_of(WARMUP_SHAPES)),
     "warmup_start_factor": (float, _in_range(0, 1)),  # exponential shape: > 0, see check_schedule
@@ -401,8 +417,9 @@ def _check_pruner_groups(ctx: _Ctx, pruner: PrunerSpec, space: SearchSpace) -> N
 def categorical_params(space: SearchSpace) -> list[str]:
     """Names of the space's categorical parameters drawn by every trial."""
     names = ["scheduler"] if len(space.scheduler) > 1 else []
-    names += [n for n, p in (("warmup_steps", space.warmup_steps), ("base_lr", space.base_lr))
-              if isinstance(p, CategoricalParam)]
+    drawn = (("warmup_steps", space.warmup_steps), ("base_lr", space.base_lr),
+             *space.train.items())
+    names += [n for n, p in drawn if isinstance(p, CategoricalParam)]
     return names
 
 
@@ -418,6 +435,9 @@ def _param(ctx: _Ctx, path: tuple, raw: Any, kind: str, total_steps: int | None 
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             raise ctx.fail(path + ("choices",), "must be a non-empty list")
+        if len(choices) == 1:
+            raise ctx.fail(path + ("choices",), f"has one choice ({choices[0]!r}): nothing to "
+                           f"search; give the value itself, e.g. {path[-1]}: {choices[0]!r}")
         if len(set(map(repr, choices))) != len(choices):
             raise ctx.fail(path + ("choices",), f"has duplicate choices: {choices!r}")
         return CategoricalParam(tuple(choices))
@@ -443,6 +463,9 @@ def _param(ctx: _Ctx, path: tuple, raw: Any, kind: str, total_steps: int | None 
         raise ctx.fail(path + ("log",), f"must be true or false, got {log!r}")
     if low > high:
         raise ctx.fail(path, f"low ({low}) > high ({high})")
+    if dist == "float" and low == high:
+        raise ctx.fail(path, f"low ({low}) = high ({high}): nothing to search; give the value "
+                             f"itself, e.g. {path[-1]}: {low}")
     if log and low <= 0:
         raise ctx.fail(path + ("low",), f"a log range needs low > 0, got {low}")
     step = raw.get("step", 1 if dist == "int" else None)
@@ -464,8 +487,51 @@ def param_values(p: Param) -> list:
     return [p.low, p.high]
 
 
-def _space(ctx: _Ctx, raw: Any, train: TrainSpec, total_steps: int, steps_per_epoch: int) -> SearchSpace:
-    section = _check_keys(ctx, ("space",), raw, SPACE_KEYS)
+def _searched_train(ctx: _Ctx, section: Mapping, train: TrainSpec,
+                    fixed_in_train: Mapping) -> dict[str, Param]:
+    """The ``train:`` fields given in ``space:``: each in one place only, for the study's
+    optimizer, and every value it can take valid as ``train:`` would check it."""
+    searched = {}
+    for key in SEARCHABLE_TRAIN:
+        if key not in section:
+            continue
+        path = ("space", key)
+        if key in fixed_in_train:
+            raise ctx.fail(path, f"is both fixed in train: ({ctx.where(('train', key))}) and "
+                                 f"searched in space:; give it in one place")
+        if OPTIMIZER_OF.get(key, train.optimizer) != train.optimizer:
+            raise ctx.fail(path, f"is a parameter of optimizer {OPTIMIZER_OF[key]!r}, but "
+                                 f"train.optimizer is {train.optimizer!r}; remove it or change "
+                                 f"the optimizer")
+        kind, check = _TRAIN_RULES[key]
+        raw = section[key]
+        if isinstance(raw, dict) and kind in (bool, str) and raw.get("type") != "categorical":
+            raise ctx.fail(path + ("type",), f"{key} takes {_KIND_NAMES[kind]}: search it with "
+                           f"{{type: categorical, choices: [...]}} or give one value")
+        if isinstance(raw, dict) and kind is float and raw.get("type") == "int":
+            raise ctx.fail(path + ("type",), f"{key} is a number: use type float or categorical")
+        param = _param(ctx, path, raw, "float" if kind is float else "categorical")
+        for value in param_values(param):
+            problem = (None if _type_ok(value, kind) else f"must be {_KIND_NAMES[kind]}, "
+                       f"got {value!r}") or (check(value) if check else None)
+            if problem:
+                raise ctx.fail(path, problem)
+        if isinstance(param, Fixed) and kind is float:
+            param = Fixed(float(param.value))
+        searched[key] = param
+    return searched
+
+
+def train_with(train: TrainSpec, values: Mapping[str, Any]) -> TrainSpec:
+    """``train`` with the searched fields set to one trial's ``values`` (numbers as floats:
+    a categorical of 0 and 0.1 draws the int 0)."""
+    return dataclasses.replace(train, **{k: float(v) if _TRAIN_RULES[k][0] is float else v
+                                         for k, v in values.items()})
+
+
+def _space(ctx: _Ctx, raw: Any, train: TrainSpec, total_steps: int, steps_per_epoch: int,
+           fixed_in_train: Mapping) -> SearchSpace:
+    section = _check_keys(ctx, ("space",), raw, SPACE_KEYS + SEARCHABLE_TRAIN)
     for key in SPACE_KEYS:
         if key not in section:
             raise ctx.fail(("space",), f"missing {key!r}; the space needs {', '.join(SPACE_KEYS)}")
@@ -480,6 +546,7 @@ def _space(ctx: _Ctx, raw: Any, train: TrainSpec, total_steps: int, steps_per_ep
     for value in param_values(base_lr):
         if not _type_ok(value, float) or value <= 0:
             raise ctx.fail(("space", "base_lr"), f"must be a number > 0, got {value!r}")
+    searched = _searched_train(ctx, section, train, fixed_in_train)
     schedulers = section["scheduler"]
     if not isinstance(schedulers, dict) or not schedulers:
         raise ctx.fail(("space", "scheduler"), "must map each scheduler type to its parameters, "
@@ -503,14 +570,18 @@ def _space(ctx: _Ctx, raw: Any, train: TrainSpec, total_steps: int, steps_per_ep
         parsed[name] = {k: _param(ctx, path + (k,), v, SCHEDULER_PARAMS[name][k].kind)
                         for k, v in params.items()}
         _check_scheduler_extremes(ctx, path, name, parsed[name], warmup, base_lr, train,
-                                  steps_per_epoch)
-    return SearchSpace(warmup, base_lr, parsed)
+                                  steps_per_epoch, searched)
+    return SearchSpace(warmup, base_lr, parsed, searched)
 
 
-def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, steps_per_epoch):
-    """Check every combination of the parameters' extreme values against the schedule rules."""
+def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, steps_per_epoch,
+                              searched):
+    """Check every combination of the parameters' extreme values against the schedule rules
+    (the warmup's shape and start factor: the study's, or each extreme of their search)."""
     import itertools
 
+    warmups_of = {k: param_values(searched[k]) if k in searched else [getattr(train, k)]
+                  for k in ("warmup_shape", "warmup_start_factor")}
     keys = list(params)
     for combo in itertools.product(*(param_values(params[k]) for k in keys)):
         given = dict(zip(keys, combo))
@@ -522,13 +593,14 @@ def _check_scheduler_extremes(ctx, path, name, params, warmup, base_lr, train, s
         # a fixed warmup > 0 is warmup given twice and is rejected by check_schedule.
         warmups = [0] if name == "onecycle" and not isinstance(warmup, Fixed) else param_values(warmup)
         for w in warmups:
-            for lr in param_values(base_lr):
-                cfg = ScheduleConfig(name, w, train.warmup_shape, train.warmup_start_factor, resolved)
+            for lr, shape, factor in itertools.product(param_values(base_lr),
+                                                       *warmups_of.values()):
+                cfg = ScheduleConfig(name, w, shape, float(factor), resolved)
                 try:
                     check_schedule(cfg, steps_per_epoch, train.epochs, lr)
                 except FieldError as err:
                     key = err.key[-1]
-                    where = (("space", "warmup_steps") if key == "warmup_steps" else
+                    where = (("space", key) if key == "warmup_steps" or key in searched else
                              ("train", key) if key == "warmup_start_factor" else path + err.key)
                     raise ctx.fail(where, err.problem) from None
 
@@ -665,6 +737,12 @@ def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
         if not _type_ok(value, int) or value < low:
             raise ctx.fail((key,), f"must be an integer >= {low}, got {value!r}")
     train = _section(ctx, doc, "train", TrainSpec, _TRAIN_RULES)
+    fixed_in_train = doc.get("train") or {}
+    for key in ("beta1", "beta2"):  # (momentum and nesterov with adamw loaded before: kept)
+        if key in fixed_in_train and train.optimizer != "adamw":
+            raise ctx.fail(("train", key), f"is a parameter of optimizer {OPTIMIZER_OF[key]!r}, "
+                           f"but train.optimizer is {train.optimizer!r}; remove it or change "
+                           f"the optimizer")
     data = _section(ctx, doc, "data", DataSpec, _DATA_RULES)
     if train.model == "resnet18" and train.width != 1:
         raise ctx.fail(("train", "width"), "resnet18 has a fixed width; width must be 1")
@@ -674,7 +752,7 @@ def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
     steps_per_epoch = data.train_size // train.batch_size
     total_steps = steps_per_epoch * train.epochs
     pruner = _pruner(ctx, doc.get("pruner"), ("pruner",))
-    space = _space(ctx, doc.get("space"), train, total_steps, steps_per_epoch)
+    space = _space(ctx, doc.get("space"), train, total_steps, steps_per_epoch, fixed_in_train)
     _check_pruner_groups(ctx, pruner, space)
     return StudySpec(
         name=name, description=description.strip(), path=path, seed=doc.get("seed", 0),

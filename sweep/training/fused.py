@@ -36,8 +36,11 @@ from sweep.training.train import Listener, compiles
 __all__ = ["SlotJob", "SlotEnd", "PackStats", "train_pack", "fusion_problem", "SHARED_KEYS"]
 
 #: ``train.*`` keys every job of a pack must share (the fused network and its step are one).
-SHARED_KEYS = ("model", "width", "epochs", "batch_size", "optimizer", "nesterov",
-               "label_smoothing", "eval_batch_size", "sync_every_steps")
+#: The rest are per slot: weight decay, momentum, nesterov, betas and label smoothing are
+#: vectors in the optimizer and the loss (``SlotOptimizer.PER_SLOT``, ``Pack.label_smoothing``);
+#: the warmup's shape and start factor live in each slot's own schedule.
+SHARED_KEYS = ("model", "width", "epochs", "batch_size", "optimizer", "eval_batch_size",
+               "sync_every_steps")
 
 
 def _mismatch(first: TrainSpec, other: TrainSpec) -> str | None:

@@ -1,8 +1,9 @@
 """SGD and AdamW over the slots of a fused network, with per-slot hyperparameters as vectors.
 
-``lr``, ``weight_decay`` and ``momentum`` are device tensors of shape ``[K]``, written in place
-(``vector[k] = ...`` or ``copy_``): a step reads them on the device, so a new LR every step
-costs no host sync and keeps a captured CUDA graph valid. All state is allocated up front
+``lr`` and the per-slot hyperparameters (``PER_SLOT``: weight decay, momentum and nesterov for
+SGD, betas for AdamW) are device tensors of shape ``[K]``, written in place (``vector[k] = ...``
+or ``copy_``): a step reads them on the device, so a new LR every step or a refill with other
+hyperparameters costs no host sync, keeps a captured CUDA graph valid and recompiles nothing. All state is allocated up front
 (not lazily at the first step as torch.optim does) for the same reason.
 
 All parameters live in ONE flat buffer (each parameter a view into it, in its own layout),
@@ -32,6 +33,8 @@ class SlotOptimizer:
     """Base: the flat buffers, the vectors, the per-slot state and the slot operations."""
 
     state_names: tuple[str, ...] = ()
+    #: per-slot hyperparameters, named as the ``train:`` fields a slot's config sets them from
+    PER_SLOT: tuple[str, ...] = ("weight_decay",)
 
     def __init__(self, params: list[torch.Tensor], decay: list[bool], k: int):
         self.k, self.shapes = k, [(p.shape, p.stride()) for p in params]
@@ -58,7 +61,6 @@ class SlotOptimizer:
                                   .repeat_interleave(p.numel() // k) for p in params])
         self.lr = torch.zeros(k, device=device)
         self.weight_decay = torch.zeros(k, device=device)
-        self.momentum = torch.zeros(k, device=device)
         self.steps = torch.zeros(k, device=device, dtype=torch.float64)
         self.state = {name: torch.zeros_like(self.flat) for name in self.state_names}
 
@@ -78,6 +80,13 @@ class SlotOptimizer:
         return [self.steps, self.grad, *self.state.values()]
 
     @torch.no_grad()
+    def set_slot(self, slot: int, values) -> None:
+        """Slot ``slot``'s hyperparameters (``PER_SLOT``) from ``values`` (an object with those
+        attributes: the slot's ``TrainSpec``), written in place."""
+        for name in self.PER_SLOT:
+            getattr(self, name)[slot] = getattr(values, name)
+
+    @torch.no_grad()
     def reset_slot(self, slot: int) -> None:
         """Fresh optimizer state for slot ``slot`` alone (a refilled slot)."""
         self.steps[slot] = 0
@@ -89,7 +98,7 @@ class SlotOptimizer:
     def take_slots(self, src: "SlotOptimizer", slots: list[int]) -> None:
         """This optimizer (over ``len(slots)`` slots) continues ``src``'s slots ``slots``."""
         index = torch.tensor(slots, device=self.lr.device)
-        for name in ("lr", "weight_decay", "momentum", "steps"):
+        for name in ("lr", "steps", *self.PER_SLOT):
             getattr(self, name).copy_(getattr(src, name)[index])
         for name, t in self.state.items():
             for i in range(len(self.shapes)):
@@ -128,13 +137,16 @@ class SlotOptimizer:
 
 
 class SlotSGD(SlotOptimizer):
-    """torch.optim.SGD(momentum, dampening 0, nesterov, weight_decay) per slot."""
+    """torch.optim.SGD(momentum, dampening 0, nesterov, weight_decay) per slot. Nesterov with
+    momentum 0 is plain SGD here as in ``build_optimizer`` (g + 0 * buf = buf = g)."""
 
     state_names = ("momentum_buffer",)
+    PER_SLOT = ("weight_decay", "momentum", "nesterov")
 
-    def __init__(self, params, decay, k, nesterov: bool):
+    def __init__(self, params, decay, k, nesterov: bool = True, momentum: float = 0.0):
         super().__init__(params, decay, k)
-        self.nesterov = nesterov
+        self.momentum = torch.full((k,), momentum, device=self.lr.device)
+        self.nesterov = torch.full((k,), nesterov, device=self.lr.device, dtype=torch.bool)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -144,40 +156,47 @@ class SlotSGD(SlotOptimizer):
         decay = torch.where(self.decay_mask, self.spread(self.weight_decay), 0.0)
         g = torch.addcmul(self.grad, p, decay)  # grad + wd * param
         buf.mul_(momentum).add_(g)
-        g = torch.addcmul(g, buf, momentum) if self.nesterov else buf
+        g = torch.where(self.spread(self.nesterov), torch.addcmul(g, buf, momentum), buf)
         p.sub_(g * self.spread(self.lr))
 
 
 class SlotAdamW(SlotOptimizer):
-    """torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, amsgrad off) per slot."""
+    """torch.optim.AdamW(betas, eps=1e-8, amsgrad off) per slot, betas per slot. The betas are
+    float64 (torch computes ``1 - beta ** step`` and ``1 - beta`` in Python floats)."""
 
     state_names = ("exp_avg", "exp_avg_sq")
+    PER_SLOT = ("weight_decay", "beta1", "beta2")
 
     def __init__(self, params, decay, k, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, decay, k)
-        self.betas, self.eps = betas, eps
+        device = self.lr.device
+        self.beta1 = torch.full((k,), betas[0], device=device, dtype=torch.float64)
+        self.beta2 = torch.full((k,), betas[1], device=device, dtype=torch.float64)
+        self.eps = eps
 
     @torch.no_grad()
     def step(self) -> None:
-        beta1, beta2 = self.betas
         self.steps += 1
         lr = self.lr.double()
         dtype = self.flat.dtype  # fp32 (float64 in the equivalence tests)
-        step_size = (lr / (1 - torch.pow(beta1, self.steps))).to(dtype)
-        bias_correction2_sqrt = (1 - torch.pow(beta2, self.steps)).sqrt().to(dtype)
+        step_size = (lr / (1 - torch.pow(self.beta1, self.steps))).to(dtype)
+        bias_correction2_sqrt = (1 - torch.pow(self.beta2, self.steps)).sqrt().to(dtype)
         shrink = (1 - lr * self.weight_decay.double()).to(dtype)  # decoupled weight decay
         p, g, m, v = self.flat, self.grad, self.state["exp_avg"], self.state["exp_avg_sq"]
         p.mul_(torch.where(self.decay_mask, self.spread(shrink), 1.0))
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m.lerp_(g, self.spread((1 - self.beta1).to(dtype)))
+        # v * beta2 + (1 - beta2) * g * g, as torch's addcmul_(g, g, value=1 - beta2)
+        v.mul_(self.spread(self.beta2.to(dtype))).addcmul_(
+            g * self.spread((1 - self.beta2).to(dtype)), g)
         denom = (v.sqrt() / self.spread(bias_correction2_sqrt)).add_(self.eps)
         p.sub_(m / denom * self.spread(step_size))
 
 
-def build_slot_optimizer(kind: str, params, decay, k: int, nesterov: bool) -> SlotOptimizer:
-    """``kind`` is ``train.optimizer``: "sgd" or "adamw" (as ``train.build_optimizer``)."""
+def build_slot_optimizer(kind: str, params, decay, k: int) -> SlotOptimizer:
+    """``kind`` is ``train.optimizer``: "sgd" or "adamw" (as ``train.build_optimizer``); each
+    slot's hyperparameters are set by ``set_slot`` when it is filled."""
     if kind == "adamw":
         return SlotAdamW(params, decay, k)
     if kind == "sgd":
-        return SlotSGD(params, decay, k, nesterov)
+        return SlotSGD(params, decay, k)
     raise ValueError(f"train.optimizer: unknown optimizer {kind!r}; use sgd or adamw")

@@ -7,12 +7,13 @@ The compiled step: forward + loss are one ``torch.compile`` graph (AOTAutograd c
 backward with it), the per-slot optimizer update another; inductor fuses BatchNorm, ReLU, the
 residual adds and the whole update over the flat buffer into few kernels. On CUDA the step is
 then captured as a CUDA graph as before (compile, then capture). Per-slot LR, weight decay and
-momentum are device tensors written in place, and a refill writes a slot's weights in place,
-so neither recompiles. A shrink (a new K) compiles the step once more, for the new K
-(``compiling.planned_compile``), so a slot keeps the compiled step's numerics to its end (in
-bf16 on CUDA inductor keeps fp32 intermediates where the eager step rounds to bf16). Nothing else
-compiles: whatever dynamo compiles between the pack's own compilations (a recompile, a graph
-break) is counted in ``PackStats.recompiles`` from dynamo's counters, with one warning."""
+momentum (all of ``SlotOptimizer.PER_SLOT``) and label smoothing are device tensors written in
+place, and a refill writes a slot's weights and hyperparameters in place, so neither recompiles.
+A shrink (a new K) compiles the step once more, for the new K (``compiling.planned_compile``),
+so a slot keeps the compiled step's numerics to its end (in bf16 on CUDA inductor keeps fp32
+intermediates where the eager step rounds to bf16). Nothing else compiles: whatever dynamo
+compiles between the pack's own compilations (a recompile, a graph break) is counted in
+``PackStats.recompiles`` from dynamo's counters, with one warning."""
 
 from __future__ import annotations
 
@@ -148,13 +149,13 @@ class Pack:
         net = fuse(self.template, k, self.device)
         params = [p for _, p in net.named_parameters()]
         decay = [self.decay[name] for name, _ in net.named_parameters()]
-        optimizer = build_slot_optimizer(self.t.optimizer, params, decay, k,
-                                         self.t.nesterov)
+        optimizer = build_slot_optimizer(self.t.optimizer, params, decay, k)
         return net, optimizer
 
     def start(self, jobs: list[SlotJob]) -> None:
         self.k = len(jobs)
         self.net, self.optimizer = self._build(self.k)
+        self.label_smoothing = torch.zeros(self.k, device=self.device)  # per slot, set by fill
         self.slots = [None] * self.k  # type: ignore[list-item]
         for index, job in enumerate(jobs):
             self.fill(index, job)
@@ -167,8 +168,8 @@ class Pack:
         torch.manual_seed(cfg.seed)
         load_slot(self.net, self.k, index, build_model(cfg.train.model, cfg.train.width))
         self.optimizer.reset_slot(index)
-        self.optimizer.weight_decay[index] = cfg.train.weight_decay
-        self.optimizer.momentum[index] = cfg.train.momentum
+        self.optimizer.set_slot(index, cfg.train)
+        self.label_smoothing[index] = cfg.train.label_smoothing
         self.slots[index] = _Slot(job, LRSchedule(cfg.schedule, self.steps_per_epoch,
                                                   cfg.train.epochs),
                                   torch.Generator(device=self.device).manual_seed(cfg.seed))
@@ -228,6 +229,7 @@ class Pack:
         net, optimizer = self._build(len(keep))
         copy_slots(net, self.net, self.k, keep)
         optimizer.take_slots(self.optimizer, keep)
+        self.label_smoothing = self.label_smoothing[torch.tensor(keep, device=self.device)]
         self.net, self.optimizer, self.k = net, optimizer, len(keep)
         self._host_buffers = HostBuffers()  # other sizes now: the old ones go with their copies
         self.slots = [self.slots[i] for i in keep]
@@ -336,12 +338,16 @@ class Pack:
 
     # --- one step ----------------------------------------------------------------------------
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The K slot losses of one stacked batch (forward and loss: what is compiled)."""
+        """The K slot losses of one stacked batch (forward and loss: what is compiled): slot
+        k's is ``cross_entropy(..., label_smoothing=eps_k)``, written out as torch computes it
+        (``(1 - eps) * nll + eps / C * -sum(log p)``, each a batch mean) with eps a vector."""
         with self.autocast():
             logits = self.net(x)  # [B, K, classes]
-        return nn.functional.cross_entropy(full_precision(logits).transpose(1, 2), y,
-                                           reduction="none",
-                                           label_smoothing=self.t.label_smoothing).mean(0)
+        log_p = torch.log_softmax(full_precision(logits), dim=2)
+        nll = -log_p.gather(2, y[:, :, None]).squeeze(2).mean(0)  # [K]
+        uniform = -log_p.sum(2).mean(0) / log_p.shape[2]  # [K]
+        eps = self.label_smoothing
+        return (1 - eps) * nll + eps * uniform
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=None,
                      update=None) -> torch.Tensor:

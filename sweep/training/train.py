@@ -79,7 +79,7 @@ def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.base_lr)
+        return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(t.beta1, t.beta2))
     return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=t.momentum,
                            nesterov=t.nesterov and t.momentum > 0)
 

@@ -115,6 +115,42 @@ def warmup_effect(points: Sequence[dict], colours: Mapping[str, str], metric_lab
     return fig
 
 
+def parameter_effects(points: Sequence[dict], scales: Mapping[str, str],
+                      colours: Mapping[str, str], metric_label: str):
+    """One panel per searched parameter (``scales``: name -> "log", "linear" or "categorical"):
+    the objective against its value, coloured by scheduler, pruned trials hollow.
+    ``points``: dicts with params (the trial's), scheduler, value, complete."""
+    n = len(scales)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(4.2 * cols, 0.4 + 3.2 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharey=True)).ravel()
+    for ax, (name, scale) in zip(axes, scales.items()):
+        have = [p for p in points if name in p["params"] and p["value"] is not None]
+        levels = sorted({str(p["params"][name]) for p in have})  # categorical: one x per choice
+        for scheduler, colour in colours.items():
+            for complete in (True, False):
+                sel = [p for p in have if p["scheduler"] == scheduler and p["complete"] == complete]
+                if sel:
+                    xs = [levels.index(str(p["params"][name])) if scale == "categorical"
+                          else p["params"][name] for p in sel]
+                    ax.scatter(xs, [p["value"] for p in sel], s=34 if complete else 26,
+                               color=colour if complete else "none", edgecolor=colour,
+                               zorder=3 if complete else 2)
+        _style(ax, f"{name}{' (log scale)' if scale == 'log' else ''}", metric_label,
+               f"{metric_label} vs {name}")
+        if scale == "categorical":
+            ax.set_xticks(range(len(levels)), levels)
+            ax.set_xlim(-0.5, len(levels) - 0.5)
+        elif scale == "log":
+            ax.set_xscale("log")
+            _log_axis(ax.xaxis)
+            ax.tick_params(axis="x", labelrotation=30)  # 1-2-5 ticks crowd a narrow panel
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig
+
+
 def top_k_curves(curves: Sequence[dict], metric_label: str, epochs: int | None):
     """LR (log y, top) and validation accuracy (bottom) per epoch of the top-k trials, on one
     shared epoch axis. ``curves``: dicts with label, lr_epoch (x in epochs), lr, val_epoch, val."""

@@ -221,10 +221,11 @@ def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: st
         raise ScheduleError(f"MLflow run {run_id} of trial {number} is not in this tracking "
                             f"store; pass the --tracking-uri the study used") from None
     logged = run.data.params
-    overrides = [f"{section}.{key}={logged[key]}" for section, key in _CURVE_OVERRIDES
-                 if key in logged]
     study_file = study.user_attrs.get("sweep.study_file")
     source = study_file if study_file and Path(study_file).is_file() else study_name
+    searched = load_study(source).space.train  # these come from the trial's own params
+    overrides = [f"{section}.{key}={logged[key]}" for section, key in _CURVE_OVERRIDES
+                 if key in logged and key not in searched]
     spec = load_study(source, overrides)
     try:
         cfg = trial_config(optuna.trial.FixedTrial(trial.params, number=number), spec)

@@ -55,6 +55,10 @@ def draw_figures(data: ReportData, out_dir: Path) -> Figures:
                    "scheduler": r.scheduler, "complete": r.outcome == "COMPLETE",
                    "value": r.value if r.outcome == "COMPLETE" else r.last_value} for r in data.rows]
         save("warmup", plots.warmup_effect(points, colours, label))
+        if data.searched:
+            save("searched", plots.parameter_effects(
+                [dict(p, params=r.params) for p, r in zip(points, data.rows)], data.searched,
+                colours, label))
     if any(c.lr for c in data.curves):  # never an empty figure: report_render says why
         save("top_curves", plots.top_k_curves(
             [vars(c) for c in data.curves], label, data.epochs))

@@ -153,6 +153,9 @@ class ReportData:
     tracking_uri: str
     storage_url: str
     confirmation: Confirmation | None = None
+    # every searched parameter but scheduler, warmup_steps and base_lr (the warmup figure has
+    # those) -> how its axis reads: "log", "linear" or "categorical" (searched_scales)
+    searched: dict = field(default_factory=dict)
     # MLflow's completeness (``orchestration.completeness``): empty when every point is stored
     tracking_notes: list[str] = field(default_factory=list)
     made_at: str = field(default_factory=lambda: datetime.now().strftime("%Y-%m-%d %H:%M"))
@@ -239,7 +242,7 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
     complete = [r for r in rows if r.outcome == "COMPLETE" and r.value is not None]
     ranked = sorted(complete, key=lambda r: r.value, reverse=maximize)
     schedulers = _scheduler_order(study, rows)
-    imp, notes = compute_importances(study, trials, schedulers)
+    imp, imp_notes = compute_importances(study, trials, schedulers)
 
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
@@ -262,7 +265,8 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
                   for k in ("model", "batch_size", "train_size", "val_size")}, rows=rows,
         best=ranked[0] if ranked else None,
         curves=curves, tracking_notes=notes,
-        importances=imp, importance_notes=notes, experiment_id=experiment_id,
+        importances=imp, importance_notes=imp_notes, searched=searched_scales(trials),
+        experiment_id=experiment_id,
         parent_run_id=parent.info.run_id if parent else None, tracking_uri=tracking_uri,
         storage_url=storage_url, confirmation=load_confirmation(study, every, runs, by_number))
 
@@ -286,6 +290,21 @@ def _curve(client, row: TrialRow, spe: int | None) -> TrialCurve:
     return TrialCurve(label=label, lr_epoch=[s * scale for s, _ in lr], lr=[v for _, v in lr],
                       # val_acc of epoch e is measured after e + 1 epochs of training
                       val_epoch=[s + 1.0 for s, _ in val], val=[v for _, v in val])
+
+
+def searched_scales(trials) -> dict[str, str]:
+    """Each searched parameter besides scheduler, warmup_steps and base_lr (weight_decay,
+    warmup_shape, a schedule's gamma ...), in first-seen order, with its axis: "categorical",
+    "log" (a log range) or "linear"."""
+    scales: dict[str, str] = {}
+    for t in trials:
+        for name, dist in t.distributions.items():
+            if name in ("scheduler", "warmup_steps", "base_lr") or name in scales:
+                continue
+            scales[name] = ("categorical" if isinstance(
+                dist, optuna.distributions.CategoricalDistribution)
+                else "log" if getattr(dist, "log", False) else "linear")
+    return scales
 
 
 def compute_importances(study: optuna.Study, trials, schedulers: list[str]):

@@ -214,6 +214,10 @@ SECTIONS = (  # (figure key, heading, caption)
      "trials; hollow grey: last value of pruned trials)."),
     ("warmup", "Effect of warmup and base LR",
      "Each point is a trial; filled = complete (final value), hollow = pruned (last value)."),
+    ("searched", "Effect of the other searched parameters",
+     "The objective against each searched parameter besides warmup and base LR (training "
+     "fields such as weight_decay, and each schedule's own parameters, drawn for the trials "
+     "of that type only); filled = complete, hollow = pruned (last value)."),
     ("top_curves", "Learning-rate curves of the top trials",
      "The LR actually used at every optimizer step (from MLflow metric `lr`), with the "
      "validation accuracy after each epoch, for the best complete trials only."),
@@ -297,6 +301,8 @@ def build_document(data: ReportData, figures: Figures) -> list:
                         f"{MIN_COMPARE_TRIALS}; best and median use complete trials only, never "
                         f"the last value of a pruned trial).", "cap"))
     for key, heading, caption in SECTIONS:
+        if key == "searched" and key not in figures.files:
+            continue  # nothing searched besides scheduler, warmup and base LR
         doc += [Heading(2, heading), Para(caption.format(metric=data.metric), "cap")]
         if key == "importance":
             doc.append(Bullets([f"{title}: " + ", ".join(
