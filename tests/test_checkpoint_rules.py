@@ -5,6 +5,7 @@ prints when it does not. The end-to-end resumption is in test_resume.py."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import optuna
 import torch
@@ -12,6 +13,7 @@ from optuna.trial import TrialState
 
 from pathlib import Path
 
+from sweep.orchestration.checkpoint_writer import CheckpointWriter
 from sweep.orchestration.checkpoints import CheckpointDir, waiting_with_checkpoint
 from sweep.study.schedules import LRSchedule
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS, retry_later
@@ -223,8 +225,23 @@ def test_only_the_owning_trial_writes_or_removes_its_file(tmp_path):
     retrys_file = found.path.read_bytes() + b""
     study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # stale check
     found.save(_state(cfg, 2))
-    found.remove()
+    writer = CheckpointWriter()
+    found.remove_after(writer)
+    writer.close(time.monotonic() + 30)
     assert found.path.read_bytes() == retrys_file and not lines
+
+
+def test_a_trial_that_ends_removes_its_own_file_after_its_pending_write(tmp_path):
+    """Ownership is asked at the trial's end, while it is RUNNING; the writer removes the file
+    later, when Optuna has already heard the result (the trial owns nothing by then)."""
+    study, trial, cfg, found, lines = _fresh(tmp_path, f"sqlite:///{tmp_path}/s.db")
+    writer = CheckpointWriter()
+    writer.save(found, lambda: _state(cfg))
+    assert writer.flush(time.monotonic() + 30) and found.path.is_file()
+    found.remove_after(writer)
+    study.tell(trial, 0.5)  # told before the writer gets to the removal
+    writer.close(time.monotonic() + 30)
+    assert not found.path.exists() and not lines
 
 
 def test_a_write_that_fails_is_a_warning_and_training_goes_on(tmp_path):

@@ -68,11 +68,11 @@ def test_a_removal_waits_for_the_write_in_progress_and_a_read_waits_for_both(tmp
     ckpt = _checkpoint(tmp_path, notes, writer)
     writer.save(ckpt, takes(1))
     time.sleep(DELAY_S / 3)  # the write is in progress (on the slow disk)
-    writer.remove(ckpt.path, ckpt.remove)
+    writer.remove(ckpt.path)
     writer.wait_for(ckpt.path)  # as a retry does before it reads the file
     assert takes.taken == [1] and not ckpt.path.exists()  # written, then removed: not revived
     writer.save(ckpt, takes(2))
-    writer.remove(ckpt.path, ckpt.remove)  # a trial's end before its last write started
+    writer.remove(ckpt.path)  # a trial's end before its last write started
     assert writer.flush(time.monotonic() + 30)
     assert not ckpt.path.exists() and takes.taken == [1]  # the waiting write was dropped
     writer.close()

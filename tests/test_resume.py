@@ -376,6 +376,14 @@ def test_a_stalled_original_leaves_its_retrys_checkpoint_alone(tmp_path, data, s
 
     a = worker()
     wait_epochs(tmp_path / "sweep.db", a, 1)
+    # Frozen with its checkpoint note written: a process stopped inside an SQLite write keeps
+    # the file locked for everyone (a real hazard of SQLite; PostgreSQL is the cluster store),
+    # and the note is the write that follows an epoch end.
+    noted = time.monotonic() + 60
+    while optuna.load_study(study_name="resume", storage=f"sqlite:///{tmp_path}/sweep.db") \
+            .trials[0].user_attrs.get("checkpoint_epochs", 0) < 1:
+        assert a.poll() is None and time.monotonic() < noted, a.communicate()
+        time.sleep(0.05)
     a.send_signal(signal.SIGSTOP)
     try:
         b = worker()

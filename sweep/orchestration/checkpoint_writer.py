@@ -82,10 +82,10 @@ class CheckpointWriter:
         told this thread's seconds for it (the cut from the copy, the file, the notes)."""
         self._put(checkpoint.path, _Op(lambda: checkpoint.save(take()), True, on_written))
 
-    def remove(self, path: Path, remove: Callable[[], None] | None = None) -> None:
-        """Remove ``path`` (with ``remove()`` when given) once any write of it in progress is
-        done; a waiting write of it is dropped."""
-        self._put(path, _Op(remove or (lambda: _unlink(path)), False, None))
+    def remove(self, path: Path) -> None:
+        """Remove ``path`` once any write of it in progress is done; a waiting write of it is
+        dropped."""
+        self._put(path, _Op(lambda: _unlink(path), False, None))
 
     def deferred(self, note: Callable[..., None]) -> Callable[..., None]:
         """``note`` as a callback for ``TrialCheckpoint.on_saved``: called on this thread it is

@@ -178,13 +178,16 @@ class TrialCheckpoint:
             self.log(f"warning: {message}")
             self._warned = True
 
-    def remove(self) -> None:
-        """Remove the file, if the trial still owns it."""
+    def remove_after(self, writer) -> None:
+        """At the trial's own end: whether it still owns the file is asked now, while its Optuna
+        trial is RUNNING (the writer runs after Optuna has heard the result, when the trial
+        owns nothing any more); then ``writer`` removes it after any pending write of it."""
         try:
-            if self.owns():
-                self.path.unlink(missing_ok=True)
+            owned = self.owns()
         except Exception:
-            pass  # a read-only folder or a storage away: `sweep status` lists it as an orphan
+            return  # the storage is away: `sweep status` lists the file as an orphan
+        if owned:
+            writer.remove(self.path)
 
     def replay(self, listeners: Sequence) -> None:
         """The resumed steps and epochs into ``listeners`` (may raise what they raise)."""

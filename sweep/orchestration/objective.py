@@ -204,7 +204,7 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
     if started.checkpoint is not None and not interrupted:
         # the trial is done (an interrupted one's retry needs its file): removed by the writer,
         # after any write of it still pending
-        started.writer.remove(started.checkpoint.path, started.checkpoint.remove)
+        started.checkpoint.remove_after(started.writer)
     if stop is not None:
         # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
         # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
