@@ -336,3 +336,32 @@ def test_a_run_whose_end_is_on_its_way_is_not_ended_by_another_workers_cleanup(t
     stale = {run.info.run_id for run, _ in stale_runs(study, tracker, experiment_id)}
     assert stale == set(promised[1:])
     tracker.close()
+
+
+def test_the_progress_line_shows_the_writers_lag_while_the_store_is_locked(tmp_path):
+    """Another connection holds the MLflow SQLite file's write lock (a real "database is
+    locked"): the queued points show in the trials bar's postfix; once the lock is released
+    they are stored and the lag disappears."""
+    from sweep.orchestration.objective import Outcome
+    from sweep.views.console import Console
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracker, _, (run,) = _tracker_with_runs(uri, "lag", 1)
+    console = Console(uri, quiet=False)
+    console.watch_record(tracker.lag_text)
+    bar = console.trial_bar(budget=2, used=0)
+    blocker = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the write lock, until ROLLBACK
+    try:
+        _feed(run, 0, 6000)  # lr + train_loss: 12,000 points
+        _wait_for(lambda: "12,000 pts queued" in tracker.lag_text(), "the lag to show", 60)
+        bar(0, Outcome(TrialState.COMPLETE, 0.5))
+        assert "mlflow=12,000 pts queued" in str(bar.bar.postfix)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert tracker.writer.drain(time.monotonic() + 120)
+    assert tracker.lag_text() == ""
+    bar.close()
+    tracker.close()
+    assert _rows(tmp_path / "m.db", run.run_id)["lr"] == (6000, 6000)

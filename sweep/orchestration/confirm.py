@@ -220,6 +220,7 @@ def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int |
     study = stores.study
     plan = prepare_replicates(study, plan, opts.storage)
     log(budget_line(study, plan))
+    display.watch_record(stores.tracker.lag_text)
     bar = display.trial_bar(plan.budget, budget_used(study, CONFIRM))
     try:
         report = run_worker(study, stores.worker_context(spec, display.epoch_bar), plan.budget,

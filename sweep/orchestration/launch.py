@@ -75,6 +75,9 @@ class Display(Protocol):
     def trial_bar(self, budget: int, used: int) -> Callable:
         """Called with (trial number, outcome) per finished trial; has ``close()``."""
 
+    def watch_record(self, lag: Callable[[], str]) -> None:
+        """``lag()``: the MLflow writer's lag as text (empty while it keeps up), to show."""
+
     def closing(self, study: optuna.Study, budget: int, used: int) -> str:
         """The closing text: best trial, counts, where to look next."""
 
@@ -184,6 +187,7 @@ def _launch(spec: StudySpec, opts: LaunchOptions, display: Display,
     if done is not None:
         return done
     study, budget = stores.study, stores.budget
+    display.watch_record(stores.tracker.lag_text)
     bar = display.trial_bar(budget, budget_used(study))
     try:
         report = run_worker(study, stores.worker_context(spec, display.epoch_bar, stop), budget,

@@ -130,6 +130,7 @@ class MetricWriter:
         self.set_aside = 0  # points of runs the store will never take (store_errors)
         self.stored = 0  # points the store took
         self.spooled = 0  # points written to the spool
+        self.backlog = 0  # points taken off the queue and not yet stored (the writer's lag)
         self.busy_s = 0.0  # wall time spent writing (benchmarks: capacity = stored / busy_s)
         self.stored_by_run: dict[str, int] = collections.Counter()
         self.seconds_by_run: dict[str, float] = collections.Counter()
@@ -235,7 +236,8 @@ class MetricWriter:
                     mark.done.set()
                 return
             self._take()
-            if sum(len(p) for p in self._pending.values()) > self._backlog_cap:
+            self.backlog = sum(len(p) for p in self._pending.values())
+            if self.backlog > self._backlog_cap:
                 self._spool_backlog()
             if self._closing and not (self._inbox or self._pending or self._ends or self._drains):
                 return

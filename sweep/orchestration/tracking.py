@@ -58,6 +58,9 @@ def points_per_trial(total_steps: int, epochs: int) -> int:
 # Optuna user attribute: by when (s since the epoch) the trial's run end is written or spooled;
 # until then another worker's stale-run cleanup leaves the run to its own worker.
 RUN_END_BY = "sweep.run_end_by"
+# A backlog shown in the progress line: more than a pack of 32 logs in about two seconds (two
+# steps' points per slot at 60 steps/s), i.e. the writer is more than a flush or two behind.
+LAG_SHOWN_POINTS = 8_000
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -192,6 +195,17 @@ class Tracker:
     def refusing(self) -> bool:
         """Whether the store refused this process's last write (an outage under way)."""
         return self._writer is not None and self._writer.refusing
+
+    def lag_text(self) -> str:
+        """The record's lag for a progress line: points queued beyond one flush and points
+        spooled by this process (empty while the store keeps up)."""
+        writer = self._writer
+        if writer is None:
+            return ""
+        parts = [f"{writer.backlog:,} pts queued"] if writer.backlog > LAG_SHOWN_POINTS else []
+        if writer.spooled:
+            parts.append(f"{writer.spooled:,} spooled")
+        return ", ".join(parts)
 
     def spool_now(self) -> None:
         """The process's last words at a stop's deadline or second signal: spool what is

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -15,19 +15,23 @@ from sweep.study.phases import SEARCH, search_view
 
 class EpochBar:
     """A training listener that shows a trial's epochs on console row ``row`` (the trials bar is
-    row 0; the K slots of a fused pack take rows 1..K)."""
+    row 0; the K slots of a fused pack take rows 1..K), and the record's lag (``lag``) when the
+    MLflow writer falls behind."""
 
-    def __init__(self, trial_number: int, epochs: int, row: int = 1):
+    def __init__(self, trial_number: int, epochs: int, row: int = 1,
+                 lag: Callable[[], str] = lambda: ""):
         from tqdm import tqdm
 
         self.bar = tqdm(total=epochs, desc=f"trial {trial_number} epochs", position=row,
                         leave=False, file=sys.stderr, dynamic_ncols=True)
+        self.lag = lag
 
     def on_steps(self, first_step: int, lrs: Sequence[float], losses: Sequence[float]) -> None:
         pass
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
-        self.bar.set_postfix(val_acc=f"{metrics['val_acc']:.3f}", refresh=False)
+        self.bar.set_postfix(_with_lag({"val_acc": f"{metrics['val_acc']:.3f}"}, self.lag),
+                             refresh=False)
         self.bar.update(1)
         if self.bar.n >= self.bar.total:
             self.close()
@@ -36,9 +40,16 @@ class EpochBar:
         self.bar.close()
 
 
+def _with_lag(postfix: dict, lag: Callable[[], str]) -> dict:
+    """``postfix`` and, while the MLflow writer is behind, ``mlflow=<its lag>``."""
+    behind = lag()
+    return {**postfix, "mlflow": behind} if behind else postfix
+
+
 class TrialBar:
-    def __init__(self, budget: int, used: int, quiet: bool):
+    def __init__(self, budget: int, used: int, quiet: bool, lag: Callable[[], str] = lambda: ""):
         self.bar = None
+        self.lag = lag
         if not quiet:
             from tqdm import tqdm
 
@@ -53,7 +64,8 @@ class TrialBar:
             else:
                 print(line, file=sys.stderr, flush=True)
         if self.bar is not None:
-            self.bar.set_postfix(last=f"#{number} {outcome.state.name.lower()}", refresh=False)
+            self.bar.set_postfix(_with_lag({"last": f"#{number} {outcome.state.name.lower()}"},
+                                           self.lag), refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -67,10 +79,18 @@ class Console:
 
     def __init__(self, tracking_uri: str, quiet: bool):
         self.tracking_uri, self.quiet = tracking_uri, quiet
-        self.epoch_bar = None if quiet else EpochBar
+        self._lag: Callable[[], str] = lambda: ""
+        self.epoch_bar = None if quiet else \
+            (lambda number, epochs, row=1: EpochBar(number, epochs, row, self.lag))
+
+    def watch_record(self, lag: Callable[[], str]) -> None:
+        self._lag = lag
+
+    def lag(self) -> str:
+        return self._lag()
 
     def trial_bar(self, budget: int, used: int) -> TrialBar:
-        return TrialBar(budget, used, self.quiet)
+        return TrialBar(budget, used, self.quiet, self.lag)
 
     def closing(self, study: optuna.Study, budget: int, used: int) -> str:
         return closing_summary(study, self.tracking_uri, budget, used)
