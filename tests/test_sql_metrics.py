@@ -62,3 +62,33 @@ def test_direct_inserts_read_back_as_log_batch_on_postgresql(postgres_server):
 
 def test_a_tracking_server_gets_no_direct_path():
     assert bulk_sender(MlflowClient("http://127.0.0.1:9")) is None
+
+
+def test_a_metrics_table_it_was_not_tested_with_falls_back_to_log_batch_with_one_warning(
+        tmp_path):
+    """A store whose ``metrics`` table differs from the tested one (here a column another tool
+    added): no direct insert, one warning line, and the writer's points still arrive whole,
+    through ``log_batch`` (counted with sqlite3)."""
+    import sqlite3
+    import time
+
+    from sweep.orchestration.tracking import Tracker
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("other")).info.run_id
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE metrics ADD COLUMN note TEXT")
+    warned: list[str] = []
+    assert bulk_sender(MlflowClient(uri), warn=warned.append) is None
+    assert len(warned) == 1 and "\n" not in warned[0] and "log_batch" in warned[0] \
+        and "note" in warned[0], warned
+    tracker = Tracker(uri)
+    tracker.writer.put_many(run_id, POINTS[:600])  # what a trial's run hands the writer
+    assert tracker.writer.drain(time.monotonic() + 120)
+    tracker.close()
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT count(*) FROM metrics WHERE run_uuid = ?",
+                              (run_id,)).fetchone()[0]
+    assert stored == 600
