@@ -150,8 +150,9 @@ def test_kill_9_mid_trial_names_the_killed_run_and_what_it_holds(tmp_path, tiny_
     """`kill -9` of a launch mid-trial (SQLite stores); `sweep status --repair` ends the run
     and names it with the points it holds, never "all 0 points of 0 runs"."""
     storage = f"sqlite:///{tmp_path}/sweep.db"  # the launch's default, as the repair's
-    proc = subprocess.Popen(sweep_cmd("launch", "--study", str(SMOKE), "--trials", "2",
-                                      "--quiet", *SMALL),
+    # one long trial (400 epochs of 4 steps): the kill lands mid-trial however fast the machine
+    proc = subprocess.Popen(sweep_cmd("launch", "--study", str(SMOKE), "--trials", "1",
+                                      "--quiet", *SMALL, "--set", "train.epochs=400"),
                             env=sweep_env(tiny_cifar), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -170,6 +171,8 @@ def test_kill_9_mid_trial_names_the_killed_run_and_what_it_holds(tmp_path, tiny_
     finally:
         proc.kill()  # SIGKILL: no handler runs
         proc.wait()
+    killed = optuna.load_study(study_name="smoke", storage=plain_storage(storage))
+    assert killed.trials[trial.number].state == TrialState.RUNNING  # killed mid-trial
     repaired = subprocess.run(sweep_cmd("status", "--study", "smoke", "--repair"),
                               env=sweep_env(tiny_cifar), cwd=tmp_path, capture_output=True,
                               text=True, timeout=300)

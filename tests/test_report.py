@@ -95,7 +95,8 @@ def fab(tmp_path_factory):
         run.on_steps(0, lrs, [2.0] * steps_run)
         for e, v in enumerate(vals[: (steps_run // SPE)]):
             run.on_epoch_end(e, {"val_loss": 2.0 - v, "val_acc": v})
-        run.finish({"COMPLETE": "FINISHED", "FAIL": "FAILED"}.get(outcome, "KILLED"), curve_png=False)
+        run.finish({"COMPLETE": "FINISHED", "FAIL": "FAILED"}.get(outcome, "KILLED"),
+                   {"sweep.state": outcome}, curve_png=False)  # as a worker ends a run
         attrs = {"mlflow_run_id": run.run_id, "seed": number, "host": "testhost"}
         if outcome == "COMPLETE":
             attrs["test_acc"] = value - 0.01
@@ -324,14 +325,14 @@ def test_points_missing_from_mlflow_are_named_never_an_empty_figure(fab, tmp_pat
     write_report(STUDY, storage, tracking, tmp_path / "report", top_k=3)
     md = (tmp_path / "report" / "summary.md").read_text()
     n = len(best["lrs"])
-    assert f"trial #{best['number']} run {best['run_id']}: missing lr {n}, train_loss {n}" in md
+    assert f"trial #{best['number']} (COMPLETE) run {best['run_id']}: missing lr {n}, train_loss {n}" in md
     assert f"MLflow holds no `lr` point of #{best['number']} " in md
     assert "MLflow lacks points of some trial runs" in md
     res = CliRunner().invoke(main, ["status", "--study", STUDY, "--storage", storage,
                                     "--tracking-uri", tracking])
     assert res.exit_code == 3, res.output  # the record is incomplete (docs/scripting.md)
-    assert f"trial #{best['number']} run {best['run_id']}: missing lr {n}, train_loss {n}" in res.output
-    assert "MLflow: 1 of 25 trial run(s) lack" in res.output
+    assert f"trial #{best['number']} (COMPLETE) run {best['run_id']}: missing lr {n}, train_loss {n}" in res.output
+    assert "MLflow: 1 COMPLETE trial(s) whose run lacks points (" in res.output  # its own line
 
 
 def test_a_complete_store_says_so_in_status(fab):
