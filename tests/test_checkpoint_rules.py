@@ -362,3 +362,33 @@ def test_status_lists_checkpoint_files_of_no_live_trial_and_repair_removes_them(
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [MANIFEST, "trial-1.pt", "trial-2.pt", writing.name])
     assert (foreign / "trial-0.pt").is_file()  # another storage's: never ours to judge
+
+
+def test_workers_starting_together_all_find_the_checkpoint_folder_writable(tmp_path):
+    """Four workers resolve one new checkpoint folder at the same moment (threads: the race is
+    in the filesystem calls, which run in parallel), 30 times: each probe removes the folders
+    it made, and none may make another's check fail (a folder another worker's probe still
+    used may stay: it is the folder they all write to)."""
+    import threading
+
+    from sweep.orchestration.checkpoints import resolve_dir
+
+    failures: list[str] = []
+    for round_ in range(30):
+        folder = tmp_path / f"round{round_}" / "sweep-checkpoints"
+        start = threading.Barrier(4)
+
+        def resolve():
+            start.wait()
+            try:
+                resolve_dir(str(folder), f"sqlite:///{tmp_path}/s.db")
+            except Exception as err:
+                failures.append(str(err))
+
+        workers = [threading.Thread(target=resolve) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert not failures, failures[:3]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a probe was left behind"

@@ -46,7 +46,7 @@ import optuna
 from sweep.orchestration.checkpoint_writer import CheckpointWriter
 from sweep.orchestration.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
 from sweep.orchestration.storage import journal_path, sqlite_path
-from sweep.training.atomic import TMP_SUFFIX, write_bytes_atomic
+from sweep.training.atomic import TMP_SUFFIX, temporary_name, write_bytes_atomic
 
 FORMAT = 1
 DIR_NAME = "sweep-checkpoints"
@@ -453,6 +453,15 @@ def checkpoint_root(given: str | None, storage_url: str) -> Path:
     return Path(given).expanduser().resolve() if given else default_dir(storage_url)
 
 
+def _remove_folders(folders: list[Path]) -> None:
+    """Remove the (empty) folders a probe created, deepest first."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # another worker wrote there meanwhile
+
+
 def resolve_dir(given: str | None, storage_url: str) -> Path:
     """``checkpoint_root``, once a file could be written there: the folder is created, a probe
     file written, flushed and removed, and the folders it created removed again (the first
@@ -461,21 +470,23 @@ def resolve_dir(given: str | None, storage_url: str) -> Path:
     from sweep.errors import CheckpointError
 
     folder = checkpoint_root(given, storage_url)
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    probe = folder / ".sweep-write-probe"
-    problem = None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(probe, lambda f: f.write(b"sweep"))
-        probe.unlink()
-    except OSError as err:
-        problem = err.strerror or type(err).__name__
-    for path in created:
+    # this process's own probe: workers starting together must not remove each other's
+    probe = temporary_name(folder / ".sweep-write-probe")
+    problem: OSError | None = None
+    for _ in range(20):  # another worker's probe may remove the folder this one just made: again
+        created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
         try:
-            path.rmdir()
-        except OSError:
-            pass  # another worker wrote there meanwhile
+            folder.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(probe, lambda f: f.write(b"sweep"))
+            probe.unlink()
+            problem = None
+        except OSError as err:
+            problem = err
+        _remove_folders(created)
+        if not isinstance(problem, FileNotFoundError):
+            break
     if problem is not None:
-        raise CheckpointError(f"checkpoint folder {folder} cannot be written ({problem}); pass "
+        why = problem.strerror or type(problem).__name__
+        raise CheckpointError(f"checkpoint folder {folder} cannot be written ({why}); pass "
                               f"--checkpoint-dir with a folder on a writable filesystem")
     return folder
