@@ -57,7 +57,7 @@ def _timed_saves(checkpoint):
 
 
 def _checkpoint(folder: Path, name: str, epochs: int):
-    from sweep.orchestration.checkpoints import TrialCheckpoint
+    from sweep.stores.checkpoints import TrialCheckpoint
 
     return TrialCheckpoint(folder / f"{name}.pt", {"bench": name}, epochs + 1, lambda n: None)
 
@@ -163,8 +163,8 @@ def pack_boundary(folder: Path, k: int, reps: int, device: str, record_steps: in
     import optuna
     import torch
 
-    from sweep.orchestration.checkpoint_writer import CheckpointWriter
-    from sweep.orchestration.checkpoints import TrialCheckpoint
+    from sweep.stores.checkpoint_writer import CheckpointWriter
+    from sweep.stores.checkpoints import TrialCheckpoint
     from sweep.study.schedules import ScheduleConfig
     from sweep.study.space import TrialConfig
     from sweep.study.spec import DataSpec, TrainSpec

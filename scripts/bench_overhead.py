@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the harness costs a trial, side by side in one process.
 
-* sweep: one trial through the real worker loop (``sweep.orchestration.worker.run_worker``): Optuna ask /
+* sweep: one trial through the real worker loop (``sweep.loop.worker.run_worker``): Optuna ask /
   tell on a SQLite storage, a nested MLflow run on a SQLite store, ``lr`` and ``train_loss``
   logged at every optimizer step (batched, background thread), ``val_loss``/``val_acc`` per
   epoch, the pruner asked every epoch, divergence checks on every step, the LR-curve figure
@@ -111,11 +111,11 @@ def main() -> int:
     import optuna
     import torch
 
-    from sweep.orchestration.launch import LaunchOptions, open_study_stores
+    from sweep.commands.launch import LaunchOptions, open_study_stores
     from sweep.study.space import trial_config
     from sweep.study.spec import parse_study
-    from sweep.orchestration.bookkeeping import budget_used
-    from sweep.orchestration.worker import run_worker
+    from sweep.loop.bookkeeping import budget_used
+    from sweep.loop.worker import run_worker
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,9 +37,9 @@ def run_study(spec, mode: str, data_dir: str, device: str, workdir: Path) -> dic
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from sweep.orchestration.launch import LaunchOptions, open_study_stores
+    from sweep.commands.launch import LaunchOptions, open_study_stores
     from sweep.study.spec import PrunerSpec
-    from sweep.orchestration.worker import run_worker
+    from sweep.loop.worker import run_worker
 
     if mode == "off":
         spec = dataclasses.replace(spec, pruner=PrunerSpec("none"),

@@ -239,10 +239,10 @@ def slow_store(args) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from sweep.orchestration.metric_writer import MetricWriter
-    from sweep.orchestration.spool import SpoolWriter, replay, spool_dir
-    from sweep.orchestration.sql_metrics import bulk_sender
-    from sweep.orchestration.tracking import Tracker
+    from sweep.record.metric_writer import MetricWriter
+    from sweep.record.spool import SpoolWriter, replay, spool_dir
+    from sweep.record.sql_metrics import bulk_sender
+    from sweep.record.tracking import Tracker
 
     if len(args.runs) > 1 or len(args.cap) > 1:  # each case in a fresh process, side by side
         failed = False
@@ -330,7 +330,7 @@ def main() -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from sweep.orchestration.tracking import Tracker
+    from sweep.record.tracking import Tracker
 
     stores = list(args.stores)
     no_postgres = os.geteuid() != 0 or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))

@@ -43,10 +43,10 @@ def child(args) -> None:
     from mlflow.entities import Metric
 
     from sweep.study.spec import load_study
-    from sweep.orchestration.bookkeeping import FINISHED, counted, fail_dead_trials, over_budget
-    from sweep.orchestration.storage import open_storage
-    from sweep.orchestration.tracking import Tracker
-    from sweep.orchestration.worker import _Heartbeat, open_study
+    from sweep.loop.bookkeeping import FINISHED, counted, fail_dead_trials, over_budget
+    from sweep.stores.storage import open_storage
+    from sweep.record.tracking import Tracker
+    from sweep.loop.worker import _Heartbeat, open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(STUDY)
@@ -96,9 +96,9 @@ def create(args) -> None:
     MLflow caches a store per URI, which would outlive the tables dropped between runs)."""
     warnings.filterwarnings("ignore")
     from sweep.study.spec import load_study
-    from sweep.orchestration.storage import open_storage
-    from sweep.orchestration.tracking import Tracker
-    from sweep.orchestration.worker import open_study
+    from sweep.stores.storage import open_storage
+    from sweep.record.tracking import Tracker
+    from sweep.loop.worker import open_study
 
     spec = load_study(STUDY)
     open_study(spec, open_storage(args.storage))

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from sweep.errors import SweepError
-from sweep.orchestration.storage import DEFAULT_STORAGE, mask_url
-from sweep.orchestration.tracking import DEFAULT_TRACKING_URI
+from sweep.stores.storage import DEFAULT_STORAGE, mask_url
+from sweep.record.tracking import DEFAULT_TRACKING_URI
 
 
 def friendly_errors(fn):
@@ -48,7 +48,7 @@ def _complete_study(ctx, param, incomplete: str):
     """Shell completion of --study: the study names in the storage the command line names (or
     SWEEP_STORAGE, or the default), silently none when it is unreachable, then the study files
     in studies/. Prints nothing: a completion must never show a URL or its credentials."""
-    from sweep.orchestration.storage import study_names
+    from sweep.stores.storage import study_names
     from sweep.study.spec import available_studies
 
     url = ctx.params.get("storage") or os.environ.get("SWEEP_STORAGE") or DEFAULT_STORAGE
@@ -172,7 +172,7 @@ def main():
 def launch(study_name, trials, storage, tracking_uri, data_dir, device, overrides, seed,
            allow_space_change, quiet, checkpoint_dir, workers, workers_per_device, dry_run):
     """Create or resume a study and run its trials on this machine."""
-    from sweep.orchestration.launch import LaunchOptions, launch as run_launch
+    from sweep.commands.launch import LaunchOptions, launch as run_launch
     from sweep.study.spec import load_study
     from sweep.views.console import Console
 
@@ -181,12 +181,12 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
     opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, allow_space_change,
                          checkpoint_dir)
     if dry_run:
-        from sweep.orchestration.dry_run import dry_run as plan
+        from sweep.commands.dry_run import dry_run as plan
 
         click.echo(mask_url(plan(spec, opts)))
         return
     if workers > 1:
-        from sweep.orchestration.pool import PoolOptions, launch_pool
+        from sweep.commands.pool import PoolOptions, launch_pool
 
         result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device, tuple(overrides)),
                              Console(tracking_uri, quiet))
@@ -213,8 +213,8 @@ def confirm(study_name, seeds, top, storage, tracking_uri, data_dir, device, ove
             checkpoint_dir):
     """Retrain the best configuration of each scheduler type, and the best at other warmup
     lengths, with fresh seeds in the same study; then write the report with intervals."""
-    from sweep.orchestration.confirm import confirm as run_confirm
-    from sweep.orchestration.launch import LaunchOptions
+    from sweep.commands.confirm import confirm as run_confirm
+    from sweep.commands.launch import LaunchOptions
     from sweep.study.spec import load_study
     from sweep.views.console import Console
     from sweep.views.report import write_report
@@ -268,7 +268,7 @@ def validate(files):
 def worker(study_name, storage, tracking_uri, trials, data_dir, device, overrides,
            allow_space_change, quiet, checkpoint_dir):
     """Pull trials from a shared study until its total budget is used (one of many workers)."""
-    from sweep.orchestration.launch import LaunchOptions, worker_main
+    from sweep.commands.launch import LaunchOptions, worker_main
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
@@ -293,7 +293,7 @@ def status(study_name, storage, tracking_uri, repair, checkpoint_dir, as_json):
     """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs, checkpoint
     files of no live trial. Exit 0: all well; 3: MLflow lacks points or points wait in a spool;
     4: stale trials (RUNNING with no live worker); 2: bad input."""
-    from sweep.orchestration.status import show_status
+    from sweep.commands.status import show_status
 
     said, facts = show_status(study_name, storage, tracking_uri, repair, checkpoint_dir)
     if said:
@@ -345,9 +345,9 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
     """Submit a SLURM job array of ``sweep worker`` tasks sharing one study."""
     from pathlib import Path
 
-    from sweep.orchestration.launch import LaunchOptions
-    from sweep.orchestration.slurm import SubmitOptions, submit as run_submit
-    from sweep.orchestration.slurm_site import SiteOptions
+    from sweep.commands.launch import LaunchOptions
+    from sweep.commands.slurm import SubmitOptions, submit as run_submit
+    from sweep.commands.slurm_site import SiteOptions
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
@@ -423,7 +423,7 @@ def report(study_name, storage, tracking_uri, output, top, top_k):
     if top_k is not None:
         click.echo("note: --top-k is deprecated; use --top", err=True)
         top = top_k
-    from sweep.orchestration.status import stored_name
+    from sweep.commands.status import stored_name
 
     result = write_report(stored_name(study_name), storage, tracking_uri, output, top)
     click.echo(mask_url(result.text))
@@ -481,7 +481,7 @@ def list_command(storage, as_json):
 def best(study_name, storage, tracking_uri, per, as_json):
     """The best complete search trial: value, parameters, trial number and MLflow run id (exit
     1 when no trial has completed yet)."""
-    from sweep.orchestration.status import stored_name
+    from sweep.commands.status import stored_name
     from sweep.views.trials import best as find_best, best_text
 
     data = find_best(stored_name(study_name), storage, tracking_uri, per)
@@ -502,7 +502,7 @@ def best(study_name, storage, tracking_uri, per, as_json):
 def export(study_name, storage, tracking_uri, fmt, output):
     """Write one record per trial: number, state, value, every parameter, epochs trained,
     per-epoch metrics and the MLflow run id."""
-    from sweep.orchestration.status import stored_name
+    from sweep.commands.status import stored_name
     from sweep.views.trials import check_output, export as write_export
 
     check_output(fmt, output)  # before any store is opened
@@ -520,7 +520,7 @@ def export(study_name, storage, tracking_uri, fmt, output):
 def delete(study_name, storage, tracking_uri, checkpoint_dir, yes):
     """Remove a study everywhere: its Optuna study, its MLflow runs (the experiment when it is
     left empty), its checkpoints and its spool. Without --yes, print what would be removed."""
-    from sweep.orchestration.delete import delete_study, plan_delete
+    from sweep.commands.delete import delete_study, plan_delete
 
     plan = plan_delete(study_name, storage, tracking_uri, checkpoint_dir)
     lines = delete_study(plan) if yes else plan.lines(done=False)

@@ -10,7 +10,7 @@ from collections import Counter
 import optuna
 
 
-from sweep.orchestration.worker import build_sampler
+from sweep.loop.worker import build_sampler
 from sweep.study.space import trial_config
 from sweep.study.spec import load_study
 

@@ -13,10 +13,10 @@ from optuna.trial import TrialState
 
 from pathlib import Path
 
-from sweep.orchestration.checkpoint_writer import CheckpointWriter
-from sweep.orchestration.checkpoints import CheckpointDir, waiting_with_checkpoint
+from sweep.stores.checkpoint_writer import CheckpointWriter
+from sweep.stores.checkpoints import CheckpointDir, waiting_with_checkpoint
 from sweep.study.schedules import LRSchedule
-from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS, retry_later
+from sweep.stores.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS, retry_later
 from sweep.study.space import trial_config
 from sweep.study.spec import load_study
 from sweep.training.checkpoint import unfused_state, write_atomic
@@ -176,7 +176,7 @@ def test_a_file_that_loads_but_does_not_fit_or_disagrees_is_one_line_and_a_resta
 
 def test_no_two_studies_share_or_escape_a_checkpoint_folder(tmp_path):
     """Names that sanitise alike, one name in two storages, a re-created study, and '..'."""
-    from sweep.orchestration.checkpoints import STUDY_UID, storage_key
+    from sweep.stores.checkpoints import STUDY_UID, storage_key
 
     root = tmp_path / "ckpt"
     written = {}
@@ -286,7 +286,7 @@ def test_temporaries_are_unique_exclusive_and_leave_nothing(tmp_path):
 def test_precision_and_compile_rules_of_a_resumed_trial():
     """A pack that starts with a resumed trial trains in the precision it trained in (a pack of
     one included); compiled vs eager is not part of a checkpoint's identity."""
-    from sweep.orchestration.checkpoints import _NOT_IDENTITY
+    from sweep.stores.checkpoints import _NOT_IDENTITY
     from sweep.training.fused import SlotJob, pack_bf16
 
     def job(precision=None):
@@ -314,7 +314,7 @@ def test_status_lists_checkpoint_files_of_no_live_trial_and_repair_removes_them(
 
     from helpers import REPO, sweep_cmd
     from sweep.cli import main
-    from sweep.orchestration.checkpoints import MANIFEST, STUDY_UID, storage_key
+    from sweep.stores.checkpoints import MANIFEST, STUDY_UID, storage_key
 
     url, root = f"sqlite:///{tmp_path}/s.db", tmp_path / "ckpt"
     study = optuna.create_study(study_name="orph", storage=url)
@@ -371,7 +371,7 @@ def test_workers_starting_together_all_find_the_checkpoint_folder_writable(tmp_p
     used may stay: it is the folder they all write to)."""
     import threading
 
-    from sweep.orchestration.checkpoints import resolve_dir
+    from sweep.stores.checkpoints import resolve_dir
 
     failures: list[str] = []
     for round_ in range(30):

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from sweep.orchestration.checkpoint_writer import CheckpointWriter
-from sweep.orchestration.checkpoints import TrialCheckpoint
+from sweep.stores.checkpoint_writer import CheckpointWriter
+from sweep.stores.checkpoints import TrialCheckpoint
 from sweep.training.checkpoint import read
 
 DELAY_S = 0.3

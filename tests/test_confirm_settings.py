@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from sweep.errors import ConfirmError
-from sweep.orchestration.confirm import as_searched
-from sweep.orchestration.storage import open_storage
-from sweep.orchestration.worker import open_study
+from sweep.commands.confirm import as_searched
+from sweep.stores.storage import open_storage
+from sweep.loop.worker import open_study
 from sweep.study.spec import load_study, parse_overrides
 
 STUDY = """

@@ -178,7 +178,7 @@ def test_relative_links_point_to_files(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_named_repository_files_exist(page):
-    """`scripts/bench_fused.py`, `sweep/orchestration/retry.py`, ...: files the text names
+    """`scripts/bench_fused.py`, `sweep/stores/retry.py`, ...: files the text names
     (placeholders such as `studies/NAME.yaml` aside)."""
     named = set(_REPO_FILE.findall(page.read_text()))
     missing = sorted(name for name in named

@@ -6,9 +6,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from sweep.orchestration.bookkeeping import (DONE, RUN, WAIT, budget_used, counted, next_step,
-                                             over_budget)
-from sweep.orchestration.retry import retry_later
+from sweep.loop.bookkeeping import DONE, RUN, WAIT, budget_used, counted, next_step, over_budget
+from sweep.stores.retry import retry_later
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, SearchOnlySampler
 
 
@@ -78,7 +77,7 @@ def test_confirm_refuses_a_study_with_nothing_to_confirm_and_writes_nothing(tmp_
     from click.testing import CliRunner
 
     from sweep.cli import main
-    from sweep.orchestration.storage import open_storage
+    from sweep.stores.storage import open_storage
 
     storage = f"sqlite:///{tmp_path}/sweep.db"
     optuna.create_study(study_name="tiny", storage=open_storage(storage), direction="maximize")

@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sweep.errors import StudyFileError
-from sweep.orchestration.objective import PruningListener
+from sweep.loop.objective import PruningListener
 from sweep.study.pruning import build_pruner, describe_pruner
 from sweep.study.spec import PrunerSpec, parse_study
 from sweep.training.train import StopTraining
@@ -236,8 +236,8 @@ def test_a_real_run_agrees_between_optuna_and_mlflow(tmp_path):
     sweep.prune_reason=diverged and keeps its lr curve up to the step that stopped it."""
     from mlflow.tracking import MlflowClient
 
-    from sweep.orchestration.launch import LaunchOptions, open_study_stores
-    from sweep.orchestration.worker import run_worker
+    from sweep.commands.launch import LaunchOptions, open_study_stores
+    from sweep.loop.worker import run_worker
 
     data = write_cifar(tmp_path / "data", per_batch=80, test=40)
     spec = study_spec(tmp_path, "{type: median, n_startup_trials: 2, n_warmup_steps: 0}")

@@ -25,8 +25,8 @@ from optuna.trial import TrialState, create_trial
 from helpers import free_port
 from sweep.cli import main
 from sweep.views.report import compute_importances, load_report_data, write_report
-from sweep.orchestration.storage import open_storage
-from sweep.orchestration.tracking import Tracker
+from sweep.stores.storage import open_storage
+from sweep.record.tracking import Tracker
 
 # One real MLflow store is created per module (its schema migration alone takes 5-25 s here).
 pytestmark = pytest.mark.slow

@@ -171,7 +171,7 @@ def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data,
         assert payload["state"]["epochs"] == epochs == study.trials[number].user_attrs[
             "checkpoint_epochs"]
         assert path.stat().st_mtime > signalled
-    from sweep.orchestration.status import status_text
+    from sweep.commands.status import status_text
 
     assert f"{fuse} waiting trial(s) resume from a checkpoint" in status_text(study, None, None)
 

@@ -16,16 +16,16 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from sweep.cli import main
-from sweep.orchestration.launch import LaunchOptions
-from sweep.orchestration.pool import PoolOptions, device_assignments, worker_environments
+from sweep.commands.launch import LaunchOptions
+from sweep.commands.pool import PoolOptions, device_assignments, worker_environments
 from sweep.study.spec import load_study
-from sweep.orchestration.bookkeeping import (budget_used, fail_dead_trials, reconcile,
-                                             resolve_budget, stale_runs)
-from sweep.orchestration.retry import retry_later
-from sweep.orchestration.status import status_text
-from sweep.orchestration.storage import open_storage
-from sweep.orchestration.tracking import Tracker
-from sweep.orchestration.worker import open_study
+from sweep.loop.bookkeeping import (budget_used, fail_dead_trials, reconcile, resolve_budget,
+    stale_runs)
+from sweep.stores.retry import retry_later
+from sweep.commands.status import status_text
+from sweep.stores.storage import open_storage
+from sweep.record.tracking import Tracker
+from sweep.loop.worker import open_study
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.yaml"
 
@@ -227,7 +227,7 @@ def test_submit_rejects_bad_flags_in_one_line(args, message, tmp_path, monkeypat
 def test_counting_trials_does_not_load_torch():
     """`sweep status`, `report` and the console count trials through bookkeeping, which is below
     the worker: none of them may pull in torch (seconds of import for a few queries)."""
-    code = ("import sys; import sweep.orchestration.status, sweep.views.report, "
+    code = ("import sys; import sweep.commands.status, sweep.views.report, "
             "sweep.views.console; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from helpers import (TINY, check_consistent, submitted_job, sweep_cmd, sweep_env, trial_runs,
                      wait_array_ended)
 from sweep.cli import main
-from sweep.orchestration.slurm_site import OWNED_OPTIONS, SBATCH_OPTIONS_LIKE_OWNED
+from sweep.commands.slurm_site import OWNED_OPTIONS, SBATCH_OPTIONS_LIKE_OWNED
 
 SITE = ["--account", "physics", "--qos", "normal", "--mem", "500M", "--constraint", "sweeptest",
         "--sbatch-option", '--comment=sweep "test" #1', "--sbatch-option", "--nice=7"]

@@ -7,9 +7,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from sweep.orchestration.launch import LaunchOptions, open_study_stores
+from sweep.commands.launch import LaunchOptions, open_study_stores
 from sweep.study.spec import load_study
-from sweep.orchestration.worker import run_worker
+from sweep.loop.worker import run_worker
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """The state of one trial's training at an epoch end, in ONE format for an unfused trial
 (``train``) and a slot of a fused pack (``fused_pack.Pack``), so a trial checkpointed in a pack
 resumes unfused and the other way round. Knows nothing of Optuna or MLflow (what a checkpoint
-file holds besides this, and where it lives: ``sweep.orchestration.checkpoints``).
+file holds besides this, and where it lives: ``sweep.stores.checkpoints``).
 
 A state is a dict of tensors and plain values (``torch.load(weights_only=True)`` reads it):
 

@@ -8,8 +8,8 @@ from typing import Callable, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from sweep.orchestration.bookkeeping import state_counts
-from sweep.orchestration.storage import mask_url
+from sweep.loop.bookkeeping import state_counts
+from sweep.stores.storage import mask_url
 from sweep.study.phases import SEARCH, search_view
 
 

@@ -190,7 +190,7 @@ _CURVE_OVERRIDES = (("data", "train_size"), ("train", "batch_size"), ("train", "
 
 
 def _load_trial(study_name: str, number: int, storage_url: str):
-    from sweep.orchestration.storage import load_existing_study
+    from sweep.stores.storage import load_existing_study
 
     study = load_existing_study(study_name, storage_url)
     found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
@@ -211,7 +211,7 @@ def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: st
 
     from sweep.study.space import trial_config
     from sweep.study.spec import load_study
-    from sweep.orchestration.tracking import open_existing_tracker
+    from sweep.record.tracking import open_existing_tracker
 
     study, trial, run_id = _load_trial(study_name, number, storage_url)
     client = open_existing_tracker(tracking_uri).client

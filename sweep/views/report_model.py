@@ -28,12 +28,12 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import TrackingError
-from sweep.orchestration.bookkeeping import FINISHED, budget_used, counted, state_counts
-from sweep.orchestration.bookkeeping import outcome as trial_outcome
-from sweep.orchestration.completeness import check as check_completeness
-from sweep.orchestration.confirm import stored_plan
-from sweep.orchestration.storage import load_existing_study, mask_url
-from sweep.orchestration.tracking import open_existing_tracker
+from sweep.loop.bookkeeping import FINISHED, budget_used, counted, state_counts
+from sweep.loop.bookkeeping import outcome as trial_outcome
+from sweep.record.completeness import check as check_completeness
+from sweep.commands.confirm import stored_plan
+from sweep.stores.storage import load_existing_study, mask_url
+from sweep.record.tracking import open_existing_tracker
 from sweep.study.phases import CONFIRM, GROUP, SEARCH
 from sweep.views.stats import Difference, Interval, t_interval, welch
 
@@ -156,7 +156,7 @@ class ReportData:
     # every searched parameter but scheduler, warmup_steps and base_lr (the warmup figure has
     # those) -> how its axis reads: "log", "linear" or "categorical" (searched_scales)
     searched: dict = field(default_factory=dict)
-    # MLflow's completeness (``orchestration.completeness``): empty when every point is stored
+    # MLflow's completeness (``sweep.record.completeness``): empty when every point is stored
     tracking_notes: list[str] = field(default_factory=list)
     made_at: str = field(default_factory=lambda: datetime.now().strftime("%Y-%m-%d %H:%M"))
 

@@ -11,7 +11,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
-from sweep.orchestration.storage import mask_url
+from sweep.stores.storage import mask_url
 from sweep.views import stats
 from sweep.views.report_model import (DEFAULT_TOP_K, MIN_COMPARE_TRIALS, NO_DECAY, Comparison,
                                       Confirmation, GroupStats, ReportData, fmt, scheduler_table,

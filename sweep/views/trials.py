@@ -19,9 +19,9 @@ from pathlib import Path
 import optuna
 
 from sweep.errors import NoResultError, SweepError
-from sweep.orchestration.bookkeeping import best_trial, outcome
-from sweep.orchestration.storage import load_existing_study, mask_url
-from sweep.orchestration.tracking import EPOCH_METRICS, EPOCHS_TRAINED, FINAL_METRICS, \
+from sweep.loop.bookkeeping import best_trial, outcome
+from sweep.stores.storage import load_existing_study, mask_url
+from sweep.record.tracking import EPOCH_METRICS, EPOCHS_TRAINED, FINAL_METRICS, \
     open_existing_tracker
 from sweep.study.phases import phase_of
 from sweep.views.report_model import run_of

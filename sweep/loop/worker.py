@@ -21,13 +21,13 @@ from optuna.trial import TrialState
 
 from sweep import __version__
 from sweep.errors import SpaceChangedError
-from sweep.orchestration.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs,
-                                             fail_dead_trials, next_step, open_slots, over_budget)
-from sweep.orchestration.checkpoints import STUDY_UID
-from sweep.orchestration.objective import Outcome, WorkerContext, run_trial
-from sweep.orchestration.pack import pack_capacity, run_pack, trains_as_pack
-from sweep.orchestration.retry import retry_later
-from sweep.orchestration.stopping import BoundedStop, stop_seconds
+from sweep.loop.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs, fail_dead_trials,
+    next_step, open_slots, over_budget)
+from sweep.stores.checkpoints import STUDY_UID
+from sweep.loop.objective import Outcome, WorkerContext, run_trial
+from sweep.loop.pack import pack_capacity, run_pack, trains_as_pack
+from sweep.stores.retry import retry_later
+from sweep.base.stopping import BoundedStop, stop_seconds
 from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.spec import StudySpec, trial_settings

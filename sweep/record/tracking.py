@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sweep.errors import TrackingError
-from sweep.orchestration.metric_writer import MetricWriter, RunEnd, backlog_points, spool_after_s
-from sweep.orchestration.spool import SpoolWriter, log_batch, replay, spool_dir
-from sweep.orchestration.sql_metrics import bulk_sender
-from sweep.orchestration.stopping import LAST_WORDS_S, stop_seconds
-from sweep.orchestration.store_errors import is_permanent, is_read_only, wait_for_store
-from sweep.orchestration.storage import check_writable_file, creation_lock, mask_url, sqlite_path
+from sweep.record.metric_writer import MetricWriter, RunEnd, backlog_points, spool_after_s
+from sweep.record.spool import SpoolWriter, log_batch, replay, spool_dir
+from sweep.record.sql_metrics import bulk_sender
+from sweep.base.stopping import LAST_WORDS_S, stop_seconds
+from sweep.record.store_errors import is_permanent, is_read_only, wait_for_store
+from sweep.stores.storage import check_writable_file, creation_lock, mask_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE, STATE, REASON = "sweep.role", "sweep.state", "sweep.prune_reason"

@@ -26,11 +26,11 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import SweepError
-from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir, storage_key
-from sweep.orchestration.completeness import is_sql_store
-from sweep.orchestration.spool import drop_runs, pending
-from sweep.orchestration.status import open_for_status
-from sweep.orchestration.storage import mask_url
+from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
+from sweep.record.completeness import is_sql_store
+from sweep.record.spool import drop_runs, pending
+from sweep.commands.status import open_for_status
+from sweep.stores.storage import mask_url
 
 
 @dataclass

@@ -16,16 +16,15 @@ from typing import Callable, Protocol, Sequence
 import optuna
 import torch
 
-from sweep.orchestration.bookkeeping import (budget_used, reconcile, resolve_budget,
-                                             update_parent_run)
-from sweep.orchestration.checkpoints import CheckpointDir, resolve_dir, storage_key
-from sweep.orchestration.completeness import launch_lines, replay_spool
-from sweep.orchestration.objective import WorkerContext
-from sweep.orchestration.pack import log_pack_times, time_table
-from sweep.orchestration.stopping import BoundedStop
-from sweep.orchestration.storage import check_storage_url, mask_url, open_storage
-from sweep.orchestration.tracking import CODE_VERSION, Tracker, check_tracking_uri
-from sweep.orchestration.worker import code_version, open_study, run_worker
+from sweep.loop.bookkeeping import budget_used, reconcile, resolve_budget, update_parent_run
+from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
+from sweep.record.completeness import launch_lines, replay_spool
+from sweep.loop.objective import WorkerContext
+from sweep.loop.pack import log_pack_times, time_table
+from sweep.base.stopping import BoundedStop
+from sweep.stores.storage import check_storage_url, mask_url, open_storage
+from sweep.record.tracking import CODE_VERSION, Tracker, check_tracking_uri
+from sweep.loop.worker import code_version, open_study, run_worker
 from sweep.study.spec import StudySpec
 from sweep.training.data import Splits, load_splits, locate
 from sweep.training.train import resolve_device
@@ -68,7 +67,7 @@ def study_params(spec: StudySpec, opts: LaunchOptions, budget: int) -> dict:
 
 class Display(Protocol):
     """What a person sees while trials run, handed in by the caller (``views.console.Console``
-    for the CLI), so that orchestration never imports a view."""
+    for the CLI), so that the commands never import a view."""
 
     epoch_bar: Callable | None  # a training-listener factory (trial number, epochs, row), or None
 

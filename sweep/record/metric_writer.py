@@ -13,7 +13,7 @@ of size 5 overflow 10 reached"), after which a run's later points were dropped (
   429/5xx, connection refused: any exception) is retried with exponential backoff (0.2 s
   doubling to 5 s); nothing queued is discarded. Once the store has refused for
   ``SWEEP_SPOOL_AFTER_S`` seconds (60), everything pending goes to the spool on local disk
-  (``sweep.orchestration.spool``), and so does whatever arrives while the store stays down (one
+  (``sweep.record.spool``), and so does whatever arrives while the store stays down (one
   attempt every 5 s); the first accepted write ends the outage.
 * A run's end (tags, status) goes through the same queue after its points: it is sent only
   once every point of the run is stored, or spooled together with them.
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sweep.errors import TrackingError
-from sweep.orchestration.store_errors import is_permanent
-from sweep.orchestration.spool import MAX_BATCH, SpoolWriter, first_line, log_batch
+from sweep.record.store_errors import is_permanent
+from sweep.record.spool import MAX_BATCH, SpoolWriter, first_line, log_batch
 
 FLUSH_S = 1.0  # the longest a point waits on the queue before a write (the UI lags this)
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0

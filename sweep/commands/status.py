@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from sweep.orchestration.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile,
-                                             stale_runs, state_counts, update_parent_run,
-                                             worker_gone)
-from sweep.orchestration.checkpoints import (checkpoint_root, orphans, remove_orphans,
-                                             storage_key, waiting_with_checkpoint)
-from sweep.orchestration.completeness import Completeness, check, replay_spool
-from sweep.orchestration.tracking import Tracker
+from sweep.loop.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile, stale_runs,
+    state_counts, update_parent_run, worker_gone)
+from sweep.stores.checkpoints import (checkpoint_root, orphans, remove_orphans, storage_key,
+    waiting_with_checkpoint)
+from sweep.record.completeness import Completeness, check, replay_spool
+from sweep.record.tracking import Tracker
 
 
 #: ``sweep status`` exit codes (docs/scripting.md). RECORD_INCOMPLETE is branch i23's: it owns
@@ -228,7 +227,7 @@ def open_for_status(study: str, storage_url: str, tracking_uri: str):
     """(study, tracker or None, experiment id or None) for ``sweep status``; creates no store.
 
     ``study`` is a study name, or a study file (its ``name`` is used)."""
-    from sweep.orchestration.storage import load_existing_study, sqlite_path
+    from sweep.stores.storage import load_existing_study, sqlite_path
 
     study = stored_name(study)
     loaded = load_existing_study(study, storage_url)

@@ -18,10 +18,10 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from sweep.orchestration.bookkeeping import budget_used, reconcile, update_parent_run
-from sweep.orchestration.completeness import launch_lines
-from sweep.orchestration.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
-                                        open_study_stores, worker_command)
+from sweep.loop.bookkeeping import budget_used, reconcile, update_parent_run
+from sweep.record.completeness import launch_lines
+from sweep.commands.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
+    open_study_stores, worker_command)
 from sweep.study.spec import StudySpec
 
 

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep.orchestration.storage import mask_url, sqlite_path
+from sweep.stores.storage import mask_url, sqlite_path
 
 MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
 
@@ -220,7 +220,7 @@ def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
     """Send every segment no live process holds to the store with ``client`` (an
     ``MlflowClient``), then delete it. Returns (points sent, problems: one line per segment
     that could not be replayed, which stays for the next replay)."""
-    from sweep.orchestration.store_errors import is_permanent
+    from sweep.record.store_errors import is_permanent
 
     sent, problems = 0, []
     folder = spool_dir(tracking_uri)

@@ -5,7 +5,7 @@ Each trial run's end records what it should hold (``tracking.EXPECTED_POINTS``: 
 metric key, pruned, failed and interrupted trials too). The stored counts come from one GROUP BY
 on the metrics table for a SQL store (SQLite, PostgreSQL: cheap at any size), else from each
 run's metric histories (a tracking server). Points still waiting in a spool
-(``sweep.orchestration.spool``) are counted apart: ``sweep status --repair`` replays them.
+(``sweep.record.spool``) are counted apart: ``sweep status --repair`` replays them.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from sweep.orchestration.spool import Pending, pending
-from sweep.orchestration.storage import mask_url
-from sweep.orchestration.tracking import EXPECTED_POINTS, STATE, Tracker
+from sweep.record.spool import Pending, pending
+from sweep.stores.storage import mask_url
+from sweep.record.tracking import EXPECTED_POINTS, STATE, Tracker
 
 REPLAY_HINT = "sweep status --repair"
 

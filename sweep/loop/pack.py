@@ -31,10 +31,9 @@ from typing import Callable
 import optuna
 import torch
 
-from sweep.orchestration.objective import (Outcome, StartedTrial, WorkerContext, end_trial,
-                                           note, start_trial)
-from sweep.orchestration.spool import log_batch
-from sweep.orchestration.storage import mask_url
+from sweep.loop.objective import Outcome, StartedTrial, WorkerContext, end_trial, note, start_trial
+from sweep.record.spool import log_batch
+from sweep.stores.storage import mask_url
 from sweep.study.spec import TrainSpec
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
 

@@ -2,11 +2,11 @@
 
 ``start_trial`` (config, MLflow run, user attributes, listeners) and ``end_trial`` (result,
 stop or exception -> outcome, run ended) are the two halves every trial goes through, alone
-(``run_trial``) or as a slot of a fused pack (``sweep.orchestration.pack``).
+(``run_trial``) or as a slot of a fused pack (``sweep.loop.pack``).
 
 The MLflow run of a trial always ends: FINISHED (complete), KILLED (pruned, diverged or
 interrupted) or FAILED (the trial raised). Nothing here decides the study loop; see
-``sweep.orchestration.worker``.
+``sweep.loop.worker``.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from sweep.study.phases import phase_tags
 from sweep.study.pruning import describe_pruner
 from sweep.study.space import TrialConfig, trial_config
 from sweep.study.spec import StudySpec
-from sweep.orchestration.checkpoint_writer import CheckpointWriter
-from sweep.orchestration.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
-from sweep.orchestration.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
-from sweep.orchestration.storage import mask_url
-from sweep.orchestration.tracking import (CODE_VERSION, REASON, RUN_END_BY, STATE, Tracker,
-                                         TrialRun)
+from sweep.stores.checkpoint_writer import CheckpointWriter
+from sweep.stores.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
+from sweep.stores.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
+from sweep.stores.storage import mask_url
+from sweep.record.tracking import CODE_VERSION, REASON, RUN_END_BY, STATE, Tracker, TrialRun
 from sweep.training.train import StopTraining, TrainResult, train
 
 import torch

@@ -27,9 +27,8 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import ConfirmError
-from sweep.orchestration.bookkeeping import (CONFIRM_BUDGET, SETTINGS, budget_used,
-                                             update_parent_run)
-from sweep.orchestration.storage import load_existing_study, study_lock
+from sweep.loop.bookkeeping import CONFIRM_BUDGET, SETTINGS, budget_used, update_parent_run
+from sweep.stores.storage import load_existing_study, study_lock
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, is_search
 from sweep.study.spec import IntParam, StudySpec, load_study, settings_overrides
 
@@ -206,8 +205,8 @@ def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int |
     ``launch.LaunchOptions``, ``display`` a ``launch.Display`` (progress, closing text); returns
     a ``launch.LaunchResult``."""
     # Training imports here: `sweep report` reads plans from this module without loading torch.
-    from sweep.orchestration.launch import LaunchResult, open_study_stores
-    from sweep.orchestration.worker import run_worker
+    from sweep.commands.launch import LaunchResult, open_study_stores
+    from sweep.loop.worker import run_worker
 
     # Planned on the existing study before any store is opened for writing: a study that is
     # absent or has nothing to confirm, or contradicting flags, leave everything untouched.

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from sweep.orchestration.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
-from sweep.orchestration.spool import pending
-from sweep.orchestration.tracking import RUN_END_BY, STATE, StudySummary, Tracker
+from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
+from sweep.record.spool import pending
+from sweep.record.tracking import RUN_END_BY, STATE, StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
 from sweep.study.spec import StudySpec
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 
-from sweep.orchestration.spool import log_batch
+from sweep.record.spool import log_batch
 from typing import Callable, Sequence
 
 Point = tuple  # (key, value, timestamp ms, step)

@@ -43,9 +43,9 @@ from typing import Callable, Mapping, Sequence
 
 import optuna
 
-from sweep.orchestration.checkpoint_writer import CheckpointWriter
-from sweep.orchestration.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
-from sweep.orchestration.storage import journal_path, sqlite_path
+from sweep.stores.checkpoint_writer import CheckpointWriter
+from sweep.stores.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
+from sweep.stores.storage import journal_path, sqlite_path
 from sweep.training.atomic import TMP_SUFFIX, temporary_name, write_bytes_atomic
 
 FORMAT = 1

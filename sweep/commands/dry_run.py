@@ -13,10 +13,10 @@ import dataclasses
 
 import yaml
 
-from sweep.orchestration.bookkeeping import BUDGET, budget_used, chosen_budget
-from sweep.orchestration.checkpoints import resolve_dir
-from sweep.orchestration.storage import mask_url, peek_study
-from sweep.orchestration.tracking import BYTES_PER_POINT, check_tracking_uri, points_per_trial
+from sweep.loop.bookkeeping import BUDGET, budget_used, chosen_budget
+from sweep.stores.checkpoints import resolve_dir
+from sweep.stores.storage import mask_url, peek_study
+from sweep.record.tracking import BYTES_PER_POINT, check_tracking_uri, points_per_trial
 from sweep.study.spec import CategoricalParam, Fixed, FloatParam, IntParam, StudySpec
 
 
@@ -58,7 +58,7 @@ def _size(n_bytes: float) -> str:
 def dry_run(spec: StudySpec, opts) -> str:
     """The dry run's text for ``spec`` launched with ``opts`` (``launch.LaunchOptions``).
     Raises what a launch raises for bad input (device, URLs, checkpoint folder)."""
-    from sweep.orchestration.pack import pack_capacity, trains_as_pack
+    from sweep.loop.pack import pack_capacity, trains_as_pack
     from sweep.training.train import resolve_device
 
     device = resolve_device(opts.device)

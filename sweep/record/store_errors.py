@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Callable, TypeVar
 
-from sweep.orchestration.spool import first_line
+from sweep.record.spool import first_line
 
 T = TypeVar("T")
 FIRST_WAIT_S, MAX_WAIT_S = 0.5, 10.0

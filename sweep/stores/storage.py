@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import optuna
 
 from sweep.errors import StorageError
-from sweep.orchestration.retry import retry_later
+from sweep.stores.retry import retry_later
 
 DEFAULT_STORAGE = "sqlite:///sweep.db"
 _PASSWORD_IN_NETLOC = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^/:@\s]*:)(?P<pw>[^@\s]*)(?=@)")

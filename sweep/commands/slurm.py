@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep.errors import SubmitError
-from sweep.orchestration.slurm_site import SiteOptions, check_site, setup_block, site_directives
-from sweep.orchestration.spool import SPOOL_DIR_NAME
-from sweep.orchestration.storage import journal_path, mask_url, sqlite_path
+from sweep.commands.slurm_site import SiteOptions, check_site, setup_block, site_directives
+from sweep.record.spool import SPOOL_DIR_NAME
+from sweep.stores.storage import journal_path, mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
 _PARTITION = re.compile(r"^[\w.,-]+$")
@@ -178,10 +178,10 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     ``dry_run``, only print the script: nothing is created or written). Returns the text to show."""
     from dataclasses import replace
 
-    from sweep.orchestration.checkpoints import resolve_dir
-    from sweep.orchestration.launch import open_study_stores, worker_command
-    from sweep.orchestration.storage import check_storage_url
-    from sweep.orchestration.tracking import check_tracking_uri
+    from sweep.stores.checkpoints import resolve_dir
+    from sweep.commands.launch import open_study_stores, worker_command
+    from sweep.stores.storage import check_storage_url
+    from sweep.record.tracking import check_tracking_uri
 
     check_submit(opts)
     launch_opts = replace(launch_opts, storage=absolute_url(launch_opts.storage),

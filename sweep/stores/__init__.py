@@ -1,0 +1,2 @@
+"""The stores a study keeps besides MLflow: the Optuna storage, heartbeats, the retry rule,
+checkpoint files and their writer. Never imports mlflow."""
