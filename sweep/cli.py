@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from sweep.errors import SweepError
-from sweep.stores.storage import DEFAULT_STORAGE, mask_url
+from sweep.stores.storage import DEFAULT_STORAGE
+from sweep.base.urls import mask_url
 from sweep.record.tracking import DEFAULT_TRACKING_URI
 
 

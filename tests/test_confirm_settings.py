@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sweep.errors import ConfirmError
-from sweep.commands.confirm import as_searched
+from sweep.loop.confirm_plan import as_searched
 from sweep.stores.storage import open_storage
 from sweep.loop.worker import open_study
 from sweep.study.spec import load_study, parse_overrides

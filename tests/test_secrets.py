@@ -88,7 +88,7 @@ def test_password_never_leaks(tmp_path, tiny_cifar, postgres_server):
     ("error: could not connect to postgresql://u:s3cret@h/db and http://h/?pwd=s3cret2", "s3cret"),
 ])
 def test_mask_url_hides_passwords_in_the_netloc_and_the_query(text, secret):
-    from sweep.stores.storage import mask_url
+    from sweep.base.urls import mask_url
 
     masked = mask_url(text)
     assert secret not in masked and "***" in masked

@@ -98,13 +98,13 @@ def test_workers_reconciling_at_once_retry_a_dead_trial_once(tmp_path, kind):
 
 
 def _prepare(study, url, plan_json):
-    from sweep.commands.confirm import Plan, prepare_replicates
+    from sweep.loop.confirm_plan import Plan, prepare_replicates
 
     return prepare_replicates(study, Plan.from_json(plan_json), url).to_json()
 
 
 def _confirm_race(url: str) -> None:
-    from sweep.commands.confirm import Group, Plan
+    from sweep.loop.confirm_plan import Group, Plan
     from sweep.study.phases import CONFIRM_KEY
 
     study = optuna.create_study(study_name="confirm", storage=open_storage(url))

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from sweep.record.spool import Pending, pending
-from sweep.stores.storage import mask_url
+from sweep.base.urls import mask_url
 from sweep.record.tracking import EXPECTED_POINTS, STATE, Tracker
 
 REPLAY_HINT = "sweep status --repair"

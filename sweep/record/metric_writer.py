@@ -38,7 +38,8 @@ from typing import Callable
 
 from sweep.errors import TrackingError
 from sweep.record.store_errors import is_permanent
-from sweep.record.spool import MAX_BATCH, SpoolWriter, first_line, log_batch
+from sweep.record.spool import MAX_BATCH, SpoolWriter, log_batch
+from sweep.base.text import first_line
 
 FLUSH_S = 1.0  # the longest a point waits on the queue before a write (the UI lags this)
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0

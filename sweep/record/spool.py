@@ -38,7 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep.stores.storage import mask_url, sqlite_path
+from sweep.base.urls import mask_url, sqlite_path
+from sweep.base.text import first_line
 
 MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
 
@@ -49,12 +50,6 @@ def log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
     points as stored that never were."""
     client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags),
                      synchronous=True)
-
-
-def first_line(err: BaseException) -> str:
-    """An error as one masked line of at most 300 characters (store errors quote URLs)."""
-    text = str(err).strip()
-    return mask_url(text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def spool_dir(tracking_uri: str) -> Path:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from typing import Callable, TypeVar
 
-from sweep.record.spool import first_line
+from sweep.base.backoff import MAX_WAIT_S, Backoff
+from sweep.base.text import first_line
 
 T = TypeVar("T")
-FIRST_WAIT_S, MAX_WAIT_S = 0.5, 10.0
 
 
 def is_permanent(err: BaseException) -> bool:
@@ -48,7 +48,7 @@ def wait_for_store(call: Callable[[], T], what: str, check: Callable[[], None] |
     stop raises from it: a trial waiting for its run is then retried, its budget untouched).
     ``warn`` hears one line when the waiting starts and one when it ends; ``permanent`` says
     which errors are raised at once."""
-    wait, since = FIRST_WAIT_S, None
+    backoff, since = Backoff(), None
     while True:
         try:
             result = call()
@@ -63,9 +63,8 @@ def wait_for_store(call: Callable[[], T], what: str, check: Callable[[], None] |
             if since is not None:
                 warn(f"MLflow store took {what} after {time.monotonic() - since:.0f} s")
             return result
-        until = time.monotonic() + wait
+        until = time.monotonic() + backoff.next_wait()
         while time.monotonic() < until:
             if check is not None:
                 check()
             time.sleep(min(0.2, max(0.0, until - time.monotonic())))
-        wait = min(wait * 2, MAX_WAIT_S)

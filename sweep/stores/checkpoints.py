@@ -44,8 +44,9 @@ from typing import Callable, Mapping, Sequence
 import optuna
 
 from sweep.stores.checkpoint_writer import CheckpointWriter
+from sweep.base.text import first_line
 from sweep.stores.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
-from sweep.stores.storage import journal_path, sqlite_path
+from sweep.base.urls import local_file
 from sweep.training.atomic import TMP_SUFFIX, temporary_name, write_bytes_atomic
 
 FORMAT = 1
@@ -62,7 +63,7 @@ _NOT_IDENTITY = ("fuse", "compile", "sync_every_steps")
 
 def default_dir(storage_url: str) -> Path:
     """``sweep-checkpoints`` beside the storage's file, else in the working folder."""
-    path = sqlite_path(storage_url) or journal_path(storage_url)
+    path = local_file(storage_url)
     return (path.resolve().parent if path is not None else Path.cwd()) / DIR_NAME
 
 
@@ -75,7 +76,7 @@ def original_number(system_attrs: Mapping, number: int) -> int:
 def storage_key(storage_url: str) -> str:
     """The storage as every worker names it: a SQLite or journal file by its absolute path, a
     server by its URL without user and password (the key is written into ``study.json``)."""
-    path = sqlite_path(storage_url) or journal_path(storage_url)
+    path = local_file(storage_url)
     if path is not None:
         return f"file:{path.expanduser().resolve()}"
     return re.sub(r"//[^/@]*@", "//", storage_url)
@@ -122,11 +123,6 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _first_line(err: BaseException) -> str:
-    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    return f"{type(err).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
-
-
 @dataclass
 class TrialCheckpoint:
     """One trial's checkpoint file: ``save`` is the training loop's ``checkpoint`` callback (the
@@ -164,14 +160,14 @@ class TrialCheckpoint:
                        "lrs": self.record.lrs[:steps], "losses": self.record.losses[:steps]}
             write_atomic(self.path, payload)
         except Exception as err:  # a full or read-only disk, an outage: the resume, not the trial
-            self._warn(f"checkpoint {self.path} not written ({_first_line(err)}); the trial "
+            self._warn(f"checkpoint {self.path} not written ({first_line(err, typed=True, strerror=True, limit=200)}); the trial "
                        f"trains on, but an interruption will restart it from step 0")
             return
         try:
             self.on_saved(epochs)
         except Exception as err:  # the store is away: the file is there, the note may lag
             self._warn(f"checkpoint {self.path} written, but its epoch count was not recorded "
-                       f"({_first_line(err)}); a retry may restart from step 0")
+                       f"({first_line(err, typed=True, strerror=True, limit=200)}); a retry may restart from step 0")
 
     def _warn(self, message: str) -> None:
         if not self._warned:
@@ -276,7 +272,7 @@ class CheckpointDir:
         try:
             check_resumable(state, cfg, steps_per_epoch, torch.device(self.device_type))
         except Exception as err:  # ValueError as a rule; anything else is the file's fault too
-            return f"checkpoint {path} does not fit the trial ({_first_line(err)})"
+            return f"checkpoint {path} does not fit the trial ({first_line(err, typed=True, strerror=True, limit=200)})"
         return None
 
     def _sweep_temporaries(self, study: optuna.Study) -> None:

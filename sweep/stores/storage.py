@@ -12,84 +12,24 @@ parameters are re-enqueued once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
-import re
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
 
+from sweep.base.files import check_writable_file, creation_lock, path_lock
+from sweep.base.urls import journal_path, local_file, mask_url, sqlite_path
 from sweep.errors import StorageError
 from sweep.stores.retry import retry_later
 
 DEFAULT_STORAGE = "sqlite:///sweep.db"
-_PASSWORD_IN_NETLOC = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^/:@\s]*:)(?P<pw>[^@\s]*)(?=@)")
-_PASSWORD_IN_QUERY = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|token)=)(?P<pw>[^&;\s]*)",
-                                re.IGNORECASE)
-
-
-def mask_url(text: str) -> str:
-    """Hide every password in ``text``: ``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    text = _PASSWORD_IN_NETLOC.sub(lambda m: m.group("head") + "***", text)
-    return _PASSWORD_IN_QUERY.sub(lambda m: m.group("head") + "***", text)
-
-
 def heartbeat_settings() -> tuple[int, int]:
     """(interval, grace period) in seconds; ``SWEEP_HEARTBEAT_INTERVAL``/``SWEEP_GRACE_PERIOD``."""
     interval = int(os.environ.get("SWEEP_HEARTBEAT_INTERVAL", "15"))
     grace = int(os.environ.get("SWEEP_GRACE_PERIOD", str(4 * interval)))
     return interval, grace
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file behind a ``sqlite:///`` URL (None for other schemes or in-memory)."""
-    if not url.startswith("sqlite:///"):
-        return None
-    path = url[len("sqlite:///"):]
-    if path.startswith("file:"):  # SQLite URI form, e.g. sqlite:///file:/x.db?mode=ro&uri=true
-        path = path[len("file:"):].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(path)
-
-
-def journal_path(url: str) -> Path | None:
-    """The file behind a ``journal:///`` URL (None for other schemes)."""
-    return Path(url[len("journal://"):]) if url.startswith("journal:///") else None
-
-
-def check_writable_file(path: Path, what: str, error=StorageError) -> None:
-    """Raise ``error`` unless ``path`` can be created or written; creates nothing."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise error(f"{what} {path} is not writable; fix its permissions or choose another")
-        return
-    if not parent.is_dir():
-        raise error(f"{what} {path}: folder {parent} does not exist; create it or choose another")
-    if not os.access(parent, os.W_OK):
-        raise error(f"{what} {path}: folder {parent} is not writable; choose another")
-
-
-@contextlib.contextmanager
-def _path_lock(path: Path, purpose: str):
-    """An exclusive lock between the processes of this host, one per store file and purpose."""
-    # The lock lives in the temp folder, keyed by the store's absolute path, so that the
-    # user's folder holds only the store itself.
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"sweep-{digest}{purpose}.lock"
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def creation_lock(path: Path):
-    """Serialise the creation of a store file across processes (fresh-store migrations race)."""
-    return _path_lock(path, "")
 
 
 class _SQLiteStorage(optuna.storages.RDBStorage):
@@ -108,7 +48,7 @@ class _SQLiteStorage(optuna.storages.RDBStorage):
         super().__init__(url, **kwargs)
 
     def set_trial_state_values(self, trial_id, state, values=None):
-        with _path_lock(self._path, "-state"):
+        with path_lock(self._path, "-state"):
             return super().set_trial_state_values(trial_id, state, values)
 
 
@@ -124,7 +64,7 @@ def study_lock(url: str, study_name: str, purpose: str):
     digest = sha.hexdigest()[:8]
     path = sqlite_path(url)
     if path is not None:
-        with _path_lock(path, "-" + digest):
+        with path_lock(path, "-" + digest):
             yield
         return
     journal = journal_path(url)
@@ -224,7 +164,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 def open_existing_storage(url: str):
     """Open an Optuna storage that must already exist; a missing SQLite/journal file is a
     StorageError (opening it would create an empty one)."""
-    path = sqlite_path(url) or journal_path(url)
+    path = local_file(url)
     if path is not None and not path.is_file():
         raise StorageError(f"no Optuna storage at {path}: run `sweep launch` in this folder first, "
                            f"or pass --storage URL of the study's storage")
@@ -246,7 +186,7 @@ def peek_study(name: str, url: str) -> optuna.Study | None:
     such study). Creates nothing: no file, no table, no pragma (``sweep launch --dry-run``).
     Raises StorageError for a bad URL or an unreachable server."""
     check_storage_url(url)
-    path = sqlite_path(url) or journal_path(url)
+    path = local_file(url)
     if path is not None and not path.is_file():
         return None
     if journal_path(url) is not None:
@@ -273,7 +213,7 @@ def peek_study(name: str, url: str) -> optuna.Study | None:
 def study_names(url: str) -> list[str]:
     """Names of the studies in the storage at ``url``, for shell completion: empty when it is
     unreachable, holds none, or is a SQLite/journal file that does not exist (never created)."""
-    path = sqlite_path(url) or journal_path(url)
+    path = local_file(url)
     if path is not None and not path.is_file():
         return []
     try:

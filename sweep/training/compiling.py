@@ -24,21 +24,13 @@ from typing import Callable, TypeVar
 import torch
 from torch._dynamo.utils import counters
 
+from sweep.base.text import first_line
+
 T = TypeVar("T")
 
 #: dynamo's recompile limit during a planned compilation: one entry per pack size a worker
 #: process meets (shrinks to any smaller K, pack after pack), far more than 8
 PLANNED_RECOMPILE_LIMIT = 1024
-
-
-def first_line(err: BaseException) -> str:
-    """``Type: the message's first line`` (a compiler's errors run to pages), and the line after
-    a first line that ends in a colon (dynamo's "backend='inductor' raised:" names no cause)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return f"{type(err).__name__}: {text}"
 
 
 def or_fall_back(attempt: Callable[[], T], failed: str, instead: str) -> T | None:
@@ -47,7 +39,7 @@ def or_fall_back(attempt: Callable[[], T], failed: str, instead: str) -> T | Non
     try:
         return attempt()
     except Exception as err:
-        warnings.warn(f"{failed} failed ({first_line(err)}); {instead}", stacklevel=2)
+        warnings.warn(f"{failed} failed ({first_line(err, typed=True)}); {instead}", stacklevel=2)
         return None
 
 

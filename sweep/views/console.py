@@ -9,7 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.loop.bookkeeping import state_counts
-from sweep.stores.storage import mask_url
+from sweep.base.urls import mask_url
 from sweep.study.phases import SEARCH, search_view
 
 

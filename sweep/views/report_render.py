@@ -11,10 +11,9 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
-from sweep.stores.storage import mask_url
+from sweep.base.urls import mask_url
 from sweep.views import stats
-from sweep.views.report_model import (DEFAULT_TOP_K, MIN_COMPARE_TRIALS, NO_DECAY, Comparison,
-                                      Confirmation, GroupStats, ReportData, fmt, scheduler_table,
+from sweep.views.report_model import (DEFAULT_TOP_K, MIN_COMPARE_TRIALS, NO_DECAY, Confirmation, GroupStats, ReportData, fmt, scheduler_table,
                                       spearman)
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 from sweep.errors import StorageError, SweepError, TrackingError
 from sweep.stores.storage import open_existing_storage
 from sweep.record.tracking import open_existing_tracker
-from sweep.stores.storage import mask_url, sqlite_path
+from sweep.base.urls import mask_url, sqlite_path
 
 LOCALHOST = "127.0.0.1"
 START_TIMEOUT_S = 180  # mlflow server imports a lot; on a loaded 2-core machine it takes ~20 s
