@@ -32,8 +32,7 @@ import optuna
 import torch
 
 from sweep.loop.objective import Outcome, StartedTrial, WorkerContext, end_trial, note, start_trial
-from sweep.record.spool import log_batch
-from sweep.stores.storage import mask_url
+from sweep.base.urls import mask_url
 from sweep.study.spec import TrainSpec
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
 
@@ -302,11 +301,8 @@ def log_pack_times(tracker, run_id: str | None, packs: list) -> None:
     metrics = pack_time_metrics(packs)
     if not metrics or run_id is None:
         return
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
     try:
-        log_batch(tracker.client, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        tracker.log_metrics(run_id, metrics)
     except Exception as err:
         print(f"warning: pack times not logged on parent run {run_id}: {type(err).__name__}",
               file=sys.stderr)

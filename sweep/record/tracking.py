@@ -35,7 +35,8 @@ from sweep.record.spool import SpoolWriter, log_batch, replay, spool_dir
 from sweep.record.sql_metrics import bulk_sender
 from sweep.base.stopping import LAST_WORDS_S, stop_seconds
 from sweep.record.store_errors import is_permanent, is_read_only, wait_for_store
-from sweep.stores.storage import check_writable_file, creation_lock, mask_url, sqlite_path
+from sweep.base.files import check_writable_file, creation_lock
+from sweep.base.urls import mask_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE, STATE, REASON = "sweep.role", "sweep.state", "sweep.prune_reason"
@@ -320,6 +321,13 @@ class Tracker:
         items = [Param(k, mask_url(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             log_batch(self.client, run_id, params=items[start: start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """One synchronous batch of metrics on ``run_id`` (a study run's summary figures)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        log_batch(self.client, run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study_name: str,
                     trial_number: int, params: Mapping[str, Any], tags: Mapping[str, str],
