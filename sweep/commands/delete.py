@@ -30,7 +30,7 @@ from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
 from sweep.record.completeness import is_sql_store
 from sweep.record.spool import drop_runs, pending
 from sweep.commands.status import open_for_status
-from sweep.stores.storage import mask_url
+from sweep.base.urls import mask_url
 
 
 @dataclass

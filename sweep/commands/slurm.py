@@ -32,7 +32,7 @@ from pathlib import Path
 from sweep.errors import SubmitError
 from sweep.commands.slurm_site import SiteOptions, check_site, setup_block, site_directives
 from sweep.record.spool import SPOOL_DIR_NAME
-from sweep.stores.storage import journal_path, mask_url, sqlite_path
+from sweep.base.urls import journal_path, mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
 _PARTITION = re.compile(r"^[\w.,-]+$")

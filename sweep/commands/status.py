@@ -227,7 +227,8 @@ def open_for_status(study: str, storage_url: str, tracking_uri: str):
     """(study, tracker or None, experiment id or None) for ``sweep status``; creates no store.
 
     ``study`` is a study name, or a study file (its ``name`` is used)."""
-    from sweep.stores.storage import load_existing_study, sqlite_path
+    from sweep.stores.storage import load_existing_study
+    from sweep.base.urls import sqlite_path
 
     study = stored_name(study)
     loaded = load_existing_study(study, storage_url)

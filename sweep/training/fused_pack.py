@@ -32,7 +32,8 @@ from sweep.study.space import TrialConfig
 from sweep.study.spec import TrainSpec
 from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
 from sweep.training.checkpoint import check_state
-from sweep.training.compiling import DynamoWatch, first_line, or_fall_back, planned_compile
+from sweep.training.compiling import DynamoWatch, or_fall_back, planned_compile
+from sweep.base.text import first_line
 from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
 from sweep.training.fused_snapshot import PackSnapshot, SlotClock
