@@ -386,6 +386,10 @@ def test_a_stalled_original_leaves_its_retrys_checkpoint_alone(tmp_path, data, s
         time.sleep(0.05)
     a.send_signal(signal.SIGSTOP)
     try:
+        # Stale by definition once a stopped process has not beaten for the grace period: B must
+        # start after that, or its launch counts A's RUNNING trial against the budget of 1 and
+        # has nothing to run (seen on a loaded machine, where B's start raced the grace period).
+        time.sleep(float(beat["SWEEP_GRACE_PERIOD"]) + 1)
         b = worker()
         storage = f"sqlite:///{tmp_path}/sweep.db"
         deadline = time.monotonic() + 120
