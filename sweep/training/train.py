@@ -22,7 +22,7 @@ from sweep.training.compiling import or_fall_back
 from sweep.training.data import Normalizer, Splits, train_batches
 from sweep.training.graphs import restored
 from sweep.training.host_copy import host_state
-from sweep.training.models import memory_format, trial_model
+from sweep.training.models import build_model, memory_format
 from sweep.study.schedules import LRSchedule
 from sweep.study.space import TrialConfig
 
@@ -128,7 +128,8 @@ def check_resumable(state: Mapping, cfg: TrialConfig, steps_per_epoch: int,
     the generator). Called before a resumed trial's earlier steps are replayed into its
     listeners, so a file that does not fit costs a restart from step 0, never a trial."""
     check_consistent(state, steps_per_epoch, cfg.train.epochs)
-    model = trial_model(cfg.train, cfg.data.num_classes)
+    t = cfg.train
+    model = build_model(t.model, t.width, cfg.data.num_classes, t.model_args)
     schedule = LRSchedule(cfg.schedule, steps_per_epoch, cfg.train.epochs)
     load_unfused(state, model, build_optimizer(model, cfg), schedule,
                  torch.Generator(device=device))
@@ -149,7 +150,8 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     layout = memory_format(t.channels_last)
-    model = trial_model(t, splits.num_classes).to(device, memory_format=layout)
+    model = build_model(t.model, t.width, splits.num_classes, t.model_args).to(
+        device, memory_format=layout)
     optimizer = build_optimizer(model, cfg)
     base_lrs = [cfg.base_lr for _ in optimizer.param_groups]
     steps_per_epoch = splits.train_y.shape[0] // t.batch_size
