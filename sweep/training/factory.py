@@ -49,8 +49,9 @@ def load_factory(path: str) -> Callable[..., Any]:
                              f"{attr!r}; name the function that builds your network")
         target = getattr(target, part)
     if not callable(target):
-        raise ModelError(f"train.model {path}: {attr} is a {type(target).__name__}, not a "
-                         f"function or class; name the factory that returns your nn.Module")
+        raise ModelError(f"train.model {path}: {attr} is not callable (it is of type "
+                         f"{type(target).__name__}); name the function or class that returns "
+                         f"your nn.Module")
     return target
 
 
