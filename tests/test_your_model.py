@@ -33,6 +33,7 @@ from sweep.study.spec import DataSpec, load_study, parse_study
 from sweep.training.data import load_splits
 from sweep.training.factory import load_factory
 from sweep.training.model_check import check_model
+from sweep.training.models import CifarResNet
 
 GOOD = """\
 name: t
@@ -289,3 +290,27 @@ def test_the_example_study_runs_from_a_checkout_as_the_docs_say(tmp_path, shared
         assert run.data.params["model_parameters"] == str(count)
         assert run.data.params["dataset"] == "cifar10"
         assert run.data.tags["sweep.model_source_sha256"] == digest
+
+
+@pytest.mark.slow
+def test_a_fused_pack_of_builtins_trains_cifar100(cifar100, in_tmp):
+    """The built-in ResNets' packs build their heads for 100 classes too."""
+    root, _ = cifar100
+    result = CliRunner().invoke(main, [
+        "launch", "--study", "smoke", "--data-dir", str(root), "--quiet", "--trials", "2",
+        "--set", "data.dataset=cifar100", "--set", "data.train_size=300", "--set",
+        "data.val_size=80", "--set", "data.test_size=80", "--set", "train.epochs=1",
+        "--set", "train.batch_size=50", "--set", "train.fuse=2"])
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(in_tmp / "sweep.db") as conn:
+        states = sorted(s for (s,) in conn.execute("SELECT state FROM trials"))
+        packs = {json.loads(v) for (v,) in conn.execute(
+            "SELECT value_json FROM trial_user_attributes WHERE key = 'model_parameters'")}
+    assert states == ["COMPLETE", "COMPLETE"]
+    # resnet8 with a 100-class head: 90 more rows of 64 weights and a bias than for CIFAR-10
+    ten = sum(p.numel() for p in CifarResNet(1, 1, 10).parameters())
+    assert packs == {ten + 90 * 64 + 90}
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                              "tags.`sweep.role` != 'study'")
+    assert sorted(r.data.tags["sweep.slot"] for r in runs) == ["0", "1"]  # one pack of two
