@@ -116,8 +116,8 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     """Check the run's inputs, then open the stores, creating what is absent: the Optuna study,
     its budget (``bookkeeping.resolve_budget``), the MLflow experiment and the parent run.
 
-    Every check that can fail on user input (device, URLs, model, data folder) runs before the first
-    store is created. ``load_data``: read the data set into memory (a process that trains);
+    Every check that can fail on user input (device, URLs, model, data folder) runs before the
+    first store is created. ``load_data``: read the data set into memory (a process that trains);
     otherwise only find it, downloading it once, so workers started later never race to
     download. ``check_device=False`` where the workers run elsewhere (``sweep submit`` on a
     login node without GPUs)."""
