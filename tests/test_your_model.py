@@ -279,6 +279,9 @@ def test_the_example_study_runs_from_a_checkout_as_the_docs_say(tmp_path, shared
                 "SELECT trial_id, key, value_json FROM trial_user_attributes"):
             attrs.setdefault(trial, {})[key] = json.loads(value)
     assert len(states) == 3 and "RUNNING" not in states
+    summary = (tmp_path / "reports" / "tiny_cnn" / "summary.md").read_text()
+    assert f"examples.tiny_cnn:build_net {{\"channels\": 4, \"dropout\": 0.1}} ({count:,} " \
+           f"parameters)" in summary
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for trial in attrs.values():
         assert trial["model"] == "examples.tiny_cnn:build_net"
