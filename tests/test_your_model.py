@@ -174,6 +174,19 @@ def test_model_keys_that_cannot_work_are_refused_by_the_study_check(sets, key, s
     assert sorted(os.listdir(run)) == []
 
 
+@pytest.fixture
+def repo_on_path(monkeypatch):
+    """``examples`` importable as from the repository root, wherever pytest runs."""
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+def test_the_shipped_example_study_and_factory_pass_every_check(repo_on_path):
+    spec = load_study(REPO / "examples" / "tiny_cnn.yaml")
+    assert spec.train.model == "examples.tiny_cnn:build_net" and spec.train.fuse == 1
+    for dataset in ("cifar10", "cifar100"):
+        check_model(spec.train, {"cifar10": 10, "cifar100": 100}[dataset])
+
+
 # --- CIFAR-100 ---------------------------------------------------------------------------------
 
 def write_cifar100(root: Path, source: Path, train: int, test: int) -> dict[bytes, int]:
@@ -225,7 +238,7 @@ def test_the_cifar100_loader_reads_the_official_format_with_fine_labels(cifar100
 
 
 @pytest.mark.slow
-def test_a_cifar100_trial_trains_the_example_net_with_100_logits(cifar100):
+def test_a_cifar100_trial_trains_the_example_net_with_100_logits(cifar100, repo_on_path):
     from sweep.study.space import trial_config
     from sweep.training.train import train
     import optuna
