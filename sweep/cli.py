@@ -79,8 +79,9 @@ tracking_uri_option = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI
                                    help="MLflow tracking URI [env MLFLOW_TRACKING_URI].")
 data_dir_option = click.option(
     "--data-dir", envvar="SWEEP_DATA_DIR", default=None, callback=_absolute_dir,
-    help="Folder holding cifar-10-batches-py/, relative to where sweep runs [env SWEEP_DATA_DIR; "
-         "default: user cache, downloaded when absent; on a cluster: a folder the nodes share].")
+    help="Folder holding cifar-10-batches-py/ (cifar-100-python/ for data.dataset: cifar100), "
+         "relative to where sweep runs [env SWEEP_DATA_DIR; default: user cache, downloaded "
+         "when absent; on a cluster: a folder the nodes share].")
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto, cpu, cuda or cuda:N (in each worker or array task).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

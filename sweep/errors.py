@@ -45,7 +45,14 @@ class TrackingError(SweepError):
 
 
 class DataError(SweepError):
-    """Raised when the CIFAR-10 folder is missing, cannot be downloaded or is corrupt."""
+    """Raised when the CIFAR-10 or CIFAR-100 folder is missing, cannot be downloaded or is
+    corrupt."""
+
+
+class ModelError(SweepError):
+    """Raised when ``train.model`` names a factory that cannot be imported or called, or whose
+    network does not map a ``B x 3 x 32 x 32`` batch to ``B x num_classes`` floating-point
+    logits with floating-point parameters (checked before any store is written)."""
 
 
 class DeviceError(SweepError):

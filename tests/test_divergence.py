@@ -191,8 +191,8 @@ def _nan_at_forward(k: int, what: str):
     forward's output NaN (``what="loss"``) or the k-th backward's gradient inf (``"grad"``)."""
     real = sweep.training.train.build_model
 
-    def build(name, width=1):
-        model = real(name, width)
+    def build(name, width=1, *rest):
+        model = real(name, width, *rest)
         calls = {"forward": 0, "backward": 0}
 
         def forward_hook(module, args, output):

@@ -26,7 +26,7 @@ _INLINE = re.compile(r"`(sweep [^`]+)`")
 _OPTION = re.compile(r"^--?[A-Za-z][\w-]*$")
 _ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+(?=sweep\b)")
 _COMMENT = re.compile(r"\s+#.*$")  # a shell comment after the command
-_REPO_FILE = re.compile(r"(?<![\w/.])((?:scripts|tests|sweep|studies|docs)/[\w/.-]+"
+_REPO_FILE = re.compile(r"(?<![\w/.])((?:scripts|tests|sweep|studies|docs|examples)/[\w/.-]+"
                         r"\.(?:py|yaml|sh|sbatch|md|png))")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 

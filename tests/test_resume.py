@@ -144,14 +144,20 @@ def check_whole_curve(client: MlflowClient, trial: optuna.trial.FrozenTrial) -> 
 SLOW_DISK_S = 2.0  # each checkpoint write waits this long first: longer than an epoch here
 
 
-@pytest.mark.parametrize("fuse", [1, 2])
-def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data, study_file, fuse):
+# your own network (docs/your-model.md) resumes as exactly as the built-ins
+CUSTOM_MODEL = ("train.model=examples.tiny_cnn:build_net", "train.model_args={channels: 4}")
+
+
+@pytest.mark.parametrize("fuse, sets", [(1, ()), (2, ()), (1, CUSTOM_MODEL)],
+                         ids=["fuse1", "fuse2", "custom-model"])
+def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data, study_file, fuse,
+                                                                 sets):
     """On a slow disk (every write delayed longer than an epoch): the stop waits for the
     checkpoints still pending, the retries resume from them exactly, and the pack's training
     thread never waited for a write."""
-    ref = start(tmp_path / "ref", data, study_file, fuse, trials=fuse)  # uninterrupted, alongside
+    ref = start(tmp_path / "ref", data, study_file, fuse, trials=fuse, sets=sets)  # alongside
     cut_dir = tmp_path / "cut"
-    cut = start(cut_dir, data, study_file, fuse, trials=fuse, write_delay=SLOW_DISK_S)
+    cut = start(cut_dir, data, study_file, fuse, trials=fuse, write_delay=SLOW_DISK_S, sets=sets)
     wait_epochs(cut_dir / "sweep.db", cut, 2)  # in the third epoch (or just past it)
     signalled = time.time()  # the last reported epoch's write waits SLOW_DISK_S from about now
     cut.send_signal(signal.SIGTERM)
@@ -176,7 +182,7 @@ def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data,
     assert f"{fuse} waiting trial(s) resume from a checkpoint" in status_text(study, None, None)
 
     out, err = finish(start(cut_dir, data, study_file, fuse, trials=fuse,
-                            write_delay=SLOW_DISK_S))
+                            write_delay=SLOW_DISK_S, sets=sets))
     assert f"{fuse}/{fuse} trials used" in out  # interrupted and resumed: counted once
     if fuse > 1:  # a pack: the parent run holds where its time went, checkpoints on their own
         metrics = parent_run(cut_dir).data.metrics
@@ -198,6 +204,7 @@ def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data,
         assert retry.intermediate_values == whole.intermediate_values
         assert retry.value == whole.value
         assert retry.user_attrs["test_acc"] == whole.user_attrs["test_acc"]
+        assert retry.user_attrs["model"] == ("examples.tiny_cnn:build_net" if sets else "resnet8")
         after_warmup = [lr for step, lr in resumed["lr"] if step >= 15]
         assert min(after_warmup) < max(after_warmup)  # plateau reduced the LR: its state mattered
     assert not list((cut_dir / "sweep-checkpoints").rglob("*.pt"))  # removed once finished

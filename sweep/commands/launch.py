@@ -28,6 +28,7 @@ from sweep.record.tracking import CODE_VERSION, Tracker, check_tracking_uri
 from sweep.loop.worker import code_version, open_study, run_worker
 from sweep.study.spec import StudySpec
 from sweep.training.data import Splits, load_splits, locate
+from sweep.training.model_check import check_model
 from sweep.training.train import resolve_device
 
 
@@ -115,20 +116,21 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     """Check the run's inputs, then open the stores, creating what is absent: the Optuna study,
     its budget (``bookkeeping.resolve_budget``), the MLflow experiment and the parent run.
 
-    Every check that can fail on user input (device, URLs, data folder) runs before the first
-    store is created. ``load_data``: read the data set into memory (a process that trains);
+    Every check that can fail on user input (device, URLs, model, data folder) runs before the
+    first store is created. ``load_data``: read the data set into memory (a process that trains);
     otherwise only find it, downloading it once, so workers started later never race to
     download. ``check_device=False`` where the workers run elsewhere (``sweep submit`` on a
     login node without GPUs)."""
     device = resolve_device(opts.device if check_device else "cpu")
     check_storage_url(opts.storage)
     check_tracking_uri(opts.tracking_uri)
+    check_model(spec.train, spec.data.num_classes)  # a factory by import path, built and run once
     checkpoint_dir = resolve_dir(opts.checkpoint_dir, opts.storage)
     if load_data:
         splits = load_splits(opts.data_dir, spec.data, device)
     else:
         splits = None
-        locate(opts.data_dir)
+        locate(opts.data_dir, dataset=spec.data.dataset)
     study = open_study(spec, open_storage(opts.storage), opts.allow_space_change)
     budget = resolve_budget(study, spec, opts.trials)
     tracker = Tracker(opts.tracking_uri)

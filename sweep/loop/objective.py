@@ -22,6 +22,7 @@ import optuna
 
 from sweep.training.data import Splits
 from sweep.training.divergence import DivergenceMonitor
+from sweep.training.model_check import model_record
 from sweep.study.phases import phase_tags
 from sweep.study.pruning import describe_pruner
 from sweep.study.space import TrialConfig, trial_config
@@ -128,6 +129,7 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     steps_per_epoch = spec.steps_per_epoch
     try:
         cfg = trial_config(trial, spec)
+        model = model_record(cfg.train, cfg.data.num_classes)  # path, args, size, source hash
         checkpoint = None
         if ctx.checkpoints is not None:
             # the note is written by the writer thread, with the boundary's other notes
@@ -139,9 +141,11 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
             else {}
         run = ctx.tracker.start_trial(
             ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
-            params={**cfg.flat_params(), "device": str(ctx.device)},
+            params={**cfg.flat_params(), "device": str(ctx.device),
+                    "model_parameters": model["model_parameters"]},
             tags={CODE_VERSION: ctx.code_version, "sweep.study_file": str(spec.path),
                   "sweep.host": socket.gethostname(), "sweep.pid": os.getpid(), **phase_tags(trial),
+                  "sweep.model_source_sha256": model["model_source_sha256"],
                   **resumed, **(tags or {})},
             check=interrupt.check if interrupt is not None else None)
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
@@ -150,9 +154,10 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
         note(trial, "error", message)
         return Outcome(optuna.trial.TrialState.FAIL, detail=message)
     for key, value in (("seed", cfg.seed), ("mlflow_run_id", run.run_id),
-                       ("host", socket.gethostname()), ("pid", os.getpid())):
+                       ("host", socket.gethostname()), ("pid", os.getpid()), *model.items()):
         note(trial, key, value)
-    listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch),
+    listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch,
+                                           num_classes=cfg.data.num_classes),
                  PruningListener(trial, spec.objective.metric, describe_pruner(spec.pruner),
                                  steps_per_epoch)]
     bar = ctx.progress(trial.number, spec.train.epochs, row) if ctx.progress else None

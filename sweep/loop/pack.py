@@ -33,6 +33,7 @@ import torch
 
 from sweep.loop.objective import Outcome, StartedTrial, WorkerContext, end_trial, note, start_trial
 from sweep.base.urls import mask_url
+from sweep.study.model_ref import is_import_path
 from sweep.study.spec import TrainSpec
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
 
@@ -62,7 +63,7 @@ def auto_fuse(device: torch.device, model: str, width: int, batch_size: int) -> 
       needs about one model's training step, measured here, and at most half of the free
       memory goes to the pack.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or is_import_path(model):  # a model by path is never fused
         return 1
     want = throughput_knee(MEASURED_THROUGHPUT)
     per_slot = _step_bytes(device, model, width, batch_size)

@@ -45,7 +45,8 @@ class TrialConfig:
         out.update(base_lr=self.base_lr, scheduler=self.schedule.name,
                    warmup_steps=self.schedule.warmup_steps, seed=self.seed,
                    steps_per_epoch=self.data.train_size // self.train.batch_size)
-        return {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
+        return {k: json.dumps(v, sort_keys=True) if isinstance(v, (list, tuple, dict)) else v
+                for k, v in out.items()}
 
 
 def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import yaml
 
 from sweep.errors import FieldError, OverrideError, StudyFileError
+from sweep.study.model_ref import DATASETS, MODELS, NUM_CLASSES, is_import_path
+from sweep.study.model_ref import model_args_problem, model_problem
 from sweep.study.pruner_rules import PRUNER_PARAMS, pruner_problem
 from sweep.study.schedules import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_SHAPES, ScheduleConfig
 from sweep.study.schedules import check_schedule, resolve_params
@@ -36,8 +38,6 @@ def _studies_dir() -> Path:
 
 STUDIES_DIR = _studies_dir()
 
-MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-          "resnet18")
 OPTIMIZERS = ("sgd", "adamw")
 SAMPLERS = ("tpe", "random")
 PRUNERS = tuple(PRUNER_PARAMS)  # none, median, percentile, successive_halving, ...
@@ -99,12 +99,20 @@ class DataSpec:
     val_size: int = 5_000
     test_size: int | None = None  # None: the whole test batch
     split_seed: int = 0
+    dataset: str = "cifar10"  # or cifar100 (fine labels)
+
+    @property
+    def num_classes(self) -> int:
+        """The classes of ``dataset``: the model's output width."""
+        return NUM_CLASSES[self.dataset]
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    model: str = "resnet20"
+    model: str = "resnet20"  # a built-in name or an import path MODULE:FACTORY (model_ref.py)
     width: int = 1
+    #: keyword arguments of a factory named by import path (with ``num_classes``)
+    model_args: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 30
     batch_size: int = 128
     optimizer: str = "sgd"
@@ -120,6 +128,7 @@ class TrainSpec:
     sync_every_steps: int = 10  # host reads the per-step losses this often (divergence latency)
     compile: bool | str = "auto"  # torch.compile: true, false, or auto (CUDA only; pack.py)
     bf16: bool = True  # autocast on CUDA only
+    channels_last: bool = True  # the layout models and batches train in (models.memory_format)
     fuse: int | str = 1  # trials trained together as one grouped network; "auto": see pack.py
 
 
@@ -280,13 +289,16 @@ def _type_ok(value: Any, kind) -> bool:
         return value == "auto" or _type_ok(value, int)
     if kind == BOOL_OR_AUTO:
         return value == "auto" or isinstance(value, bool)
+    if kind is dict:
+        return isinstance(value, Mapping)
     return False
 
 
 INT_OR_AUTO = "int|auto"  # a count, or "auto" for a value the worker measures (train.fuse)
 BOOL_OR_AUTO = "bool|auto"  # on, off, or "auto": decided by the device (train.compile)
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               INT_OR_AUTO: "an integer or auto", BOOL_OR_AUTO: "true, false or auto"}
+               INT_OR_AUTO: "an integer or auto", BOOL_OR_AUTO: "true, false or auto",
+               dict: "a mapping (key: value lines under it)"}
 
 
 def _section(ctx: _Ctx, doc: Mapping, name: str, cls, rules: Mapping[str, tuple]) -> Any:
@@ -306,6 +318,8 @@ def _section(ctx: _Ctx, doc: Mapping, name: str, cls, rules: Mapping[str, tuple]
             if problem:
                 raise ctx.fail((name, key), problem)
         values[key] = float(value) if kind is float and value is not None else value
+        if kind is dict:
+            values[key] = copy.deepcopy(dict(value))  # plain dicts, not the loader's line dicts
     return cls(**values)
 
 
@@ -326,7 +340,8 @@ def _in_range(low, high, low_open=False, high_open=False):
 
 
 _TRAIN_RULES = {
-    "model": (str, _one_of(MODELS)), "width": (int, _at_least(1)), "epochs": (int, _at_least(1)),
+    "model": (str, model_problem), "model_args": (dict, lambda v: model_args_problem(dict(v))),
+    "width": (int, _at_least(1)), "epochs": (int, _at_least(1)),
     "batch_size": (int, _at_least(1)), "optimizer": (str, _one_of(OPTIMIZERS)),
     # momentum 1 never forgets a gradient (steps grow without bound); the same for AdamW's betas
     "momentum": (float, _in_range(0, 1, high_open=True)), "nesterov": (bool, None),
@@ -336,11 +351,12 @@ _TRAIN_RULES = {
     "warmup_shape": (str, _one_of(WARMUP_SHAPES)),
     "warmup_start_factor": (float, _in_range(0, 1)),  # exponential shape: > 0, see check_schedule
     "eval_batch_size": (int, _at_least(1)), "sync_every_steps": (int, _at_least(1)),
-    "compile": (BOOL_OR_AUTO, None), "bf16": (bool, None),
+    "compile": (BOOL_OR_AUTO, None), "bf16": (bool, None), "channels_last": (bool, None),
     "fuse": (INT_OR_AUTO, lambda v: None if v == "auto" or v >= 1 else f"must be >= 1 or auto, got {v!r}"),
 }
 _DATA_RULES = {"train_size": (int, _at_least(1)), "val_size": (int, _at_least(1)),
-               "test_size": (int, _at_least(1)), "split_seed": (int, _at_least(0))}
+               "test_size": (int, _at_least(1)), "split_seed": (int, _at_least(0)),
+               "dataset": (str, _one_of(DATASETS))}
 _DIVERGENCE_RULES = {"enabled": (bool, None), "loss_factor": (float, _in_range(1, 1e12, True)),
                      "patience_steps": (int, _at_least(1)), "reference_steps": (int, _at_least(1)),
                      "ceiling_factor": (float, _in_range(1, 1e12, True)),
@@ -724,6 +740,24 @@ def _divergence(ctx: _Ctx, doc: Mapping) -> DivergenceSpec:
     return spec
 
 
+def _check_custom_model(ctx: _Ctx, train: TrainSpec, fixed_in_train: Mapping) -> None:
+    """``model_args`` only with a model by import path; such a model takes no ``width`` (its
+    own arguments say its size) and trains one trial at a time (packs fuse only the built-in
+    families, whose layers the fused network knows: docs/your-model.md)."""
+    if not is_import_path(train.model):
+        if "model_args" in fixed_in_train:
+            raise ctx.fail(("train", "model_args"), f"only a model given by import path "
+                           f"(MODULE:FACTORY) takes model_args; {train.model} does not; remove it")
+        return
+    if train.width != 1:
+        raise ctx.fail(("train", "width"), f"width applies to the built-in ResNets only; pass "
+                       f"your model's size in train.model_args instead (got width {train.width})")
+    if isinstance(train.fuse, int) and train.fuse > 1:
+        raise ctx.fail(("train", "fuse"), f"a model given by import path trains one trial at a "
+                       f"time; packs fuse only the built-in ResNets; use fuse: 1 or auto, got "
+                       f"{train.fuse}")
+
+
 def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
     _check_keys(ctx, (), doc, TOP_KEYS)
     name = doc.get("name", path.stem)
@@ -746,6 +780,7 @@ def _validate(ctx: _Ctx, doc: Mapping, path: Path) -> StudySpec:
     data = _section(ctx, doc, "data", DataSpec, _DATA_RULES)
     if train.model == "resnet18" and train.width != 1:
         raise ctx.fail(("train", "width"), "resnet18 has a fixed width; width must be 1")
+    _check_custom_model(ctx, train, fixed_in_train)
     if train.batch_size > data.train_size:
         raise ctx.fail(("train", "batch_size"), f"batch size {train.batch_size} is larger than the "
                        f"training split (data.train_size = {data.train_size})")

@@ -1,4 +1,4 @@
-"""CIFAR-10 on the trial's device: loaded once per worker, augmented a whole batch at a time.
+"""CIFAR-10 or CIFAR-100 on the trial's device: loaded once per worker, augmented a whole batch at a time.
 
 Following airbench: the training split lives on the device as uint8 NCHW; every epoch is a
 random permutation; random crop (4-pixel zero padding) and horizontal flip are done on whole
@@ -29,6 +29,36 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
+@dataclass(frozen=True)
+class Format:
+    """One data set's official python archive: its folder, files, label key and statistics."""
+
+    title: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_file: str
+    label_key: str
+    classes: int
+    url: str
+    md5: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+FORMATS = {
+    "cifar10": Format("CIFAR-10", FOLDER, TRAIN_FILES, TEST_FILE, "labels", 10, ARCHIVE_URL,
+                      ARCHIVE_MD5, MEAN, STD),
+    # The python version of https://www.cs.toronto.edu/~kriz/cifar.html: one ``train`` and one
+    # ``test`` pickle (50,000 and 10,000 images) and ``meta``; sweep trains on the 100 fine
+    # labels. The MD5 is the one the page and torchvision publish; the statistics are the
+    # training set's (0..1 pixel scale), as for CIFAR-10.
+    "cifar100": Format("CIFAR-100", "cifar-100-python", ("train",), "test", "fine_labels", 100,
+                       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                       "eb9058c3a382ffc7106e4002c42a8d85", (0.5071, 0.4865, 0.4409),
+                       (0.2673, 0.2564, 0.2762)),
+}
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sweep" / "data"
@@ -48,57 +78,61 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(path: Path, fmt: Format = FORMATS["cifar10"]) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (uint8 images N x 3 x 32 x 32, int64 labels N). Any record count."""
+    title, folder, key = fmt.title, fmt.folder, fmt.label_key
     try:
         with open(path, "rb") as f:
             batch = _SafeUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise DataError(f"CIFAR-10 file missing: {path}; point --data-dir (or SWEEP_DATA_DIR) at a "
-                        f"folder holding a complete {FOLDER}/") from None
+        raise DataError(f"{title} file missing: {path}; point --data-dir (or SWEEP_DATA_DIR) at a "
+                        f"folder holding a complete {folder}/") from None
     except Exception as err:  # truncated or foreign pickle: name the file, not the internals
-        raise DataError(f"CIFAR-10 file {path} is corrupt ({type(err).__name__}: {err}); "
+        raise DataError(f"{title} file {path} is corrupt ({type(err).__name__}: {err}); "
                         f"replace it with the official file") from None
-    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        raise DataError(f"CIFAR-10 file {path} has no 'data'/'labels' entries; replace it with the "
+    if not isinstance(batch, dict) or "data" not in batch or key not in batch:
+        raise DataError(f"{title} file {path} has no 'data'/{key!r} entries; replace it with the "
                         f"official file")
-    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    data, labels = np.asarray(batch["data"]), np.asarray(batch[key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"CIFAR-10 file {path}: 'data' must be uint8 of shape (N, 3072), got "
+        raise DataError(f"{title} file {path}: 'data' must be uint8 of shape (N, 3072), got "
                         f"{data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],):
-        raise DataError(f"CIFAR-10 file {path}: {labels.shape[0] if labels.ndim else 0} labels for "
+        raise DataError(f"{title} file {path}: {labels.shape[0] if labels.ndim else 0} labels for "
                         f"{data.shape[0]} images")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"CIFAR-10 file {path}: labels out of range 0..9 "
+    if labels.size and (labels.min() < 0 or labels.max() >= fmt.classes):
+        raise DataError(f"{title} file {path}: labels out of range 0..{fmt.classes - 1} "
                         f"(min {labels.min()}, max {labels.max()})")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def locate(data_dir: str | Path | None, download: bool = True) -> Path:
-    """The ``cifar-10-batches-py`` folder under ``data_dir``; downloads it when absent."""
+def locate(data_dir: str | Path | None, download: bool = True, dataset: str = "cifar10") -> Path:
+    """The data set's folder (``cifar-10-batches-py``, ``cifar-100-python``) under
+    ``data_dir``, or ``data_dir`` itself when it holds the files; downloads and checksums the
+    official archive when absent."""
+    fmt = FORMATS[dataset]
     root = Path(data_dir) if data_dir else default_data_dir()
-    for candidate in (root / FOLDER, root):
-        if (candidate / TEST_FILE).is_file() or (candidate / TRAIN_FILES[0]).is_file():
+    for candidate in (root / fmt.folder, root):
+        if (candidate / fmt.test_file).is_file() or (candidate / fmt.train_files[0]).is_file():
             return candidate
     if not download:
-        raise DataError(f"CIFAR-10 not found: no {FOLDER}/ in {root}; point --data-dir (or "
+        raise DataError(f"{fmt.title} not found: no {fmt.folder}/ in {root}; point --data-dir (or "
                         f"SWEEP_DATA_DIR) at the folder that holds it")
     created = [p for p in (root, *root.parents) if not p.exists()]  # to undo on failure
     try:
         from torchvision.datasets.utils import download_and_extract_archive
 
         root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(ARCHIVE_URL, str(root), md5=ARCHIVE_MD5)
+        download_and_extract_archive(fmt.url, str(root), md5=fmt.md5)
     except Exception as err:
         if created:
             shutil.rmtree(created[-1], ignore_errors=True)  # a failed download writes nothing
         else:
-            (root / "cifar-10-python.tar.gz").unlink(missing_ok=True)
-        raise DataError(f"CIFAR-10 not found in {root / FOLDER} and the download failed "
-                        f"({type(err).__name__}); copy cifar-10-batches-py/ there or point "
+            (root / fmt.url.rpartition("/")[2]).unlink(missing_ok=True)
+        raise DataError(f"{fmt.title} not found in {root / fmt.folder} and the download failed "
+                        f"({type(err).__name__}); copy {fmt.folder}/ there or point "
                         f"--data-dir (or SWEEP_DATA_DIR) at a folder that holds it") from None
-    return root / FOLDER
+    return root / fmt.folder
 
 
 @dataclass
@@ -112,20 +146,27 @@ class Splits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     source: str
+    dataset: str = "cifar10"  # a key of FORMATS: the normalisation statistics
+
+    @property
+    def num_classes(self) -> int:
+        return FORMATS[self.dataset].classes
 
 
 def load_splits(data_dir: str | Path | None, spec: DataSpec, device: torch.device,
                 download: bool = True) -> Splits:
-    """Read the folder once and carve train/val from the training batches with a fixed seed.
+    """Read ``spec.dataset``'s folder once and carve train/val from the training batches with a
+    fixed seed.
 
     The validation split never overlaps the training split, and the test batch is only used
     for the final test accuracy: the objective is tuned on validation, never on test.
     """
-    folder = locate(data_dir, download)
-    parts = [_read_batch(folder / name) for name in TRAIN_FILES]
+    fmt = FORMATS[spec.dataset]
+    folder = locate(data_dir, download, spec.dataset)
+    parts = [_read_batch(folder / name, fmt) for name in fmt.train_files]
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
-    test_x, test_y = _read_batch(folder / TEST_FILE)
+    test_x, test_y = _read_batch(folder / fmt.test_file, fmt)
     need = spec.train_size + spec.val_size
     if need > len(train_y):
         raise DataError(f"{folder} holds {len(train_y)} training images but data.train_size + "
@@ -139,15 +180,16 @@ def load_splits(data_dir: str | Path | None, spec: DataSpec, device: torch.devic
         return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
     return Splits(put(train_x[train_idx]), put(train_y[train_idx]), put(train_x[val_idx]),
-                  put(train_y[val_idx]), put(test_x), put(test_y), str(folder))
+                  put(train_y[val_idx]), put(test_x), put(test_y), str(folder), spec.dataset)
 
 
 class Normalizer:
     """uint8 NCHW -> normalized float NCHW (channels_last on request), on the device."""
 
-    def __init__(self, device: torch.device, channels_last: bool):
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    def __init__(self, device: torch.device, channels_last: bool, dataset: str = "cifar10"):
+        fmt = FORMATS[dataset]
+        std = torch.tensor(fmt.std, device=device).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(fmt.mean, device=device).view(1, 3, 1, 1) * 255
         # (x - mean) / std as one fused x * scale + shift (addcmul): one pass over the batch
         # instead of three, which matters on the CPU where this runs at memory speed.
         self.scale, self.shift = 1 / std, -mean / std

@@ -31,6 +31,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from sweep.study.model_ref import is_import_path
 from sweep.training.models import build_model, memory_format
 
 # Layers that act on each channel separately: the model's own forward code works unchanged.
@@ -75,9 +76,11 @@ def structure_problem(model: nn.Module) -> str | None:
     return None
 
 
-def fuse(template: nn.Module, k: int, device: torch.device) -> nn.Module:
+def fuse(template: nn.Module, k: int, device: torch.device,
+         layout: torch.memory_format | None = None) -> nn.Module:
     """An uninitialised fused network of ``k`` copies of ``template``'s architecture (fill the
-    slots with ``load_slot``), on ``device``, in ``memory_format()`` (channels_last)."""
+    slots with ``load_slot``), on ``device``, in ``layout`` (default ``memory_format()``:
+    channels_last)."""
     fused = copy.deepcopy(template).to("meta")  # structure only: the weights come per slot
     for name, m in list(fused.named_modules()):
         if isinstance(m, nn.Conv2d):
@@ -92,7 +95,7 @@ def fuse(template: nn.Module, k: int, device: torch.device) -> nn.Module:
             continue
         parent, _, attr = name.rpartition(".")
         setattr(fused.get_submodule(parent), attr, new)
-    fused = fused.to_empty(device=device).to(memory_format=memory_format())
+    fused = fused.to_empty(device=device).to(memory_format=layout or memory_format())
     with torch.no_grad():
         for buffer in fused.buffers():
             buffer.zero_()  # num_batches_tracked; the rest is overwritten slot by slot
@@ -159,7 +162,10 @@ def decays(model: nn.Module) -> dict[str, bool]:
 @functools.lru_cache(maxsize=None)
 def fusion_problem(model: str, width: int) -> str | None:
     """None when ``model`` at ``width`` can be fused, else one line saying why not (the caller
-    says it once and runs unfused)."""
+    says it once and runs unfused). A model by import path is never fused: the fused network
+    knows only the built-in families' layers and forwards (docs/your-model.md)."""
+    if is_import_path(model):
+        return f"{model} is a model by import path; packs fuse only the built-in ResNets"
     with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
         try:
             models = [build_model(model, width) for _ in range(2)]

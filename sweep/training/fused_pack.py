@@ -119,8 +119,8 @@ class _Slot:
 class _StackedNormalizer(Normalizer):
     """``Normalizer`` for K slots' images stacked along channels: ``[B, K*3, H, W]``."""
 
-    def __init__(self, device: torch.device, k: int):
-        super().__init__(device, channels_last=memory_format() == torch.channels_last)
+    def __init__(self, device: torch.device, k: int, layout: torch.memory_format, dataset: str):
+        super().__init__(device, layout == torch.channels_last, dataset)
         self.scale, self.shift = self.scale.repeat(1, k, 1, 1), self.shift.repeat(1, k, 1, 1)
 
 
@@ -137,7 +137,8 @@ class Pack:
                                                cache_enabled=False)
         self.use_graphs, self.use_compile = graphs, compile
         self.precision = "bf16" if bf16 else "fp32"  # recorded in each slot's checkpoint
-        self.template = build_model(t.model, t.width)  # architecture only
+        self.layout = memory_format(t.channels_last)
+        self.template = build_model(t.model, t.width, splits.num_classes)  # architecture only
         self.template_state = self.template.state_dict()  # shapes and dtypes, read by snapshots
         self.decay = decays(self.template)
         self.slots: list[_Slot] = []
@@ -147,7 +148,7 @@ class Pack:
 
     # --- building --------------------------------------------------------------------------
     def _build(self, k: int) -> tuple[nn.Module, SlotOptimizer]:
-        net = fuse(self.template, k, self.device)
+        net = fuse(self.template, k, self.device, self.layout)
         params = [p for _, p in net.named_parameters()]
         decay = [self.decay[name] for name, _ in net.named_parameters()]
         optimizer = build_slot_optimizer(self.t.optimizer, params, decay, k)
@@ -167,7 +168,8 @@ class Pack:
         statistics and optimizer state, its own generator and schedule; all in place."""
         cfg = job.cfg
         torch.manual_seed(cfg.seed)
-        load_slot(self.net, self.k, index, build_model(cfg.train.model, cfg.train.width))
+        load_slot(self.net, self.k, index, build_model(cfg.train.model, cfg.train.width,
+                                                       self.splits.num_classes))
         self.optimizer.reset_slot(index)
         self.optimizer.set_slot(index, cfg.train)
         self.label_smoothing[index] = cfg.train.label_smoothing
@@ -252,7 +254,7 @@ class Pack:
         b, k = self.t.batch_size, self.k
         h, w = self.splits.train_x.shape[-2:]
         static_x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
-            memory_format=memory_format())
+            memory_format=self.layout)
         static_y = torch.zeros(b, k, dtype=torch.long, device=self.device)
         began = time.perf_counter()
 
@@ -292,7 +294,7 @@ class Pack:
         def warmed_up() -> tuple:
             with planned_compile(), restored(self._state()):
                 x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
-                    memory_format=memory_format())
+                    memory_format=self.layout)
                 y = torch.zeros(b, k, dtype=torch.long, device=self.device)
                 self._train_step(x, y, loss_fn, update)
                 self.net.eval()  # as evaluate() calls it: eval mode, no autograd
@@ -387,7 +389,7 @@ class Pack:
             self._note_recompiles()
 
     def _run_epoch(self, guards: Sequence[Listener], pack_step: int) -> None:
-        self.normalize = _StackedNormalizer(self.device, self.k)
+        self.normalize = _StackedNormalizer(self.device, self.k, self.layout, self.splits.dataset)
         n = self.splits.train_y.shape[0]
         for s in self.slots:  # as train_batches: a permutation per epoch from the slot's generator
             s.order = torch.randperm(n, generator=s.generator, device=self.device)
@@ -533,6 +535,6 @@ class Pack:
         n, full = x_u8.shape[0], self.t.eval_batch_size
         if logits_fn is not self.net and n < full:
             x_u8 = torch.cat([x_u8, x_u8.new_zeros(full - n, *x_u8.shape[1:])])
-        normalize = _StackedNormalizer(self.device, self.k)
+        normalize = _StackedNormalizer(self.device, self.k, self.layout, self.splits.dataset)
         with self.autocast():
             return logits_fn(normalize(x_u8.repeat(1, self.k, 1, 1)))[:n]

@@ -1,9 +1,16 @@
-"""CIFAR-10 ResNets: He et al. 2016's 6n+2 family and torchvision's ResNet-18 with a CIFAR stem."""
+"""The networks: He et al. 2016's CIFAR ResNets (6n+2), torchvision's ResNet-18 with a CIFAR
+stem, or the user's own by import path (``factory.py``)."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import nn
+
+from sweep.study.model_ref import is_import_path
+from sweep.study.spec import TrainSpec
+from sweep.training.factory import build_custom
 
 
 class BasicBlock(nn.Module):
@@ -59,21 +66,32 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return model
 
 
-def memory_format() -> torch.memory_format:
+def memory_format(channels_last: bool = True) -> torch.memory_format:
     """The layout models and batches train in: channels_last (1.3-1.4x faster on this CPU,
     FACTS.md, and what CUDA tensor cores want), except in float64 (a run under
     ``torch.set_default_dtype(torch.float64)``: the equivalence tests), where the CPU has no
-    channels_last convolution kernel and NCHW was 4.5x faster (resnet8, batch 32, measured)."""
-    if torch.get_default_dtype() == torch.float64:
+    channels_last convolution kernel and NCHW was 4.5x faster (resnet8, batch 32, measured),
+    and with ``channels_last=False`` (``train.channels_last``: a module that cannot take it)."""
+    if not channels_last or torch.get_default_dtype() == torch.float64:
         return torch.contiguous_format
     return torch.channels_last
 
 
-def build_model(name: str, width: int = 1) -> nn.Module:
-    """``resnet{6n+2}`` (resnet8, resnet20, resnet56, ...) or ``resnet18``."""
+def build_model(name: str, width: int = 1, num_classes: int = 10,
+                args: Mapping[str, Any] | None = None) -> nn.Module:
+    """``resnet{6n+2}`` (resnet8, resnet20, resnet56, ...), ``resnet18``, or a factory by import
+    path ``MODULE:FACTORY`` called with ``args`` and ``num_classes`` (``sweep.training.factory``;
+    raises ``ModelError``). The caller seeds torch first: the weights are drawn here."""
+    if is_import_path(name):
+        return build_custom(name, args or {}, num_classes)
     if name == "resnet18":
-        return resnet18_cifar()
+        return resnet18_cifar(num_classes)
     depth = int(name.removeprefix("resnet"))
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"unknown model {name!r}: CIFAR ResNets have depth 6n+2")
-    return CifarResNet((depth - 2) // 6, width)
+    return CifarResNet((depth - 2) // 6, width, num_classes)
+
+
+def trial_model(train: TrainSpec, num_classes: int) -> nn.Module:
+    """The network of ``train`` (``model``, ``width``, ``model_args``) for ``num_classes``."""
+    return build_model(train.model, train.width, num_classes, train.model_args)

@@ -128,7 +128,8 @@ def check_resumable(state: Mapping, cfg: TrialConfig, steps_per_epoch: int,
     the generator). Called before a resumed trial's earlier steps are replayed into its
     listeners, so a file that does not fit costs a restart from step 0, never a trial."""
     check_consistent(state, steps_per_epoch, cfg.train.epochs)
-    model = build_model(cfg.train.model, cfg.train.width)
+    t = cfg.train
+    model = build_model(t.model, t.width, cfg.data.num_classes, t.model_args)
     schedule = LRSchedule(cfg.schedule, steps_per_epoch, cfg.train.epochs)
     load_unfused(state, model, build_optimizer(model, cfg), schedule,
                  torch.Generator(device=device))
@@ -148,13 +149,14 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
     t = cfg.train
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    layout = memory_format()
-    model = build_model(t.model, t.width).to(device, memory_format=layout)
+    layout = memory_format(t.channels_last)
+    model = build_model(t.model, t.width, splits.num_classes, t.model_args).to(
+        device, memory_format=layout)
     optimizer = build_optimizer(model, cfg)
     base_lrs = [cfg.base_lr for _ in optimizer.param_groups]
     steps_per_epoch = splits.train_y.shape[0] // t.batch_size
     schedule = LRSchedule(cfg.schedule, steps_per_epoch, t.epochs)
-    normalize = Normalizer(device, layout == torch.channels_last)
+    normalize = Normalizer(device, layout == torch.channels_last, splits.dataset)
     autocast = _autocast_for(device, t.bf16)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     if device.type == "cuda":

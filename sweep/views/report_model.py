@@ -143,7 +143,7 @@ class ReportData:
     schedulers: list[str]
     epochs: int | None
     steps_per_epoch: int | None
-    training: dict  # model, batch_size, train_size, val_size as the trials logged them
+    training: dict  # model (+ args, parameters), dataset, batch and split sizes as logged
     rows: list[TrialRow]
     best: TrialRow | None
     curves: list[TrialCurve]
@@ -263,7 +263,8 @@ def load_report_data(study_name: str, storage_url: str, tracking_uri: str,
         trial_seconds=sum(r.seconds or 0.0 for r in rows), devices=devices, hosts=hosts,
         schedulers=schedulers, epochs=epochs, steps_per_epoch=spe,
         training={k: (first.data.params if first else {}).get(k)
-                  for k in ("model", "batch_size", "train_size", "val_size")}, rows=rows,
+                  for k in ("model", "model_args", "model_parameters", "dataset", "batch_size",
+                            "train_size", "val_size")}, rows=rows,
         best=ranked[0] if ranked else None,
         curves=curves, tracking_notes=notes,
         importances=imp, importance_notes=imp_notes, searched=searched_scales(trials),

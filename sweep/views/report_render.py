@@ -71,6 +71,17 @@ def _interval(i: stats.Interval) -> str:
             f"{100 * i.std:.2f}, n={i.n})")
 
 
+def _model_text(training: dict) -> str:
+    """``resnet20`` or ``mypackage.nets:build_net {"channels": 32} (254,084 parameters)``, as
+    the trials logged it (older trials logged the model only)."""
+    text = str(training.get("model") or "?")
+    if training.get("model_args") not in (None, "{}"):
+        text += f" {training['model_args']}"
+    if training.get("model_parameters"):
+        text += f" ({int(training['model_parameters']):,} parameters)"
+    return text
+
+
 def _config(params: dict) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
@@ -191,10 +202,11 @@ def _facts(data: ReportData) -> list[list[str]]:
         ["device", ", ".join(data.devices) or "-"],
         ["hosts", ", ".join(data.hosts) or "-"],
         ["objective", f"{data.metric} of the last epoch, {'maximized' if data.maximize else 'minimized'}"],
-        ["training", f"{data.training.get('model') or '?'}, {data.epochs or '?'} epochs x "
+        ["training", f"{_model_text(data.training)}, {data.epochs or '?'} epochs x "
                      f"{data.steps_per_epoch or '?'} optimizer steps (batch "
                      f"{data.training.get('batch_size') or '?'}; {data.training.get('train_size') or '?'} "
-                     f"training / {data.training.get('val_size') or '?'} validation images)"],
+                     f"training / {data.training.get('val_size') or '?'} validation images"
+                     f"{', ' + data.training['dataset'] if data.training.get('dataset') else ''})"],
         ["Optuna storage", mask_url(data.storage_url)],
         ["MLflow", f"{mask_url(data.tracking_uri)}, experiment {data.experiment_id}, parent run "
                    f"{data.parent_run_id or '-'}"],
