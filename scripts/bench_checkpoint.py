@@ -95,12 +95,12 @@ def slot_cost(folder: Path, k: int, reps: int) -> dict:
     """Extraction of one slot's state from a fused pack of ``k`` resnet8 x1, then its write."""
     import torch
 
-    from sweep.study.spec import TrainSpec
+    from sweep.study.specs import TrainSpec
     from sweep.training.data import Splits
     from sweep.training.fused_pack import Pack, PackStats, SlotJob
     from sweep.study.space import TrialConfig
     from sweep.study.schedules import ScheduleConfig
-    from sweep.study.spec import DataSpec
+    from sweep.study.specs import DataSpec
 
     t = TrainSpec(model="resnet8", width=1, epochs=10, batch_size=100, bf16=False)
     x = torch.zeros(200, 3, 32, 32, dtype=torch.uint8)
@@ -167,7 +167,7 @@ def pack_boundary(folder: Path, k: int, reps: int, device: str, record_steps: in
     from sweep.stores.checkpoints import TrialCheckpoint
     from sweep.study.schedules import ScheduleConfig
     from sweep.study.space import TrialConfig
-    from sweep.study.spec import DataSpec, TrainSpec
+    from sweep.study.specs import DataSpec, TrainSpec
     from sweep.training.data import Splits
     from sweep.training.fused_pack import Pack, PackStats, SlotJob
 

@@ -104,7 +104,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from sweep.training.data import load_splits
-    from sweep.study.spec import DataSpec
+    from sweep.study.specs import DataSpec
 
     device = torch.device(args.device)
     splits = load_splits(args.data_dir, DataSpec(train_size=args.train_size, val_size=500,

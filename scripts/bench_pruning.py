@@ -38,7 +38,7 @@ def run_study(spec, mode: str, data_dir: str, device: str, workdir: Path) -> dic
     from mlflow.tracking import MlflowClient
 
     from sweep.commands.launch import LaunchOptions, open_study_stores
-    from sweep.study.spec import PrunerSpec
+    from sweep.study.specs import PrunerSpec
     from sweep.loop.worker import run_worker
 
     if mode == "off":

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 import sweep.training.train
 from sweep.training.data import load_splits
 from sweep.training.divergence import DivergenceMonitor
-from sweep.study.spec import DivergenceSpec, parse_study
+from sweep.study.specs import DivergenceSpec
+from sweep.study.spec import parse_study
 from sweep.study.space import trial_config
 from sweep.training.train import StopTraining, train
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from sweep.study.schedules import LRSchedule, ScheduleConfig, resolve_params
 from sweep.study.space import trial_config
-from sweep.study.spec import DivergenceSpec, parse_study
+from sweep.study.specs import DivergenceSpec
+from sweep.study.spec import parse_study
 from sweep.training.data import load_splits
 from sweep.training.divergence import DivergenceMonitor
 from sweep.training.fused import SlotJob, train_pack

@@ -21,7 +21,7 @@ import torch
 
 from torch._dynamo.utils import counters
 
-from sweep.study.spec import DivergenceSpec
+from sweep.study.specs import DivergenceSpec
 from sweep.training.data import Normalizer
 from sweep.training.divergence import DivergenceMonitor
 from sweep.training.fused import SlotJob, train_pack

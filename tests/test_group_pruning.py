@@ -10,7 +10,8 @@ import pytest
 from sweep.errors import StudyFileError
 from sweep.study.phases import CONFIRM, PHASE
 from sweep.study.pruning import build_pruner
-from sweep.study.spec import PrunerSpec, load_study, parse_study
+from sweep.study.specs import PrunerSpec
+from sweep.study.spec import load_study, parse_study
 
 TYPES = ["cosine", "plateau"]
 MEDIAN = {"n_startup_trials": 2, "n_warmup_steps": 0}

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from sweep.errors import StudyFileError
 from sweep.loop.objective import PruningListener
 from sweep.study.pruning import build_pruner, describe_pruner
-from sweep.study.spec import PrunerSpec, parse_study
+from sweep.study.specs import PrunerSpec
+from sweep.study.spec import parse_study
 from sweep.training.train import StopTraining
 
 from helpers import write_cifar

@@ -425,7 +425,7 @@ def test_training_resumed_from_checkpoint_follows_the_same_lr_sequence(tiny_cifa
     checkpoint written before the listener stops training there."""
     from sweep.training.data import load_splits
     from sweep.study.space import TrialConfig
-    from sweep.study.spec import DataSpec, TrainSpec
+    from sweep.study.specs import DataSpec, TrainSpec
     from sweep.training.checkpoint import read, write_atomic
     from sweep.training.train import StopTraining, train
 

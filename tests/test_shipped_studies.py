@@ -14,7 +14,9 @@ import itertools
 import optuna
 import pytest
 
-from sweep.study.spec import Fixed, available_studies, load_study, param_values
+from sweep.study.specs import Fixed
+from sweep.study.spec import available_studies, load_study
+from sweep.study.space_rules import param_values
 from sweep.study.space import trial_config
 
 STUDIES = available_studies()

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from sweep.errors import OverrideError, StudyFileError
-from sweep.study.spec import CategoricalParam, FloatParam, IntParam, available_studies, load_study
+from sweep.study.specs import CategoricalParam, FloatParam, IntParam
+from sweep.study.spec import available_studies, load_study
 from sweep.study.spec import parse_study
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))

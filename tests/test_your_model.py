@@ -29,7 +29,8 @@ from mlflow.tracking import MlflowClient
 from helpers import REPO, sweep_cmd, sweep_env
 from sweep.cli import main
 from sweep.errors import DataError, ModelError
-from sweep.study.spec import DataSpec, load_study, parse_study
+from sweep.study.specs import DataSpec
+from sweep.study.spec import load_study, parse_study
 from sweep.training.data import load_splits
 from sweep.training.factory import load_factory
 from sweep.training.model_check import check_model

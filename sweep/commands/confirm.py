@@ -7,7 +7,7 @@ from sweep.loop.bookkeeping import budget_used, update_parent_run
 from sweep.loop.confirm_plan import as_searched, budget_line, prepare_replicates, resolve_plan
 from sweep.stores.storage import load_existing_study
 from sweep.study.phases import CONFIRM
-from sweep.study.spec import StudySpec
+from sweep.study.specs import StudySpec
 
 
 def confirm(spec: StudySpec, opts, display, seeds: int | None = None, top: int | None = None,

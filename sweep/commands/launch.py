@@ -26,7 +26,7 @@ from sweep.stores.storage import check_storage_url, open_storage
 from sweep.base.urls import mask_url
 from sweep.record.tracking import CODE_VERSION, Tracker, check_tracking_uri
 from sweep.loop.worker import code_version, open_study, run_worker
-from sweep.study.spec import StudySpec
+from sweep.study.specs import StudySpec
 from sweep.training.data import Splits, load_splits, locate
 from sweep.training.model_check import check_model
 from sweep.training.train import resolve_device

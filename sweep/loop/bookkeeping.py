@@ -36,7 +36,7 @@ from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
 from sweep.record.spool import pending
 from sweep.record.tracking import RUN_END_BY, STATE, StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
-from sweep.study.spec import StudySpec
+from sweep.study.specs import StudySpec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 OVER_BUDGET = "sweep.over_budget"

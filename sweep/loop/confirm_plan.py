@@ -30,7 +30,8 @@ from sweep.errors import ConfirmError
 from sweep.loop.bookkeeping import CONFIRM_BUDGET, SETTINGS, budget_used
 from sweep.stores.storage import study_lock
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, is_search
-from sweep.study.spec import IntParam, StudySpec, load_study, settings_overrides
+from sweep.study.specs import IntParam, StudySpec
+from sweep.study.spec import load_study, settings_overrides
 
 DEFAULT_SEEDS, DEFAULT_TOP = 5, 1
 PLAN = "sweep.confirm_plan"  # study user attribute: the plan as JSON

@@ -26,7 +26,7 @@ from sweep.training.model_check import model_record
 from sweep.study.phases import phase_tags
 from sweep.study.pruning import describe_pruner
 from sweep.study.space import TrialConfig, trial_config
-from sweep.study.spec import StudySpec
+from sweep.study.specs import StudySpec
 from sweep.stores.checkpoint_writer import CheckpointWriter
 from sweep.stores.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
 from sweep.stores.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS

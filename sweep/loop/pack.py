@@ -34,7 +34,7 @@ import torch
 from sweep.loop.objective import Outcome, StartedTrial, WorkerContext, end_trial, note, start_trial
 from sweep.base.urls import mask_url
 from sweep.study.model_ref import is_import_path
-from sweep.study.spec import TrainSpec
+from sweep.study.specs import TrainSpec
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, fusion_problem, train_pack
 
 

@@ -30,7 +30,8 @@ from sweep.stores.retry import retry_later
 from sweep.base.stopping import BoundedStop, stop_seconds
 from sweep.study.phases import SEARCH, SearchOnlySampler
 from sweep.study.pruning import build_pruner
-from sweep.study.spec import StudySpec, trial_settings
+from sweep.study.specs import StudySpec
+from sweep.study.spec import trial_settings
 
 
 class Interrupted(BaseException):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import optuna
 
 from sweep.study.phases import StudyView, is_search
-from sweep.study.spec import PrunerSpec
+from sweep.study.specs import PrunerSpec
 
 DEFAULT_MEDIAN = {"n_startup_trials": 5, "n_warmup_steps": 2}
 

@@ -18,8 +18,10 @@ import optuna
 
 from sweep.study.phases import SEED
 from sweep.study.schedules import ScheduleConfig, resolve_params
-from sweep.study.spec import CategoricalParam, FloatParam, Fixed, IntParam, Param, SearchSpace, StudySpec
-from sweep.study.spec import DataSpec, TrainSpec, train_with
+from sweep.study.specs import (CategoricalParam, FloatParam, Fixed, IntParam, Param, SearchSpace,
+    StudySpec)
+from sweep.study.specs import DataSpec, TrainSpec
+from sweep.study.space_rules import train_with
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sweep.errors import DataError
-from sweep.study.spec import DataSpec
+from sweep.study.specs import DataSpec
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))

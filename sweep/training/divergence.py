@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from sweep.study.spec import DivergenceSpec
+from sweep.study.specs import DivergenceSpec
 from sweep.training.train import StopTraining
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sweep.study.spec import TrainSpec
+from sweep.study.specs import TrainSpec
 from sweep.training.data import Splits
 from sweep.training.fused_model import fusion_problem
 from sweep.training.fused_pack import Pack, PackStats, SlotEnd, SlotJob

@@ -15,7 +15,7 @@ import torch
 
 from sweep.study.schedules import ScheduleConfig
 from sweep.study.space import TrialConfig
-from sweep.study.spec import DataSpec, TrainSpec
+from sweep.study.specs import DataSpec, TrainSpec
 from sweep.training.data import Splits
 from sweep.training.fused import SlotJob, train_pack
 from sweep.training.train import train

@@ -29,7 +29,7 @@ from torch import nn
 
 from sweep.study.schedules import LRSchedule
 from sweep.study.space import TrialConfig
-from sweep.study.spec import TrainSpec
+from sweep.study.specs import TrainSpec
 from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
 from sweep.training.checkpoint import check_state
 from sweep.training.compiling import DynamoWatch, or_fall_back, planned_compile

@@ -19,7 +19,7 @@ import torch
 from sweep.base.text import first_line
 from sweep.errors import ModelError
 from sweep.study.model_ref import is_import_path
-from sweep.study.spec import TrainSpec
+from sweep.study.specs import TrainSpec
 from sweep.training import models
 from sweep.training.factory import load_factory
 from sweep.training.models import memory_format, trial_model

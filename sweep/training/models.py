@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sweep.study.model_ref import is_import_path
-from sweep.study.spec import TrainSpec
+from sweep.study.specs import TrainSpec
 from sweep.training.factory import build_custom
 
 
