@@ -1,19 +1,26 @@
 """The fixed sections of a study file (train, data, divergence, objective, sampler,
 pruner): each key's type and rule."""
+
 from __future__ import annotations
 
 import copy
 import math
 from typing import Any, Mapping
 
-
-from sweep.study.model_ref import DATASETS
-from sweep.study.model_ref import model_args_problem, model_problem
+from sweep.study.model_ref import DATASETS, model_args_problem, model_problem
 from sweep.study.pruner_rules import PRUNER_PARAMS, pruner_problem
 from sweep.study.schedules import WARMUP_SHAPES
-from sweep.study.specs import (OPTIMIZERS, SAMPLERS, PRUNERS, METRICS, DIRECTIONS, CategoricalParam, SearchSpace, PrunerSpec)
-from sweep.study.yaml_doc import (_Ctx, _suggest, _check_keys)
-
+from sweep.study.specs import (
+    DIRECTIONS,
+    METRICS,
+    OPTIMIZERS,
+    PRUNERS,
+    SAMPLERS,
+    CategoricalParam,
+    PrunerSpec,
+    SearchSpace,
+)
+from sweep.study.yaml_doc import _check_keys, _Ctx, _suggest
 
 # --- fixed sections ---------------------------------------------------------------------------
 

@@ -1,19 +1,34 @@
 """The ``space:`` section: each searched parameter parsed and checked against the
 training settings and the schedules' extremes."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from typing import Any, Mapping
 
-
 from sweep.errors import FieldError
-from sweep.study.schedules import SCHEDULER_PARAMS, SCHEDULERS, ScheduleConfig
-from sweep.study.schedules import check_schedule, resolve_params
-from sweep.study.specs import (SPACE_KEYS, SEARCHABLE_TRAIN, OPTIMIZER_OF, IntParam, FloatParam, CategoricalParam, Fixed, Param, SearchSpace, TrainSpec)
-from sweep.study.yaml_doc import (_Ctx, _suggest, _check_keys)
-from sweep.study.sections import (_type_ok, _KIND_NAMES, _TRAIN_RULES)
-
+from sweep.study.schedules import (
+    SCHEDULER_PARAMS,
+    SCHEDULERS,
+    ScheduleConfig,
+    check_schedule,
+    resolve_params,
+)
+from sweep.study.sections import _KIND_NAMES, _TRAIN_RULES, _type_ok
+from sweep.study.specs import (
+    OPTIMIZER_OF,
+    SEARCHABLE_TRAIN,
+    SPACE_KEYS,
+    CategoricalParam,
+    Fixed,
+    FloatParam,
+    IntParam,
+    Param,
+    SearchSpace,
+    TrainSpec,
+)
+from sweep.study.yaml_doc import _check_keys, _Ctx, _suggest
 
 # --- search space -----------------------------------------------------------------------------
 

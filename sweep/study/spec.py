@@ -8,8 +8,8 @@ study file has passed validation in full.
 from __future__ import annotations
 
 import copy
-import re
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,10 +17,32 @@ import yaml
 
 from sweep.errors import OverrideError, StudyFileError
 from sweep.study.model_ref import is_import_path
-from sweep.study.specs import (OPTIMIZER_OF, DataSpec, TrainSpec, DivergenceSpec, ObjectiveSpec, SamplerSpec, StudySpec)
-from sweep.study.yaml_doc import (_LineDict, _Loader, _Ctx, _suggest, _check_keys)
-from sweep.study.sections import (_type_ok, _section, _TRAIN_RULES, _DATA_RULES, _DIVERGENCE_RULES, _OBJECTIVE_RULES, _SAMPLER_RULES, TOP_KEYS, OVERRIDABLE, _pruner, _check_pruner_groups)
-from sweep.study.space_rules import (_space)
+from sweep.study.sections import (
+    _DATA_RULES,
+    _DIVERGENCE_RULES,
+    _OBJECTIVE_RULES,
+    _SAMPLER_RULES,
+    _TRAIN_RULES,
+    OVERRIDABLE,
+    TOP_KEYS,
+    _check_pruner_groups,
+    _pruner,
+    _section,
+    _type_ok,
+)
+from sweep.study.space_rules import _space
+from sweep.study.specs import (
+    OPTIMIZER_OF,
+    DataSpec,
+    DivergenceSpec,
+    ObjectiveSpec,
+    SamplerSpec,
+    StudySpec,
+    TrainSpec,
+)
+from sweep.study.yaml_doc import _check_keys, _Ctx, _LineDict, _Loader, _suggest
+
+
 def _studies_dir() -> Path:
     """The shipped study files: ``studies/`` at the top of a source checkout (the one copy under
     version control), else the copy a wheel installs as package data ``sweep/studies/``."""

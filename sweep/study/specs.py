@@ -1,15 +1,14 @@
 """The typed specs a study file is validated into (frozen dataclasses), and the names
 of what they may hold."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from sweep.study.model_ref import NUM_CLASSES
 from sweep.study.pruner_rules import PRUNER_PARAMS
-
 
 OPTIMIZERS = ("sgd", "adamw")
 SAMPLERS = ("tpe", "random")

@@ -1,5 +1,6 @@
 """A study file's YAML with the line of every key, and the context that turns a
 problem into one ``FILE: KEY.PATH (line N): problem`` line."""
+
 from __future__ import annotations
 
 import difflib
@@ -8,7 +9,6 @@ from typing import Any, Mapping
 import yaml
 
 from sweep.errors import StudyFileError
-
 
 # --- YAML with line numbers -------------------------------------------------------------------
 
