@@ -3,44 +3,33 @@ torch.compile'd, and/or a CUDA graph), the slots with their own generators, sche
 clocks, per-slot evaluation. ``fused.train_pack`` drives it; see ``fused`` for why a slot
 equals its unfused trial.
 
-The compiled step: forward + loss are one ``torch.compile`` graph (AOTAutograd compiles its
-backward with it), the per-slot optimizer update another; inductor fuses BatchNorm, ReLU, the
-residual adds and the whole update over the flat buffer into few kernels. On CUDA the step is
-then captured as a CUDA graph as before (compile, then capture). Per-slot LR, weight decay and
-momentum (all of ``SlotOptimizer.PER_SLOT``) and label smoothing are device tensors written in
-place, and a refill writes a slot's weights and hyperparameters in place, so neither recompiles.
-A shrink (a new K) compiles the step once more, for the new K (``compiling.planned_compile``),
-so a slot keeps the compiled step's numerics to its end (in bf16 on CUDA inductor keeps fp32
-intermediates where the eager step rounds to bf16). Nothing else compiles: whatever dynamo
-compiles between the pack's own compilations (a recompile, a graph break) is counted in
-``PackStats.recompiles`` from dynamo's counters, with one warning."""
+The step and its compilation: ``pack_step``; evaluation: ``pack_eval``; checkpoints:
+``pack_state`` (mixins of ``Pack``, each reading the pack's net, optimizer, slots and stats)."""
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from sweep.base.text import first_line
 from sweep.study.schedules import LRSchedule
 from sweep.study.space import TrialConfig
 from sweep.study.specs import TrainSpec
-from sweep.training.data import Normalizer, Splits, augment_draws, crop_flip
-from sweep.training.checkpoint import check_state
-from sweep.training.compiling import DynamoWatch, or_fall_back, planned_compile
-from sweep.base.text import first_line
+from sweep.training.compiling import DynamoWatch
+from sweep.training.data import Splits, augment_draws, crop_flip
 from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
-from sweep.training.fused_snapshot import PackSnapshot, SlotClock
-from sweep.training.graphs import CapturedStep, restored
 from sweep.training.host_copy import HostBuffers
 from sweep.training.models import build_model, memory_format
-from sweep.training.train import Listener, StopTraining, TrainResult, full_precision
+from sweep.training.pack_eval import PackEvaluation, StackedNormalizer
+from sweep.training.pack_state import PackState
+from sweep.training.pack_step import PackStep
+from sweep.training.train import Listener, StopTraining, TrainResult
 
 
 @dataclass
@@ -116,15 +105,7 @@ class _Slot:
     order: torch.Tensor | None = None  # this epoch's permutation of the training split
 
 
-class _StackedNormalizer(Normalizer):
-    """``Normalizer`` for K slots' images stacked along channels: ``[B, K*3, H, W]``."""
-
-    def __init__(self, device: torch.device, k: int, layout: torch.memory_format, dataset: str):
-        super().__init__(device, layout == torch.channels_last, dataset)
-        self.scale, self.shift = self.scale.repeat(1, k, 1, 1), self.shift.repeat(1, k, 1, 1)
-
-
-class Pack:
+class Pack(PackState, PackStep, PackEvaluation):
     """The fused network, its optimizer and step, and the slots; ``train_pack`` drives it."""
 
     def __init__(self, t: TrainSpec, splits: Splits, device: torch.device, bf16: bool,
@@ -184,49 +165,6 @@ class Pack:
                 self._end(self.slots[index], SlotEnd(job.key, error=ValueError(
                     f"its checkpoint does not fit ({first_line(err)})")), wasted=True)
 
-    # --- checkpoints (the format: sweep.training.checkpoint) ---------------------------------
-    def snapshot(self, indices: Sequence[int], copy: bool = True) -> PackSnapshot:
-        """The pack's state with the clocks of slots ``indices``: copied off the device (one
-        copy per storage, one sync: ``fused_snapshot``), or live with ``copy=False``."""
-        clocks = {k: SlotClock(self.slots[k].schedule.state_dict(),
-                               self.slots[k].generator.get_state(),
-                               [dict(h) for h in self.slots[k].history], self.slots[k].step)
-                  for k in indices}
-        return PackSnapshot(self.net, self.optimizer, self.k, self.template_state,
-                            self.t.optimizer, clocks, self._host_buffers if copy else None,
-                            self.precision)
-
-    def slot_state(self, index: int) -> dict:
-        """Slot ``index``'s training state after its last finished epoch, in the format of an
-        unfused trial's (copies of the slot's rows, cut from the live tensors)."""
-        return self.snapshot([index], copy=False).state(index)
-
-    def _resume(self, index: int, state: dict) -> None:
-        """Slot ``index`` (just filled) continues from ``state`` on its own clock."""
-        check_state(state)
-        s = self.slots[index]
-        load_slot(self.net, self.k, index, state["model"])
-        saved = state["optimizer"]
-        if saved["kind"] != self.t.optimizer:
-            raise ValueError(f"optimizer state of {saved['kind']}, not {self.t.optimizer}")
-        names = [name for name, _ in self.net.named_parameters()]
-        self.optimizer.load_slot_state(index, saved["steps"],
-                                       [saved["buffers"].get(n, {}) for n in names])
-        s.schedule.load_state_dict(state["schedule"])
-        s.generator.set_state(state["generator"])
-        s.step, s.epoch, s.history = state["steps"], state["epochs"], list(state["history"])
-
-    def checkpoint_slots(self, indices: Sequence[int]) -> None:
-        """Hand each of slots ``indices`` that checkpoints its state: one copy of the pack taken
-        here (the training thread's whole share), the slots cut from it by the callee."""
-        began = time.perf_counter()
-        wanted = [k for k in indices if self.slots[k].job.checkpoint is not None]
-        if wanted:
-            snapshot = self.snapshot(wanted)
-            for k in wanted:
-                self.slots[k].job.checkpoint(functools.partial(snapshot.state, k))
-        self.stats.add_time("checkpoint", time.perf_counter() - began)
-
     def shrink(self, keep: list[int]) -> None:
         """Rebuild with slots ``keep`` only (their weights, statistics and optimizer state)."""
         net, optimizer = self._build(len(keep))
@@ -238,128 +176,6 @@ class Pack:
         self.slots = [self.slots[i] for i in keep]
         self.stats.shrinks += 1
         self._make_step()
-
-    def _state(self) -> list[torch.Tensor]:
-        """Everything a training step writes (to undo warm-up steps)."""
-        return [*self.net.parameters(), *self.net.buffers(), self.optimizer.lr,
-                *self.optimizer.state_tensors()]
-
-    def _make_step(self) -> None:
-        self.loss_fn, self.update, self.logits_fn = self._loss, self.optimizer.step, self.net
-        if self.use_compile:  # at the start and after each shrink: see the docstring
-            self._compile()
-        self.step = self._train_step
-        if not self.use_graphs:
-            return
-        b, k = self.t.batch_size, self.k
-        h, w = self.splits.train_x.shape[-2:]
-        static_x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
-            memory_format=self.layout)
-        static_y = torch.zeros(b, k, dtype=torch.long, device=self.device)
-        began = time.perf_counter()
-
-        def capture() -> CapturedStep:
-            with torch.cuda.device(self.device):  # the side stream and the graph on our GPU
-                return CapturedStep(lambda: self._train_step(static_x, static_y), self._state())
-
-        instead = "compiled, without a graph" if self.use_compile else "eagerly"
-        captured = or_fall_back(capture, "CUDA graph capture",  # must not fail the trials
-                                f"this pack trains {instead}")
-        if captured is None:
-            self.use_graphs = False
-            return
-        self.stats.capture_seconds += time.perf_counter() - began
-        self.stats.add_time("capture", time.perf_counter() - began)
-
-        def replay(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            static_x.copy_(x)
-            static_y.copy_(y)
-            return captured()
-
-        self.step = replay
-
-    def _compile(self) -> None:
-        """Compile the step and the evaluation forward for this K (``dynamic=False``: K and the
-        batch are fixed until the next shrink) and run each once on zeros, state restored, so
-        the compilation happens here and is timed; a failure falls back, in one warning line,
-        for the rest of the pack."""
-        self._note_recompiles()  # anything compiled since the last compilation was unplanned
-        began = time.perf_counter()
-        loss_fn = torch.compile(self._loss, dynamic=False)
-        update = torch.compile(self.optimizer.step, dynamic=False)
-        logits_fn = torch.compile(self.net, dynamic=False)
-        b, k = self.t.batch_size, self.k
-        h, w = self.splits.train_x.shape[-2:]
-
-        def warmed_up() -> tuple:
-            with planned_compile(), restored(self._state()):
-                x = torch.zeros(b, 3 * k, h, w, device=self.device).contiguous(
-                    memory_format=self.layout)
-                y = torch.zeros(b, k, dtype=torch.long, device=self.device)
-                self._train_step(x, y, loss_fn, update)
-                self.net.eval()  # as evaluate() calls it: eval mode, no autograd
-                try:
-                    with torch.no_grad():
-                        self._eval_logits(torch.zeros(self.t.eval_batch_size, 3, h, w,
-                                                      device=self.device, dtype=torch.uint8),
-                                          logits_fn)
-                finally:
-                    self.net.train()
-            return loss_fn, update, logits_fn
-
-        instead = f"this pack trains with the {'CUDA graph' if self.use_graphs else 'eager'} step"
-        if self.stats.compiles:
-            instead += f" from its shrink to {k} slots"
-        self.watch.mark()
-        compiled = or_fall_back(warmed_up, "torch.compile of the pack step", instead)
-        _, graph_breaks = self.watch.since()  # the frames compiled here were planned
-        if compiled is None:
-            self.use_compile = False
-            return
-        self.loss_fn, self.update, self.logits_fn = compiled
-        seconds = time.perf_counter() - began
-        self.stats.compiled, self.stats.compiles = True, self.stats.compiles + 1
-        self.stats.compile_seconds += seconds
-        self.stats.add_time("compile", seconds)
-        self._count_unplanned(0, graph_breaks)
-
-    def _note_recompiles(self) -> None:
-        """Count what dynamo compiled since the pack's last look (see the module docstring)."""
-        if self.stats.compiled:
-            self._count_unplanned(*self.watch.since())
-
-    def _count_unplanned(self, frames: int, graph_breaks: int) -> None:
-        if not (frames or graph_breaks):
-            return
-        if not (self.stats.recompiles or self.stats.graph_breaks):  # one warning per pack
-            warnings.warn(f"torch.compile: {frames} recompile(s) and {graph_breaks} graph "
-                          f"break(s) in this pack's step or evaluation (PackStats counts them "
-                          f"all); it trains on, slower, or eagerly where dynamo gave up; "
-                          f"TORCH_LOGS=recompiles,graph_breaks says why")
-        self.stats.recompiles += frames
-        self.stats.graph_breaks += graph_breaks
-
-    # --- one step ----------------------------------------------------------------------------
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The K slot losses of one stacked batch (forward and loss: what is compiled): slot
-        k's is ``cross_entropy(..., label_smoothing=eps_k)``, written out as torch computes it
-        (``(1 - eps) * nll + eps / C * -sum(log p)``, each a batch mean) with eps a vector."""
-        with self.autocast():
-            logits = self.net(x)  # [B, K, classes]
-        log_p = torch.log_softmax(full_precision(logits), dim=2)
-        nll = -log_p.gather(2, y[:, :, None]).squeeze(2).mean(0)  # [K]
-        uniform = -log_p.sum(2).mean(0) / log_p.shape[2]  # [K]
-        eps = self.label_smoothing
-        return (1 - eps) * nll + eps * uniform
-
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=None,
-                     update=None) -> torch.Tensor:
-        """Forward, backward, update; returns the K slot losses (on the device)."""
-        per_slot = (loss_fn or self.loss_fn)(x, y)
-        self.optimizer.zero_grad()  # the gradients are views into one buffer: keep them
-        per_slot.sum().backward()  # d(sum)/d(slot k's weights) = d(loss k)/d(them)
-        (update or self.update)()
-        return per_slot.detach()
 
     def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``i`` of the epoch for every slot, stacked: x [B, K*3, H, W], y [B, K]. The
@@ -389,7 +205,7 @@ class Pack:
             self._note_recompiles()
 
     def _run_epoch(self, guards: Sequence[Listener], pack_step: int) -> None:
-        self.normalize = _StackedNormalizer(self.device, self.k, self.layout, self.splits.dataset)
+        self.normalize = StackedNormalizer(self.device, self.k, self.layout, self.splits.dataset)
         n = self.splits.train_y.shape[0]
         for s in self.slots:  # as train_batches: a permutation per epoch from the slot's generator
             s.order = torch.randperm(n, generator=s.generator, device=self.device)
@@ -504,37 +320,4 @@ class Pack:
         most log2 K recaptures and compilations); until then they idle at LR 0."""
         return not (self.use_graphs or self.use_compile) or live <= self.k // 2
 
-    @torch.no_grad()
-    def evaluate(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
-        """Per-slot (mean cross-entropy, accuracy) over a split: the fused network runs once
-        over it with each image repeated for the K slots (compiled when the step is). One sync."""
-        began = time.perf_counter()
-        self.net.eval()
-        k = self.k
-        loss_sum = torch.zeros(k, device=self.device)
-        correct = torch.zeros(k, device=self.device, dtype=torch.long)
-        for start in range(0, y.shape[0], self.t.eval_batch_size):
-            logits = self._eval_logits(x_u8[start: start + self.t.eval_batch_size], self.logits_fn)
-            yb = y[start: start + self.t.eval_batch_size]
-            loss_sum += nn.functional.cross_entropy(full_precision(logits).transpose(1, 2),
-                                                    yb[:, None].expand(-1, k),
-                                                    reduction="none").sum(0)
-            correct += (logits.argmax(2) == yb[:, None]).sum(0)
-        self.net.train()
-        n = y.shape[0]
-        losses, accuracies = [v / n for v in loss_sum.tolist()], [c / n for c in correct.tolist()]
-        self.stats.add_time("evaluation", time.perf_counter() - began)
-        self._note_recompiles()
-        return losses, accuracies
 
-    def _eval_logits(self, x_u8: torch.Tensor, logits_fn) -> torch.Tensor:
-        """[n, K, classes] for n images, each seen by every slot. A compiled forward gets
-        every batch at the full ``eval_batch_size`` (a short last batch padded with zero
-        images, their rows dropped): one shape, one compilation. In eval mode every image is
-        computed on its own, so padding changes nothing for the others."""
-        n, full = x_u8.shape[0], self.t.eval_batch_size
-        if logits_fn is not self.net and n < full:
-            x_u8 = torch.cat([x_u8, x_u8.new_zeros(full - n, *x_u8.shape[1:])])
-        normalize = _StackedNormalizer(self.device, self.k, self.layout, self.splits.dataset)
-        with self.autocast():
-            return logits_fn(normalize(x_u8.repeat(1, self.k, 1, 1)))[:n]
