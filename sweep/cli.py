@@ -94,6 +94,10 @@ trials_option = click.option(
 allow_space_change_option = click.option(
     "--allow-space-change", is_flag=True,
     help="Resume even if the search space changed (the change is recorded).")
+allow_config_change_option = click.option(
+    "--allow-config-change", is_flag=True,
+    help="Resume even if the training settings (train.*, data.*, objective, divergence, pruner, "
+         "seed) changed (the change is recorded).")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print JSON (keys in docs/scripting.md) instead of text.")
@@ -161,6 +165,7 @@ def main():
 @set_option
 @click.option("--seed", type=int, help="Override the study's seed.")
 @allow_space_change_option
+@allow_config_change_option
 @quiet_option
 @checkpoint_dir_option
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -172,7 +177,8 @@ def main():
                    "estimated MLflow store size; create and run nothing.")
 @friendly_errors
 def launch(study_name, trials, storage, tracking_uri, data_dir, device, overrides, seed,
-           allow_space_change, quiet, checkpoint_dir, workers, workers_per_device, dry_run):
+           allow_space_change, allow_config_change, quiet, checkpoint_dir, workers,
+           workers_per_device, dry_run):
     """Create or resume a study and run its trials on this machine."""
     from sweep.commands.launch import LaunchOptions, launch as run_launch
     from sweep.study.spec import load_study
@@ -181,7 +187,7 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     spec = load_study(study_name, overrides)
     opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, allow_space_change,
-                         checkpoint_dir)
+                         checkpoint_dir, allow_config_change)
     if dry_run:
         from sweep.commands.dry_run import dry_run as plan
 
@@ -264,18 +270,20 @@ def validate(files):
 @device_option
 @set_option
 @allow_space_change_option
+@allow_config_change_option
 @quiet_option
 @checkpoint_dir_option
 @friendly_errors
 def worker(study_name, storage, tracking_uri, trials, data_dir, device, overrides,
-           allow_space_change, quiet, checkpoint_dir):
+           allow_space_change, allow_config_change, quiet, checkpoint_dir):
     """Pull trials from a shared study until its total budget is used (one of many workers)."""
     from sweep.commands.launch import LaunchOptions, worker_main
     from sweep.study.spec import load_study
 
     spec = load_study(study_name, list(overrides))
     result = worker_main(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
-                                             allow_space_change, checkpoint_dir),
+                                             allow_space_change, checkpoint_dir,
+                                             allow_config_change),
                          log=lambda line: click.echo(mask_url(line)))
     click.echo(mask_url(result.text))
     sys.exit(result.exit_code)
@@ -323,6 +331,7 @@ def status(study_name, storage, tracking_uri, repair, checkpoint_dir, as_json):
 @click.option("--job-dir", default="sweep-jobs", show_default=True,
               help="Where the script, its 0600 env file and the tasks' output files go.")
 @allow_space_change_option
+@allow_config_change_option
 @checkpoint_dir_option
 @click.option("--requeue", is_flag=True,
               help="Let SLURM requeue a task that is preempted or whose node fails (#SBATCH "
@@ -342,8 +351,8 @@ def status(study_name, storage, tracking_uri, repair, checkpoint_dir, as_json):
 @friendly_errors
 def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, cpus_per_task,
            time_limit, trials, data_dir, device, overrides, job_dir, allow_space_change,
-           checkpoint_dir, requeue, account, qos, mem, constraint, sbatch_options, setup,
-           dry_run):
+           allow_config_change, checkpoint_dir, requeue, account, qos, mem, constraint,
+           sbatch_options, setup, dry_run):
     """Submit a SLURM job array of ``sweep worker`` tasks sharing one study."""
     from pathlib import Path
 
@@ -355,7 +364,7 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
     spec = load_study(study_name, list(overrides))
     site = SiteOptions(account, qos, mem, constraint, tuple(sbatch_options), tuple(setup))
     text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
-                                          allow_space_change, checkpoint_dir),
+                                          allow_space_change, checkpoint_dir, allow_config_change),
                       SubmitOptions(array, Path(job_dir), partition, gpus_per_task, time_limit,
                                     cpus_per_task, dry_run, requeue, site), list(overrides))
     click.echo(mask_url(text))

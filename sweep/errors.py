@@ -63,6 +63,11 @@ class SpaceChangedError(SweepError):
     """Raised when resuming a study whose search space differs from the one it was created with."""
 
 
+class ConfigChangedError(SweepError):
+    """Raised when resuming a study whose training settings (its identity beside the space)
+    differ from the ones it was created with (``sweep.loop.identity``)."""
+
+
 class SubmitError(SweepError):
     """Raised when a ``sweep submit`` flag is invalid or ``sbatch`` refuses the job."""
 

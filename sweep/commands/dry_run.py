@@ -16,6 +16,7 @@ import yaml
 from sweep.loop.bookkeeping import BUDGET, budget_used, chosen_budget
 from sweep.stores.checkpoints import resolve_dir
 from sweep.base.urls import mask_url
+from sweep.loop.identity import IDENTITY, differences, identity
 from sweep.stores.storage import peek_study
 from sweep.record.tracking import BYTES_PER_POINT, check_tracking_uri, points_per_trial
 from sweep.study.specs import CategoricalParam, Fixed, FloatParam, IntParam, StudySpec
@@ -95,4 +96,11 @@ def dry_run(spec: StudySpec, opts) -> str:
         f"{_size(points * BYTES_PER_POINT)} at ~{BYTES_PER_POINT} bytes per point",
         f"checkpoints: {checkpoints}",
     ]
+    changed = differences(stored.user_attrs.get(IDENTITY) or {}, identity(spec)) \
+        if stored is not None else []
+    if changed:
+        lines.append("settings: the stored study was created with " + ", ".join(
+            f"{key}={old!r} (now {new!r})" for key, old, new in changed)
+            + ": a launch refuses this; use another name (--set name=NEW) or pass "
+              "--allow-config-change")
     return "\n".join(lines)

@@ -41,6 +41,7 @@ class LaunchOptions:
     trials: int | None = None
     allow_space_change: bool = False
     checkpoint_dir: str | None = None  # None: beside the Optuna store (checkpoints.default_dir)
+    allow_config_change: bool = False  # resume although train/data/... settings differ (identity)
 
 
 @dataclass
@@ -131,7 +132,8 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
     else:
         splits = None
         locate(opts.data_dir, dataset=spec.data.dataset)
-    study = open_study(spec, open_storage(opts.storage), opts.allow_space_change)
+    study = open_study(spec, open_storage(opts.storage), opts.allow_space_change,
+                       allow_config_change=opts.allow_config_change)
     budget = resolve_budget(study, spec, opts.trials)
     tracker = Tracker(opts.tracking_uri)
     replay_spool(tracker)
@@ -161,6 +163,8 @@ def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str
         cmd += ["--data-dir", str(opts.data_dir)]
     if opts.allow_space_change:
         cmd.append("--allow-space-change")
+    if opts.allow_config_change:
+        cmd.append("--allow-config-change")
     if opts.checkpoint_dir:
         cmd += ["--checkpoint-dir", str(Path(opts.checkpoint_dir).resolve())]
     return cmd

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from sweep import __version__
 from sweep.errors import SpaceChangedError
+from sweep.loop.identity import IDENTITY, check_identity, identity
 from sweep.loop.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs, fail_dead_trials,
     next_step, open_slots, over_budget)
 from sweep.stores.checkpoints import STUDY_UID
@@ -117,8 +118,9 @@ def build_sampler(spec: StudySpec, constant_liar: bool = True) -> optuna.sampler
 
 
 def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
-               create: bool = True) -> optuna.Study:
-    """Create the study or resume it; refuses a changed search space unless allowed."""
+               create: bool = True, allow_config_change: bool = False) -> optuna.Study:
+    """Create the study or resume it; refuses a changed search space or changed training
+    settings (``identity``) unless allowed."""
     sampler, pruner = build_sampler(spec), build_pruner(spec.pruner, spec.train.epochs)
     fingerprint = space_fingerprint(spec)
     try:
@@ -131,13 +133,17 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
             study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
                                         pruner=pruner, direction=spec.objective.direction)
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
-            return open_study(spec, storage, allow_space_change, create)
+            return open_study(spec, storage, allow_space_change, create,
+                              allow_config_change)
         study.set_user_attr("sweep.space", fingerprint)
         study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # tells a re-created study's checkpoints apart
         study.set_user_attr("sweep.description", spec.description)
         study.set_user_attr("sweep.study_file", str(spec.path))
         study.set_user_attr(SETTINGS, trial_settings(spec))  # what `sweep confirm` replicates
+        study.set_user_attr(IDENTITY, identity(spec))
         return study
+    if check_identity(study, spec, allow_config_change):
+        study.set_user_attr(SETTINGS, trial_settings(spec))  # confirm replicates the new ones
     stored = study.user_attrs.get("sweep.space")
     if stored is not None and stored != fingerprint:
         if not allow_space_change:

@@ -108,12 +108,12 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[tuple[str,
         if not sep or not key:
             raise OverrideError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
         path = tuple(key.strip().split("."))
-        if path in (("seed",), ("trials",)):
+        if path in (("seed",), ("trials",), ("name",)):
             pass
         elif len(path) != 2 or path[0] not in OVERRIDABLE and path[0] != "pruner":
-            valid = ["seed", "trials"] + [f"{s}.{k}" for s, r in OVERRIDABLE.items() for k in r]
+            valid = ["name", "seed", "trials"] + [f"{s}.{k}" for s, r in OVERRIDABLE.items() for k in r]
             raise OverrideError(f"--set {key}: unknown key{_suggest(key, valid)}; overridable keys "
-                                f"are seed, trials, pruner.*, " + ", ".join(f"{s}.*" for s in OVERRIDABLE))
+                                f"are name, seed, trials, pruner.*, " + ", ".join(f"{s}.*" for s in OVERRIDABLE))
         elif path[0] in OVERRIDABLE and path[1] not in OVERRIDABLE[path[0]]:
             valid = list(OVERRIDABLE[path[0]])
             raise OverrideError(f"--set {key}: unknown key{_suggest(path[1], valid)}; valid keys "
