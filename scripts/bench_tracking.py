@@ -290,7 +290,7 @@ def slow_store(args) -> int:
                 lift.start()
                 queued = []
                 probe = threading.Timer(args.seconds - 0.5, lambda: queued.append(
-                    sum(len(p) for p in list(writer._pending.values())) + len(writer._inbox)))
+                    writer.queued))
                 probe.start()
                 throttle.began, throttle.taken = time.perf_counter(), 0  # the feed's clock
                 result = feed(tracker, experiment_id, parent, k, args.rate, args.seconds,

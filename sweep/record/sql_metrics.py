@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import sys
-
-from sweep.record.spool import log_batch
 from typing import Callable, Sequence
+
+from sweep.record.batch import log_batch
 
 Point = tuple  # (key, value, timestamp ms, step)
 

@@ -31,7 +31,8 @@ from typing import Any, Mapping, Sequence
 
 from sweep.errors import TrackingError
 from sweep.record.metric_writer import MetricWriter, RunEnd, backlog_points, spool_after_s
-from sweep.record.spool import SpoolWriter, log_batch, replay, spool_dir
+from sweep.record.batch import log_batch
+from sweep.record.spool import SpoolWriter, replay, spool_dir
 from sweep.record.sql_metrics import bulk_sender
 from sweep.base.stopping import LAST_WORDS_S, stop_seconds
 from sweep.record.store_errors import is_permanent, is_read_only, wait_for_store
