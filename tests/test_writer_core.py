@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.record.spool import SpoolWriter
+from sweep.record import SpoolWriter
 from sweep.record.writer_core import FIRST_BACKOFF_S, MAX_BACKOFF_S, WriterCore
 from sweep.record.writer_work import Drain, RunEnd
 

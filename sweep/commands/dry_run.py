@@ -17,7 +17,7 @@ from sweep.loop.bookkeeping import BUDGET, budget_used, chosen_budget
 from sweep.stores.checkpoints import resolve_dir
 from sweep.base.urls import mask_url
 from sweep.stores.storage import peek_study
-from sweep.record.tracking import BYTES_PER_POINT, check_tracking_uri, points_per_trial
+from sweep.record import BYTES_PER_POINT, check_tracking_uri, points_per_trial
 from sweep.study.spec import CategoricalParam, Fixed, FloatParam, IntParam, StudySpec
 
 

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 
 from sweep.loop.bookkeeping import budget_used, reconcile, update_parent_run
-from sweep.record.completeness import launch_lines
+from sweep.record import launch_lines
 from sweep.commands.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
     open_study_stores, worker_command)
 from sweep.study.spec import StudySpec

@@ -215,7 +215,7 @@ class WriterCore:
 
     def _accepted(self) -> None:
         if self.failing_since is not None:
-            self.warn(f"MLflow store takes writes again"
+            self.warn("MLflow store takes writes again"
                       + (f"; {self.spooled} point(s) spooled to {self.spool.folder} are replayed "
                          f"by the next sweep launch or `sweep status --repair`"
                          if self.spooled else ""))
