@@ -112,6 +112,9 @@ class MetricWriter:
         # thread, at a stop's deadline) sees every queued item in one place or the other.
         self._moving = threading.RLock()  # reentrant: a second signal's handler may spool_now
         self._abandoned = False  # spool_now took everything: the thread writes nothing more
+        self._words = threading.Lock()  # one spool_now at a time (the stop's one speaker)
+        self._speaking = 0  # points of the spool_now write under way
+        self.lost = 0  # points neither stored nor spooled (the disk refused them too)
         self._wake = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
@@ -175,15 +178,26 @@ class MetricWriter:
             return True
         return self.spool_now()
 
-    def spool_now(self) -> bool:
+    def spool_now(self, wait_s: float | None = None) -> bool:
         """Write every queued point and run end to the spool now, from the calling thread
         (a stop's deadline or second signal, when the writer thread may hang in a store that is
-        down); the thread then writes nothing more. A chunk the thread is sending right now
-        may end up both stored and spooled: a replay stores it once (the spool's exactly-once
-        rule). Returns False when the disk refuses."""
+        down); the thread then writes nothing more. One caller at a time: a second one (the
+        stop's timer while the main thread spools) waits for the first to finish, at most
+        ``wait_s`` seconds (None: no limit), then adds only what was queued since. A chunk the
+        thread is sending right now may end up both stored and spooled: a replay stores it once
+        (the spool's exactly-once rule). Returns False when the disk refuses (the points are
+        counted in ``lost``) or the wait ran out."""
+        if not self._words.acquire(timeout=-1 if wait_s is None else max(0.0, wait_s)):
+            return False
+        try:
+            return self._spool_queued()
+        finally:
+            self._words.release()
+
+    def _spool_queued(self) -> bool:
         with self._moving:
             pending, ends = {}, []
-            if not self._abandoned:  # a second call (a signal after the deadline's) adds only new items
+            if not self._abandoned:  # a second call adds only new items
                 pending, ends = self.core.snapshot()
             self._abandoned = True
             queued = []
@@ -199,13 +213,17 @@ class MetricWriter:
         records = [points_record(run, points) for run, points in pending.items() if points]
         records += [end_record(e) for e in ends]
         count = sum(len(p) for p in pending.values())
+        self._speaking = count
         if records:
             try:
                 self.spool.append(records)
             except OSError as disk:
+                self.lost += count
                 self.warn(f"cannot spool to {self.spool.folder} at the stop "
                           f"({first_line(disk)}): {count} point(s) lost")
                 return False
+            finally:
+                self._speaking = 0
             self.core.spooled += count
             self.warn(f"MLflow: stopping: {count} queued point(s) and {len(ends)} run end(s) "
                       f"spooled to {self.spool.path}; the next sweep launch or `sweep status "
@@ -215,6 +233,18 @@ class MetricWriter:
             e.done.set()
         self._wake.set()
         return True
+
+    def whereabouts(self) -> str:
+        """One line for a stop's exit: what this process's writer stored, spooled (where) and
+        lost, with counts; and what a spool write under way holds, if one has not finished."""
+        where = self.spool.path or self.spool.folder
+        line = (f"MLflow: {self.stored:,} point(s) stored, {self.spooled:,} spooled to {where}"
+                f"{' (the next sweep launch or `sweep status --repair` replays them)' if self.spooled else ''}"
+                f", {self.lost:,} lost")
+        if self._speaking:
+            line += (f"; a spool write of {self._speaking:,} point(s) had not finished "
+                     f"(lost unless the segment holds them)")
+        return line
 
     def close(self) -> None:
         """Drain, stop the thread and close the spool segment (a replay may then take it)."""

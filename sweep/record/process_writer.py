@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from sweep.base.stopping import LAST_WORDS_S
+from sweep.base.stopping import LAST_WORDS_S, WORDS_WAIT_S
 from sweep.record.metric_writer import MetricWriter
 from sweep.record.spool import SpoolWriter, spool_dir
 from sweep.record.sql_metrics import bulk_sender
@@ -83,13 +83,18 @@ class ProcessWriter:
         ``deadline`` or, failing that, spooled now. The LR-curve figures still being drawn are
         left (the curve is in the ``lr`` metric)."""
         if self._writer is not None:
-            self._writer.settle_by(deadline - LAST_WORDS_S)
+            # Two last-words lengths before the deadline: this thread's spool write is done
+            # before the stop's timer fires, which then has nothing left to write.
+            self._writer.settle_by(deadline - 2 * LAST_WORDS_S)
 
-    def spool_now(self) -> None:
+    def spool_now(self) -> str:
         """The process's last words at a stop's deadline or second signal: spool what is
-        queued, from this thread, at once."""
-        if self._writer is not None:
-            self._writer.spool_now()
+        queued, from this thread, at once (waiting at most ``WORDS_WAIT_S`` for a spool write
+        already under way); returns the line that says what is stored, spooled and lost."""
+        if self._writer is None:
+            return "MLflow: nothing was queued"
+        self._writer.spool_now(wait_s=WORDS_WAIT_S)
+        return self._writer.whereabouts()
 
     @property
     def refusing(self) -> bool:

@@ -53,9 +53,10 @@ class Tracker:
         """A stop's way out: every queued point and run end stored by ``deadline`` or spooled."""
         self.process.settle_by(deadline)
 
-    def spool_now(self) -> None:
-        """The process's last words at a stop: spool what is queued, from this thread, at once."""
-        self.process.spool_now()
+    def spool_now(self) -> str:
+        """The process's last words at a stop: spool what is queued, from this thread, at once;
+        returns the line that says what is stored, spooled and lost (``ProcessWriter``)."""
+        return self.process.spool_now()
 
     @property
     def refusing(self) -> bool:
