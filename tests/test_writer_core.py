@@ -7,6 +7,7 @@ disk, read back here with ``json`` line by line, not through the spool's own rea
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import sqlite3
 from pathlib import Path
@@ -35,6 +36,18 @@ class Store:
         if self.down:
             raise ConnectionError("connection refused")
         self.ends[end.run_id] = end.status
+
+
+class FullDisk(SpoolWriter):
+    """A real spool segment whose disk is full while ``full`` (ENOSPC, as a full file system
+    answers; ``tests/test_record_stop.py`` fills a real one)."""
+
+    full = False
+
+    def append(self, records: list[dict]) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().append(records)
 
 
 def _points(n: int, first_step: int = 0) -> list:
@@ -114,10 +127,10 @@ def test_the_backlog_cap_spools_what_the_store_has_not_taken_yet(tmp_path):
     store = Store()
     core, lines = _core(tmp_path, store, backlog_cap=1000)
     core.feed([("a", _points(600)), ("b", _points(400))])
-    core.enforce_cap()
+    core.enforce_cap(0.0)
     assert core.backlog == 1000 and _spooled(tmp_path / "spool") == ({}, {})  # at the cap: kept
     core.feed([("a", _points(1, 600))])
-    core.enforce_cap()
+    core.enforce_cap(0.0)
     assert _spooled(tmp_path / "spool") == ({"a": 601, "b": 400}, {})
     assert core.backlog == 0 and not core.pending and core.spooled == 1001
     assert len([line for line in lines if "more slowly than they come" in line]) == 1
@@ -179,3 +192,110 @@ def test_a_run_the_store_will_never_take_is_set_aside_while_another_flows(tmp_pa
     assert sum(len(r.get("metrics", ())) for r in aside) == 1200
     assert {r["run"] for r in aside} == {gone} and all(r["reason"] for r in aside)
     assert len([line for line in lines if "will never take" in line]) == 1
+
+
+def test_a_full_disk_in_an_outage_is_warned_once_never_spins_and_memory_stays_at_the_cap(tmp_path):
+    store = Store()
+    store.down = True
+    spool = FullDisk(tmp_path / "spool", "sqlite:///unused.db", host="test")
+    spool.full = True
+    lines: list[str] = []
+    core = WriterCore(store.send, store.finish, spool, spool_after_s=0.0, backlog_cap=2000,
+                      warn=lines.append)
+    end = RunEnd("a", "FINISHED", {}, 1)
+    core.feed([("a", _points(1500)), end])
+    now, waits = _run_until(core, 0.0, 120.0)
+    assert min(waits) > 0 and len(waits) < 40  # backing off, never spinning
+    assert len([line for line in lines if "cannot spool" in line]) == 1
+    assert core.backlog == 1500 and not end.done.is_set() and core.lost == 0  # kept in memory
+    core.feed([("a", _points(1000, 1500)), ("b", _points(300))])
+    core.enforce_cap(now)
+    assert core.backlog == 2000 and core.lost == 800  # the newest beyond the cap, counted
+    assert sum(len(p) for p in core.pending.values()) == 2000
+    assert len([line for line in lines if "dropped" in line]) == 1
+    spool.full = False  # space again: the next try spools what was kept, the end after it
+    now, _ = _run_until(core, now, now + 2 * MAX_BACKOFF_S)
+    assert end.done.is_set() and end.spooled
+    points, ends = _spooled(tmp_path / "spool")
+    assert sum(points.values()) == 2000 and ends == {"a": "FINISHED"}
+    assert any("takes writes again" in line for line in lines)
+
+
+def test_a_run_end_behind_spooled_points_waits_for_a_full_disk_without_spinning(tmp_path):
+    """The store takes writes; a run's points went to the spool (the backlog cap), then the disk
+    fills: its end waits for the disk on the disk's backoff, with one warning line."""
+    store = Store()
+    spool = FullDisk(tmp_path / "spool", "sqlite:///unused.db", host="test")
+    lines: list[str] = []
+    core = WriterCore(store.send, store.finish, spool, spool_after_s=60.0, backlog_cap=1000,
+                      warn=lines.append)
+    core.feed([("a", _points(1001))])
+    core.enforce_cap(0.0)
+    spool.full = True
+    end = RunEnd("a", "FINISHED", {}, 1)
+    core.feed([end])
+    now, waits = _run_until(core, 0.0, 60.0)
+    assert min(waits) > 0 and len(waits) < 30 and not end.done.is_set()
+    assert len([line for line in lines if "cannot spool" in line]) == 1
+    spool.full = False
+    _run_until(core, now, now + MAX_BACKOFF_S + 1)
+    assert end.spooled and store.ends == {} and _spooled(tmp_path / "spool")[1] == {"a": "FINISHED"}
+
+
+def test_a_set_aside_run_is_warned_once_and_not_sent_again(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    class Refusing(Store):
+        tries = 0
+
+        def send(self, run_id, points):
+            if run_id == "gone":
+                self.tries += 1
+                raise MlflowException(f"Run '{run_id}' not found",
+                                      error_code=RESOURCE_DOES_NOT_EXIST)
+            super().send(run_id, points)
+
+    store = Refusing()
+    core, lines = _core(tmp_path, store)
+    for second in range(5):  # five flushes of a trial whose run was deleted in the UI
+        core.feed([("gone", _points(100, 100 * second)), ("live", _points(100, 100 * second))])
+        core.step(float(second))
+    assert store.tries == 1 and store.points == {"live": 500} and core.set_aside == 500
+    assert len([line for line in lines if "will never take" in line]) == 1
+
+
+def test_a_store_call_that_never_returns_bounds_memory_at_the_point_of_entry(tmp_path,
+                                                                             monkeypatch):
+    """The shell (``MetricWriter``) over a store whose call hangs: once the inbox holds the cap,
+    ``put_many`` spools what comes from the training thread; a full disk then counts it lost."""
+    import threading
+
+    from sweep.record.metric_writer import MetricWriter
+
+    monkeypatch.setenv("SWEEP_BACKLOG_POINTS", "1000")
+    entered, release = threading.Event(), threading.Event()
+
+    def hung(run_id, points):  # a PostgreSQL call over a half-open connection
+        entered.set()
+        release.wait()
+
+    lines: list[str] = []
+    spool = FullDisk(tmp_path / "spool", "sqlite:///unused.db", host="test")
+    writer = MetricWriter(None, spool, warn=lines.append, send=hung)
+    try:
+        writer.put_many("a", _points(500))
+        writer.drain(0.0)  # wakes the thread, which takes the 500 and hangs in the store
+        assert entered.wait(60)
+        for first in range(500, 3500, 500):
+            writer.put_many("a", _points(500, first))
+        assert writer.queued <= 1000 + 500  # the hung chunk and a full inbox, no more
+        assert _spooled(tmp_path / "spool")[0] == {"a": 2000} and writer.spooled == 2000
+        spool.full = True
+        writer.put_many("a", _points(500, 3500))
+        assert writer.lost == 500
+        assert len([line for line in lines if "has not returned" in line]) == 1
+    finally:
+        release.set()
+        spool.full = False
+        writer.close()

@@ -114,7 +114,14 @@ class MetricWriter:
         self._abandoned = False  # spool_now took everything: the thread writes nothing more
         self._words = threading.Lock()  # one spool_now at a time (the stop's one speaker)
         self._speaking = 0  # points of the spool_now write under way
-        self.lost = 0  # points neither stored nor spooled (the disk refused them too)
+        self._lost = 0  # points neither stored nor spooled at the stop (the disk refused them)
+        # The point of entry's bound: points in the inbox (not yet taken by the thread). Over
+        # the cap the thread is not taking (a store call that never returns): put_many spools.
+        self._entry = threading.Lock()
+        self._inbox_points = 0
+        self._entry_spooled = 0
+        self._entry_lost = 0
+        self._entry_warned = False
         self._wake = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
@@ -122,7 +129,10 @@ class MetricWriter:
 
     # -- the counts (the core's) --
     stored = property(lambda self: self.core.stored, doc="points the store took")
-    spooled = property(lambda self: self.core.spooled, doc="points written to the spool")
+    spooled = property(lambda self: self.core.spooled + self._entry_spooled,
+                       doc="points written to the spool")
+    lost = property(lambda self: self.core.lost + self._lost + self._entry_lost,
+                    doc="points neither stored nor spooled (the store and the disk refused)")
     set_aside = property(lambda self: self.core.set_aside,
                          doc="points of runs the store will never take")
     backlog = property(lambda self: self.core.backlog,
@@ -152,8 +162,35 @@ class MetricWriter:
 
     # -- the training thread's side: appends only --
     def put_many(self, run_id: str, points) -> None:
-        """Queue ``points``: (key, value, timestamp ms, step) tuples of one run."""
+        """Queue ``points``: (key, value, timestamp ms, step) tuples of one run. Memory is
+        bounded here: while the inbox already holds ``SWEEP_BACKLOG_POINTS`` (the thread is not
+        taking them: a store call that does not return), the points go to the spool from this
+        thread instead, or are counted lost when the disk refuses too."""
+        with self._entry:
+            over = self._inbox_points + len(points) > self.core.backlog_cap
+            if not over:
+                self._inbox_points += len(points)
+        if over:
+            self._spool_at_entry(run_id, list(points))
+            return
         self._inbox.append((run_id, points))
+
+    def _spool_at_entry(self, run_id: str, points: list) -> None:
+        try:
+            self.spool.append([points_record(run_id, points)])
+        except OSError as disk:
+            with self._entry:
+                self._entry_lost += len(points)
+            why = f"the spool refuses too ({first_line(disk, strerror=True)}): point(s) lost"
+        else:
+            self.core.mark_spooled(run_id)
+            with self._entry:
+                self._entry_spooled += len(points)
+            why = f"point(s) go to {self.spool.path} as they come"
+        if not self._entry_warned:
+            self._entry_warned = True
+            self.warn(f"MLflow writer: over {self.core.backlog_cap} points wait for a store call "
+                      f"that has not returned; {why} (SWEEP_BACKLOG_POINTS bounds the memory)")
 
     def end(self, end: RunEnd) -> threading.Event:
         """Queue a run's end after its points; returns the event set once it is written."""
@@ -218,7 +255,7 @@ class MetricWriter:
             try:
                 self.spool.append(records)
             except OSError as disk:
-                self.lost += count
+                self._lost += count
                 self.warn(f"cannot spool to {self.spool.folder} at the stop "
                           f"({first_line(disk)}): {count} point(s) lost")
                 return False
@@ -265,7 +302,7 @@ class MetricWriter:
                     mark.done.set()
                 return
             self._take()
-            core.enforce_cap()
+            core.enforce_cap(time.monotonic())
             if self._closing and core.idle and not self._inbox:
                 return
             try:
@@ -286,3 +323,6 @@ class MetricWriter:
             while inbox:
                 items.append(inbox.popleft())
             self.core.feed(items)
+        taken = sum(len(item[1]) for item in items if isinstance(item, tuple))
+        with self._entry:
+            self._inbox_points -= taken

@@ -60,8 +60,14 @@ class WriterCore:
         self.backoff = Backoff(FIRST_BACKOFF_S, MAX_BACKOFF_S)
         self.failing_since: float | None = None  # when the store began refusing
         self.next_try = 0.0  # no write before this ``now``
-        self._spool_failed = False
         self._spooled_runs: set[str] = set()  # runs with points in the spool: their ends follow
+        # The spool's disk refused (full, over quota): retried on its own backoff, warned once
+        # per episode, so a full disk never makes the writer spin or fill the log.
+        self._disk_backoff = Backoff(FIRST_BACKOFF_S, MAX_BACKOFF_S)
+        self.disk_retry_at = 0.0  # no spool write before this ``now``
+        self._disk_warned = False
+        self.lost = 0  # points dropped: the store and the disk refused, and memory was at the cap
+        self._set_aside_runs: dict[str, str] = {}  # run id -> why the store will never take it
         self.set_aside = 0  # points of runs the store will never take
         self.stored = 0  # points the store took
         self.spooled = 0  # points written to the spool
@@ -83,10 +89,15 @@ class WriterCore:
                 self.drains.append(item)
         self.backlog = sum(len(p) for p in self.pending.values())
 
-    def enforce_cap(self) -> None:
-        """Spool every pending point when more than ``backlog_cap`` are pending."""
-        if self.backlog > self.backlog_cap:
-            self._spool_backlog()
+    def enforce_cap(self, now: float) -> None:
+        """Spool every pending point when more than ``backlog_cap`` are pending. While the disk
+        refuses, what exceeds the cap is dropped (counted in ``lost``, warned once): memory
+        stays bounded whatever the store and the disk do."""
+        if self.backlog <= self.backlog_cap:
+            return
+        if now >= self.disk_retry_at and self._spool_backlog(now):
+            return
+        self._drop_beyond_cap()
 
     @property
     def busy(self) -> bool:
@@ -120,6 +131,9 @@ class WriterCore:
         arriving meanwhile may cut it short."""
         if self.busy and self.next_try > now:  # backing off after a refusal
             return self.next_try - now
+        if self.ends and not self.pending and self.disk_retry_at > now and all(
+                e.run_id in self._spooled_runs for e in self.ends):
+            return self.disk_retry_at - now  # only ends the refusing disk must take are left
         if self.busy and (self.ends or self.drains or closing
                           or any(len(p) >= MAX_BATCH for p in self.pending.values())):
             return 0.0  # someone waits for these, or a full chunk is ready: no pause
@@ -134,6 +148,11 @@ class WriterCore:
                 mark.done.set()
             self.drains.clear()
 
+    def mark_spooled(self, run_id: str) -> None:
+        """Points of ``run_id`` went to the spool past the core (the point of entry's bound):
+        its end follows them there."""
+        self._spooled_runs.add(run_id)
+
     def snapshot(self) -> tuple[dict[str, list], list[RunEnd]]:
         """Copies of what is pending (a stop's last words spool them from another thread)."""
         return {run: list(points) for run, points in list(self.pending.items())}, list(self.ends)
@@ -146,6 +165,8 @@ class WriterCore:
     def write(self, now: float) -> None:
         """Send every pending point, then every end whose run has none left; on a refusal note
         it and return (what was not sent waits for the next try)."""
+        for run_id in [r for r in self.pending if r in self._set_aside_runs]:
+            self._set_aside_run(run_id, self._set_aside_runs[run_id])  # not sent again
         runs = list(self.pending)
         if self.mapper is not None and len(runs) > 1:
             results = list(self.mapper(lambda r: self._send_run(r, self.pending[r]), runs))
@@ -161,7 +182,7 @@ class WriterCore:
             self.stored_by_run[run_id] += stored
             self.seconds_by_run[run_id] += seconds
             if err is not None and self.permanent(err):
-                self._set_aside_run(run_id, err)
+                self._set_aside_run(run_id, first_line(err))
             elif err is not None and refused is None:
                 refused = err
         for run_id in runs:
@@ -172,18 +193,25 @@ class WriterCore:
             self._refused(refused, now)
             return
         for end in [e for e in self.ends if e.run_id not in self.pending]:
+            if end.run_id in self._set_aside_runs:
+                self._set_aside_run(end.run_id, self._set_aside_runs[end.run_id])
+                continue
             if end.run_id in self._spooled_runs:  # its points wait in the spool: so does its end
+                if now < self.disk_retry_at:
+                    continue
                 try:
                     self.spool.append([end_record(end)])
-                except OSError:
+                except OSError as disk:
+                    self._disk_refused(disk, now, f"the end of run {end.run_id}")
                     continue
+                self._disk_accepted()
                 self._release(end, spooled=True)
                 continue
             try:
                 self.finish(end)
             except Exception as err:
                 if self.permanent(err):
-                    self._set_aside_run(end.run_id, err)
+                    self._set_aside_run(end.run_id, first_line(err))
                     continue
                 self._refused(err, now)
                 return
@@ -231,12 +259,14 @@ class WriterCore:
                       f"{self.spool_after_s:g} s")
         self.next_try = now + self.backoff.next_wait()
         if now - self.failing_since >= self.spool_after_s:
-            self._spool_all(err)
+            self._spool_all(err, now)
 
     # -- the spool --
-    def _spool_all(self, err: Exception) -> None:
+    def _spool_all(self, err: Exception, now: float) -> None:
         """Everything pending to the spool: points, then the ends of runs that have no
         unsent point left. Kept in memory (and retried) when the disk refuses too."""
+        if now < self.disk_retry_at:
+            return
         records = [points_record(run_id, points) for run_id, points in self.pending.items()]
         ends = list(self.ends)
         records += [end_record(e) for e in ends]
@@ -244,13 +274,10 @@ class WriterCore:
         try:
             self.spool.append(records)
         except OSError as disk:
-            if not self._spool_failed:
-                self.warn(f"cannot spool to {self.spool.folder} either ({first_line(disk)}); "
-                          f"{count} point(s) kept in memory and retried")
-            self._spool_failed = True
+            self._disk_refused(disk, now, f"{count} point(s) and {len(ends)} run end(s)")
             return
+        self._disk_accepted()
         first = self.spooled == 0
-        self._spool_failed = False
         self.spooled += count
         self._spooled_runs.update(self.pending)
         self.pending.clear()
@@ -262,18 +289,56 @@ class WriterCore:
                       f"({first_line(err)}): points go to {self.spool.path} until it takes "
                       f"them again; {REPLAY_HINT}")
 
-    def _spool_backlog(self) -> None:
+    def _disk_refused(self, disk: OSError, now: float, what: str) -> None:
+        """The spool's disk refused a write: try it again on the disk's own backoff; one line
+        per episode."""
+        self.disk_retry_at = now + self._disk_backoff.next_wait()
+        if not self._disk_warned:
+            self._disk_warned = True
+            self.warn(f"cannot spool to {self.spool.folder} ({first_line(disk, strerror=True)}): "
+                      f"{what} kept in memory (at most {self.backlog_cap} points) and retried "
+                      f"every {MAX_BACKOFF_S:g} s at most; free space there or set "
+                      f"SWEEP_SPOOL_DIR")
+
+    def _disk_accepted(self) -> None:
+        if self._disk_warned:
+            self.warn(f"the spool at {self.spool.folder} takes writes again")
+        self._disk_warned = False
+        self._disk_backoff.reset()
+        self.disk_retry_at = 0.0
+
+    def _drop_beyond_cap(self) -> None:
+        """Memory at the cap and nowhere to put more: drop the newest points beyond it, from
+        the runs holding the most (``sweep status`` names each run that lacks points)."""
+        excess = self.backlog - self.backlog_cap
+        dropped: dict[str, int] = {}
+        while excess > 0:
+            run_id = max(self.pending, key=lambda r: len(self.pending[r]))
+            points = self.pending[run_id]
+            cut = min(excess, len(points))
+            del points[len(points) - cut:]
+            dropped[run_id] = dropped.get(run_id, 0) + cut
+            excess -= cut
+        count = sum(dropped.values())
+        self.lost += count
+        self.backlog -= count
+        self.warn(f"MLflow store and spool both refuse and {self.backlog_cap} points are held in "
+                  f"memory (SWEEP_BACKLOG_POINTS): {count} newer point(s) of {len(dropped)} "
+                  f"run(s) dropped; `sweep status` names those runs")
+
+    def _spool_backlog(self, now: float) -> bool:
         """More points pending than the cap: the store takes them more slowly than they come.
         Every pending point goes to the spool (memory stays bounded); the runs' ends follow
-        their points there."""
+        their points there. False when the disk refuses."""
         records = [points_record(run_id, points)
                    for run_id, points in self.pending.items() if points]
         count = sum(len(r["metrics"]) for r in records)
         try:
             self.spool.append(records)
         except OSError as disk:
-            self.warn(f"backlog of {count} point(s) not spooled ({first_line(disk)}); kept")
-            return
+            self._disk_refused(disk, now, f"a backlog of {count} point(s)")
+            return False
+        self._disk_accepted()
         if not self.spooled:
             self.warn(f"MLflow store takes points more slowly than they come: over "
                       f"{self.backlog_cap} queued, spooling to {self.spool.path} (replayed by "
@@ -282,21 +347,27 @@ class WriterCore:
         self._spooled_runs.update(r["run"] for r in records)
         self.pending.clear()
         self.backlog = 0
+        return True
 
-    def _set_aside_run(self, run_id: str, err: Exception) -> None:
+    def _set_aside_run(self, run_id: str, reason: str) -> None:
         """A run the store will never take (deleted, not active, its row gone): its points and
-        end leave the queue for the spool's set-aside file, with the reason; other runs go on."""
+        end leave the queue for the spool's set-aside file, with the reason; other runs go on.
+        Warned once per run; its later points and end follow without another try."""
         points = self.pending.pop(run_id, [])
         ends = [e for e in self.ends if e.run_id == run_id]
         records = ([points_record(run_id, points)] if points else []) + \
             [end_record(e) for e in ends]
         try:
-            self.spool.set_aside(records, first_line(err))
+            self.spool.set_aside(records, reason)
         except OSError as disk:
-            self.warn(f"cannot set aside run {run_id}'s points ({first_line(disk)}); dropped")
-        self.set_aside += len(points)
-        self.warn(f"MLflow store will never take run {run_id}'s writes ({first_line(err)}): "
-                  f"{len(points)} point(s) set aside in {self.spool.folder}; `sweep status` "
-                  f"names them")
+            self.lost += len(points)
+            self.warn(f"cannot set aside run {run_id}'s points ({first_line(disk)}): "
+                      f"{len(points)} point(s) lost")
+        else:
+            self.set_aside += len(points)
+        if run_id not in self._set_aside_runs:
+            self._set_aside_runs[run_id] = reason
+            self.warn(f"MLflow store will never take run {run_id}'s writes ({reason}): its "
+                      f"points are set aside in {self.spool.folder}; `sweep status` names them")
         for e in ends:
             self._release(e, spooled=True)
