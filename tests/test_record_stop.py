@@ -118,3 +118,55 @@ def test_a_stop_with_a_locked_store_and_a_large_backlog_spools_every_point(tmp_p
     assert exit_line.startswith("interrupted"), out[-2000:]
     assert f"{len(stored):,} point(s) stored, {len(spooled):,} spooled to " in exit_line, exit_line
     assert ", 0 lost" in exit_line and "had not finished" not in exit_line
+
+
+@pytest.fixture
+def full_spool(tmp_path):
+    """``mlflow.db.spool`` as a 64 KiB tmpfs (a full disk for 200,000 points); needs root."""
+    folder = tmp_path / "mlflow.db.spool"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_stop_onto_a_full_spool_disk_exits_in_time_and_counts_what_it_lost(tmp_path, template,
+                                                                             full_spool):
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template, db)
+    env = {"SWEEP_STOP_S": str(STOP_S), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, f"sqlite:///{db}"], cwd=tmp_path,
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = sqlite3.connect(db, isolation_level=None, timeout=60)
+    try:
+        run_id = child.stdout.readline().strip()
+        lock.execute("BEGIN EXCLUSIVE")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "fed"
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)  # within SLURM's KillWait, or it fails here
+    finally:
+        lock.close()
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, err[-3000:]
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT count(*) FROM metrics WHERE run_uuid = ?",
+                              (run_id,)).fetchone()[0]
+    readable = []
+    for path in full_spool.glob("*.jsonl"):  # a torn last line is no point of anyone's
+        for line in path.read_text().splitlines():
+            try:
+                readable += [p[3] for p in json.loads(line).get("metrics", ())]
+            except ValueError:
+                pass
+    exit_line = out.strip().splitlines()[-1]
+    lost = POINTS - stored - len(set(readable))
+    assert lost > 0 and f", {lost:,} lost" in exit_line, exit_line
+    assert len([line for line in err.splitlines() if "cannot spool" in line]) == 1

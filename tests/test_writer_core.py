@@ -299,3 +299,17 @@ def test_a_store_call_that_never_returns_bounds_memory_at_the_point_of_entry(tmp
         release.set()
         spool.full = False
         writer.close()
+
+
+def test_the_postgresql_client_has_keepalives_and_a_statement_timeout(postgres_server):
+    """A hung PostgreSQL becomes an outage: the record's connections carry TCP keepalives and a
+    statement timeout, read back from the server and the driver."""
+    from sweep.record import Tracker
+
+    tracker = Tracker(postgres_server[1])
+    engine = tracker.client._tracking_client.store.engine
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "1min"
+        dsn = conn.connection.driver_connection.info.dsn
+    assert "keepalives=1" in dsn and "keepalives_idle=30" in dsn
+    assert tracker.uri == postgres_server[1]  # the spool's identity keeps the user's URL

@@ -76,7 +76,12 @@ def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions,
     received: list[int] = []
 
     def forward(signum, frame):
+        # Once: each worker's own bounded stop does the rest. A second signal would make every
+        # worker skip its orderly end for its last words, and under SLURM the workers get the
+        # job's SIGTERM directly as well.
         received.append(signum)
+        if len(received) > 1:
+            return
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)

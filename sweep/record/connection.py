@@ -13,6 +13,12 @@ from sweep.errors import TrackingError
 from sweep.record.metric_writer import backlog_points, spool_after_s
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Every store call has a bound, so a hung store becomes an outage (retried, then spooled) rather
+# than a writer that waits for ever while its queue grows: PostgreSQL gets TCP keepalives (a
+# half-open connection is found in 30 + 3 x 10 s) and a statement timeout; a tracking server
+# MLflow's HTTP timeout (``connect``); SQLite the driver's 5 s busy timeout (pysqlite's default).
+PG_BOUNDS = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+             "keepalives_count": "3", "options": "-c statement_timeout=60000"}
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -63,6 +69,20 @@ def check_server_answers(uri: str, timeout_s: float = 10) -> None:
                                 f"/ MLFLOW_TRACKING_URI") from None
 
 
+def client_uri(uri: str) -> str:
+    """The URI the client connects with: ``uri`` plus the bounds of ``PG_BOUNDS`` for
+    PostgreSQL (those the user did not set). Only the connection uses it: the spool and every
+    message keep the user's spelling."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(uri)
+    if not parts.scheme.startswith("postgresql"):
+        return uri
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    added = {k: v for k, v in PG_BOUNDS.items() if k not in query}
+    return parts._replace(query=urlencode({**query, **added})).geturl() if added else uri
+
+
 def connect(uri: str):
     """An ``MlflowClient`` for ``uri`` (checked with ``check_tracking_uri``) that has answered
     one query. Raises TrackingError, one masked line, when the store cannot be used."""
@@ -83,7 +103,7 @@ def connect(uri: str):
                 client = MlflowClient(tracking_uri=uri)
                 client.search_experiments(max_results=1)
         else:
-            client = MlflowClient(tracking_uri=uri)
+            client = MlflowClient(tracking_uri=client_uri(uri))
             client.search_experiments(max_results=1)
     except Exception as err:
         raise TrackingError(f"MLflow tracking URI {mask_url(uri)!r} cannot be used: "
