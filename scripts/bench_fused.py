@@ -120,7 +120,7 @@ def side_by_side(rows, ks, modes) -> None:
 
 def fixed_cost(args) -> None:
     """Seconds the training thread spends ending one trial's run, synchronously vs handed off."""
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
 
     with tempfile.TemporaryDirectory(prefix="bench_fused-") as tmp:
         tracker = Tracker(f"sqlite:///{tmp}/mlflow.db")

@@ -239,10 +239,10 @@ def slow_store(args) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from sweep.record.metric_writer import MetricWriter
-    from sweep.record.spool import SpoolWriter, replay, spool_dir
-    from sweep.record.sql_metrics import bulk_sender
-    from sweep.record.tracking import Tracker
+    from sweep.record import MetricWriter
+    from sweep.record import SpoolWriter, replay, spool_dir
+    from sweep.record import bulk_sender
+    from sweep.record import Tracker
 
     if len(args.runs) > 1 or len(args.cap) > 1:  # each case in a fresh process, side by side
         failed = False
@@ -272,7 +272,7 @@ def slow_store(args) -> int:
                 uri = f"sqlite:///{tmp}/mlflow.db"
                 tracker = Tracker(uri)
                 throttle = Throttle(bulk_sender(tracker.client), args.slow_store * offered)
-                tracker._writer = MetricWriter(tracker.client, SpoolWriter(spool_dir(uri), uri),
+                tracker.writer = MetricWriter(tracker.client, SpoolWriter(spool_dir(uri), uri),
                                                send=throttle)
                 experiment_id = tracker.experiment_id(f"slow-{k}")
                 parent = tracker.study_run(experiment_id, f"slow-{k}", {}, None)
@@ -284,13 +284,13 @@ def slow_store(args) -> int:
 
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
-                writer = tracker._writer
+                writer = tracker.writer
                 # the feed ends its runs and drains: lift the limit as its feed time ends
                 lift = threading.Timer(args.seconds, lambda: setattr(throttle, "points_per_s", None))
                 lift.start()
                 queued = []
                 probe = threading.Timer(args.seconds - 0.5, lambda: queued.append(
-                    sum(len(p) for p in list(writer._pending.values())) + len(writer._inbox)))
+                    writer.queued))
                 probe.start()
                 throttle.began, throttle.taken = time.perf_counter(), 0  # the feed's clock
                 result = feed(tracker, experiment_id, parent, k, args.rate, args.seconds,
@@ -330,7 +330,7 @@ def main() -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
 
     stores = list(args.stores)
     no_postgres = os.geteuid() != 0 or not list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))

@@ -45,7 +45,7 @@ def child(args) -> None:
     from sweep.study.spec import load_study
     from sweep.loop.bookkeeping import FINISHED, counted, fail_dead_trials, over_budget
     from sweep.stores.storage import open_storage
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
     from sweep.loop.worker import _Heartbeat, open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -97,7 +97,7 @@ def create(args) -> None:
     warnings.filterwarnings("ignore")
     from sweep.study.spec import load_study
     from sweep.stores.storage import open_storage
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
     from sweep.loop.worker import open_study
 
     spec = load_study(STUDY)

@@ -13,7 +13,7 @@ import click
 from sweep.errors import SweepError
 from sweep.stores.storage import DEFAULT_STORAGE
 from sweep.base.urls import mask_url
-from sweep.record.tracking import DEFAULT_TRACKING_URI
+from sweep.record import DEFAULT_TRACKING_URI
 
 
 def friendly_errors(fn):

@@ -185,3 +185,16 @@ def test_a_circle_is_found():
     graph = internal_graph()
     graph["sweep.base.urls"] = graph["sweep.base.urls"] | {"sweep.base.text"}
     assert ["sweep.base.text", "sweep.base.urls"] in cycles(graph)
+
+
+def test_code_outside_the_record_imports_it_through_its_public_names():
+    """``sweep.record``'s ``__init__`` names its surface; nothing outside ``sweep/record/`` reaches
+    behind it (the modules there may move names between them freely)."""
+    import sweep.record
+
+    behind = {f"{module} imports {target}" for module, targets in internal_graph().items()
+              if not module.startswith("sweep.record") for target in targets
+              if target.startswith("sweep.record.")}
+    assert not behind, "\n".join(sorted(behind))
+    missing = [name for name in sweep.record.__all__ if not hasattr(sweep.record, name)]
+    assert not missing and len(set(sweep.record.__all__)) == len(sweep.record.__all__)

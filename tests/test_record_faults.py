@@ -186,7 +186,7 @@ def test_kill_9_mid_trial_names_the_killed_run_and_what_it_holds(tmp_path, tiny_
 
 
 def _tracker_with_runs(uri: str, study: str, n: int):
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
 
     tracker = Tracker(uri)
     experiment_id = tracker.experiment_id(study)
@@ -205,7 +205,7 @@ def test_a_run_deleted_mid_study_is_set_aside_and_named_and_holds_up_no_other_ru
     """A run deleted through MLflow's API while its points are queued: its end is refused for
     good (the run is not active). It is set aside with the reason, the other run ends whole,
     and the completeness check names it and counts the record incomplete (status exit 3)."""
-    from sweep.record.completeness import check
+    from sweep.record import check_completeness as check
 
     monkeypatch.setenv("SWEEP_SPOOL_AFTER_S", "600")  # a permanent error must not wait for it
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -235,7 +235,7 @@ def test_replay_skips_a_record_it_cannot_store_and_two_hosts_share_one_spool(tmp
     """Two hosts' segments in one spool folder (one of them holding a line for a run deleted
     through MLflow's API), replayed by two replayers at once: each segment exactly once, the
     deleted run's line set aside, every other point stored once and the segments gone."""
-    from sweep.record.spool import SpoolWriter, pending, replay, spool_dir
+    from sweep.record import SpoolWriter, pending, replay, spool_dir
 
     uri = f"sqlite:///{tmp_path}/m.db"
     tracker, _, runs = _tracker_with_runs(uri, "hosts", 3)
@@ -275,7 +275,7 @@ def test_a_backlog_over_its_cap_goes_to_the_spool_and_replays_once(tmp_path, mon
     """SWEEP_BACKLOG_POINTS=1000 and 2,400 points queued at once: they go to the spool although
     the store takes writes (memory stays bounded), the run's end follows them there, and the
     replay stores every point once."""
-    from sweep.record.spool import pending, replay
+    from sweep.record import pending, replay
 
     monkeypatch.setenv("SWEEP_BACKLOG_POINTS", "1000")
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -321,7 +321,7 @@ def test_a_run_whose_end_is_on_its_way_is_not_ended_by_another_workers_cleanup(t
     promised (``sweep.run_end_by``), another worker's stale-run cleanup leaves the run alone;
     after it, or with no promise, the run is stale."""
     from sweep.loop.bookkeeping import stale_runs
-    from sweep.record.tracking import RUN_END_BY
+    from sweep.record import RUN_END_BY
 
     study = optuna.create_study(study_name="grace", storage=f"sqlite:///{tmp_path}/o.db")
     tracker, experiment_id, runs = _tracker_with_runs(f"sqlite:///{tmp_path}/m.db", "grace", 0)

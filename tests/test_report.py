@@ -26,7 +26,7 @@ from helpers import free_port
 from sweep.cli import main
 from sweep.views.report import compute_importances, load_report_data, write_report
 from sweep.stores.storage import open_storage
-from sweep.record.tracking import Tracker
+from sweep.record import Tracker
 
 # One real MLflow store is created per module (its schema migration alone takes 5-25 s here).
 pytestmark = pytest.mark.slow

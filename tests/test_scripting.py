@@ -30,7 +30,7 @@ from sweep.loop.bookkeeping import update_parent_run
 from sweep.stores.checkpoints import CheckpointDir, default_dir, storage_key
 from sweep.commands.launch import LaunchOptions, open_study_stores
 from sweep.loop.objective import end_trial, start_trial
-from sweep.record.spool import SpoolWriter, spool_dir
+from sweep.record import SpoolWriter, spool_dir
 from sweep.study.spec import load_study
 from sweep.training.train import StopTraining, TrainResult
 
@@ -286,7 +286,7 @@ def test_delete_removes_the_study_everywhere_and_nothing_else(sqlite_stores):
     assert not folder.exists() and default_dir(where["storage"]).exists()
     assert not any(art.exists() for art in beta_artifacts)
     assert "lr_curve.png" in [a.path for a in client.list_artifacts(alpha_run)]  # alpha's stay
-    from sweep.record.spool import pending
+    from sweep.record import pending
 
     left = pending(where["tracking"])
     assert left.points == {alpha_run: 1}  # alpha's record stays

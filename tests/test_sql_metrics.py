@@ -11,7 +11,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from sweep.record.sql_metrics import bulk_sender
+from sweep.record import bulk_sender
 
 # Steps out of order, a repeated step with another value, equal (step, ts) with other values:
 # the cases MLflow's "latest metric" rule (step, then timestamp, then value) has to decide.
@@ -72,7 +72,7 @@ def test_a_metrics_table_it_was_not_tested_with_falls_back_to_log_batch_with_one
     import sqlite3
     import time
 
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"

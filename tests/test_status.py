@@ -24,7 +24,7 @@ from sweep.loop.bookkeeping import (budget_used, fail_dead_trials, reconcile, re
 from sweep.stores.retry import retry_later
 from sweep.commands.status import status_text
 from sweep.stores.storage import open_storage
-from sweep.record.tracking import Tracker
+from sweep.record import Tracker
 from sweep.loop.worker import open_study
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.yaml"

@@ -32,7 +32,7 @@ bench = bench_tracking()
 
 
 def _feed(uri: str, study: str, k: int, seconds: float = FEED_S, **kw):
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
 
     tracker = Tracker(uri)
     experiment_id = tracker.experiment_id(study)
@@ -156,7 +156,7 @@ def test_read_only_sqlite_store_mid_study_then_writable_then_repair_is_complete(
     monkeypatch.setenv("SWEEP_SPOOL_AFTER_S", "1")
     uri, storage = f"sqlite:///{db}", f"sqlite:///{tmp_path}/sweep.db"
     study = optuna.create_study(study_name="ro", storage=storage)
-    from sweep.record.tracking import Tracker
+    from sweep.record import Tracker
 
     tracker = Tracker(uri)
     experiment_id = tracker.experiment_id("ro")
@@ -203,8 +203,8 @@ def test_an_interrupted_replay_run_again_stores_each_point_once(tmp_path):
     process had died before deleting it, and replayed again: the rows are the same."""
     import shutil
 
-    from sweep.record.spool import SpoolWriter, replay, spool_dir
-    from sweep.record.tracking import Tracker
+    from sweep.record import SpoolWriter, replay, spool_dir
+    from sweep.record import Tracker
 
     uri = f"sqlite:///{tmp_path}/m.db"
     tracker = Tracker(uri)

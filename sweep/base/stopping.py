@@ -9,6 +9,13 @@ time up to the deadline, and a timer takes over one second before it: the proces
 words" (spool every queued point synchronously) and ``os._exit``. A second signal does the same
 at once.
 
+One speaker: the last words may already be under way on the main thread (the orderly path
+spools what its drain could not store). The timer and a second signal then wait for them to
+finish (at most ``WORDS_WAIT_S``) instead of exiting under their feet, and the exit line quotes
+what the last words report: what is stored, what is spooled (with counts) and what is lost. The
+second signal's handler does no work itself: it starts the exit on its own thread and returns,
+so a handler that lands inside the main thread's spool write lets that write finish.
+
 The rule lives here once: ``stop_seconds`` reads and checks the variable, ``BoundedStop`` owns
 the signal handlers for a whole command (``sweep launch``, ``sweep worker``), and code that must
 finish work at a stop takes the deadline (a ``time.monotonic()`` value) as a parameter.
@@ -23,10 +30,15 @@ import threading
 import time
 from typing import Callable
 
+from sweep.base.text import first_line
 from sweep.errors import TrackingError
 
 DEFAULT_STOP_S = 20.0
 LAST_WORDS_S = 1.0  # the timer fires this long before the deadline: a spool write is milliseconds
+# The longest the timer or a second signal waits for last words already under way (a spool
+# write of a 500,000-point backlog takes about a second): a stop ends by SWEEP_STOP_S plus this
+# at worst, within SLURM's default KillWait (30 s) at the default SWEEP_STOP_S (20 s).
+WORDS_WAIT_S = 5.0
 
 
 def stop_seconds() -> float:
@@ -48,13 +60,14 @@ class BoundedStop:
 
     First SIGINT/SIGTERM: ``signum`` is set (the study loop stops its trials at the next check)
     and the deadline starts. ``last_words`` (set by the command once its tracker exists) is
-    called by the timer just before the deadline, or at once on a second signal, and the
-    process exits with 128 + the signal number. The handler itself never raises: an exception
+    called by the timer just before the deadline, or at once on a second signal (on a thread of
+    its own), and the process exits with 128 + the signal number; it returns the line that says
+    what is where (or None), which the exit line quotes. The handler itself never raises: an exception
     raised from a signal handler can land in a finalizer, where Python prints and ignores it.
     Leaving the ``with`` block restores the handlers; the timer stays armed once a stop began
     (the process is on its way out; the bound covers the interpreter's own exit too)."""
 
-    def __init__(self, last_words: Callable[[], None] | None = None):
+    def __init__(self, last_words: Callable[[], str | None] | None = None):
         self.signum: int | None = None
         self.deadline: float | None = None
         self.last_words = last_words
@@ -80,7 +93,12 @@ class BoundedStop:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            self._exit(128 + signum, f"interrupted again ({signal.Signals(signum).name})")
+            # Not here: this handler may have landed inside the main thread's own last words,
+            # which must finish first (``_exit`` waits for them on its thread).
+            threading.Thread(target=self._exit, daemon=True, name="second-signal",
+                             args=(128 + signum, f"interrupted again "
+                                                 f"({signal.Signals(signum).name})")).start()
+            return
         self.signum = signum
         self.begin(128 + signum)
 
@@ -106,15 +124,15 @@ class BoundedStop:
 
     def _exit(self, exit_code: int, why: str) -> None:
         with self._words_lock:  # the timer and a second signal: one of them speaks
+            words = None
             if self.last_words is not None:
                 try:
-                    self.last_words()
-                except BaseException:
-                    pass  # nothing may stand between the stop and the exit
+                    words = self.last_words()
+                except BaseException as err:  # nothing may stand between the stop and the exit
+                    words = f"the last words failed ({first_line(err, typed=True)})"
             try:  # the job's log says why it ends here (stdout: where the summary would be)
-                print(f"{why}: exiting; what MLflow had not taken is in the spool, and the next "
-                      f"launch or `sweep status --repair` replays it and retries the trial(s)",
-                      flush=True)
+                print(f"{why}: exiting; {words or 'nothing was queued for MLflow'}; the next "
+                      f"launch retries the interrupted trial(s)", flush=True)
             except Exception:
                 pass
             for stream in (sys.stdout, sys.stderr):  # the job's log keeps its last lines

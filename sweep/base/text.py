@@ -1,6 +1,9 @@
-"""One way to turn an error into one line (the project's warnings and errors quote it)."""
+"""One way to turn an error into one line (the project's warnings and errors quote it), and one
+way to print a warning."""
 
 from __future__ import annotations
+
+import sys
 
 from sweep.base.urls import mask_url
 
@@ -23,3 +26,8 @@ def first_line(err: BaseException, *, typed: bool = False, strerror: bool = Fals
     if typed:
         return f"{type(err).__name__}: {line}"
     return line or type(err).__name__
+
+
+def warn(line: str) -> None:
+    """``line`` on stderr as ``warning: LINE``, flushed (a job's log keeps it if it dies next)."""
+    print(f"warning: {line}", file=sys.stderr, flush=True)

@@ -27,8 +27,7 @@ from optuna.trial import TrialState
 
 from sweep.errors import SweepError
 from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
-from sweep.record.completeness import is_sql_store
-from sweep.record.spool import drop_runs, pending
+from sweep.record import drop_runs, is_sql_store, pending
 from sweep.commands.status import open_for_status
 from sweep.base.urls import mask_url
 

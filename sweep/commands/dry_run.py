@@ -18,7 +18,7 @@ from sweep.stores.checkpoints import resolve_dir
 from sweep.base.urls import mask_url
 from sweep.loop.identity import IDENTITY, differences, identity
 from sweep.stores.storage import peek_study
-from sweep.record.tracking import BYTES_PER_POINT, check_tracking_uri, points_per_trial
+from sweep.record import BYTES_PER_POINT, check_tracking_uri, points_per_trial
 from sweep.study.specs import CategoricalParam, Fixed, FloatParam, IntParam, StudySpec
 
 

@@ -18,13 +18,12 @@ import torch
 
 from sweep.loop.bookkeeping import budget_used, reconcile, resolve_budget, update_parent_run
 from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
-from sweep.record.completeness import launch_lines, replay_spool
+from sweep.record import CODE_VERSION, check_tracking_uri, launch_lines, replay_spool, Tracker
 from sweep.loop.objective import WorkerContext
 from sweep.loop.pack import log_pack_times, time_table
 from sweep.base.stopping import BoundedStop
 from sweep.stores.storage import check_storage_url, open_storage
 from sweep.base.urls import mask_url
-from sweep.record.tracking import CODE_VERSION, Tracker, check_tracking_uri
 from sweep.loop.worker import code_version, open_study, run_worker
 from sweep.study.specs import StudySpec
 from sweep.training.data import Splits, load_splits, locate

@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 
 from sweep.loop.bookkeeping import budget_used, reconcile, update_parent_run
-from sweep.record.completeness import launch_lines
+from sweep.record import launch_lines
 from sweep.commands.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
     open_study_stores, worker_command)
 from sweep.study.specs import StudySpec
@@ -76,7 +76,12 @@ def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions,
     received: list[int] = []
 
     def forward(signum, frame):
+        # Once: each worker's own bounded stop does the rest. A second signal would make every
+        # worker skip its orderly end for its last words, and under SLURM the workers get the
+        # job's SIGTERM directly as well.
         received.append(signum)
+        if len(received) > 1:
+            return
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)

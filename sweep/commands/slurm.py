@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sweep.errors import SubmitError
 from sweep.commands.slurm_site import SiteOptions, check_site, setup_block, site_directives
-from sweep.record.spool import SPOOL_DIR_NAME
+from sweep.record import SPOOL_DIR_NAME
 from sweep.base.urls import journal_path, mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
@@ -181,7 +181,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     from sweep.stores.checkpoints import resolve_dir
     from sweep.commands.launch import open_study_stores, worker_command
     from sweep.stores.storage import check_storage_url
-    from sweep.record.tracking import check_tracking_uri
+    from sweep.record import check_tracking_uri
 
     check_submit(opts)
     launch_opts = replace(launch_opts, storage=absolute_url(launch_opts.storage),

@@ -14,8 +14,7 @@ from sweep.loop.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile, 
     state_counts, update_parent_run, worker_gone)
 from sweep.stores.checkpoints import (checkpoint_root, orphans, remove_orphans, storage_key,
     waiting_with_checkpoint)
-from sweep.record.completeness import Completeness, check, replay_spool
-from sweep.record.tracking import Tracker
+from sweep.record import Completeness, Tracker, check_completeness, replay_spool
 
 
 #: ``sweep status`` exit codes (docs/scripting.md). RECORD_INCOMPLETE is branch i23's: it owns
@@ -210,7 +209,7 @@ def status_facts(study: optuna.Study, tracker: Tracker | None, experiment_id: st
         stale = [{"run_id": run.info.run_id, "trial": trial.number if trial else None,
                   "trial_state": trial.state.name if trial else None}
                  for run, trial in stale_runs(study, tracker, experiment_id)]
-        completeness = check(tracker, experiment_id)
+        completeness = check_completeness(tracker, experiment_id)
     budget = study.user_attrs.get(BUDGET)
     return StatusFacts(study.study_name, int(budget) if budget else None, budget_used(study),
                        counts, running, waiting_with_checkpoint(trials), stale, completeness,

@@ -33,8 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
-from sweep.record.spool import pending
-from sweep.record.tracking import RUN_END_BY, STATE, StudySummary, Tracker
+from sweep.record import RUN_END_BY, STATE, pending, StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
 from sweep.study.specs import StudySpec
 

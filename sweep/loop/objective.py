@@ -31,7 +31,7 @@ from sweep.stores.checkpoint_writer import CheckpointWriter
 from sweep.stores.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
 from sweep.stores.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
 from sweep.base.urls import mask_url
-from sweep.record.tracking import CODE_VERSION, REASON, RUN_END_BY, STATE, Tracker, TrialRun
+from sweep.record import CODE_VERSION, REASON, RUN_END_BY, STATE, Tracker, TrialRun
 from sweep.training.train import StopTraining, TrainResult, train
 
 import torch

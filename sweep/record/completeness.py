@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from sweep.record.spool import Pending, pending
 from sweep.base.urls import mask_url
-from sweep.record.tracking import EXPECTED_POINTS, STATE, Tracker
+from sweep.record.names import EXPECTED_POINTS, STATE
+from sweep.record.tracking import Tracker
 
 REPLAY_HINT = "sweep status --repair"
 
@@ -148,7 +149,7 @@ def launch_lines(tracker: Tracker, experiment_id: str | None, study: str) -> lis
     history back over HTTP would cost more than the launch's last trial)."""
     if is_sql_store(tracker):
         return check(tracker, experiment_id).lines(study)
-    writer = tracker._writer
+    writer = tracker.process.started
     spool = pending(tracker.uri)
     if not (spool.waiting or spool.set_aside):
         stored = writer.stored if writer is not None else 0

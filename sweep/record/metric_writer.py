@@ -24,6 +24,10 @@ of size 5 overflow 10 reached"), after which a run's later points were dropped (
   writes (memory stays bounded when the store is slower than the trainer).
 * A stop (``stopping``): ``settle_by(deadline)`` lets the thread store what it can until the
   deadline, then ``spool_now`` writes the rest to the spool from the stopping thread.
+
+The rules live in ``writer_core.WriterCore`` (no thread, no clock of its own: tested with a fake
+clock); this module is the thin shell around it: the queue the training thread appends to, the
+one thread, the handles callers wait on (``writer_work``), and a stop's last words.
 """
 
 from __future__ import annotations
@@ -33,16 +37,16 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-from sweep.errors import TrackingError
-from sweep.record.store_errors import is_permanent
-from sweep.record.spool import MAX_BATCH, SpoolWriter, log_batch
 from sweep.base.text import first_line
+from sweep.errors import TrackingError
+from sweep.record.batch import MAX_BATCH, metric_sender, run_finisher
+from sweep.record.spool import SpoolWriter
+from sweep.record.writer_core import FLUSH_S, WriterCore
+from sweep.record.writer_work import Drain, RunEnd, end_record, points_record
 
-FLUSH_S = 1.0  # the longest a point waits on the queue before a write (the UI lags this)
-FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
+__all__ = ["FLUSH_S", "MetricWriter", "RunEnd", "backlog_points", "spool_after_s"]
 
 
 def spool_after_s() -> float:
@@ -78,76 +82,115 @@ def backlog_points() -> int:
     return value
 
 
-@dataclass
-class RunEnd:
-    """A run's last write: tags, then its status. ``done`` is set once stored or spooled."""
-
-    run_id: str
-    status: str
-    tags: dict[str, str]
-    end_time: int  # ms since the epoch, when the trial ended (not when the write went out)
-    done: threading.Event = field(default_factory=threading.Event)
-    spooled: bool = False
-
-
-@dataclass
-class _Drain:
-    done: threading.Event = field(default_factory=threading.Event)
-
-
 class MetricWriter:
     """The one thread that writes a process's points to one MLflow store (see module doc).
 
     ``client`` is an ``MlflowClient``; ``spool`` this process's spool segment; ``warn`` gets one
     line when an outage starts, when points are spooled and when the store takes writes again.
     ``senders``: threads that send different runs' points at once, for a tracking server (the
-    store's work is the server's; the round trips of the 20-35 ms calls then overlap). ``on_stored(points, now_ms)``
-    (benchmarks) hears of every stored chunk. ``send(run_id, points)`` stores one chunk
-    (``sql_metrics.bulk_sender`` for MLflow's SQL stores; default ``log_batch``)."""
+    store's work is the server's; the round trips of the 20-35 ms calls then overlap).
+    ``on_stored(points, now_ms)`` (benchmarks) hears of every stored chunk. ``send(run_id,
+    points)`` stores one chunk (``sql_metrics.bulk_sender`` for MLflow's SQL stores; default
+    ``log_batch``)."""
 
     def __init__(self, client, spool: SpoolWriter, senders: int = 1,
                  warn: Callable[[str], None] | None = None, on_stored: Callable | None = None,
                  send: Callable | None = None):
         self.client, self.spool = client, spool
-        self._send = send or self._log_batch
         self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.on_stored = on_stored
-        self._inbox: collections.deque = collections.deque()
-        # Held while items move from the inbox to the writer's own lists, so that ``spool_now``
-        # (another thread, at a stop's deadline) sees every queued item in one place or the other.
-        self._moving = threading.RLock()  # reentrant: a second signal's handler may spool_now
-        self._abandoned = False  # spool_now took everything: the thread writes nothing more
-        self._wake = threading.Event()
-        self._pending: dict[str, list] = {}  # run id -> [(key, value, ts, step)] not yet sent
-        self._ends: list[RunEnd] = []  # waiting for their run's points
-        self._drains: list[_Drain] = []
-        self._closing = False
-        self._failing_since: float | None = None
-        self._delay = FIRST_BACKOFF_S
-        self._next_try = 0.0
-        self._spool_failed = False
-        self._backlog_cap = backlog_points()
-        self._spooled_runs: set[str] = set()  # runs with points in the spool: their ends follow
-        self.set_aside = 0  # points of runs the store will never take (store_errors)
-        self.stored = 0  # points the store took
-        self.spooled = 0  # points written to the spool
-        self.backlog = 0  # points taken off the queue and not yet stored (the writer's lag)
-        self.busy_s = 0.0  # wall time spent writing (benchmarks: capacity = stored / busy_s)
-        self.stored_by_run: dict[str, int] = collections.Counter()
-        self.seconds_by_run: dict[str, float] = collections.Counter()
-        self._count_lock = threading.Lock()
         self._pool = None
         if senders > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(senders, thread_name_prefix="mlflow-send")
+        self.core = WriterCore(send or metric_sender(client), run_finisher(client), spool,
+                               spool_after_s=spool_after_s(), backlog_cap=backlog_points(),
+                               warn=self.warn, on_stored=on_stored,
+                               mapper=self._pool.map if self._pool is not None else None)
+        self._inbox: collections.deque = collections.deque()
+        # Held while items move from the inbox into the core, so that ``spool_now`` (another
+        # thread, at a stop's deadline) sees every queued item in one place or the other.
+        self._moving = threading.RLock()  # reentrant: a second signal's handler may spool_now
+        self._abandoned = False  # spool_now took everything: the thread writes nothing more
+        self._words = threading.Lock()  # one spool_now at a time (the stop's one speaker)
+        self._speaking = 0  # points of the spool_now write under way
+        self._lost = 0  # points neither stored nor spooled at the stop (the disk refused them)
+        # The point of entry's bound: points in the inbox (not yet taken by the thread). Over
+        # the cap the thread is not taking (a store call that never returns): put_many spools.
+        self._entry = threading.Lock()
+        self._inbox_points = 0
+        self._entry_spooled = 0
+        self._entry_lost = 0
+        self._entry_warned = False
+        self._wake = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
         self._thread.start()
 
+    # -- the counts (the core's) --
+    stored = property(lambda self: self.core.stored, doc="points the store took")
+    spooled = property(lambda self: self.core.spooled + self._entry_spooled,
+                       doc="points written to the spool")
+    lost = property(lambda self: self.core.lost + self._lost + self._entry_lost,
+                    doc="points neither stored nor spooled (the store and the disk refused)")
+    set_aside = property(lambda self: self.core.set_aside,
+                         doc="points of runs the store will never take")
+    backlog = property(lambda self: self.core.backlog,
+                       doc="points taken off the queue and not yet stored (the writer's lag)")
+    busy_s = property(lambda self: self.core.busy_s, doc="time spent writing, s")
+    stored_by_run = property(lambda self: self.core.stored_by_run)
+    seconds_by_run = property(lambda self: self.core.seconds_by_run)
+
+    @property
+    def queued(self) -> int:
+        """Points handed to the writer and not yet stored or spooled (benchmarks)."""
+        waiting = sum(len(item[1]) for item in list(self._inbox) if isinstance(item, tuple))
+        return waiting + sum(len(p) for p in list(self.core.pending.values()))
+
+    @property
+    def on_stored(self) -> Callable | None:
+        return self.core.on_stored
+
+    @on_stored.setter
+    def on_stored(self, hook: Callable | None) -> None:
+        self.core.on_stored = hook
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the store refused the last write (an outage under way)."""
+        return self.core.refusing
+
     # -- the training thread's side: appends only --
     def put_many(self, run_id: str, points) -> None:
-        """Queue ``points``: (key, value, timestamp ms, step) tuples of one run."""
+        """Queue ``points``: (key, value, timestamp ms, step) tuples of one run. Memory is
+        bounded here: while the inbox already holds ``SWEEP_BACKLOG_POINTS`` (the thread is not
+        taking them: a store call that does not return), the points go to the spool from this
+        thread instead, or are counted lost when the disk refuses too."""
+        with self._entry:
+            over = self._inbox_points + len(points) > self.core.backlog_cap
+            if not over:
+                self._inbox_points += len(points)
+        if over:
+            self._spool_at_entry(run_id, list(points))
+            return
         self._inbox.append((run_id, points))
+
+    def _spool_at_entry(self, run_id: str, points: list) -> None:
+        try:
+            self.spool.append([points_record(run_id, points)])
+        except OSError as disk:
+            with self._entry:
+                self._entry_lost += len(points)
+            why = f"the spool refuses too ({first_line(disk, strerror=True)}): point(s) lost"
+        else:
+            self.core.mark_spooled(run_id)
+            with self._entry:
+                self._entry_spooled += len(points)
+            why = f"point(s) go to {self.spool.path} as they come"
+        if not self._entry_warned:
+            self._entry_warned = True
+            self.warn(f"MLflow writer: over {self.core.backlog_cap} points wait for a store call "
+                      f"that has not returned; {why} (SWEEP_BACKLOG_POINTS bounds the memory)")
 
     def end(self, end: RunEnd) -> threading.Event:
         """Queue a run's end after its points; returns the event set once it is written."""
@@ -158,7 +201,7 @@ class MetricWriter:
     def drain(self, deadline: float | None = None) -> bool:
         """Wait until everything queued before this call is stored or spooled, or until
         ``deadline`` (a ``time.monotonic()`` value; None: no limit). True when it is."""
-        mark = _Drain()
+        mark = Drain()
         self._inbox.append(mark)
         self._wake.set()
         return mark.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
@@ -172,22 +215,27 @@ class MetricWriter:
             return True
         return self.spool_now()
 
-    @property
-    def refusing(self) -> bool:
-        """Whether the store refused the last write (an outage under way)."""
-        return self._failing_since is not None
-
-    def spool_now(self) -> bool:
+    def spool_now(self, wait_s: float | None = None) -> bool:
         """Write every queued point and run end to the spool now, from the calling thread
         (a stop's deadline or second signal, when the writer thread may hang in a store that is
-        down); the thread then writes nothing more. A chunk the thread is sending right now
-        may end up both stored and spooled: a replay stores it once (the spool's exactly-once
-        rule). Returns False when the disk refuses."""
+        down); the thread then writes nothing more. One caller at a time: a second one (the
+        stop's timer while the main thread spools) waits for the first to finish, at most
+        ``wait_s`` seconds (None: no limit), then adds only what was queued since. A chunk the
+        thread is sending right now may end up both stored and spooled: a replay stores it once
+        (the spool's exactly-once rule). Returns False when the disk refuses (the points are
+        counted in ``lost``) or the wait ran out."""
+        if not self._words.acquire(timeout=-1 if wait_s is None else max(0.0, wait_s)):
+            return False
+        try:
+            return self._spool_queued()
+        finally:
+            self._words.release()
+
+    def _spool_queued(self) -> bool:
         with self._moving:
             pending, ends = {}, []
-            if not self._abandoned:  # a second call (a signal after the deadline's) adds only new items
-                pending = {run: list(points) for run, points in list(self._pending.items())}
-                ends = list(self._ends)
+            if not self._abandoned:  # a second call adds only new items
+                pending, ends = self.core.snapshot()
             self._abandoned = True
             queued = []
             while self._inbox:
@@ -199,25 +247,41 @@ class MetricWriter:
                 ends.append(item)
             else:
                 item.done.set()  # a drain: everything before it is spooled below
-        records = [{"run": run, "metrics": points} for run, points in pending.items() if points]
-        records += [_end_record(e) for e in ends]
+        records = [points_record(run, points) for run, points in pending.items() if points]
+        records += [end_record(e) for e in ends]
+        count = sum(len(p) for p in pending.values())
+        self._speaking = count
         if records:
             try:
                 self.spool.append(records)
             except OSError as disk:
+                self._lost += count
                 self.warn(f"cannot spool to {self.spool.folder} at the stop "
-                          f"({first_line(disk)}): {sum(len(p) for p in pending.values())} "
-                          f"point(s) lost")
+                          f"({first_line(disk)}): {count} point(s) lost")
                 return False
-            self.spooled += sum(len(p) for p in pending.values())
-            self.warn(f"MLflow: stopping: {sum(len(p) for p in pending.values())} queued "
-                      f"point(s) and {len(ends)} run end(s) spooled to {self.spool.path}; the next "
-                      f"sweep launch or `sweep status --repair` replays them")
+            finally:
+                self._speaking = 0
+            self.core.spooled += count
+            self.warn(f"MLflow: stopping: {count} queued point(s) and {len(ends)} run end(s) "
+                      f"spooled to {self.spool.path}; the next sweep launch or `sweep status "
+                      f"--repair` replays them")
         for e in ends:
             e.spooled = True
             e.done.set()
         self._wake.set()
         return True
+
+    def whereabouts(self) -> str:
+        """One line for a stop's exit: what this process's writer stored, spooled (where) and
+        lost, with counts; and what a spool write under way holds, if one has not finished."""
+        where = self.spool.path or self.spool.folder
+        line = (f"MLflow: {self.stored:,} point(s) stored, {self.spooled:,} spooled to {where}"
+                f"{' (the next sweep launch or `sweep status --repair` replays them)' if self.spooled else ''}"
+                f", {self.lost:,} lost")
+        if self._speaking:
+            line += (f"; a spool write of {self._speaking:,} point(s) had not finished "
+                     f"(lost unless the segment holds them)")
+        return line
 
     def close(self) -> None:
         """Drain, stop the thread and close the spool segment (a replay may then take it)."""
@@ -230,225 +294,35 @@ class MetricWriter:
 
     # -- the writer thread --
     def _loop(self) -> None:
+        core = self.core
         while True:
             self._wake.clear()  # before taking: a wake that comes later is not lost
             if self._abandoned:
-                for mark in self._drains:
+                for mark in core.drains:
                     mark.done.set()
                 return
             self._take()
-            self.backlog = sum(len(p) for p in self._pending.values())
-            if self.backlog > self._backlog_cap:
-                self._spool_backlog()
-            if self._closing and not (self._inbox or self._pending or self._ends or self._drains):
+            core.enforce_cap(time.monotonic())
+            if self._closing and core.idle and not self._inbox:
                 return
             try:
-                if (self._pending or self._ends) and time.monotonic() >= self._next_try:
-                    began = time.perf_counter()
-                    self._write()
-                    self.busy_s += time.perf_counter() - began
-                self._settle()
+                core.step(time.monotonic())
             except Exception as err:  # a bug here must not stop the thread every run relies on
                 self.warn(f"MLflow writer: {type(err).__name__}: {first_line(err)}; retrying")
-                self._next_try = time.monotonic() + MAX_BACKOFF_S
-            self._wait()
+                core.backoff_after_error(time.monotonic())
+            wait = core.wait_s(time.monotonic(), self._closing)
+            if wait > 0:
+                self._wake.wait(wait)
 
     def _take(self) -> None:
         inbox = self._inbox
         with self._moving:
             if self._abandoned:
                 return
+            items = []
             while inbox:
-                item = inbox.popleft()
-                if isinstance(item, tuple):
-                    run_id, points = item
-                    self._pending.setdefault(run_id, []).extend(points)
-                elif isinstance(item, RunEnd):
-                    self._ends.append(item)
-                else:
-                    self._drains.append(item)
-
-    def _wait(self) -> None:
-        busy = self._pending or self._ends
-        wait = self._next_try - time.monotonic()
-        if busy and wait > 0:  # backing off after a refusal
-            self._wake.wait(wait)
-        elif busy and (self._ends or self._drains or self._closing
-                       or any(len(p) >= MAX_BATCH for p in self._pending.values())):
-            return  # someone waits for these, or a full chunk is ready: no pause
-        elif not (self._closing or self._drains):
-            self._wake.wait(FLUSH_S)
-
-    def _write(self) -> None:
-        """Send every pending point, then every end whose run has none left; on a refusal note
-        it and return (what was not sent waits for the next try)."""
-        from mlflow.entities import RunTag
-
-        runs = list(self._pending)
-        if self._pool is not None and len(runs) > 1:
-            errors = list(self._pool.map(lambda r: self._send_run(r, self._pending[r]), runs))
-        else:
-            errors = []
-            for run_id in runs:
-                errors.append(self._send_run(run_id, self._pending[run_id]))
-                if errors[-1] is not None and not is_permanent(errors[-1]):
-                    break  # the store is away: the other runs would be refused too
-        for run_id, err in zip(runs, errors):
-            if err is not None and is_permanent(err):
-                self._set_aside_run(run_id, err)
-        errors = [e for e in errors if e is not None and not is_permanent(e)]
-        for run_id in runs:
-            if run_id in self._pending and not self._pending[run_id]:
-                del self._pending[run_id]
-        refused = next(iter(errors), None)
-        if refused is not None:
-            self._refused(refused)
-            return
-        for end in [e for e in self._ends if e.run_id not in self._pending]:
-            if end.run_id in self._spooled_runs:  # its points wait in the spool: so does its end
-                try:
-                    self.spool.append([_end_record(end)])
-                except OSError:
-                    continue
-                self._ends.remove(end)
-                end.spooled = True
-                end.done.set()
-                continue
-            try:
-                if end.tags:
-                    log_batch(self.client, end.run_id, tags=[RunTag(k, v) for k, v in end.tags.items()])
-                self.client.set_terminated(end.run_id, end.status, end_time=end.end_time)
-            except Exception as err:
-                if is_permanent(err):
-                    self._set_aside_run(end.run_id, err)
-                    continue
-                self._refused(err)
-                return
-            self._ends.remove(end)
-            end.done.set()
-        self._accepted()
-
-    def _log_batch(self, run_id: str, points: list) -> None:
-        from mlflow.entities import Metric
-
-        log_batch(self.client, run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points])
-
-    def _send_run(self, run_id: str, points: list) -> Exception | None:
-        """Send one run's points in chunks of MAX_BATCH, removing each chunk once stored;
-        returns the refusal, if any (on a sender thread when the store takes several)."""
-        while points:
-            chunk = points[:MAX_BATCH]
-            began = time.perf_counter()
-            try:
-                self._send(run_id, chunk)
-            except Exception as err:
-                return err
-            del points[:len(chunk)]
-            with self._count_lock:
-                self.stored += len(chunk)
-                self.stored_by_run[run_id] += len(chunk)
-                self.seconds_by_run[run_id] += time.perf_counter() - began
-            if self.on_stored is not None:
-                self.on_stored(chunk, time.time() * 1000)
-        return None
-
-    def _accepted(self) -> None:
-        if self._failing_since is not None:
-            self.warn(f"MLflow store takes writes again"
-                      + (f"; {self.spooled} point(s) spooled to {self.spool.folder} are replayed "
-                         f"by the next sweep launch or `sweep status --repair`"
-                         if self.spooled else ""))
-        self._failing_since, self._delay, self._next_try = None, FIRST_BACKOFF_S, 0.0
-
-    def _refused(self, err: Exception) -> None:
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since, self._delay = now, FIRST_BACKOFF_S
-            self.warn(f"MLflow store refused a write ({first_line(err)}); retrying, and "
-                      f"spooling to {self.spool.folder} if it still refuses after "
-                      f"{spool_after_s():g} s")
-        else:
-            self._delay = min(self._delay * 2, MAX_BACKOFF_S)
-        self._next_try = now + self._delay
-        if now - self._failing_since >= spool_after_s():
-            self._spool_all(err)
-
-    def _spool_all(self, err: Exception) -> None:
-        """Everything pending to the spool: points, then the ends of runs that have no
-        unsent point left. Kept in memory (and retried) when the disk refuses too."""
-        records = [{"run": run_id, "metrics": points} for run_id, points in self._pending.items()]
-        ends = list(self._ends)
-        records += [_end_record(e) for e in ends]
-        count = sum(len(p) for p in self._pending.values())
-        try:
-            self.spool.append(records)
-        except OSError as disk:
-            if not self._spool_failed:
-                self.warn(f"cannot spool to {self.spool.folder} either ({first_line(disk)}); "
-                          f"{count} point(s) kept in memory and retried")
-            self._spool_failed = True
-            return
-        first = self.spooled == 0
-        self._spool_failed = False
-        self.spooled += count
-        self._spooled_runs.update(self._pending)
-        self._pending.clear()
-        self._ends.clear()
-        for e in ends:
-            e.spooled = True
-            e.done.set()
-        if first:
-            self.warn(f"MLflow store refused writes for {spool_after_s():g} s "
-                      f"({first_line(err)}): points go to {self.spool.path} until it takes "
-                      f"them again; the next sweep launch or `sweep status --repair` replays them")
-
-    def _spool_backlog(self) -> None:
-        """More points queued than ``SWEEP_BACKLOG_POINTS``: the store takes them more slowly
-        than they come. Every queued point goes to the spool (memory stays bounded); the runs'
-        ends follow their points there."""
-        records = [{"run": run_id, "metrics": points}
-                   for run_id, points in self._pending.items() if points]
-        count = sum(len(r["metrics"]) for r in records)
-        try:
-            self.spool.append(records)
-        except OSError as disk:
-            self.warn(f"backlog of {count} point(s) not spooled ({first_line(disk)}); kept")
-            return
-        if not self.spooled:
-            self.warn(f"MLflow store takes points more slowly than they come: over "
-                      f"{self._backlog_cap} queued, spooling to {self.spool.path} (replayed by the "
-                      f"next sweep launch or `sweep status --repair`)")
-        self.spooled += count
-        self._spooled_runs.update(r["run"] for r in records)
-        self._pending.clear()
-
-    def _set_aside_run(self, run_id: str, err: Exception) -> None:
-        """A run the store will never take (deleted, not active, its row gone): its points and
-        end leave the queue for the spool's set-aside file, with the reason; other runs go on."""
-        points = self._pending.pop(run_id, [])
-        ends = [e for e in self._ends if e.run_id == run_id]
-        records = ([{"run": run_id, "metrics": points}] if points else []) + \
-            [_end_record(e) for e in ends]
-        try:
-            self.spool.set_aside(records, first_line(err))
-        except OSError as disk:
-            self.warn(f"cannot set aside run {run_id}'s points ({first_line(disk)}); dropped")
-        self.set_aside += len(points)
-        self.warn(f"MLflow store will never take run {run_id}'s writes ({first_line(err)}): "
-                  f"{len(points)} point(s) set aside in {self.spool.folder}; `sweep status` "
-                  f"names them")
-        for e in ends:
-            self._ends.remove(e)
-            e.spooled = True
-            e.done.set()
-
-    def _settle(self) -> None:
-        if self._drains and not (self._pending or self._ends):
-            for mark in self._drains:
-                mark.done.set()
-            self._drains.clear()
-
-
-def _end_record(end: RunEnd) -> dict:
-    """A run's end as a spool line (``spool`` describes the format)."""
-    return {"run": end.run_id, "end": end.status, "end_time": end.end_time, "tags": end.tags}
+                items.append(inbox.popleft())
+            self.core.feed(items)
+        taken = sum(len(item[1]) for item in items if isinstance(item, tuple))
+        with self._entry:
+            self._inbox_points -= taken

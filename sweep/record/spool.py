@@ -40,16 +40,7 @@ from pathlib import Path
 
 from sweep.base.urls import mask_url, sqlite_path
 from sweep.base.text import first_line
-
-MAX_BATCH = 1000  # MLflow's cap on metrics per log_batch
-
-
-def log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
-    """``MlflowClient.log_batch``, always synchronous: with ``MLFLOW_ENABLE_ASYNC_LOGGING=true``
-    MLflow would otherwise queue the batch and swallow a refusal, and the writer would count
-    points as stored that never were."""
-    client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags),
-                     synchronous=True)
+from sweep.record.batch import MAX_BATCH, log_batch
 
 
 def spool_dir(tracking_uri: str) -> Path:

@@ -21,10 +21,10 @@ internals, which may change in any release).
 from __future__ import annotations
 
 import math
-import sys
-
-from sweep.record.spool import log_batch
 from typing import Callable, Sequence
+
+from sweep.base.text import warn
+from sweep.record.batch import log_batch
 
 Point = tuple  # (key, value, timestamp ms, step)
 
@@ -34,11 +34,7 @@ COLUMNS = {"key", "value", "timestamp", "step", "run_uuid", "is_nan"}
 PRIMARY_KEY = {"key", "timestamp", "step", "run_uuid", "value", "is_nan"}
 
 
-def _warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr, flush=True)
-
-
-def bulk_sender(client, warn: Callable[[str], None] = _warn
+def bulk_sender(client, warn: Callable[[str], None] = warn
                 ) -> Callable[[str, Sequence[Point]], None] | None:
     """``send(run_id, points)`` writing straight into ``client``'s SQL store, or None when the
     store is not one of MLflow's SQLite/PostgreSQL stores written from this process, or when

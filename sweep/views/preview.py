@@ -211,7 +211,7 @@ def check_trial(study_name: str, number: int, storage_url: str, tracking_uri: st
 
     from sweep.study.space import trial_config
     from sweep.study.spec import load_study
-    from sweep.record.tracking import open_existing_tracker
+    from sweep.record import open_existing_tracker
 
     study, trial, run_id = _load_trial(study_name, number, storage_url)
     client = open_existing_tracker(tracking_uri).client

@@ -30,11 +30,10 @@ from optuna.trial import TrialState
 from sweep.errors import TrackingError
 from sweep.loop.bookkeeping import FINISHED, budget_used, counted, state_counts
 from sweep.loop.bookkeeping import outcome as trial_outcome
-from sweep.record.completeness import check as check_completeness
+from sweep.record import check_completeness, open_existing_tracker
 from sweep.loop.confirm_plan import stored_plan
 from sweep.stores.storage import load_existing_study
 from sweep.base.urls import mask_url
-from sweep.record.tracking import open_existing_tracker
 from sweep.study.phases import CONFIRM, GROUP, SEARCH
 from sweep.views.stats import Difference, Interval, t_interval, welch
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 from sweep.errors import StorageError, SweepError, TrackingError
 from sweep.stores.storage import open_existing_storage
-from sweep.record.tracking import open_existing_tracker
+from sweep.record import open_existing_tracker
 from sweep.base.urls import mask_url, sqlite_path
 
 LOCALHOST = "127.0.0.1"
