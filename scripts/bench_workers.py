@@ -43,7 +43,8 @@ def child(args) -> None:
     from mlflow.entities import Metric
 
     from sweep.study.spec import load_study
-    from sweep.loop.bookkeeping import FINISHED, counted, fail_dead_trials, over_budget
+    from sweep.loop.budget import FINISHED, counted, over_budget
+    from sweep.loop.reconcile import fail_dead_trials
     from sweep.stores.storage import open_storage
     from sweep.record.tracking import Tracker
     from sweep.loop.worker import _Heartbeat, open_study

@@ -3,7 +3,7 @@ created (no Optuna store or table, no MLflow store, no checkpoint folder, no dat
 
 It prints the study with every default filled in, T (optimizer steps per trial: epochs x
 steps per epoch, the length every schedule is defined over), the budget and what is left of it
-(``bookkeeping``'s rule, read from the stored study when there is one), the fused pack size a
+(``budget``'s rule, read from the stored study when there is one), the fused pack size a
 worker would use (``pack.pack_capacity``) and the MLflow store the remaining trials would add.
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 
 import yaml
 
-from sweep.loop.bookkeeping import BUDGET, budget_used, chosen_budget
+from sweep.loop.budget import BUDGET, budget_used, chosen_budget
 from sweep.stores.checkpoints import resolve_dir
 from sweep.base.urls import mask_url
 from sweep.stores.storage import peek_study

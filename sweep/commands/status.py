@@ -1,5 +1,6 @@
 """``sweep status``: counts per state, running trials with their worker and heartbeat, stale
-MLflow runs; ``--repair`` reconciles the stores (the rules live in ``bookkeeping``).
+MLflow runs; ``--repair`` reconciles the stores (the rules live in ``sweep.loop.budget`` and
+``sweep.loop.reconcile``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from sweep.loop.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile, stale_runs,
-    state_counts, update_parent_run, worker_gone)
+from sweep.loop.budget import BUDGET, budget_used, state_counts, update_parent_run
+from sweep.loop.reconcile import Reconciled, reconcile, stale_runs, worker_gone
 from sweep.stores.checkpoints import (checkpoint_root, orphans, remove_orphans, storage_key,
     waiting_with_checkpoint)
 from sweep.record.completeness import Completeness, check, replay_spool
 from sweep.record.tracking import Tracker
+from sweep.base.text import number_in
 
 
 #: ``sweep status`` exit codes (docs/scripting.md). RECORD_INCOMPLETE is branch i23's: it owns
@@ -56,9 +58,9 @@ class StatusFacts:
             spool = c.spool
             mlflow = {"complete": c.complete, "trial_runs": c.runs, "expected_points": c.expected,
                       "stored_points": c.stored,
-                      "gaps": [{"run_id": g.run_id, "trial": _number(g.trial), "missing": g.missing}
-                               for g in c.gaps],
-                      "ended_without_count": [{"trial": _number(t), "run_id": r, "points": n}
+                      "gaps": [{"run_id": g.run_id, "trial": number_in(g.trial),
+                                "missing": g.missing} for g in c.gaps],
+                      "ended_without_count": [{"trial": number_in(t), "run_id": r, "points": n}
                                               for t, r, n in c.uncounted],
                       "spool": {"folder": str(spool.folder), "points": spool.total,
                                 "runs": len(set(spool.points) | spool.ends),
@@ -127,10 +129,6 @@ def status_exit_code(facts: StatusFacts) -> int:
     return STALE_TRIALS if facts.stale_trials else ALL_WELL
 
 
-def _number(text) -> int | None:
-    return int(text) if str(text).isdigit() else None
-
-
 def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = False,
                 checkpoint_dir: str | None = None) -> tuple[str, StatusFacts]:
     """``sweep status``: (lines said while repairing, the facts of the stored study after
@@ -184,7 +182,7 @@ def status_facts(study: optuna.Study, tracker: Tracker | None, experiment_id: st
     MLflow runs and MLflow's completeness, read from the stores; writes nothing.
 
     A RUNNING trial is stale when its heartbeat is older than the storage's grace period, or
-    its worker ran on this host and that process is gone (``bookkeeping.worker_gone``): the
+    its worker ran on this host and that process is gone (``reconcile.worker_gone``): the
     two signs ``reconcile`` acts on."""
     trials = study.get_trials(deepcopy=False)
     counts = {**state_counts(study),

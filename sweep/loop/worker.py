@@ -1,5 +1,5 @@
 """The study loop of one worker process: create or resume the study, then ask -> run -> tell
-until the study's budget is used (what counts towards it: ``bookkeeping``).
+until the study's budget is used (what counts towards it: ``budget``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 
 from sweep import __version__
 from sweep.errors import SpaceChangedError
-from sweep.loop.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs, fail_dead_trials,
-    next_step, open_slots, over_budget)
+from sweep.loop.budget import DONE, RUN, SETTINGS, next_step, open_slots, over_budget
+from sweep.loop.reconcile import end_stale_runs, fail_dead_trials
 from sweep.stores.checkpoints import STUDY_UID
 from sweep.loop.objective import Outcome, WorkerContext, run_trial
 from sweep.loop.pack import pack_capacity, run_pack, trains_as_pack

@@ -363,7 +363,7 @@ class Tracker:
 @dataclass(frozen=True)
 class StudySummary:
     """How a study stands, for its parent run (built from Optuna by
-    ``bookkeeping.study_summary``, where the counting rules live)."""
+    ``sweep.loop.budget.study_summary``, where the counting rules live)."""
 
     budget: int
     used: int  # finished trials that count towards the budget
