@@ -143,13 +143,13 @@ def test_auto_fuse_on_cuda_fits_memory_and_the_rule():
 def test_heartbeat_beats_every_live_trial_of_a_pack(tmp_path):
     """One heartbeat thread beats all the trials added to it, and stops beating a discarded one
     (real SQLite storage; Optuna's own stale-trial query is the judge)."""
-    from sweep.loop.worker import _Heartbeat
+    from sweep.stores.heartbeat import Heartbeat
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db", heartbeat_interval=1,
                                          grace_period=2)
     study = optuna.create_study(storage=storage)
     trials = [study.ask() for _ in range(3)]
-    beat = _Heartbeat(storage, trials[0]._trial_id)
+    beat = Heartbeat(storage, trials[0]._trial_id)
     beat.add(trials[1]._trial_id)
     beat.add(trials[2]._trial_id)
     try:

@@ -25,7 +25,7 @@ from sweep.stores.retry import retry_later
 from sweep.commands.status import status_text
 from sweep.stores.storage import open_storage
 from sweep.record.tracking import Tracker
-from sweep.loop.worker import open_study
+from sweep.loop.study import open_study
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.yaml"
 

@@ -28,7 +28,9 @@ from sweep.stores.storage import check_storage_url, open_storage
 from sweep.base.urls import mask_url
 from sweep.record.repair import tag_code_version
 from sweep.record.tracking import Tracker, check_tracking_uri
-from sweep.loop.worker import code_version, open_study, run_worker
+from sweep.base.version import code_version
+from sweep.loop.study import open_study
+from sweep.loop.worker import run_worker
 from sweep.study.spec import StudySpec
 from sweep.training.data import Splits, load_splits, locate
 from sweep.training.train import resolve_device

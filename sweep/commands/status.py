@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from sweep.loop.budget import BUDGET, budget_used, state_counts, update_parent_run
 from sweep.loop.reconcile import Reconciled, reconcile, stale_runs, worker_gone
+from sweep.stores.heartbeat import grace_period, heartbeat_ages
 from sweep.stores.checkpoints import (checkpoint_root, orphans, remove_orphans, storage_key,
     waiting_with_checkpoint)
 from sweep.record.completeness import Completeness, check, replay_spool
@@ -150,32 +151,6 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     return "\n".join(replayed), facts
 
 
-def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
-    """Seconds since the last heartbeat of each RUNNING trial, by trial id (RDB storages only)."""
-    storage = study._storage
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        return {}
-    import sqlalchemy
-    from optuna.storages._rdb import models
-
-    session = storage.scoped_session()
-    try:
-        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
-        rows = (session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
-                .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
-                .filter(models.TrialModel.study_id == study._study_id)
-                .filter(models.TrialModel.state == TrialState.RUNNING).all())
-        return {tid: (now - beat.replace(tzinfo=None)).total_seconds() for tid, beat in rows}
-    finally:
-        session.close()
-
-
-def _grace_period(study: optuna.Study) -> float | None:
-    """The storage's heartbeat grace period in seconds (None: it keeps no heartbeats)."""
-    grace = getattr(study._storage, "grace_period", None)
-    return float(grace) if grace else None
-
-
 def status_facts(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None,
                  repaired: Reconciled | None = None) -> StatusFacts:
     """Counts per state, running trials (worker host/pid, heartbeat age, whether stale), stale
@@ -187,7 +162,7 @@ def status_facts(study: optuna.Study, tracker: Tracker | None, experiment_id: st
     trials = study.get_trials(deepcopy=False)
     counts = {**state_counts(study),
               "waiting": sum(1 for t in trials if t.state == TrialState.WAITING)}
-    ages, grace = heartbeat_ages(study), _grace_period(study)
+    ages, grace = heartbeat_ages(study), grace_period(study)
     running = []
     for t in trials:
         if t.state != TrialState.RUNNING:

@@ -39,7 +39,7 @@ def fail_stale(study: optuna.Study) -> None:
     """Fail trials whose worker stopped beating (the storage's callback re-enqueues them once:
     ``retry.retry_later``).
     Optuna marks this experimental and meant for ``optimize``; sweep owns the ask/tell loop and
-    beats itself (``worker._Heartbeat``), as optimize does (the CLI silences the warning)."""
+    beats itself (``stores.heartbeat.Heartbeat``), as optimize does (the CLI silences the warning)."""
     optuna.storages.fail_stale_trials(study)
 
 
