@@ -4,7 +4,7 @@ created (no Optuna store or table, no MLflow store, no checkpoint folder, no dat
 It prints the study with every default filled in, T (optimizer steps per trial: epochs x
 steps per epoch, the length every schedule is defined over), the budget and what is left of it
 (``budget``'s rule, read from the stored study when there is one), the fused pack size a
-worker would use (``pack.pack_capacity``) and the MLflow store the remaining trials would add.
+worker would use (``training.capacity.pack_capacity``) and the MLflow store the remaining trials would add.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _size(n_bytes: float) -> str:
 def dry_run(spec: StudySpec, opts) -> str:
     """The dry run's text for ``spec`` launched with ``opts`` (``launch.LaunchOptions``).
     Raises what a launch raises for bad input (device, URLs, checkpoint folder)."""
-    from sweep.loop.pack import pack_capacity, trains_as_pack
+    from sweep.training.capacity import pack_capacity, trains_as_pack
     from sweep.training.train import resolve_device
 
     device = resolve_device(opts.device)

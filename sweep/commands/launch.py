@@ -22,7 +22,7 @@ from sweep.loop.reconcile import reconcile
 from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
 from sweep.record.completeness import launch_lines, replay_spool
 from sweep.loop.objective import WorkerContext
-from sweep.loop.pack import log_pack_times, time_table
+from sweep.loop.pack_times import log_pack_times, time_table
 from sweep.base.stopping import BoundedStop
 from sweep.stores.storage import check_storage_url, open_storage
 from sweep.base.urls import mask_url

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from sweep.loop.budget import DONE, RUN, next_step, open_slots, over_budget
 from sweep.loop.reconcile import end_stale_runs, fail_dead_trials
 from sweep.loop.objective import Outcome, WorkerContext, run_trial
-from sweep.loop.pack import pack_capacity, run_pack, trains_as_pack
+from sweep.loop.pack import run_pack
+from sweep.training.capacity import pack_capacity, trains_as_pack
 from sweep.stores.heartbeat import Heartbeat, keeps_heartbeats
 from sweep.stores.retry import retry_later
 from sweep.base.stopping import BoundedStop, stop_seconds
