@@ -114,7 +114,7 @@ def main() -> int:
     from sweep.commands.launch import LaunchOptions, open_study_stores
     from sweep.study.space import trial_config
     from sweep.study.spec import parse_study
-    from sweep.loop.bookkeeping import budget_used
+    from sweep.loop.budget import budget_used
     from sweep.loop.worker import run_worker
 
     if args.threads:

@@ -43,10 +43,12 @@ def child(args) -> None:
     from mlflow.entities import Metric
 
     from sweep.study.spec import load_study
-    from sweep.loop.bookkeeping import FINISHED, counted, fail_dead_trials, over_budget
+    from sweep.loop.budget import FINISHED, counted, over_budget
+    from sweep.loop.reconcile import fail_dead_trials
     from sweep.stores.storage import open_storage
     from sweep.record import Tracker
-    from sweep.loop.worker import _Heartbeat, open_study
+    from sweep.loop.study import open_study
+    from sweep.stores.heartbeat import Heartbeat
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(STUDY)
@@ -67,7 +69,7 @@ def child(args) -> None:
         trial = study.ask()
         if over_budget(study, trial, args.budget):
             continue
-        beat = _Heartbeat(study._storage, trial._trial_id)
+        beat = Heartbeat(study._storage, trial._trial_id)
         params = {"base_lr": trial.suggest_float("base_lr", 0.01, 0.5, log=True),
                   "warmup_steps": trial.suggest_int("warmup_steps", 0, 1),
                   "scheduler": trial.suggest_categorical("scheduler", ["cosine", "step"])}
@@ -98,7 +100,7 @@ def create(args) -> None:
     from sweep.study.spec import load_study
     from sweep.stores.storage import open_storage
     from sweep.record import Tracker
-    from sweep.loop.worker import open_study
+    from sweep.loop.study import open_study
 
     spec = load_study(STUDY)
     open_study(spec, open_storage(args.storage))

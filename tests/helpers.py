@@ -155,7 +155,7 @@ def trial_runs(tracking_uri: str, study_name: str) -> list:
 
 def check_consistent(study: optuna.Study, runs: list, budget: int) -> None:
     """The budget is met exactly; nothing RUNNING; each trial has exactly one ended run."""
-    from sweep.loop.bookkeeping import budget_used, counted
+    from sweep.loop.budget import budget_used, counted
 
     trials = study.get_trials(deepcopy=False)
     assert budget_used(study) == budget

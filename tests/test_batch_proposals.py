@@ -1,5 +1,5 @@
 """A fused pack asks its K trials before any of them reports (and concurrent workers ask while
-others train): TPE must treat such a batch as one (``constant_liar``, worker.build_sampler).
+others train): TPE must treat such a batch as one (``constant_liar``, loop.study.build_sampler).
 No training: a real in-memory Optuna study, told a synthetic objective."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections import Counter
 import optuna
 
 
-from sweep.loop.worker import build_sampler
+from sweep.loop.study import build_sampler
 from sweep.study.space import trial_config
 from sweep.study.spec import load_study
 

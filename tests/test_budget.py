@@ -20,7 +20,7 @@ import yaml
 from optuna.trial import TrialState
 
 from helpers import TINY, sweep_cmd, sweep_env, wait_array_ended
-from sweep.loop.bookkeeping import BUDGET, budget_used
+from sweep.loop.budget import BUDGET, budget_used
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 from sweep.errors import ConfirmError
 from sweep.loop.confirm_plan import as_searched
 from sweep.stores.storage import open_storage
-from sweep.loop.worker import open_study
+from sweep.loop.study import open_study
 from sweep.study.spec import load_study, parse_overrides
 
 STUDY = """

@@ -28,7 +28,7 @@ from sweep.training.fused import SlotJob, train_pack
 from sweep.training.fused_model import slot_rows
 from sweep.training.fused_pack import Pack, PackStats
 from sweep.training.models import build_model, memory_format
-from sweep.loop.pack import time_table
+from sweep.loop.pack_times import time_table
 from sweep.training.train import evaluate, train
 from test_fused import (CPU, EPOCHS, F64_TOL, STEPS, InjectNaN, Record, StopAtEpochEnd,
                         configs, data, make_spec)  # noqa: F401 (data: a fixture)

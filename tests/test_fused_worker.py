@@ -75,7 +75,7 @@ def test_bad_fuse_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, t
 def test_pack_capacity_is_bounded_by_the_budget_and_auto_is_one_on_the_cpu(capsys):
     import torch
 
-    from sweep.loop.pack import pack_capacity
+    from sweep.training.capacity import pack_capacity
 
     cpu = torch.device("cpu")
     train = load_study("smoke", ["train.fuse=3"]).train
@@ -91,7 +91,7 @@ def test_one_trial_trains_as_a_pack_on_cuda_only():
     """K = 1 gets the pack's CUDA-graph step on CUDA; on the CPU it trains through train()."""
     import torch
 
-    from sweep.loop.pack import trains_as_pack
+    from sweep.training.capacity import trains_as_pack
 
     train = load_study("smoke").train
     assert not trains_as_pack(train, torch.device("cpu"), 1)
@@ -104,7 +104,7 @@ def test_compile_applies_to_packs_and_auto_means_cuda_only():
     time; auto (the default) is on for CUDA only."""
     import torch
 
-    from sweep.loop.pack import pack_capacity, trains_as_pack
+    from sweep.training.capacity import pack_capacity, trains_as_pack
     from sweep.training.train import compiles
 
     train = load_study("smoke", ["train.compile=true", "train.fuse=4"]).train
@@ -117,7 +117,7 @@ def test_compile_applies_to_packs_and_auto_means_cuda_only():
 
 
 def test_auto_k_is_the_knee_of_the_measured_throughput():
-    from sweep.loop.pack import MEASURED_THROUGHPUT, throughput_knee
+    from sweep.training.capacity import MEASURED_THROUGHPUT, throughput_knee
 
     assert throughput_knee(MEASURED_THROUGHPUT) == 16  # K=32: only 6% over K=16 (H100)
     assert throughput_knee({1: 10.0, 8: 50.0, 16: 52.0}) == 8
@@ -130,7 +130,7 @@ def test_auto_fuse_on_cuda_fits_memory_and_the_rule():
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from sweep.loop.pack import auto_fuse
+    from sweep.training.capacity import auto_fuse
 
     device = torch.device("cuda")
     k = auto_fuse(device, "resnet20", 1, 128)
@@ -143,13 +143,13 @@ def test_auto_fuse_on_cuda_fits_memory_and_the_rule():
 def test_heartbeat_beats_every_live_trial_of_a_pack(tmp_path):
     """One heartbeat thread beats all the trials added to it, and stops beating a discarded one
     (real SQLite storage; Optuna's own stale-trial query is the judge)."""
-    from sweep.loop.worker import _Heartbeat
+    from sweep.stores.heartbeat import Heartbeat
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/o.db", heartbeat_interval=1,
                                          grace_period=2)
     study = optuna.create_study(storage=storage)
     trials = [study.ask() for _ in range(3)]
-    beat = _Heartbeat(storage, trials[0]._trial_id)
+    beat = Heartbeat(storage, trials[0]._trial_id)
     beat.add(trials[1]._trial_id)
     beat.add(trials[2]._trial_id)
     try:

@@ -17,8 +17,8 @@ from helpers import REPO, sweep_cmd, sweep_env
 from sweep.cli import main
 from sweep.errors import ConfigChangedError
 from sweep.loop.identity import CHANGES, IDENTITY, identity
-from sweep.loop.bookkeeping import SETTINGS
-from sweep.loop.worker import open_study
+from sweep.loop.budget import SETTINGS
+from sweep.loop.study import open_study
 from sweep.stores.storage import open_storage
 from sweep.study.spec import load_study
 
@@ -91,10 +91,12 @@ def test_a_study_created_before_the_rule_adopts_its_identity(tmp_path):
     assert study.study_name == "smoke"
 
 
-def test_the_cli_refuses_in_one_line_with_exit_2_and_no_mlflow_store(tmp_path, monkeypatch):
+def test_the_cli_refuses_in_one_line_with_exit_2_and_no_mlflow_store(tmp_path, monkeypatch,
+                                                                     shared_cifar):
     monkeypatch.chdir(tmp_path)
     open_study(load_study("smoke"), storage(tmp_path))
-    result = CliRunner().invoke(main, ["launch", "--study", "smoke", "--set", "train.epochs=3"])
+    result = CliRunner().invoke(main, ["launch", "--study", "smoke", "--set", "train.epochs=3",
+                                      "--data-dir", str(shared_cifar)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: study 'smoke' was created with")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from sweep.loop.bookkeeping import DONE, RUN, WAIT, budget_used, counted, next_step, over_budget
+from sweep.loop.budget import DONE, RUN, WAIT, budget_used, counted, next_step, over_budget
 from sweep.stores.retry import retry_later
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, SearchOnlySampler
 

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from helpers import (REPO, free_port, has_trials, kill_tree, plain_storage, start_mlflow_server, sweep_cmd,
                      sweep_env, wait_running)
-from sweep.loop.bookkeeping import budget_used, counted
+from sweep.loop.budget import budget_used, counted
 
 SMOKE = REPO / "studies" / "smoke.yaml"
 # 4 steps per epoch, 4 epochs on the tiny synthetic data: a trial trains in about a second.
@@ -320,7 +320,7 @@ def test_a_run_whose_end_is_on_its_way_is_not_ended_by_another_workers_cleanup(t
     """Optuna hears a trial's result before its run's end is written; until the time its worker
     promised (``sweep.run_end_by``), another worker's stale-run cleanup leaves the run alone;
     after it, or with no promise, the run is stale."""
-    from sweep.loop.bookkeeping import stale_runs
+    from sweep.loop.reconcile import stale_runs
     from sweep.record import RUN_END_BY
 
     study = optuna.create_study(study_name="grace", storage=f"sqlite:///{tmp_path}/o.db")

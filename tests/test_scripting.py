@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from helpers import PG_PASSWORD, TINY, plain_storage
 from sweep.cli import main
-from sweep.loop.bookkeeping import update_parent_run
+from sweep.loop.budget import update_parent_run
 from sweep.stores.checkpoints import CheckpointDir, default_dir, storage_key
 from sweep.commands.launch import LaunchOptions, open_study_stores
 from sweep.loop.objective import end_trial, start_trial

@@ -19,13 +19,13 @@ from sweep.cli import main
 from sweep.commands.launch import LaunchOptions
 from sweep.commands.pool import PoolOptions, device_assignments, worker_environments
 from sweep.study.spec import load_study
-from sweep.loop.bookkeeping import (budget_used, fail_dead_trials, reconcile, resolve_budget,
-    stale_runs)
+from sweep.loop.budget import budget_used, resolve_budget
+from sweep.loop.reconcile import fail_dead_trials, reconcile, stale_runs
 from sweep.stores.retry import retry_later
 from sweep.commands.status import status_text
 from sweep.stores.storage import open_storage
 from sweep.record import Tracker
-from sweep.loop.worker import open_study
+from sweep.loop.study import open_study
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.yaml"
 
@@ -225,7 +225,7 @@ def test_submit_rejects_bad_flags_in_one_line(args, message, tmp_path, monkeypat
 
 
 def test_counting_trials_does_not_load_torch():
-    """`sweep status`, `report` and the console count trials through bookkeeping, which is below
+    """`sweep status`, `report` and the console count trials through loop.budget, which is below
     the worker: none of them may pull in torch (seconds of import for a few queries)."""
     code = ("import sys; import sweep.commands.status, sweep.views.report, "
             "sweep.views.console; print('torch' in sys.modules)")

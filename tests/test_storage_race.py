@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweep.loop.bookkeeping import fail_dead_trials
+from sweep.loop.reconcile import fail_dead_trials
 from sweep.stores.storage import open_storage
 
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),

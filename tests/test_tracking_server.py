@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from helpers import (REPO, check_consistent, has_trials, plain_storage, submit_tiny_array,
                      sweep_cmd, sweep_env, trial_runs, wait_array_ended, wait_running)
-from sweep.loop.bookkeeping import counted
+from sweep.loop.budget import counted
 
 SMOKE = REPO / "studies" / "smoke.yaml"
 # The smoke study on the tiny synthetic data set: 4 steps per epoch, 4 epochs, so a worker

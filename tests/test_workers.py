@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from helpers import (TINY, check_consistent, has_trials, plain_storage, sweep_cmd, sweep_env,
                      trial_runs, wait_running)
-from sweep.loop.bookkeeping import OVER_BUDGET, counted
+from sweep.loop.budget import OVER_BUDGET, counted
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""One way to turn an error into one line (the project's warnings and errors quote it), and one
-way to print a warning."""
+"""One way to turn an error into one line (the project's warnings and errors quote it), one
+way to print a warning, and one way to read a number out of a name or a tag."""
 
 from __future__ import annotations
 
@@ -31,3 +31,10 @@ def first_line(err: BaseException, *, typed: bool = False, strerror: bool = Fals
 def warn(line: str) -> None:
     """``line`` on stderr as ``warning: LINE``, flushed (a job's log keeps it if it dies next)."""
     print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def number_in(text) -> int | None:
+    """``text`` (a tag value, a file stem after its prefix) as a non-negative integer, or None
+    when it is not one (no sign, no spaces: ``"12"`` -> 12, ``"12a"``/``None`` -> None)."""
+    text = str(text)
+    return int(text) if text.isascii() and text.isdigit() else None

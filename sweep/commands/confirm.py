@@ -4,7 +4,7 @@ plan: ``sweep.loop.confirm_plan``)."""
 from __future__ import annotations
 
 from sweep.base.stopping import BoundedStop
-from sweep.loop.bookkeeping import budget_used, update_parent_run
+from sweep.loop.budget import budget_used, update_parent_run
 from sweep.loop.confirm_plan import as_searched, budget_line, prepare_replicates, resolve_plan
 from sweep.stores.storage import load_existing_study
 from sweep.study.phases import CONFIRM

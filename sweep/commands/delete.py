@@ -26,8 +26,9 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import SweepError
-from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
-from sweep.record import drop_runs, is_sql_store, pending
+from sweep.stores.checkpoints import folder_of, resolve_dir, storage_key
+from sweep.record import other_runs, remove_runs
+from sweep.record import drop_runs, pending
 from sweep.commands.status import open_for_status
 from sweep.base.urls import mask_url
 
@@ -95,75 +96,29 @@ def plan_delete(study_name: str, storage_url: str, tracking_uri: str,
     plan = DeletePlan(study, storage_url, tracking_uri, tracker, experiment_id,
                       trials=len(trials))
     if tracker is not None and experiment_id is not None:
-        from mlflow.entities import ViewType
-
         parents = [r.info.run_id for r in tracker.study_runs(experiment_id, plan.name)]
         trials = [r.info.run_id for r in tracker.trial_runs(experiment_id)
                   if r.data.tags.get("optuna.study_name") == plan.name]
         plan.run_ids, plan.parents = parents + trials, len(parents)
         mine = set(plan.run_ids)
-        everything = tracker.client.search_runs([experiment_id], run_view_type=ViewType.ALL,
-                                                max_results=50_000)
-        plan.other_runs = sum(1 for r in everything if r.info.run_id not in mine)
+        plan.other_runs = other_runs(tracker, experiment_id, mine)
         spooled = pending(tracking_uri)
         mine_spooled = (set(spooled.points) | spooled.ends) & mine
         plan.spool_runs = len(mine_spooled)
         plan.spool_points = sum(spooled.points.get(r, 0) for r in mine_spooled)
-    plan.checkpoints = CheckpointDir(resolve_dir(checkpoint_dir, storage_url), "", "",
-                                     storage_key(storage_url)).folder(study)
+    plan.checkpoints = folder_of(resolve_dir(checkpoint_dir, storage_url), storage_key(storage_url),
+                                 study)
     if plan.checkpoints.is_dir():
         plan.checkpoint_files = sum(1 for p in plan.checkpoints.rglob("*") if p.is_file())
     return plan
-
-
-def _remove_runs(plan: DeletePlan) -> None:
-    """Delete the runs, then the experiment when nothing else is in it; for good (artifacts
-    included) on a SQL store, as ``mlflow gc`` does."""
-    client = plan.tracker.client
-    hard = is_sql_store(plan.tracker)
-    store = client._tracking_client.store if hard else None
-    for run_id in plan.run_ids:
-        run = client.get_run(run_id)
-        if hard:
-            _delete_artifacts(run.info.artifact_uri)
-        if run.info.lifecycle_stage != "deleted":
-            client.delete_run(run_id)
-        if hard:
-            store._hard_delete_run(run_id)
-    if plan.other_runs:
-        return
-    experiment = client.get_experiment(plan.experiment_id)
-    if experiment.lifecycle_stage != "deleted":
-        client.delete_experiment(plan.experiment_id)
-    if hard:
-        store._hard_delete_experiment(plan.experiment_id)
-        location = experiment.artifact_location or ""
-        if location.startswith("file:"):
-            from urllib.parse import unquote, urlsplit
-
-            folder = Path(unquote(urlsplit(location).path))
-            # sweep's artifact root may be shared by every experiment of the store: it goes
-            # only when not one file is left in it (the runs' emptied folders)
-            if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def _delete_artifacts(artifact_uri: str | None) -> None:
-    if not artifact_uri:
-        return
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    try:
-        get_artifact_repository(artifact_uri).delete_artifacts()
-    except FileNotFoundError:
-        pass  # a run that never logged an artifact has no folder
 
 
 def delete_study(plan: DeletePlan) -> list[str]:
     """Remove what ``plan`` found: MLflow runs, spool records, checkpoints, then the Optuna
     study. Returns the lines to print."""
     if plan.tracker is not None and plan.run_ids:
-        _remove_runs(plan)
+        remove_runs(plan.tracker, plan.run_ids, plan.experiment_id,
+                    with_experiment=not plan.other_runs)
     if plan.run_ids:
         drop_runs(plan.tracking_uri, set(plan.run_ids))
     if plan.checkpoints is not None and plan.checkpoints.is_dir():

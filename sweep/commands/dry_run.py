@@ -3,8 +3,8 @@ created (no Optuna store or table, no MLflow store, no checkpoint folder, no dat
 
 It prints the study with every default filled in, T (optimizer steps per trial: epochs x
 steps per epoch, the length every schedule is defined over), the budget and what is left of it
-(``bookkeeping``'s rule, read from the stored study when there is one), the fused pack size a
-worker would use (``pack.pack_capacity``) and the MLflow store the remaining trials would add.
+(``budget``'s rule, read from the stored study when there is one), the fused pack size a
+worker would use (``training.capacity.pack_capacity``) and the MLflow store the remaining trials would add.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 
 import yaml
 
-from sweep.loop.bookkeeping import BUDGET, budget_used, chosen_budget
+from sweep.loop.budget import BUDGET, budget_used, chosen_budget
 from sweep.stores.checkpoints import resolve_dir
 from sweep.base.urls import mask_url
 from sweep.loop.identity import IDENTITY, differences, identity
@@ -60,7 +60,7 @@ def _size(n_bytes: float) -> str:
 def dry_run(spec: StudySpec, opts) -> str:
     """The dry run's text for ``spec`` launched with ``opts`` (``launch.LaunchOptions``).
     Raises what a launch raises for bad input (device, URLs, checkpoint folder)."""
-    from sweep.loop.pack import pack_capacity, trains_as_pack
+    from sweep.training.capacity import pack_capacity, trains_as_pack
     from sweep.training.train import resolve_device
 
     device = resolve_device(opts.device)

@@ -16,15 +16,20 @@ from typing import Callable, Protocol, Sequence
 import optuna
 import torch
 
-from sweep.loop.bookkeeping import budget_used, reconcile, resolve_budget, update_parent_run
+from sweep.loop.budget import budget_used, resolve_budget, update_parent_run
+
+from sweep.loop.reconcile import reconcile
 from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
-from sweep.record import CODE_VERSION, check_tracking_uri, launch_lines, replay_spool, Tracker
+from sweep.record import Tracker, check_tracking_uri, launch_lines, replay_spool
 from sweep.loop.objective import WorkerContext
-from sweep.loop.pack import log_pack_times, time_table
+from sweep.loop.pack_times import log_pack_times, time_table
 from sweep.base.stopping import BoundedStop
 from sweep.stores.storage import check_storage_url, open_storage
 from sweep.base.urls import mask_url
-from sweep.loop.worker import code_version, open_study, run_worker
+from sweep.record import tag_code_version
+from sweep.base.version import code_version
+from sweep.loop.study import open_study
+from sweep.loop.worker import run_worker
 from sweep.study.specs import StudySpec
 from sweep.training.data import Splits, load_splits, locate
 from sweep.training.model_check import check_model
@@ -114,7 +119,7 @@ class StudyStores:
 def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool = True,
                       load_data: bool = True) -> StudyStores:
     """Check the run's inputs, then open the stores, creating what is absent: the Optuna study,
-    its budget (``bookkeeping.resolve_budget``), the MLflow experiment and the parent run.
+    its budget (``budget.resolve_budget``), the MLflow experiment and the parent run.
 
     Every check that can fail on user input (device, URLs, model, data folder) runs before the
     first store is created. ``load_data``: read the data set into memory (a process that trains);
@@ -141,7 +146,7 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
                                Path(spec.path))
     version = code_version()
     # The parent run says which code last launched the study (each trial run records its own).
-    tracker.client.set_tag(parent, CODE_VERSION, version)
+    tag_code_version(tracker, parent, version)
     return StudyStores(study, budget, tracker, experiment_id, parent, device, version, splits,
                        checkpoint_dir, opts.storage)
 

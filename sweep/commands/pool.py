@@ -18,7 +18,9 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from sweep.loop.bookkeeping import budget_used, reconcile, update_parent_run
+from sweep.loop.budget import budget_used, update_parent_run
+
+from sweep.loop.reconcile import reconcile
 from sweep.record import launch_lines
 from sweep.commands.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
     open_study_stores, worker_command)

@@ -1,5 +1,6 @@
 """``sweep status``: counts per state, running trials with their worker and heartbeat, stale
-MLflow runs; ``--repair`` reconciles the stores (the rules live in ``bookkeeping``).
+MLflow runs; ``--repair`` reconciles the stores (the rules live in ``sweep.loop.budget`` and
+``sweep.loop.reconcile``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from sweep.loop.bookkeeping import (BUDGET, Reconciled, budget_used, reconcile, stale_runs,
-    state_counts, update_parent_run, worker_gone)
+from sweep.loop.budget import BUDGET, budget_used, state_counts, update_parent_run
+from sweep.loop.reconcile import Reconciled, reconcile, stale_runs, worker_gone
+from sweep.stores.heartbeat import grace_period, heartbeat_ages
 from sweep.stores.checkpoints import (checkpoint_root, orphans, remove_orphans, storage_key,
     waiting_with_checkpoint)
-from sweep.record import Completeness, Tracker, check_completeness, replay_spool
+from sweep.record import Completeness, check_completeness, replay_spool
+from sweep.record import Tracker
+from sweep.base.text import number_in
 
 
 #: ``sweep status`` exit codes (docs/scripting.md). RECORD_INCOMPLETE is branch i23's: it owns
@@ -55,9 +59,9 @@ class StatusFacts:
             spool = c.spool
             mlflow = {"complete": c.complete, "trial_runs": c.runs, "expected_points": c.expected,
                       "stored_points": c.stored,
-                      "gaps": [{"run_id": g.run_id, "trial": _number(g.trial), "missing": g.missing}
-                               for g in c.gaps],
-                      "ended_without_count": [{"trial": _number(t), "run_id": r, "points": n}
+                      "gaps": [{"run_id": g.run_id, "trial": number_in(g.trial),
+                                "missing": g.missing} for g in c.gaps],
+                      "ended_without_count": [{"trial": number_in(t), "run_id": r, "points": n}
                                               for t, r, n in c.uncounted],
                       "spool": {"folder": str(spool.folder), "points": spool.total,
                                 "runs": len(set(spool.points) | spool.ends),
@@ -126,10 +130,6 @@ def status_exit_code(facts: StatusFacts) -> int:
     return STALE_TRIALS if facts.stale_trials else ALL_WELL
 
 
-def _number(text) -> int | None:
-    return int(text) if str(text).isdigit() else None
-
-
 def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = False,
                 checkpoint_dir: str | None = None) -> tuple[str, StatusFacts]:
     """``sweep status``: (lines said while repairing, the facts of the stored study after
@@ -151,44 +151,18 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     return "\n".join(replayed), facts
 
 
-def heartbeat_ages(study: optuna.Study) -> dict[int, float]:
-    """Seconds since the last heartbeat of each RUNNING trial, by trial id (RDB storages only)."""
-    storage = study._storage
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        return {}
-    import sqlalchemy
-    from optuna.storages._rdb import models
-
-    session = storage.scoped_session()
-    try:
-        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
-        rows = (session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
-                .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
-                .filter(models.TrialModel.study_id == study._study_id)
-                .filter(models.TrialModel.state == TrialState.RUNNING).all())
-        return {tid: (now - beat.replace(tzinfo=None)).total_seconds() for tid, beat in rows}
-    finally:
-        session.close()
-
-
-def _grace_period(study: optuna.Study) -> float | None:
-    """The storage's heartbeat grace period in seconds (None: it keeps no heartbeats)."""
-    grace = getattr(study._storage, "grace_period", None)
-    return float(grace) if grace else None
-
-
 def status_facts(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None,
                  repaired: Reconciled | None = None) -> StatusFacts:
     """Counts per state, running trials (worker host/pid, heartbeat age, whether stale), stale
     MLflow runs and MLflow's completeness, read from the stores; writes nothing.
 
     A RUNNING trial is stale when its heartbeat is older than the storage's grace period, or
-    its worker ran on this host and that process is gone (``bookkeeping.worker_gone``): the
+    its worker ran on this host and that process is gone (``reconcile.worker_gone``): the
     two signs ``reconcile`` acts on."""
     trials = study.get_trials(deepcopy=False)
     counts = {**state_counts(study),
               "waiting": sum(1 for t in trials if t.state == TrialState.WAITING)}
-    ages, grace = heartbeat_ages(study), _grace_period(study)
+    ages, grace = heartbeat_ages(study), grace_period(study)
     running = []
     for t in trials:
         if t.state != TrialState.RUNNING:

@@ -11,7 +11,7 @@ replicates, over the same N seeds:
 
 Replicates are ordinary trials, enqueued with their fixed parameters and user attributes
 (``sweep.study.phases``: phase, group, seed); they run through the normal worker loop (so they
-fill fused packs when the study fuses) under their own budget (``bookkeeping.CONFIRM_BUDGET``).
+fill fused packs when the study fuses) under their own budget (``budget.CONFIRM_BUDGET``).
 The plan is stored in the study when first made, so re-running ``sweep confirm`` after an
 interruption, or while the search is still going on, finishes the same replicates and enqueues
 only the missing ones.
@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import ConfirmError
-from sweep.loop.bookkeeping import CONFIRM_BUDGET, SETTINGS, budget_used
+from sweep.loop.budget import CONFIRM_BUDGET, SETTINGS, budget_used
 from sweep.stores.storage import study_lock
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, is_search
 from sweep.study.specs import IntParam, StudySpec

@@ -1,38 +1,26 @@
-"""The study loop of one worker process: create or resume the study, then ask -> run -> tell
-until the study's budget is used (what counts towards it: ``bookkeeping``).
+"""The study loop of one worker process: ask -> run -> tell until the study's budget is used
+(what counts towards it: ``budget``; creating or resuming the study: ``study``).
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
-import subprocess
-import threading
 import time
-import uuid
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
-from sweep import __version__
-from sweep.errors import SpaceChangedError
-from sweep.loop.identity import IDENTITY, check_identity, identity
-from sweep.loop.bookkeeping import (DONE, RUN, SETTINGS, end_stale_runs, fail_dead_trials,
-    next_step, open_slots, over_budget)
-from sweep.stores.checkpoints import STUDY_UID
+from sweep.loop.budget import DONE, RUN, next_step, open_slots, over_budget
+from sweep.loop.reconcile import end_stale_runs, fail_dead_trials
 from sweep.loop.objective import Outcome, WorkerContext, run_trial
-from sweep.loop.pack import pack_capacity, run_pack, trains_as_pack
+from sweep.loop.pack import run_pack
+from sweep.training.capacity import pack_capacity, trains_as_pack
+from sweep.stores.heartbeat import Heartbeat, keeps_heartbeats
 from sweep.stores.retry import retry_later
 from sweep.base.stopping import BoundedStop, stop_seconds
-from sweep.study.phases import SEARCH, SearchOnlySampler
-from sweep.study.pruning import build_pruner
-from sweep.study.specs import StudySpec
-from sweep.study.spec import trial_settings
+from sweep.study.phases import SEARCH
 
 
 class Interrupted(BaseException):
@@ -80,123 +68,6 @@ class SignalGuard:
 
     def on_epoch_end(self, epoch, metrics) -> None:
         self.check()
-
-
-def code_version() -> str:
-    """The package version and, when run from a git checkout, its commit."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
-
-
-def space_fingerprint(spec: StudySpec) -> str:
-    """The search space as canonical JSON (what a resumed study must still agree with)."""
-    return json.dumps(spec.raw.get("space"), sort_keys=True, default=str)
-
-
-def build_sampler(spec: StudySpec, constant_liar: bool = True) -> optuna.samplers.BaseSampler:
-    """The study file's sampler, blind to confirmation trials (``sweep.study.phases``).
-
-    TPE runs with ``constant_liar`` (Optuna's advice for parallel optimisation): a fused pack
-    asks K trials before any reports, and concurrent workers ask while others train; the liar
-    counts each RUNNING trial as a bad result, so a batch of proposals spreads over the space
-    instead of all crowding the current best region (H100 run without it: 13 of 24 proposals
-    after the first pack were cosine). ``constant_liar=False`` is for the test that measures it."""
-    if spec.sampler.type == "random":
-        return SearchOnlySampler(optuna.samplers.RandomSampler(seed=spec.seed))
-    with warnings.catch_warnings():  # constant_liar is "experimental" in Optuna 5.0
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        tpe = optuna.samplers.TPESampler(seed=spec.seed,
-                                         n_startup_trials=spec.sampler.n_startup_trials,
-                                         multivariate=spec.sampler.multivariate,
-                                         group=spec.sampler.multivariate,
-                                         constant_liar=constant_liar)
-    return SearchOnlySampler(tpe)
-
-
-def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
-               create: bool = True, allow_config_change: bool = False) -> optuna.Study:
-    """Create the study or resume it; refuses a changed search space or changed training
-    settings (``identity``) unless allowed."""
-    sampler, pruner = build_sampler(spec), build_pruner(spec.pruner, spec.train.epochs)
-    fingerprint = space_fingerprint(spec)
-    try:
-        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
-                                  pruner=pruner)
-    except KeyError:
-        if not create:
-            raise
-        try:
-            study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
-                                        pruner=pruner, direction=spec.objective.direction)
-        except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
-            return open_study(spec, storage, allow_space_change, create,
-                              allow_config_change)
-        study.set_user_attr("sweep.space", fingerprint)
-        study.set_user_attr(STUDY_UID, uuid.uuid4().hex)  # tells a re-created study's checkpoints apart
-        study.set_user_attr("sweep.description", spec.description)
-        study.set_user_attr("sweep.study_file", str(spec.path))
-        study.set_user_attr(SETTINGS, trial_settings(spec))  # what `sweep confirm` replicates
-        study.set_user_attr(IDENTITY, identity(spec))
-        return study
-    if check_identity(study, spec, allow_config_change):
-        study.set_user_attr(SETTINGS, trial_settings(spec))  # confirm replicates the new ones
-    stored = study.user_attrs.get("sweep.space")
-    if stored is not None and stored != fingerprint:
-        if not allow_space_change:
-            raise SpaceChangedError(
-                f"study {spec.name!r} was created with another search space than {spec.path} now "
-                f"declares; restore the file, use a new study name, or pass --allow-space-change")
-        changes = list(study.user_attrs.get("sweep.space_changes", []))
-        changes.append({"from": stored, "to": fingerprint})
-        study.set_user_attr("sweep.space_changes", changes)
-        study.set_user_attr("sweep.space", fingerprint)
-    return study
-
-
-class _Heartbeat:
-    """Records the heartbeats of the trials this worker is training (one, or the live slots of a
-    fused pack: ``add``/``discard``) so a dead worker's trials are failed after the grace period
-    (RDB storages only; the journal storage has no heartbeat)."""
-
-    def __init__(self, storage, *trial_ids: int):
-        self._storage, self._trial_ids = storage, set(trial_ids)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-        self._thread = None
-        if interval:
-            self._interval = interval
-            self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
-            self._thread.start()
-
-    def add(self, trial_id: int) -> None:
-        with self._lock:
-            self._trial_ids.add(trial_id)
-
-    def discard(self, trial_id: int) -> None:
-        with self._lock:
-            self._trial_ids.discard(trial_id)
-
-    def _beat(self):
-        while True:
-            with self._lock:
-                ids = list(self._trial_ids)
-            for trial_id in ids:
-                try:
-                    self._storage.record_heartbeat(trial_id)
-                except Exception:
-                    pass  # a missed beat is harmless; a dead storage shows up at tell()
-            if self._stop.wait(self._interval):
-                return
-
-    def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 @dataclass
@@ -260,7 +131,7 @@ def _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity,
     with guard:
         while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
             live = {trial._trial_id: trial}  # began, not yet told
-            heartbeat = _Heartbeat(storage, trial._trial_id)
+            heartbeat = Heartbeat(storage, trial._trial_id)
 
             def began(t):
                 live[t._trial_id] = t
@@ -339,7 +210,7 @@ _POLL_SECONDS = 1.0
 def _can_wait(study: optuna.Study, trials) -> bool:
     """Whether a dead worker's RUNNING trial would ever be noticed: always with heartbeats;
     without them (journal storage) only when every running trial is on this host (pid check)."""
-    if is_heartbeat_enabled(study._storage):
+    if keeps_heartbeats(study._storage):
         return True
     host = socket.gethostname()
     return all(t.user_attrs.get("host") == host for t in trials if t.state == TrialState.RUNNING)

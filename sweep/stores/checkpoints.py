@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Sequence
 import optuna
 
 from sweep.stores.checkpoint_writer import CheckpointWriter
-from sweep.base.text import first_line
+from sweep.base.text import first_line, number_in
 from sweep.stores.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
 from sweep.base.urls import local_file
 from sweep.training.atomic import TMP_SUFFIX, temporary_name, write_bytes_atomic
@@ -89,6 +89,13 @@ def study_folder(storage: str, study_id: int, uid: str, study_name: str) -> str:
     digest = hashlib.sha256(f"{storage}\n{study_id}\n{uid}".encode()).hexdigest()[:16]
     readable = re.sub(r"[^\w.-]", "_", study_name).lstrip(".")[:48] or "study"
     return f"{readable}-{digest}"
+
+
+def folder_of(root: Path, storage: str, study: optuna.Study) -> Path:
+    """``study``'s checkpoint folder under ``root`` (``storage``: ``storage_key`` of the
+    study's storage URL)."""
+    return Path(root) / study_folder(storage, study._study_id, study.user_attrs.get(STUDY_UID, ""),
+                                     study.study_name)
 
 
 class Record:
@@ -228,8 +235,7 @@ class CheckpointDir:
     _swept: set = field(default_factory=set)  # study folders whose stale temporaries are gone
 
     def folder(self, study: optuna.Study) -> Path:
-        return self.root / study_folder(self.storage, study._study_id,
-                                        study.user_attrs.get(STUDY_UID, ""), study.study_name)
+        return folder_of(self.root, self.storage, study)
 
     def path(self, study: optuna.Study, original: int) -> Path:
         return self.folder(study) / f"trial-{original}.pt"
@@ -385,11 +391,11 @@ def orphans(study: optuna.Study, root: Path, storage: str) -> list[Path]:
     in ``study``'s folder, files of no RUNNING or WAITING trial's chain and stale temporaries;
     the files of folders whose study (by ``study.json``) is gone from the storage (deleted or
     re-created). Other storages' folders are never listed."""
-    folder = CheckpointDir(root, "", "", storage).folder(study)
+    folder = folder_of(root, storage, study)
     trials = study.get_trials(deepcopy=False)
     live = {original_number(t.system_attrs, t.number) for t in trials
             if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)}
-    out = [p for p in sorted(folder.glob("trial-*.pt")) if _number(p) not in live]
+    out = [p for p in sorted(folder.glob("trial-*.pt")) if number_in(p.stem.removeprefix("trial-")) not in live]
     out += stale_temporaries(study, folder)
     existing = {(s._study_id, s.user_attrs.get(STUDY_UID, ""))
                 for s in study._storage.get_all_studies()} if root.is_dir() else set()
@@ -420,13 +426,6 @@ def remove_orphans(paths: Sequence[Path]) -> int:
             except OSError:
                 pass  # not empty: a file written since
     return removed
-
-
-def _number(path: Path) -> int | None:
-    try:
-        return int(path.stem.removeprefix("trial-"))
-    except ValueError:
-        return None
 
 
 def waiting_with_checkpoint(trials) -> list[tuple[int, int]]:

@@ -1,7 +1,7 @@
 """The one retry rule: a trial that failed because its worker died, stalled or was interrupted is
 re-enqueued with its parameters, its seed and its phase attributes (a confirmation replicate
 stays one). The same rule serves every path that finds such a trial: a worker that is
-interrupted, a worker that finds a dead local worker's trial (``bookkeeping.fail_dead_trials``)
+interrupted, a worker that finds a dead local worker's trial (``reconcile.fail_dead_trials``)
 and Optuna's stale-heartbeat check (the storage's ``heartbeat_stale_trial_callback``,
 ``storage.py``).
 
@@ -17,7 +17,7 @@ epoch must not lose the trial; each such retry needs a new signal, so this canno
 The retry keeps the original's seed (``sweep.seed``): it is the same trial continued, so it draws
 the same weights and batches whether it resumes from a checkpoint or restarts from step 0.
 ``retry_history`` lists every trial it continues, first the original (Optuna's own attribute:
-those trials no longer count towards the budget, ``bookkeeping``).
+those trials no longer count towards the budget, ``sweep.loop.budget``).
 
 It is idempotent: a trial that already has a retry gets no second one, so the paths may meet.
 An interrupted worker enqueues the retry *before* it tells Optuna FAIL; a second Ctrl-C in

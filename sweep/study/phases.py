@@ -9,7 +9,7 @@ set when they are enqueued (``PHASE``, ``GROUP``, ``SEED``), so that:
   configuration is not a new observation of the search, and feeding N copies of the winner
   back would collapse TPE onto it;
 * the pruner never stops them and never compares with them (``sweep.study.pruning``);
-* the budgets count them apart (``sweep.loop.bookkeeping``).
+* the budgets count them apart (``sweep.loop.budget``).
 
 ``StudyView`` is the one mechanism behind all of this: the same study (same storage, id and
 per-ask trial cache) whose ``get_trials``/``_get_trials`` return only the trials a predicate

@@ -28,8 +28,8 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import TrackingError
-from sweep.loop.bookkeeping import FINISHED, budget_used, counted, state_counts
-from sweep.loop.bookkeeping import outcome as trial_outcome
+from sweep.loop.budget import FINISHED, budget_used, counted, state_counts
+from sweep.loop.budget import outcome as trial_outcome
 from sweep.record import check_completeness, open_existing_tracker
 from sweep.loop.confirm_plan import stored_plan
 from sweep.stores.storage import load_existing_study

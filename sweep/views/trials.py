@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 
 from sweep.errors import NoResultError, SweepError
-from sweep.loop.bookkeeping import best_trial, outcome
+from sweep.loop.budget import best_trial, outcome
 from sweep.stores.storage import load_existing_study
 from sweep.record import EPOCH_METRICS, EPOCHS_TRAINED, FINAL_METRICS, open_existing_tracker
 from sweep.study.phases import phase_of

@@ -1,39 +1,24 @@
-"""A study's bookkeeping: its budget, what counts towards it, and reconciling the stores with
-what really happened to the workers. Below ``worker`` and ``status``, which both use it; free of
-torch, so ``sweep report``/``status``/``list`` count trials without loading a training stack.
+"""A study's budget: what counts towards it, what a worker does next, outcomes as people read
+them, the best trial and the parent run's summary. Below ``worker``, ``status`` and the views,
+which all use it; free of torch, so ``sweep report``/``status``/``list`` count trials without
+loading a training stack.
 
 The budget counts finished trials (complete + pruned + failed) across every worker and every
 resume. A trial that failed because its worker died or was interrupted is re-enqueued once; the
 failed original then no longer counts (its retry takes its place). A trial that lost the race
-for the last slot is marked ``OVER_BUDGET`` and never counts.
-
-Workers die without telling anyone (kill -9, node loss, preemption past the grace time). What
-that leaves behind, and who cleans it up:
-
-* an Optuna trial stuck RUNNING: with RDB storages its heartbeat stops, and after the grace
-  period ``optuna.storages.fail_stale_trials`` fails it and the retry callback re-enqueues its
-  parameters once. A trial whose worker ran on *this* host and whose pid is gone is failed at
-  once (the only detection the journal storage has: it keeps no heartbeats).
-* an MLflow trial run stuck RUNNING although its Optuna trial is finished: ended here with
-  status FAILED (FINISHED for a complete trial) and tag ``sweep.state`` = the trial's state.
-
-Every worker reconciles when it starts and when it ends; ``sweep status --repair`` does the same
-on demand. All of it is idempotent, so several workers may reconcile at once.
+for the last slot is marked ``OVER_BUDGET`` and never counts. Repairing what dead workers leave
+behind is ``sweep.loop.reconcile``.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
-import time
-from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
 
-from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY, retry_later
-from sweep.record import RUN_END_BY, STATE, pending, StudySummary, Tracker
+from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY
+from sweep.record import StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
 from sweep.study.specs import StudySpec
 
@@ -42,7 +27,6 @@ OVER_BUDGET = "sweep.over_budget"
 BUDGET = "sweep.budget"  # study user attribute: the study's total trial budget
 CONFIRM_BUDGET = "sweep.confirm_budget"  # study user attribute: the confirmation's trials
 SETTINGS = "sweep.settings"  # study user attribute: the trial settings it was created with
-_RUN_STATUS = {TrialState.COMPLETE: "FINISHED"}  # any other finished state -> FAILED
 
 
 # --- the budget -------------------------------------------------------------------------------
@@ -191,133 +175,3 @@ def update_parent_run(study: optuna.Study, tracker: Tracker, experiment_id: str 
         print(f"warning: parent run {parent_run_id} of study {study.study_name!r} not updated: "
               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400],
               file=sys.stderr)
-
-
-# --- failed and dead trials -------------------------------------------------------------------
-
-def fail_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped beating (the storage's callback re-enqueues them once:
-    ``retry.retry_later``).
-    Optuna marks this experimental and meant for ``optimize``; sweep owns the ask/tell loop and
-    beats itself (``worker._Heartbeat``), as optimize does (the CLI silences the warning)."""
-    optuna.storages.fail_stale_trials(study)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def worker_gone(t, host: str | None = None, me: int | None = None) -> bool:
-    """Whether ``t``'s worker ran on this host (``host``) and its process is gone; a trial
-    of another host, or of this process (``me``), is never judged here (heartbeats judge it)."""
-    host = socket.gethostname() if host is None else host
-    pid = t.user_attrs.get("pid")
-    return (t.user_attrs.get("host") == host and isinstance(pid, int) and pid != (me or os.getpid())
-            and not _pid_alive(pid))
-
-
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker is gone; returns their numbers.
-
-    Stale heartbeats (RDB storages) go through Optuna, which also re-enqueues them; trials run by
-    a dead process on this host are failed and re-enqueued here (works for every storage).
-    """
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    if not before:
-        return []
-    fail_stale(study)
-    host, me = socket.gethostname(), os.getpid()
-    failed = []
-    for t in study.get_trials(deepcopy=False):
-        if t.number not in before:
-            continue
-        if t.state != TrialState.RUNNING:
-            failed.append(t.number)  # failed by heartbeat just now (or finished meanwhile)
-            continue
-        if worker_gone(t, host, me):
-            try:  # the attribute first: a finished trial takes no more attributes
-                study._storage.set_trial_user_attr(t._trial_id, "error", "worker died")
-                if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                    retry_later(study, study._storage.get_trial(t._trial_id))
-                    failed.append(t.number)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # another worker got there first
-    return failed
-
-
-# --- MLflow runs left RUNNING -----------------------------------------------------------------
-
-def stale_runs(study: optuna.Study, tracker: Tracker, experiment_id: str | None) -> list:
-    """MLflow trial runs still RUNNING whose Optuna trial is finished (or gone): (run, trial)."""
-    if experiment_id is None:
-        return []
-    running = tracker.trial_runs(experiment_id, status="RUNNING")
-    if not running:
-        return []
-    # Runs first, trials second: a run is created after its trial is asked, so every trial a
-    # listed run belongs to is in this later snapshot (the other order ends fresh runs).
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    spooled = pending(tracker.uri).ends  # ended, the end waiting in a spool: replay ends them
-    out = []
-    for run in running:
-        if run.data.tags.get("optuna.study_name") != study.study_name or run.info.run_id in spooled:
-            continue
-        number = run.data.tags.get("sweep.trial_number")
-        trial = trials.get(int(number)) if number and number.isdigit() else None
-        if trial is None or (trial.state in FINISHED and not _end_on_its_way(trial)):
-            out.append((run, trial))
-    return out
-
-
-def _end_on_its_way(trial) -> bool:
-    """Whether the trial's own worker may still be writing its run's end: Optuna is told first
-    and the run ends on the worker's writer thread once its points are stored or spooled, which
-    the worker promised by ``RUN_END_BY`` (a user attribute, seconds since the epoch). Until
-    then the run is not stale, unless its worker ran on this host and its pid is gone."""
-    by = trial.user_attrs.get(RUN_END_BY)
-    if not isinstance(by, (int, float)) or time.time() >= by:
-        return False
-    pid, host = trial.user_attrs.get("pid"), trial.user_attrs.get("host")
-    if host == socket.gethostname() and isinstance(pid, int):
-        return pid != os.getpid() and _pid_alive(pid)
-    return True
-
-
-def end_stale_runs(study: optuna.Study, tracker: Tracker, experiment_id: str | None) -> list[str]:
-    """End the runs ``stale_runs`` finds; returns their run ids."""
-    ended = []
-    for run, trial in stale_runs(study, tracker, experiment_id):
-        state = trial.state.name if trial is not None else "FAIL"
-        run_id = run.info.run_id
-        if tracker.client.get_run(run_id).info.status != "RUNNING":
-            continue  # its worker ended it meanwhile (it ends the run before telling Optuna)
-        tracker.client.set_tag(run_id, STATE, state)
-        if trial is not None and trial.state != TrialState.COMPLETE:
-            tracker.client.set_tag(run_id, "sweep.error", trial.user_attrs.get("error", "worker died"))
-        tracker.client.set_terminated(run_id, _RUN_STATUS.get(getattr(trial, "state", None), "FAILED"))
-        ended.append(run_id)
-    return ended
-
-
-@dataclass
-class Reconciled:
-    failed_trials: list[int] = field(default_factory=list)
-    ended_runs: list[str] = field(default_factory=list)
-
-
-def reconcile(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None) -> Reconciled:
-    """Fail dead workers' trials, then end MLflow runs whose trial is finished (when there is an
-    MLflow store to look at)."""
-    failed = fail_dead_trials(study)
-    ended = end_stale_runs(study, tracker, experiment_id) if tracker is not None else []
-    return Reconciled(failed, ended)
