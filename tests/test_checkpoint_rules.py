@@ -392,3 +392,17 @@ def test_workers_starting_together_all_find_the_checkpoint_folder_writable(tmp_p
             w.join()
     assert not failures, failures[:3]
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a probe was left behind"
+
+
+def test_checkpoint_identity_has_no_secret_and_ignores_spelling():
+    """A password in the user part or the query never reaches the key written to study.json;
+    a driver alias, a default port or an added query is the same database."""
+    from sweep.stores.checkpoints import storage_key
+    from tests.helpers import PG_PASSWORD
+
+    spellings = (f"postgresql://sweep:{PG_PASSWORD}@DB.example:5432/optuna",
+                 f"postgresql+psycopg2://db.example/optuna?password={PG_PASSWORD}&sslmode=require",
+                 "postgresql://db.example/optuna/")
+    keys = {storage_key(url) for url in spellings}
+    assert keys == {"postgresql://db.example:5432/optuna"}
+    assert storage_key("postgresql://db.example/other") not in keys

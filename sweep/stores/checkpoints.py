@@ -46,7 +46,7 @@ import optuna
 from sweep.stores.checkpoint_writer import CheckpointWriter
 from sweep.base.text import first_line, number_in
 from sweep.stores.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
-from sweep.base.urls import local_file
+from sweep.base.urls import local_file, store_identity
 from sweep.training.atomic import TMP_SUFFIX, temporary_name, write_bytes_atomic
 
 FORMAT = 1
@@ -74,12 +74,11 @@ def original_number(system_attrs: Mapping, number: int) -> int:
 
 
 def storage_key(storage_url: str) -> str:
-    """The storage as every worker names it: a SQLite or journal file by its absolute path, a
-    server by its URL without user and password (the key is written into ``study.json``)."""
-    path = local_file(storage_url)
-    if path is not None:
-        return f"file:{path.expanduser().resolve()}"
-    return re.sub(r"//[^/@]*@", "//", storage_url)
+    """The storage as every worker names it, written into ``study.json`` on the shared folder:
+    ``sweep.base.urls.store_identity`` (a local file by its absolute path; a server by scheme
+    without driver alias, host, port and database; no user, password or query), so one database
+    spelled two ways is one folder and no credential reaches the shared file system."""
+    return store_identity(storage_url)
 
 
 def study_folder(storage: str, study_id: int, uid: str, study_name: str) -> str:
