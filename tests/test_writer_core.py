@@ -212,6 +212,9 @@ def test_a_full_disk_in_an_outage_is_warned_once_never_spins_and_memory_stays_at
     core.enforce_cap(now)
     assert core.backlog == 2000 and core.lost == 800  # the newest beyond the cap, counted
     assert sum(len(p) for p in core.pending.values()) == 2000
+    core.feed([("b", _points(400, 300))])  # a later batch of the same episode: counted, no line
+    core.enforce_cap(now)
+    assert core.backlog == 2000 and core.lost == 1200
     assert len([line for line in lines if "dropped" in line]) == 1
     spool.full = False  # space again: the next try spools what was kept, the end after it
     now, _ = _run_until(core, now, now + 2 * MAX_BACKOFF_S)

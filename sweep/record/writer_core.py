@@ -66,6 +66,7 @@ class WriterCore:
         self._disk_backoff = Backoff(FIRST_BACKOFF_S, MAX_BACKOFF_S)
         self.disk_retry_at = 0.0  # no spool write before this ``now``
         self._disk_warned = False
+        self._drop_warned = False  # one line per episode of drops, however many batches
         self.lost = 0  # points dropped: the store and the disk refused, and memory was at the cap
         self._set_aside_runs: dict[str, str] = {}  # run id -> why the store will never take it
         self.set_aside = 0  # points of runs the store will never take
@@ -304,6 +305,7 @@ class WriterCore:
         if self._disk_warned:
             self.warn(f"the spool at {self.spool.folder} takes writes again")
         self._disk_warned = False
+        self._drop_warned = False
         self._disk_backoff.reset()
         self.disk_retry_at = 0.0
 
@@ -322,9 +324,12 @@ class WriterCore:
         count = sum(dropped.values())
         self.lost += count
         self.backlog -= count
+        if self._drop_warned:  # counted in ``lost``; the first line said what is happening
+            return
+        self._drop_warned = True
         self.warn(f"MLflow store and spool both refuse and {self.backlog_cap} points are held in "
-                  f"memory (SWEEP_BACKLOG_POINTS): {count} newer point(s) of {len(dropped)} "
-                  f"run(s) dropped; `sweep status` names those runs")
+                  f"memory (SWEEP_BACKLOG_POINTS): newer points are dropped and counted ({count} of "
+                  f"{len(dropped)} run(s) so far); `sweep status` names those runs")
 
     def _spool_backlog(self, now: float) -> bool:
         """More points pending than the cap: the store takes them more slowly than they come.
