@@ -110,7 +110,8 @@ def test_ctrl_c_once_ends_trial_cleanly_and_it_is_retried(tmp_path, tiny_cifar, 
 
     # The next launch runs the retries first; interrupted trials do not use up the budget.
     done = run(launch_args(tiny_cifar, "--trials", "3", "--set", "train.epochs=1",
-                           "--set", f"train.fuse={fuse}"), tmp_path)
+                           "--set", f"train.fuse={fuse}",
+                           "--allow-config-change"), tmp_path)  # 200 epochs -> 1, on purpose
     assert done.returncode == 0, done.stderr[-2000:]
     trials = load(tmp_path).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -132,7 +133,8 @@ def test_second_ctrl_c_exits_at_once_and_next_launch_reconciles(tmp_path, tiny_c
 
     time.sleep(4)  # past the grace period: the abandoned trials are stale
     done = run(launch_args(tiny_cifar, "--trials", str(fuse), "--set", "train.epochs=1",
-                           "--set", f"train.fuse={fuse}"), tmp_path)
+                           "--set", f"train.fuse={fuse}",
+                           "--allow-config-change"), tmp_path)  # 200 epochs -> 1, on purpose
     assert done.returncode == 0, done.stderr[-2000:]
     trials = load(tmp_path).get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
@@ -148,7 +150,8 @@ def test_sigkill_of_a_fused_worker_is_reconciled_by_the_next_launch(tmp_path, ti
     proc.kill()
     proc.communicate(timeout=60)
     done = run(launch_args(tiny_cifar, "--trials", "2", "--set", "train.epochs=1",
-                           "--set", "train.fuse=2"), tmp_path)
+                           "--set", "train.fuse=2",
+                           "--allow-config-change"), tmp_path)  # 200 epochs -> 1, on purpose
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2/2 trials used" in done.stdout
     trials = load(tmp_path).get_trials()

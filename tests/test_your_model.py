@@ -315,6 +315,9 @@ def test_a_fused_pack_of_builtins_trains_cifar100(cifar100, in_tmp):
     root, _ = cifar100
     result = CliRunner().invoke(main, [
         "launch", "--study", "smoke", "--data-dir", str(root), "--quiet", "--trials", "2",
+        # explicit stores: an in-process run must not follow a URI another test left behind
+        "--storage", f"sqlite:///{in_tmp}/sweep.db",
+        "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db",
         "--set", "data.dataset=cifar100", "--set", "data.train_size=300", "--set",
         "data.val_size=80", "--set", "data.test_size=80", "--set", "train.epochs=1",
         "--set", "train.batch_size=50", "--set", "train.fuse=2"])
