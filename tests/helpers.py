@@ -212,17 +212,31 @@ def wait_running(storage, study_name: str, exclude: set[int], deadline: float):
 
 def wait_array_ended(job: str, env: dict, deadline: float) -> None:
     """Return once every task of SLURM array ``job`` has ended (squeue lists it until then)."""
+    # Asked at least once, and at least 60 s from now: a caller whose own earlier wait ate the
+    # window (a loaded machine) must not fail here without squeue having been asked.
+    deadline = max(deadline, time.time() + 60)
     queued = ""
-    while time.time() < deadline:
-        done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env=env,
+    while True:
+        done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T %r"], env=env,
                               capture_output=True, text=True, timeout=60)
-        queued = done.stdout.strip() or done.stderr.strip()
+        queued = (f"squeue exit {done.returncode}: "
+                  f"{done.stdout.strip() or done.stderr.strip() or '(nothing printed)'}")
         # An empty listing counts only from a squeue that answered: a controller slow to answer
         # (a loaded machine) also prints nothing on stdout, and the array has not ended then.
         if done.returncode == 0 and not done.stdout.strip():
             return
+        if time.time() >= deadline:
+            break
         time.sleep(1)
     pytest.fail(f"array {job} still queued: {queued}")
+
+
+def queue_state(job: str, env: dict, jobs_dir) -> str:
+    """What squeue says of ``job`` and the tail of its outputs: the message of a wait that failed."""
+    done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T %r"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    outputs = "\n".join(p.read_text() for p in sorted(jobs_dir.glob("*.out")))
+    return f"squeue: {done.stdout.strip() or done.stderr.strip()!r}; outputs: {outputs[-2000:]}"
 
 
 # --- the LR reference from torch's own scheduler classes ----------------------------------------

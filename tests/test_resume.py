@@ -24,7 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import sweep_cmd, sweep_env, wait_array_ended, write_cifar
+from helpers import queue_state, sweep_cmd, sweep_env, wait_array_ended, write_cifar
 
 pytestmark = pytest.mark.slow
 
@@ -298,8 +298,10 @@ def test_scancelled_array_task_is_resumed_by_a_second_array(slurm, tmp_path, dat
     script = (tmp_path / "sweep-jobs" / "sweep-resume.sbatch").read_text()
     assert "#SBATCH --requeue" in script
     assert f"--checkpoint-dir {tmp_path / 'sweep-checkpoints'}" in script
-    deadline = time.time() + 240
-    while time.time() < deadline:
+    # The task may wait in the queue behind an earlier test's job on a loaded machine: a long
+    # window, and a failure that says what the queue held rather than a wait that falls through.
+    deadline = time.time() + 420
+    while True:
         try:
             study = optuna.load_study(study_name="resume", storage=storage)
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -307,9 +309,11 @@ def test_scancelled_array_task_is_resumed_by_a_second_array(slurm, tmp_path, dat
                 break
         except KeyError:
             pass
+        assert time.time() < deadline, \
+            "no trial reached 2 epochs: " + queue_state(job, job_env, tmp_path / "sweep-jobs")
         time.sleep(0.1)
     subprocess.run(["scancel", job], env=job_env, check=True, timeout=60)
-    wait_array_ended(job, job_env, deadline)
+    wait_array_ended(job, job_env, time.time() + 240)
     study = optuna.load_study(study_name="resume", storage=storage)
     (original,) = study.get_trials(states=(TrialState.FAIL,))
     epochs = original.user_attrs["checkpoint_epochs"]
