@@ -405,3 +405,59 @@ def test_status_json_keys_are_the_documented_ones(tmp_path, tiny_cifar):
     assert not printed - names, f"{page}'s status table lacks {sorted(printed - names)}"
     assert not rows - printed, f"{page}'s status table has rows status no longer prints: " \
                                f"{sorted(rows - printed)}"
+
+
+def _printed_line_patterns() -> list[re.Pattern]:
+    """Every string sweep/ can print, as regexes: each string literal and f-string of the
+    source, its ``{...}`` fields as groups ``(.+?)``, cut at its newlines; 12 literal characters
+    at least."""
+    import ast
+
+    patterns = []
+    for path in sorted((ROOT / "sweep").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                parts = [re.escape(v.value) if isinstance(v, ast.Constant) else "\0"
+                         for v in node.values]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                parts = [re.escape(node.value)]
+            else:
+                continue
+            for line in "".join(parts).split(re.escape("\n")):
+                if len(re.sub(r"\\(.)", r"\1", line.replace("\0", ""))) >= 12:
+                    patterns.append(re.compile(line.replace("\0", "(.+?)")))
+    return patterns
+
+
+def _literal_coverage(line: str, patterns: list[re.Pattern]) -> tuple[float, float]:
+    """(all, best): the share of ``line``'s characters (an elision ``...`` aside) that the
+    source strings matching in it hold literally (not through a field), and the largest share
+    one of them holds. A line sweep prints as quoted gets most of it; a line that only shares
+    phrases with the source, little."""
+    covered, best = [False] * len(line), 0
+    for pattern in patterns:
+        for m in pattern.finditer(line):
+            fields = [m.span(g) for g in range(1, (m.lastindex or 0) + 1)]
+            literal = [i for i in range(*m.span()) if not any(a <= i < b for a, b in fields)]
+            best = max(best, len(literal))
+            for i in literal:
+                covered[i] = True
+    size = max(1, len(line) - 3 * line.count("..."))
+    return sum(covered) / size, best / size
+
+
+def test_troubleshooting_quotes_lines_sweep_prints():
+    """Each line docs/troubleshooting.md quotes (its ``text`` blocks) is one sweep's source can
+    still print: string literals and f-strings of the source match it and hold at least half of
+    its characters literally, one of them a quarter at least (the rest are the example values
+    of their fields, or another library's words; ``...`` elides those). A line built from
+    several strings (``+``) is why one string need not hold it all."""
+    page = ROOT / "docs" / "troubleshooting.md"
+    quoted = [line.strip() for lang, body in _blocks(page.read_text()) if lang == "text"
+              for line in body.splitlines() if line.strip()]
+    assert len(quoted) >= 15, f"{_rel(page)} quotes {len(quoted)} lines"
+    patterns = _printed_line_patterns()
+    gone = {line: [round(share, 2) for share in shares] for line in quoted
+            if (shares := _literal_coverage(line, patterns))[0] < 0.5 or shares[1] < 0.25}
+    assert not gone, (f"{_rel(page)} quotes lines sweep/ no longer prints (share of the line "
+                      f"found in the source): {gone}")

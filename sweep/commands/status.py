@@ -98,7 +98,7 @@ class StatusFacts:
                          + (" -- STALE (no live worker)" if r["stale"] else ""))
         if self.stale_trials:
             lines.append(f"fix: sweep status --repair (fails the stale trial(s) "
-                         f"{self.stale_trials} and re-enqueues each once)")
+                         f"{self.stale_trials} and re-enqueues those the retry rule allows)")
         if self.repaired is not None:
             lines.append(f"repaired: failed {len(self.repaired.failed_trials)} stale trial(s)"
                          + (f" {self.repaired.failed_trials}" if self.repaired.failed_trials else "")

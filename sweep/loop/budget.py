@@ -4,8 +4,8 @@ which all use it; free of torch, so ``sweep report``/``status``/``list`` count t
 loading a training stack.
 
 The budget counts finished trials (complete + pruned + failed) across every worker and every
-resume. A trial that failed because its worker died or was interrupted is re-enqueued once; the
-failed original then no longer counts (its retry takes its place). A trial that lost the race
+resume. A trial that failed because its worker died or was interrupted is re-enqueued by the
+retry rule (``sweep.stores.retry``); the failed original then no longer counts (its retry takes its place). A trial that lost the race
 for the last slot is marked ``OVER_BUDGET`` and never counts. Repairing what dead workers leave
 behind is ``sweep.loop.reconcile``.
 """

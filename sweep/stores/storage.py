@@ -6,7 +6,7 @@
 * ``postgresql://user:pass@host/db``: the cluster storage (``pip install -e '.[postgres]'`` in the checkout).
 
 Heartbeats (RDB storages): a trial whose worker died is failed after the grace period and its
-parameters are re-enqueued once.
+parameters are re-enqueued by the one retry rule (``sweep.stores.retry``).
 """
 
 from __future__ import annotations
