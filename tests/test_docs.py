@@ -461,3 +461,31 @@ def test_troubleshooting_quotes_lines_sweep_prints():
             if (shares := _literal_coverage(line, patterns))[0] < 0.5 or shares[1] < 0.25}
     assert not gone, (f"{_rel(page)} quotes lines sweep/ no longer prints (share of the line "
                       f"found in the source): {gone}")
+
+
+def test_scheduler_table_lists_every_type_and_its_keys():
+    """docs/schedules.md's table has one row per scheduler type sweep accepts, and each row's
+    brackets name every parameter the type takes (``sweep.study.schedules``)."""
+    from sweep.study.schedules import SCHEDULER_PARAMS
+
+    page = ROOT / "docs" / "schedules.md"
+    rows = {re.match(r"`(\w+)`", row[0]).group(1): row[0]
+            for row in _table(page, "| type [keys] |")}
+    assert sorted(rows) == sorted(SCHEDULER_PARAMS), \
+        f"{_rel(page)} lists {sorted(rows)}; sweep accepts {sorted(SCHEDULER_PARAMS)}"
+    missing = {name: [key for key in keys if key not in rows[name]]
+               for name, keys in SCHEDULER_PARAMS.items()}
+    assert not any(missing.values()), f"{_rel(page)}'s rows lack parameters: {missing}"
+
+
+@pytest.mark.parametrize("page, heading", [("search-space.md", "## What a study searches"),
+                                           ("study-files.md", "## Training fields in the search space")])
+def test_searchable_training_fields_are_the_spec_ones(page, heading):
+    """The tables of the training fields a search space may hold name exactly
+    ``SEARCHABLE_TRAIN``."""
+    from sweep.study.specs import SEARCHABLE_TRAIN
+
+    path = ROOT / "docs" / page
+    shown = {name for row in _table(path, heading) for name in re.findall(r"`(\w+)`", row[0])}
+    assert shown == set(SEARCHABLE_TRAIN), \
+        f"{_rel(path)} lists {sorted(shown)}; the space takes {sorted(SEARCHABLE_TRAIN)}"
