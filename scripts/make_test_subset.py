@@ -62,7 +62,8 @@ def head(path: Path, count: int) -> dict:
     try:
         batch = read_batch_file(path)
     except Exception as err:  # a truncated or foreign pickle: name the file, not the internals
-        raise BadInput(f"{path} is not a CIFAR-10 batch file ({type(err).__name__}: {err})") from None
+        raise BadInput(f"{path} is not a CIFAR-10 batch file ({type(err).__name__}: "
+                       f"{err})") from None
     if not isinstance(batch, dict) or not {"data", "labels"} <= set(batch):
         raise BadInput(f"{path} has no 'data'/'labels' entries: not a CIFAR-10 batch file")
     data = batch["data"]
@@ -73,8 +74,8 @@ def head(path: Path, count: int) -> dict:
     if count > held:
         raise BadInput(f"{path} holds {held} records, fewer than the {count} asked for; lower "
                        f"--per-batch / --test")
-    out = {"batch_label": batch.get("batch_label", path.name), "labels": list(batch["labels"][:count]),
-           "data": batch["data"][:count].copy()}
+    out = {"batch_label": batch.get("batch_label", path.name),
+           "labels": list(batch["labels"][:count]), "data": data[:count].copy()}
     if "filenames" in batch:
         out["filenames"] = list(batch["filenames"][:count])
     return out

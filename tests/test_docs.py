@@ -252,7 +252,8 @@ def test_the_shipped_study_count_and_names():
     assert said.group(1) == _NUMBER_WORDS[len(shipped)], \
         f"{_rel(page)} says sweep ships {said.group(1)}; studies/ holds {len(shipped)}: {shipped}"
     named = sorted(set(re.findall(r"`(\w+)`", said.group(2))))
-    assert named == shipped, f"{_rel(page)} names the shipped studies {named}, studies/ has {shipped}"
+    assert named == shipped, \
+        f"{_rel(page)} names the shipped studies {named}, studies/ has {shipped}"
 
 
 def test_every_key_table_has_every_key_of_the_spec():
@@ -264,7 +265,8 @@ def test_every_key_table_has_every_key_of_the_spec():
     spec = ({k for k in TOP_KEYS if k not in OVERRIDABLE and k != "space"} | sections |
             {"space.warmup_steps", "space.base_lr", "space.scheduler"})
     assert not spec - shown, f"{_rel(page)}'s key table lacks {sorted(spec - shown)}"
-    assert not shown - spec, f"{_rel(page)}'s key table names keys the spec lacks: {sorted(shown - spec)}"
+    assert not shown - spec, \
+        f"{_rel(page)}'s key table names keys the spec lacks: {sorted(shown - spec)}"
 
 
 _ENV_NAME = re.compile(r"\bSWEEP_[A-Z0-9_]*[A-Z0-9]\b")
@@ -338,7 +340,8 @@ def _documented_status_keys() -> tuple[set[str], set[str]]:
     """(rows, every name): the keys docs/scripting.md's status table has a row for, and those
     with every key its meaning column names (the keys of a row's objects)."""
     rows, names = set(), set()
-    for key_cell, meaning in _table(ROOT / "docs" / "scripting.md", "`sweep status --study NAME --json`"):
+    table = _table(ROOT / "docs" / "scripting.md", "`sweep status --study NAME --json`")
+    for key_cell, meaning in table:
         for row in _names(key_cell):
             rows.add(row)
             names |= {row} | {f"{row}.{word}" for word in re.findall(r"`(\w+)`", meaning)}
@@ -478,8 +481,9 @@ def test_scheduler_table_lists_every_type_and_its_keys():
     assert not any(missing.values()), f"{_rel(page)}'s rows lack parameters: {missing}"
 
 
-@pytest.mark.parametrize("page, heading", [("search-space.md", "## What a study searches"),
-                                           ("study-files.md", "## Training fields in the search space")])
+@pytest.mark.parametrize("page, heading", [
+    ("search-space.md", "## What a study searches"),
+    ("study-files.md", "## Training fields in the search space")])
 def test_searchable_training_fields_are_the_spec_ones(page, heading):
     """The tables of the training fields a search space may hold name exactly
     ``SEARCHABLE_TRAIN``."""
