@@ -10,16 +10,18 @@ of size 5 overflow 10 reached"), after which a run's later points were dropped (
   cap). When the store is slow, points pile up meanwhile and the next chunks are fuller, so the
   cost per point falls as the load rises.
 * A refused write (pool timeout, "database is locked", a read-only file, a full disk, HTTP
-  429/5xx, connection refused: any exception) is retried with exponential backoff (0.2 s
+  408/429/5xx, a proxy's 404, connection refused: any transient exception) is retried with exponential backoff (0.2 s
   doubling to 5 s); nothing queued is discarded. Once the store has refused for
   ``SWEEP_SPOOL_AFTER_S`` seconds (60), everything pending goes to the spool on local disk
   (``sweep.record.spool``), and so does whatever arrives while the store stays down (one
   attempt every 5 s); the first accepted write ends the outage.
 * A run's end (tags, status) goes through the same queue after its points: it is sent only
   once every point of the run is stored, or spooled together with them.
+* Credentials refused (HTTP 401/403, ``store_errors.is_credentials``): everything pending goes
+  to the spool at once, with one line naming the fix; the store is still tried on the backoff.
 * A refusal that will never pass (``store_errors.is_permanent``: a deleted or inactive run, a
-  row gone, HTTP 4xx) sets that run's points and end aside in the spool folder with the
-  reason; the other runs go on.
+  row gone) sets that run's points and end aside in the spool folder with the reason; the
+  other runs go on (``sweep status --repair`` puts them back once the cause is fixed).
 * More than ``SWEEP_BACKLOG_POINTS`` queued: they go to the spool although the store takes
   writes (memory stays bounded when the store is slower than the trainer).
 * A stop (``stopping``): ``settle_by(deadline)`` lets the thread store what it can until the

@@ -11,7 +11,8 @@ is still growing, and two replayers never take the same segment.
 
 Set aside: the points and ends of a run the store will never take (``store_errors``: deleted,
 not active, its row gone) go to ``set-aside/<segment>.jsonl`` in the same folder, each line with
-its ``reason``; ``sweep status`` names them. They are never replayed.
+its ``reason``; ``sweep status`` names them, and ``sweep status --repair`` puts them back into
+the spool once the cause is fixed (``set_aside``).
 
 A segment is append-only JSON lines, one per spooled write:
 
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from sweep.base.urls import mask_url, sqlite_path
 from sweep.base.text import first_line
+from sweep.record.set_aside import SET_ASIDE, append as append_set_aside
 from sweep.record.batch import MAX_BATCH, log_batch
 
 
@@ -54,7 +56,6 @@ def spool_dir(tracking_uri: str) -> Path:
 
 
 SPOOL_DIR_NAME = "sweep-spool"
-SET_ASIDE = "set-aside"
 
 
 class SpoolWriter:
@@ -74,11 +75,8 @@ class SpoolWriter:
     def set_aside(self, records: list[dict], reason: str) -> None:
         """Append records the store will never take, with the reason, to this process's
         set-aside file (fsynced). Raises OSError when the disk refuses."""
-        folder = self.folder / SET_ASIDE
         with self._lock:
-            folder.mkdir(parents=True, exist_ok=True)
-            _append_synced(folder / f"{self._name}.jsonl",
-                           [{**r, "reason": reason} for r in records])
+            append_set_aside(self.folder, self._name, records, reason)
 
     def append(self, records: list[dict]) -> None:
         """Append records and fsync: once this returns they survive a crash of the process.
@@ -111,13 +109,6 @@ class SpoolWriter:
             if self._file is not None:
                 self._file.close()  # releases the lock: the segment can be replayed now
                 self._file = None
-
-
-def _append_synced(path: Path, records: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @dataclass

@@ -7,6 +7,8 @@ The rules (``metric_writer`` tells the story):
 
 * a refused write (any exception the ``permanent`` rule does not name) is retried with the
   project's ``Backoff`` (0.2 s doubling to 5 s here); nothing queued is discarded;
+* credentials refused (HTTP 401/403): everything pending goes to the spool at once, one line
+  names the fix, and the store is still tried on the backoff;
 * once the store has refused for ``spool_after_s`` seconds everything pending goes to the
   spool, and so does whatever arrives while it stays down; the first accepted write ends it;
 * a run's end is sent only once every point of the run is stored, or spooled with them;
@@ -195,7 +197,9 @@ class WriterCore:
 
     def _refused(self, err: Exception, now: float) -> None:
         if self.outage.refused(err, now):
-            self.rules.spool_all(err, now, self.outage.spool_after_s)
+            # credentials refused: the outage's line already said where the points go
+            self.rules.spool_all(err, now, self.outage.spool_after_s,
+                                 told=self.outage.credentials)
 
     def _send_run(self, run_id: str, points: list) -> tuple[Exception | None, int, float]:
         """Send one run's points in chunks of MAX_BATCH, removing each chunk once stored:

@@ -50,10 +50,12 @@ class SpoolRules:
             return
         self._drop_beyond_cap()
 
-    def spool_all(self, err: BaseException, now: float, spool_after_s: float) -> None:
-        """Everything pending to the spool (the store has refused for ``spool_after_s``):
-        points, then the ends of runs that have no unsent point left. Kept in memory (and
-        retried) when the disk refuses too."""
+    def spool_all(self, err: BaseException, now: float, spool_after_s: float,
+                  told: bool = False) -> None:
+        """Everything pending to the spool (the store has refused for ``spool_after_s``, or
+        refused the credentials): points, then the ends of runs that have no unsent point left.
+        Kept in memory (and retried) when the disk refuses too. ``told``: a line already said
+        where the points go (no line of its own)."""
         if not self.disk_ready(now):
             return
         queue = self.queue
@@ -73,7 +75,7 @@ class SpoolRules:
         queue.clear_pending()
         for e in ends:
             queue.release(e, spooled=True)
-        if first:
+        if first and not told:
             self.warn(f"MLflow store refused writes for {spool_after_s:g} s "
                       f"({first_line(err)}): points go to {self.spool.path} until it takes "
                       f"them again; {REPLAY_HINT}")
@@ -169,6 +171,7 @@ class SpoolRules:
         if run_id not in self.set_aside_runs:
             self.set_aside_runs[run_id] = reason
             self.warn(f"MLflow store will never take run {run_id}'s writes ({reason}): its "
-                      f"points are set aside in {self.spool.folder}; `sweep status` names them")
+                      f"points are set aside in {self.spool.folder}; `sweep status` names them "
+                      f"and `sweep status --repair` replays them once the run is restored")
         for e in ends:
             queue.release(e, spooled=True)
