@@ -146,6 +146,14 @@ def test_a_proxys_answers_and_the_servers_are_classified_by_what_they_mean(serve
         proxy.mode = status
         err = _refusal(client, run_id)
         assert err is not None and is_credentials(err) and not is_permanent(err), (status, err)
+    from sweep.errors import TrackingError
+    from sweep.record import Tracker
+
+    proxy.mode = "401"
+    with pytest.raises(TrackingError) as refused:  # a launch meeting a 401 at its start
+        Tracker(proxy.url)
+    assert refused.value.exit_code == 2 and "401" in str(refused.value)
+    assert "MLFLOW_TRACKING_TOKEN" in str(refused.value)
     proxy.mode = "pass"
     assert _refusal(client, run_id) is None  # the same write passes once the proxy does
     client.delete_run(run_id)
