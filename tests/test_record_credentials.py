@@ -337,3 +337,38 @@ def test_set_aside_records_are_put_back_by_repair_once_the_run_is_restored(tmp_p
                             "AND key = 'lr'", (run.run_id,)).fetchone()
     assert rows == (100, 100)
     assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_claim_left_by_a_dead_restorer_is_taken_over_and_nothing_is_lost(tmp_path):
+    """A restorer on this host that died after claiming a set-aside file (its pid gone: a real
+    process that has exited) leaves a file the next restore takes; a live restorer's claim is
+    left alone. Both stay counted as set aside until they are put back."""
+    import socket
+
+    from sweep.record import SpoolWriter, pending, spool_dir
+    from sweep.record.set_aside import append, restore
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    folder = spool_dir(uri)
+    record = {"run": "r" * 32, "metrics": [["lr", 0.1, 1_700_000_000_000, 0]]}
+    append(folder, "node-1-1", [record], "not active")
+    append(folder, "node-2-2", [record], "not active")
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()  # reaped: its pid names no process
+    host = socket.gethostname()
+    aside = folder / "set-aside"
+    (aside / "node-1-1.jsonl").rename(aside / f"node-1-1.restoring-{host}-{dead.pid}.jsonl")
+    live = subprocess.Popen(["sleep", "600"])
+    try:
+        (aside / "node-2-2.jsonl").rename(aside / f"node-2-2.restoring-{host}-{live.pid}.jsonl")
+        assert pending(uri).set_aside["r" * 32][0] == 2
+        assert restore(folder, SpoolWriter(folder, uri)) == 1  # the dead one's claim only
+    finally:
+        live.kill()
+        live.wait()
+    segments = list(folder.glob("*.jsonl"))
+    assert len(segments) == 1
+    assert [json.loads(line)["run"] for line in segments[0].read_text().splitlines()] == ["r" * 32]
+    assert pending(uri).set_aside["r" * 32][0] == 1  # the live restorer's claim, still counted
+    assert restore(folder, SpoolWriter(folder, uri)) == 1  # its restorer gone: taken over
+    assert pending(uri).set_aside == {} and pending(uri).total == 2

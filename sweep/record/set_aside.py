@@ -14,7 +14,9 @@ stores them (exactly once, as every spooled point) or, when the store still refu
 good, sets them aside again with the reason it gives now. A writer appending to a file that a
 restorer renamed meanwhile notices (the path no longer names the file it wrote) and writes the
 same records again under the path: nothing is lost, and a record restored twice is stored once.
-A claim whose restorer died (same host, its pid gone) is taken over by the next restorer.
+A claim whose restorer died (same host, its pid gone) is taken over by the next restorer; one
+left by a restorer on another host stays, counted by ``sweep status`` as set aside (rename it
+back to ``<name>.jsonl`` once that host is known to be down).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def append(folder: Path, name: str, records: list[dict], reason: str) -> None:
 
 def _claims(folder: Path) -> list[Path]:
     """The set-aside files a restorer may take now: unclaimed ones, and claims of a restorer
-    on this host whose process is gone."""
+    on this host whose process is gone (or this one's, left by a restore the disk cut short)."""
     target = folder / SET_ASIDE
     if not target.is_dir():
         return []
@@ -64,7 +66,8 @@ def _claims(folder: Path) -> list[Path]:
             continue
         owner = path.name.rsplit(RESTORING, 1)[1][:-len(".jsonl")]
         owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if owner_host == host and pid.isdigit() and (int(pid) == os.getpid()
+                                                     or not _alive(int(pid))):
             out.append(path)
     return out
 
