@@ -126,7 +126,8 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     store is away the run's start waits and retries (a stop raises from ``interrupt.check``);
     returns a FAIL ``Outcome`` (the trial's own, to be told) only when the store refuses the run
     for good; raises ``CredentialsRefused`` when it refuses the credentials (the worker stops
-    and the trial is retried: ``worker``). Shared by the unfused trial (``run_trial``) and the fused pack (``pack``)."""
+    and the trial is retried: ``worker``). Shared by the unfused trial (``run_trial``) and the
+    fused pack (``pack``)."""
     spec = ctx.spec
     steps_per_epoch = spec.steps_per_epoch
     try:

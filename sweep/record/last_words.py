@@ -18,7 +18,8 @@ class LastWords:
     abandoned."""
 
     def __init__(self, inbox: Inbox, spool, warn: Callable[[str], None], wake: threading.Event):
-        self.inbox, self.core, self.spool, self.warn, self.wake = inbox, inbox.core, spool, warn, wake
+        self.inbox, self.core, self.spool = inbox, inbox.core, spool
+        self.warn, self.wake = warn, wake
         self._words = threading.Lock()  # one speaker at a time
         self.speaking = 0  # points of the spool write under way
         self.lost = 0  # points neither stored nor spooled at the stop (the disk refused them)
