@@ -339,36 +339,30 @@ def test_set_aside_records_are_put_back_by_repair_once_the_run_is_restored(tmp_p
     assert MlflowClient(uri).get_run(run.run_id).info.status == "FINISHED"
 
 
-def test_a_claim_left_by_a_dead_restorer_is_taken_over_and_nothing_is_lost(tmp_path):
-    """A restorer on this host that died after claiming a set-aside file (its pid gone: a real
-    process that has exited) leaves a file the next restore takes; a live restorer's claim is
-    left alone. Both stay counted as set aside until they are put back."""
-    import socket
-
-    from sweep.record import SpoolWriter, pending, spool_dir
+def test_two_restorers_at_once_move_each_set_aside_file_once_and_later_ones_stay(tmp_path):
+    """Two ``sweep status --repair`` at once (threads: each renames on its own, as two processes
+    on two hosts would): every set-aside file is moved into the spool exactly once, a record a
+    writer sets aside afterwards lands in a fresh file, and nothing is lost (read back with
+    ``json`` line by line)."""
+    from sweep.record import spool_dir
     from sweep.record.set_aside import append, restore
 
     uri = f"sqlite:///{tmp_path}/m.db"
     folder = spool_dir(uri)
     record = {"run": "r" * 32, "metrics": [["lr", 0.1, 1_700_000_000_000, 0]]}
-    append(folder, "node-1-1", [record], "not active")
-    append(folder, "node-2-2", [record], "not active")
-    dead = subprocess.Popen(["sleep", "0"])
-    dead.wait()  # reaped: its pid names no process
-    host = socket.gethostname()
-    aside = folder / "set-aside"
-    (aside / "node-1-1.jsonl").rename(aside / f"node-1-1.restoring-{host}-{dead.pid}.jsonl")
-    live = subprocess.Popen(["sleep", "600"])
-    try:
-        (aside / "node-2-2.jsonl").rename(aside / f"node-2-2.restoring-{host}-{live.pid}.jsonl")
-        assert pending(uri).set_aside["r" * 32][0] == 2
-        assert restore(folder, SpoolWriter(folder, uri)) == 1  # the dead one's claim only
-    finally:
-        live.kill()
-        live.wait()
-    segments = list(folder.glob("*.jsonl"))
-    assert len(segments) == 1
-    assert [json.loads(line)["run"] for line in segments[0].read_text().splitlines()] == ["r" * 32]
-    assert pending(uri).set_aside["r" * 32][0] == 1  # the live restorer's claim, still counted
-    assert restore(folder, SpoolWriter(folder, uri)) == 1  # its restorer gone: taken over
-    assert pending(uri).set_aside == {} and pending(uri).total == 2
+    for n in range(20):
+        append(folder, f"node-{n}-1", [record], "not active")
+    moved: list[int] = []
+    restorers = [threading.Thread(target=lambda: moved.append(restore(folder))) for _ in range(2)]
+    for thread in restorers:
+        thread.start()
+    for thread in restorers:
+        thread.join()
+    assert sum(moved) == 20
+    append(folder, "node-0-1", [record], "not active")  # a live writer, after the move
+    segments = sorted(folder.glob("restored-*.jsonl"))
+    assert len(segments) == 20 and [p.name for p in (folder / "set-aside").iterdir()] == [
+        "node-0-1.jsonl"]
+    runs = [json.loads(line)["run"] for path in [*segments, folder / "set-aside" / "node-0-1.jsonl"]
+            for line in path.read_text().splitlines()]
+    assert runs == ["r" * 32] * 21

@@ -11,7 +11,7 @@ from sweep.base.text import first_line
 from sweep.record.set_aside import SET_ASIDE, restore
 from sweep.record.completeness import is_sql_store
 from sweep.record.names import CODE_VERSION, STATE
-from sweep.record.spool import SpoolWriter, spool_dir
+from sweep.record.spool import spool_dir
 from sweep.record.tracking import Tracker
 
 _RUN_STATUS = {"COMPLETE": "FINISHED"}  # any other finished trial state -> FAILED
@@ -36,16 +36,16 @@ def restore_set_aside(tracker: Tracker, log) -> int:
     """Put the records this store set aside (runs it refused for good) back into its spool
     (``set_aside.restore``), so that the replay that follows stores those it takes now (a run
     restored in the UI) and sets the others aside again with today's reason. ``log`` hears one
-    line; returns the records put back (``sweep status --repair``)."""
+    line; returns the set-aside files put back (``sweep status --repair``)."""
     folder = spool_dir(tracker.uri)
     try:
-        count = restore(folder, SpoolWriter(folder, tracker.uri))
+        count = restore(folder)
     except OSError as err:
         log(f"MLflow: set-aside records in {folder / SET_ASIDE} not put back "
             f"({first_line(err, strerror=True)}); they stay set aside")
         return 0
     if count:
-        log(f"MLflow: {count} set-aside record(s) put back into the spool for the replay")
+        log(f"MLflow: {count} set-aside file(s) put back into the spool {folder} for the replay")
     return count
 
 

@@ -11,8 +11,7 @@ is still growing, and two replayers never take the same segment.
 
 Set aside: the points and ends of a run the store will never take (``store_errors``: deleted,
 not active, its row gone) go to ``set-aside/<segment>.jsonl`` in the same folder, each line with
-its ``reason``; ``sweep status`` names them, and ``sweep status --repair`` puts them back into
-the spool once the cause is fixed (``set_aside``).
+its ``reason``; ``sweep status`` names them. They are never replayed.
 
 A segment is append-only JSON lines, one per spooled write:
 
@@ -41,8 +40,8 @@ from pathlib import Path
 
 from sweep.base.urls import mask_url, sqlite_path
 from sweep.base.text import first_line
-from sweep.record.set_aside import SET_ASIDE, append as append_set_aside
 from sweep.record.batch import MAX_BATCH, log_batch
+from sweep.record.set_aside import append as append_set_aside
 
 
 def spool_dir(tracking_uri: str) -> Path:
@@ -56,6 +55,7 @@ def spool_dir(tracking_uri: str) -> Path:
 
 
 SPOOL_DIR_NAME = "sweep-spool"
+SET_ASIDE = "set-aside"
 
 
 class SpoolWriter:
@@ -75,7 +75,7 @@ class SpoolWriter:
     def set_aside(self, records: list[dict], reason: str) -> None:
         """Append records the store will never take, with the reason, to this process's
         set-aside file (fsynced). Raises OSError when the disk refuses."""
-        with self._lock:
+        with self._lock:  # set_aside.append: safe beside a repair moving the file
             append_set_aside(self.folder, self._name, records, reason)
 
     def append(self, records: list[dict]) -> None:
@@ -109,6 +109,13 @@ class SpoolWriter:
             if self._file is not None:
                 self._file.close()  # releases the lock: the segment can be replayed now
                 self._file = None
+
+
+def _append_synced(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
