@@ -17,6 +17,7 @@ import sys
 import optuna
 from optuna.trial import TrialState
 
+from sweep.errors import CredentialsRefused
 from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY
 from sweep.record import StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
@@ -163,7 +164,11 @@ def study_summary(study: optuna.Study) -> StudySummary:
 def update_parent_run(study: optuna.Study, tracker: Tracker, experiment_id: str | None,
                       parent_run_id: str | None = None) -> None:
     """Write ``study_summary`` to the study's parent run (found when not given); called after
-    each launch, worker and pool, and by ``sweep status --repair``."""
+    each launch, worker and pool, and by ``sweep status --repair``. Skipped on the way out of a
+    worker that the store's ``CredentialsRefused`` stops (called from a ``finally``): the store
+    would refuse this write too, and the worker's one line has said so."""
+    if isinstance(sys.exc_info()[1], CredentialsRefused):
+        return  # the next launch writes it
     if parent_run_id is None:
         parents = tracker.study_runs(experiment_id, study.study_name) if experiment_id else []
         if not parents:
