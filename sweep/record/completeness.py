@@ -24,13 +24,15 @@ FINISHED_OK = ("COMPLETE", "PRUNED")  # trial states that are never retried
 
 def replay_spool(tracker: Tracker, log=None) -> None:
     """Send what earlier processes spooled for this MLflow store (``spool``), saying so on
-    stderr; a segment that is still refused stays for the next try."""
+    stderr; a segment that is still refused stays for the next try, one holding an unreadable
+    line is moved aside (``spool.replay`` says which)."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     sent, problems = tracker.replay_spool()
     if sent:
         log(f"MLflow: replayed {sent} spooled point(s) into {mask_url(tracker.uri)}")
     for line in problems:
-        log(f"MLflow: spool segment not replayed (kept for the next try): {line}")
+        log(f"MLflow: spool segment {line}" if " moved aside to " in line else
+            f"MLflow: spool segment not replayed (kept for the next try): {line}")
 
 
 def expected_points(tags: dict) -> dict[str, int] | None:

@@ -241,8 +241,6 @@ def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
     ``MlflowClient``), then delete it (or move it to ``damaged/`` when a line of it cannot be
     read). Returns (points sent, problems: one line per segment that could not be replayed,
     which stays for the next replay, or that was moved aside)."""
-    from sweep.record.store_errors import is_permanent
-
     sent, problems = 0, []
     folder = spool_dir(tracking_uri)
     if not _segments(folder):
@@ -254,32 +252,43 @@ def replay(tracking_uri: str, client) -> tuple[int, list[str]]:
                    f"make the folder writable or replay from a host that can write it"]
     aside = SpoolWriter(folder, tracking_uri)  # records the store will never take go here
     for path in _segments(folder):
-        with claimed(path, how) as fd:
-            if fd is None:
-                continue  # still being written, or another process replays it now
-            count = 0
-            try:
-                got = _read_fd(fd)
-                # points first, then ends: a run ends once it holds every point
-                for record in sorted(got.records, key=lambda r: "end" in r):
-                    try:
-                        count += _replay_record(client, record)
-                    except Exception as err:
-                        if not is_permanent(err):
-                            raise
-                        aside.set_aside([record], first_line(err))  # skipped; the rest goes on
-                if got.damaged:
-                    moved = _move_aside(path)
-                    problems.append(f"{path}: {got.damaged} line(s) cannot be read (an append "
-                                    f"cut short); its {len(got.records)} whole record(s) are "
-                                    f"stored and the segment moved aside to {moved}")
-                else:
-                    path.unlink()
-            except Exception as err:
-                problems.append(f"{path}: {first_line(err)}")
-                continue
-            sent += count
+        try:
+            sent += _replay_segment(path, how, client, aside, problems)
+        except OSError as err:  # the claim itself failed (not "held": that is no error)
+            problems.append(f"{path}: cannot take it ({first_line(err, strerror=True)})")
     return sent, problems
+
+
+def _replay_segment(path: Path, how: str, client, aside: SpoolWriter, problems: list) -> int:
+    """Replay one segment if this process can claim it: the points it sent. A refusal (kept
+    for the next replay) or a segment moved aside is one line in ``problems``."""
+    from sweep.record.store_errors import is_permanent
+
+    with claimed(path, how) as fd:
+        if fd is None:
+            return 0  # still being written, or another process replays it now
+        count = 0
+        try:
+            got = _read_fd(fd)
+            # points first, then ends: a run ends once it holds every point
+            for record in sorted(got.records, key=lambda r: "end" in r):
+                try:
+                    count += _replay_record(client, record)
+                except Exception as err:
+                    if not is_permanent(err):
+                        raise
+                    aside.set_aside([record], first_line(err))  # skipped; the rest goes on
+            if got.damaged:
+                moved = _move_aside(path)
+                problems.append(f"{path}: {got.damaged} line(s) cannot be read (an append cut "
+                                f"short); its {len(got.records)} whole record(s) are stored "
+                                f"and the segment moved aside to {moved}")
+            else:
+                path.unlink()
+        except Exception as err:
+            problems.append(f"{path}: {first_line(err)}")
+            return 0
+        return count
 
 
 def _move_aside(path: Path) -> Path:
