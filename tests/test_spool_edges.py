@@ -298,7 +298,7 @@ def test_a_complete_trial_killed_before_its_points_were_stored_fails_status(tmp_
 
     smoke = REPO / "studies" / "smoke.yaml"
     small = ("--set", "data.train_size=100", "--set", "data.val_size=40", "--set",
-             "data.test_size=40", "--set", "train.batch_size=25", "--set", "train.epochs=12")
+             "data.test_size=40", "--set", "train.batch_size=25", "--set", "train.epochs=6")
     storage = f"sqlite:///{tmp_path}/sweep.db"
     env = sweep_env(tiny_cifar)
     proc = subprocess.Popen(sweep_cmd("launch", "--study", str(smoke), "--trials", "2", "--quiet",
@@ -311,7 +311,7 @@ def test_a_complete_trial_killed_before_its_points_were_stored_fails_status(tmp_
             time.sleep(0.1)
         trial = wait_running(plain_storage(storage), "smoke", set(), deadline)
         run_id = trial.user_attrs["mlflow_run_id"]
-        # Locked as soon as the run exists: 48 steps (about 3 s on an idle 2-core machine) are
+        # Locked as soon as the run exists: 24 steps (over a second on an idle 2-core machine) are
         # left to train, so the run's end (queued after the trial's COMPLETE) never gets in.
         lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=60)
         lock.execute("BEGIN EXCLUSIVE")  # from here on the writer stores nothing
