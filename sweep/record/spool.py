@@ -129,7 +129,7 @@ class SpoolWriter:
                 hidden = self.folder / f".{name}.tmp"
                 fd = os.open(hidden, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: never held
                     os.rename(hidden, segment)
                 except BaseException:
                     os.close(fd)
