@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import errno
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -369,3 +370,49 @@ def test_every_spelling_of_a_server_url_and_every_folder_see_one_spool(tmp_path,
     assert "s3cret" not in (seen.folder / "STORE").read_text()
     assert spool_dir("postgresql+psycopg2://u:pw@DB:5432/sweep") == spool_dir(
         "postgresql://other@db/sweep")
+
+
+def test_without_flock_a_dead_replayers_claim_is_broken_and_a_live_ones_is_respected(
+        tmp_path, monkeypatch):
+    """Lock files (this process's flock raises ENOLCK in the spool folder): a segment whose
+    claim and writer's marker name a process that is gone is replayed; one claimed by a live
+    process (this one) is left alone, as is one whose writer's marker is fresh on another
+    host."""
+    import errno as errnos
+    import fcntl
+    import socket
+
+    from sweep.record import SpoolWriter, pending, replay, spool_dir
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    dead_claim, live_claim, other_host = _runs(uri, 3)
+    spool = spool_dir(uri)
+    real = fcntl.flock
+
+    def refused(fd, operation):
+        fileno = fd if isinstance(fd, int) else fd.fileno()
+        if Path(f"/proc/self/fd/{fileno}").readlink().is_relative_to(spool):
+            raise OSError(errnos.ENOLCK, "No locks available")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = {"host": socket.gethostname(), "pid": int(gone.stdout), "locks": "files"}
+    segments = {}
+    for run_id in (dead_claim, live_claim, other_host):
+        writer = SpoolWriter(spool, uri, host=f"h{run_id[:6]}")
+        writer.append([{"run": run_id, "metrics": [["lr", 0.5, 1_700_000_000_000, 0]]}])
+        writer.close()
+        segments[run_id] = writer.path
+    notes = {segments[dead_claim].with_suffix(".claim"): dead,
+             segments[dead_claim].with_suffix(".live"): dead,
+             segments[live_claim].with_suffix(".claim"): {**dead, "pid": os.getpid()},
+             segments[other_host].with_suffix(".live"): {**dead, "host": "node-elsewhere"}}
+    for path, note in notes.items():
+        path.write_text(json.dumps(note))
+    assert pending(uri).live == 1  # the fresh marker of another host's writer
+    assert replay(uri, MlflowClient(uri)) == (1, [])
+    assert _rows(tmp_path / "m.db") == {dead_claim: (1, 1)}
+    assert not segments[dead_claim].exists() and segments[live_claim].exists()
+    assert segments[other_host].exists()
