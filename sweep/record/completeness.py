@@ -174,7 +174,7 @@ def launch_lines(tracker: Tracker, experiment_id: str | None, study: str) -> lis
         return check(tracker, experiment_id).lines(study)
     writer = tracker.process.started
     spool = pending(tracker.uri)
-    if not (spool.waiting or spool.set_aside):
+    if not (spool.waiting or spool.set_aside or spool.unreadable):
         stored = writer.stored if writer is not None else 0
         return [f"MLflow: all {stored} points of this launch stored"]
     return Completeness(spool=spool).lines(study)
