@@ -17,6 +17,14 @@ if os.environ.get("SWEEP_DATA_DIR"):
 SHARED_DATA = Path(os.environ.get("SWEEP_DATA_DIR", REPO.parent / "shared/data/cifar10-subset"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_spool_root(tmp_path_factory):
+    """The spools of servers (by default in the user's ``~/.cache/sweep/spool``, keyed by the
+    store) go to a folder of this session, for the tests and every sweep process they start: a
+    PostgreSQL database or server port reused by another run must not meet its spool."""
+    os.environ["SWEEP_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool-root"))
+
+
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory) -> Path:
     """A folder holding cifar-10-batches-py/ with 5 x 40 training and 40 test images."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +25,22 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "studies" / "tiny.yaml"  # trials cost well under a second each
 
 PG_PASSWORD = "pw-Zq81-secret"  # the test PostgreSQL role's; tests grep every output for it
+
+
+def spool_records(path: Path) -> list[dict]:
+    """The whole records of a spool file, read here by the format's own definition (docs/record.md:
+    compact JSON, a tab, its CRC-32 as 8 hex digits, a newline; or a plain JSON line of the old
+    format), not with the spool's reader: a torn or damaged line is left out."""
+    out = []
+    for line in path.read_bytes().split(b"\n")[:-1]:  # the last piece has no newline: torn
+        body, tab, crc = line.rpartition(b"\t")
+        if tab and crc != b"%08x" % zlib.crc32(body):
+            continue
+        try:
+            out.append(json.loads(body if tab else line))
+        except ValueError:
+            continue
+    return out
 
 
 def write_cifar(root: Path, per_batch: int = 40, test: int = 40, seed: int = 0) -> Path:

@@ -7,7 +7,6 @@ line by line with ``json``, and every point fed is in the spool or the store (SQ
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import sqlite3
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, spool_records
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +64,7 @@ def template(tmp_path_factory) -> Path:
 def _spooled_steps(folder: Path) -> list[int]:
     steps = []
     for path in folder.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
+        for record in spool_records(path):
             steps += [point[3] for point in record.get("metrics", ())]
     return steps
 
@@ -161,11 +159,8 @@ def test_a_stop_onto_a_full_spool_disk_exits_in_time_and_counts_what_it_lost(tmp
                               (run_id,)).fetchone()[0]
     readable = []
     for path in full_spool.glob("*.jsonl"):  # a torn last line is no point of anyone's
-        for line in path.read_text().splitlines():
-            try:
-                readable += [p[3] for p in json.loads(line).get("metrics", ())]
-            except ValueError:
-                pass
+        for record in spool_records(path):
+            readable += [p[3] for p in record.get("metrics", ())]
     exit_line = out.strip().splitlines()[-1]
     lost = POINTS - stored - len(set(readable))
     assert lost > 0 and f", {lost:,} lost" in exit_line, exit_line

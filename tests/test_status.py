@@ -86,11 +86,13 @@ def test_stale_heartbeat_trial_failed_retried_and_run_ended(spec, tmp_path, monk
     assert stale_runs(study, tracker, experiment_id) == []
     assert reconcile(study, tracker, experiment_id).ended_runs == []  # idempotent
 
-    # The CLI shows the same, masked and repaired state.
+    # The CLI shows the same, masked and repaired state. The PRUNED trial's run ended without
+    # a count: nothing retries a PRUNED trial, so its points may be lost -> exit 3, named.
     result = CliRunner().invoke(main, ["status", "--study", "tiny", "--storage", storage_url,
                                        "--tracking-uri", tracking_uri, "--repair"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     assert "running 0, waiting 1" in result.output and "still RUNNING" not in result.output
+    assert f"MLflow: PRUNED trial #1 run {done_run} holds only 0 point(s)" in result.output
 
 
 def test_a_trial_re_enqueued_before_its_worker_vanished_gets_no_second_retry(spec, tmp_path,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import collections
 import errno
-import json
 import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers import spool_records
 
 from sweep.record import SpoolWriter
 from sweep.record.writer_core import FIRST_BACKOFF_S, MAX_BACKOFF_S, WriterCore
@@ -58,8 +58,7 @@ def _spooled(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
     """Points per run and end statuses in the spool's segments, read line by line."""
     points, ends = collections.Counter(), {}
     for path in folder.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
+        for record in spool_records(path):
             if "metrics" in record:
                 points[record["run"]] += len(record["metrics"])
             else:
@@ -187,8 +186,8 @@ def test_a_run_the_store_will_never_take_is_set_aside_while_another_flows(tmp_pa
         rows = dict(conn.execute("SELECT run_uuid, count(*) FROM metrics GROUP BY run_uuid"))
         status = dict(conn.execute("SELECT run_uuid, status FROM runs"))
     assert rows == {live: 1200} and status[live] == "FINISHED"
-    aside = [json.loads(line) for path in (tmp_path / "spool" / "set-aside").glob("*.jsonl")
-             for line in path.read_text().splitlines()]
+    aside = [record for path in (tmp_path / "spool" / "set-aside").glob("*.jsonl")
+             for record in spool_records(path)]
     assert sum(len(r.get("metrics", ())) for r in aside) == 1200
     assert {r["run"] for r in aside} == {gone} and all(r["reason"] for r in aside)
     assert len([line for line in lines if "will never take" in line]) == 1

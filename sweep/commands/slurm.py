@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sweep.errors import SubmitError
 from sweep.commands.slurm_site import SiteOptions, check_site, setup_block, site_directives
-from sweep.record import SPOOL_DIR_NAME
+from sweep.record import spool_root as find_spool_root
 from sweep.base.urls import journal_path, mask_url, sqlite_path
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
@@ -200,8 +200,9 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
                 f"storage and tracking URLs from {env_file} (mode 0600).\n" + script)
     sbatch_test_only(script)  # before the stores: a job SLURM refuses creates nothing
     budget = open_study_stores(spec, launch_opts, check_device=False, load_data=False).budget
-    # Every task, on whichever node, spools to one folder the submit host can replay from.
-    spool_root = Path(os.environ.get("SWEEP_SPOOL_DIR") or SPOOL_DIR_NAME).resolve()
+    # Every task, on whichever node, spools to one folder the submit host can replay from: the
+    # one `sweep status` finds here (SWEEP_SPOOL_DIR, else the per-user cache folder).
+    spool_root = find_spool_root()
     values = {"SWEEP_STORAGE": storage, "MLFLOW_TRACKING_URI": tracking,
               "SWEEP_SPOOL_DIR": str(spool_root)}
     write_private(env_file, env_text(values))

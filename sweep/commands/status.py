@@ -63,9 +63,14 @@ class StatusFacts:
                                 "missing": g.missing} for g in c.gaps],
                       "ended_without_count": [{"trial": number_in(t), "run_id": r, "points": n}
                                               for t, r, n in c.uncounted],
+                      "finished_without_count": [{"trial": number_in(t), "run_id": r,
+                                                  "points": n, "state": state}
+                                                 for t, r, n, state in c.unconfirmed],
                       "spool": {"folder": str(spool.folder), "points": spool.total,
                                 "runs": len(set(spool.points) | spool.ends),
                                 "segments": spool.segments, "live_segments": spool.live,
+                                "unreadable": [{"path": path, "why": why} for path, why
+                                               in sorted(spool.unreadable.items())],
                                 "set_aside": [{"run_id": run, "points": points, "reason": why}
                                               for run, (points, why) in sorted(spool.set_aside.items())]}
                       if spool is not None else None}

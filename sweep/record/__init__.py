@@ -14,8 +14,8 @@ from sweep.record.metric_writer import MetricWriter
 from sweep.record.names import (BYTES_PER_POINT, CODE_VERSION, EPOCH_METRICS, EPOCHS_TRAINED,
                                 EXPECTED_POINTS, FINAL_METRICS, REASON, ROLE, RUN_END_BY, STATE,
                                 STEP_METRICS, STEPS_TRAINED, points_per_trial)
-from sweep.record.spool import (SPOOL_DIR_NAME, Pending, SpoolWriter, drop_runs, pending,
-                                replay, spool_dir)
+from sweep.record.spool import (Pending, SpoolWriter, drop_runs, pending, replay, spool_dir,
+                                spool_root)
 from sweep.record.repair import (end_stale_run, other_runs, remove_runs, restore_set_aside,
                                  tag_code_version)
 from sweep.record.sql_metrics import bulk_sender
@@ -26,10 +26,10 @@ from sweep.record.trial_run import TrialRun
 __all__ = [
     "BYTES_PER_POINT", "CODE_VERSION", "Completeness", "DEFAULT_TRACKING_URI", "EPOCHS_TRAINED",
     "EPOCH_METRICS", "EXPECTED_POINTS", "FINAL_METRICS", "MetricWriter", "Pending", "REASON",
-    "ROLE", "RUN_END_BY", "SPOOL_DIR_NAME", "STATE", "STEPS_TRAINED", "STEP_METRICS",
+    "ROLE", "RUN_END_BY", "STATE", "STEPS_TRAINED", "STEP_METRICS",
     "SpoolWriter", "StudySummary", "Tracker", "TrialRun", "bulk_sender", "check_completeness",
     "check_tracking_uri", "drop_runs", "end_stale_run", "is_sql_store", "launch_lines", "open_existing_tracker",
     "other_runs", "pending", "points_per_trial", "remove_runs", "replay", "replay_spool",
     "restore_set_aside",
-    "spool_dir", "tag_code_version",
+    "spool_dir", "spool_root", "tag_code_version",
 ]

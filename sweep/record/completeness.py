@@ -19,17 +19,20 @@ from sweep.record.names import EXPECTED_POINTS, STATE
 from sweep.record.tracking import Tracker
 
 REPLAY_HINT = "sweep status --repair"
+FINISHED_OK = ("COMPLETE", "PRUNED")  # trial states that are never retried
 
 
 def replay_spool(tracker: Tracker, log=None) -> None:
     """Send what earlier processes spooled for this MLflow store (``spool``), saying so on
-    stderr; a segment that is still refused stays for the next try."""
+    stderr; a segment that is still refused stays for the next try, one holding an unreadable
+    line is moved aside (``spool.replay`` says which)."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     sent, problems = tracker.replay_spool()
     if sent:
         log(f"MLflow: replayed {sent} spooled point(s) into {mask_url(tracker.uri)}")
     for line in problems:
-        log(f"MLflow: spool segment not replayed (kept for the next try): {line}")
+        log(f"MLflow: spool segment {line}" if " moved aside to " in line else
+            f"MLflow: spool segment not replayed (kept for the next try): {line}")
 
 
 def expected_points(tags: dict) -> dict[str, int] | None:
@@ -84,17 +87,24 @@ class Completeness:
     expected: int = 0
     stored: int = 0
     gaps: list[RunGap] = field(default_factory=list)
-    # ended without a count (a killed worker; ended by a repair): (trial, run id, points held)
+    # ended without a count (a killed worker; ended by a repair) and their trial failed: it was
+    # retried (the retry's run holds the curve) or failed with its worker: (trial, run id, points)
     uncounted: list[tuple[str, str, int]] = field(default_factory=list)
+    # ended without a count although their trial is COMPLETE or PRUNED (Optuna was told, then
+    # the worker was killed before its writer stored the run's points and end): nothing retries
+    # them, so their points may be lost: (trial, run id, points held, state)
+    unconfirmed: list[tuple[str, str, int, str]] = field(default_factory=list)
     spool: Pending | None = None
 
     @property
     def complete(self) -> bool:
-        """No point missing, none waiting in a spool, none set aside (``sweep status`` exits 3
-        otherwise). Runs ended without a count are named, not counted: their trial was retried
-        (its retry resumes the curve from step 0) or failed with its worker."""
+        """No point missing, none waiting in a spool, none set aside or moved aside, no COMPLETE
+        or PRUNED trial's run ended without a count (``sweep status`` exits 3 otherwise). Failed
+        trials' runs ended without a count are named, not counted: their trial was retried (its
+        retry resumes the curve from step 0) or failed with its worker."""
         spool = self.spool
-        return not self.gaps and not (spool and (spool.waiting or spool.set_aside))
+        return not (self.gaps or self.unconfirmed
+                    or (spool and (spool.waiting or spool.set_aside or spool.unreadable)))
 
     def lines(self, study: str | None = None) -> list[str]:
         """What a person reads: one line when complete, else the runs that lack points, what
@@ -132,6 +142,19 @@ class Completeness:
                        f"fixed, e.g. the run restored):")
             for run_id, (points, reason) in sorted(spool.set_aside.items())[:20]:
                 out.append(f"  run {run_id}: {points} point(s): {reason}")
+        if spool is not None and spool.unreadable:
+            out.append(f"MLflow: {len(spool.unreadable)} spool file(s) hold what cannot be "
+                       f"replayed as it is:")
+            for path, why in sorted(spool.unreadable.items())[:20]:
+                out.append(f"  {path}: {why}")
+        for trial, run_id, held, state in self.unconfirmed[:20]:
+            out.append(f"MLflow: {state} trial #{trial} run {run_id} holds only {held} point(s): "
+                       f"it ended without a count (its worker was killed before the run's points "
+                       f"and end were stored), so points may be lost; nothing retries a {state} "
+                       f"trial")
+        if len(self.unconfirmed) > 20:
+            out.append(f"  ... and {len(self.unconfirmed) - 20} more finished trial run(s) ended "
+                       f"without a count")
         for trial, run_id, held in self.uncounted[:20]:
             out.append(f"MLflow: trial #{trial} run {run_id} holds {held} point(s) and ended "
                        f"without a count: the worker was killed; its curve may be partial")
@@ -153,7 +176,7 @@ def launch_lines(tracker: Tracker, experiment_id: str | None, study: str) -> lis
         return check(tracker, experiment_id).lines(study)
     writer = tracker.process.started
     spool = pending(tracker.uri)
-    if not (spool.waiting or spool.set_aside):
+    if not (spool.waiting or spool.set_aside or spool.unreadable):
         stored = writer.stored if writer is not None else 0
         return [f"MLflow: all {stored} points of this launch stored"]
     return Completeness(spool=spool).lines(study)
@@ -177,8 +200,12 @@ def check(tracker: Tracker, experiment_id: str | None) -> Completeness:
         wanted[run_id] = expected
     stored = stored_points(tracker, {**{run_id: list(e) for run_id, e in wanted.items()},
                                      **uncounted})
-    out.uncounted = sorted(((numbers[r], r, sum(stored.get(r, {}).values())) for r in uncounted),
-                           key=lambda u: int(u[0]) if u[0].isdigit() else -1)
+    held = sorted(((numbers[r], r, sum(stored.get(r, {}).values())) for r in uncounted),
+                  key=lambda u: int(u[0]) if u[0].isdigit() else -1)
+    # however such a run ended (a reconcile tags the trial's state), a COMPLETE or PRUNED trial
+    # is never retried: a run of it without a count may lack points for good
+    out.unconfirmed = [(t, r, n, states[r]) for t, r, n in held if states[r] in FINISHED_OK]
+    out.uncounted = [(t, r, n) for t, r, n in held if states[r] not in FINISHED_OK]
     out.runs = len(wanted)
     for run_id, expected in wanted.items():
         have = stored.get(run_id, {})
