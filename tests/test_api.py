@@ -90,6 +90,9 @@ def test_the_example_launches_and_reads_what_the_stores_hold(example):
     cost = done.cost
     assert (cost.trials_left, cost.pack, cost.total_steps) == (4, 1, 3)
     assert cost.estimate_s == 4 * 3 * cost.seconds_per_step / 1
+    wall = (trials[0].datetime_complete - trials[0].datetime_start).total_seconds()
+    assert 0 < cost.seconds_per_step * cost.timed_steps <= wall  # timed in the first trial
+    assert cost.line().startswith("cost: 4 trial(s) left, one at a time, T = 3 steps each; ")
 
     counts = ns["status"].counts
     assert counts["complete"] == sum(t.state == TrialState.COMPLETE for t in trials)

@@ -84,33 +84,29 @@ def test_the_clock_times_the_second_chunk_and_starts_again_with_each_trial():
 # --- a real launch ----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_launch_prints_the_cost_line_from_its_first_trial(tiny_cifar, in_tmp):
-    """The tiny study (2 steps per epoch, losses read every step) launched, then resumed as
-    fused packs of 2: each launch prints the line once, its numbers follow the study file and
-    the budget, the estimate follows from them, and the steps timed fit inside the first
-    trial's wall time as Optuna stored it."""
+def test_launch_prints_the_cost_line_from_its_first_pack(tiny_cifar, in_tmp):
+    """The tiny study (2 steps per epoch, losses read every step) launched as fused packs of 2
+    (the pack's guard path; one trial at a time is tests/test_api.py's launch): the line is
+    printed once, its numbers follow the study file and the budget, the estimate follows from
+    them, and the steps timed fit inside the first trial's wall time as Optuna stored it."""
     doc = yaml.safe_load(TINY.read_text())
-    epochs, sets = 2, ["--set", "train.epochs=2", "--set", "train.sync_every_steps=1"]
+    budget, fuse, epochs = 2, 2, 2
     T = doc["data"]["train_size"] // doc["train"]["batch_size"] * epochs
-    common = ["launch", "--study", str(TINY), "--device", "cpu", "--quiet", "--data-dir",
-              str(tiny_cifar), *sets]
-    storage = f"sqlite:///{in_tmp}/sweep.db"
-    for budget, fuse, left in ((2, 1, 2), (4, 2, 2)):
-        res = CliRunner().invoke(main, [*common, "--trials", str(budget), "--set",
-                                        f"train.fuse={fuse}"])
-        assert res.exit_code == 0, res.output
-        lines = _LINE.findall(res.stderr)
-        assert len(lines) == 1, res.stderr
-        match = _LINE.search(res.stderr)
-        assert (int(match["left"]), int(match["T"]), int(match["div"])) == (left, T, fuse)
-        assert match["pack"] == ("one at a time" if fuse == 1 else f"fused packs of {fuse}")
-        assert match["hint"] == ("; on a CPU the smoke study is the first look: "
-                                 "sweep launch --study smoke")
-        assert _agrees(match), match[0]
-        # the timed steps came from this launch's training: they fit in its first trial
-        study = optuna.load_study(study_name="tiny", storage=plain_storage(storage))
-        first = min((t for t in study.trials if t.number >= budget - left),
-                    key=lambda t: t.number)
-        wall = (first.datetime_complete - first.datetime_start).total_seconds()
-        assert 0 < float(match["s"]) * int(match["timed"]) <= wall
-        assert "cost:" not in res.stdout  # the result on stdout stays the summary
+    res = CliRunner().invoke(main, [
+        "launch", "--study", str(TINY), "--device", "cpu", "--quiet", "--data-dir",
+        str(tiny_cifar), "--trials", str(budget), "--set", f"train.epochs={epochs}", "--set",
+        "train.sync_every_steps=1", "--set", f"train.fuse={fuse}"])
+    assert res.exit_code == 0, res.output
+    assert len(_LINE.findall(res.stderr)) == 1, res.stderr
+    match = _LINE.search(res.stderr)
+    assert (int(match["left"]), int(match["T"]), int(match["div"])) == (budget, T, fuse)
+    assert match["pack"] == f"fused packs of {fuse}"
+    assert match["hint"] == ("; on a CPU the smoke study is the first look: "
+                             "sweep launch --study smoke")
+    assert _agrees(match), match[0]
+    # the timed steps came from this launch's training: they fit in its first trial
+    study = optuna.load_study(study_name="tiny", storage=plain_storage(f"sqlite:///{in_tmp}/sweep.db"))
+    first = min(study.trials, key=lambda t: t.number)
+    wall = (first.datetime_complete - first.datetime_start).total_seconds()
+    assert 0 < float(match["s"]) * int(match["timed"]) <= wall
+    assert "cost:" not in res.stdout  # the result on stdout stays the summary
