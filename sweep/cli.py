@@ -132,20 +132,11 @@ def server_options(default_port: int, what: str):
 
 
 def _silence_known_warnings() -> None:
-    """Every warning filter of sweep, in one place, set once per command (library modules set
-    none: a process-wide filter from a library would hide warnings its callers want).
+    """sweep's warning filters (``api.ignore_known_warnings``), set once per command for the
+    whole process (library modules set none: they would hide warnings their callers want)."""
+    from sweep.api import ignore_known_warnings
 
-    Optuna marks heartbeats, the stale-trial retry callback and PatientPruner experimental and
-    warns that heartbeats are meant for ``study.optimize``; sweep relies on them deliberately
-    (it owns the ask/tell loop and beats itself), and one such line per storage opened would
-    bury the per-trial lines in batch jobs' output files."""
-    import warnings
-
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with",
-                            category=UserWarning)
+    ignore_known_warnings()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -180,26 +171,19 @@ def launch(study_name, trials, storage, tracking_uri, data_dir, device, override
            allow_space_change, allow_config_change, quiet, checkpoint_dir, workers,
            workers_per_device, dry_run):
     """Create or resume a study and run its trials on this machine."""
-    from sweep.commands.launch import LaunchOptions, launch as run_launch
-    from sweep.study.spec import load_study
-    from sweep.views.console import Console
+    from sweep import api
 
-    overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
-    spec = load_study(study_name, overrides)
-    opts = LaunchOptions(storage, tracking_uri, data_dir, device, trials, allow_space_change,
-                         checkpoint_dir, allow_config_change)
     if dry_run:
-        from sweep.commands.dry_run import dry_run as plan
-
-        click.echo(mask_url(plan(spec, opts)))
+        click.echo(mask_url(api.plan(study_name, trials=trials, overrides=overrides, seed=seed,
+                                     storage=storage, tracking_uri=tracking_uri, device=device,
+                                     checkpoint_dir=checkpoint_dir)))
         return
-    if workers > 1:
-        from sweep.commands.pool import PoolOptions, launch_pool
-
-        result = launch_pool(spec, opts, PoolOptions(workers, workers_per_device, tuple(overrides)),
-                             Console(tracking_uri, quiet))
-    else:
-        result = run_launch(spec, opts, Console(tracking_uri, quiet))
+    result = api.launch(study_name, trials=trials, overrides=overrides, seed=seed,
+                        storage=storage, tracking_uri=tracking_uri, data_dir=data_dir,
+                        device=device, checkpoint_dir=checkpoint_dir, workers=workers,
+                        workers_per_device=workers_per_device,
+                        allow_space_change=allow_space_change,
+                        allow_config_change=allow_config_change, progress=not quiet)
     click.echo(mask_url(result.text))
     sys.exit(result.exit_code)
 
@@ -304,11 +288,11 @@ def status(study_name, storage, tracking_uri, repair, checkpoint_dir, as_json):
     """Counts per state, running trials (host, pid, heartbeat age), stale MLflow runs, checkpoint
     files of no live trial. Exit 0: all well; 3: MLflow lacks points or points wait in a spool;
     4: stale trials (RUNNING with no live worker); 2: bad input."""
-    from sweep.commands.status import show_status
+    from sweep import api
 
-    said, facts = show_status(study_name, storage, tracking_uri, repair, checkpoint_dir)
-    if said:
-        click.echo(mask_url(said), err=as_json)  # stdout stays one JSON document
+    # stdout stays one JSON document: what a repair said goes to stderr then
+    facts = api.load(study_name, storage=storage, tracking_uri=tracking_uri).status(
+        repair, checkpoint_dir, log=lambda line: click.echo(mask_url(line), err=as_json))
     if as_json:
         _echo_json(facts.as_json())
     else:
@@ -431,15 +415,13 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
 def report(study_name, storage, tracking_uri, output, top, top_k):
     """Write index.html + summary.md + PNG plots answering the study's question; log them to
     the study's parent MLflow run under report/."""
-    from sweep.views.report import write_report
+    from sweep import api
 
     if top_k is not None:
         click.echo("note: --top-k is deprecated; use --top", err=True)
         top = top_k
-    from sweep.commands.status import stored_name
-
-    result = write_report(stored_name(study_name), storage, tracking_uri, output, top)
-    click.echo(mask_url(result.text))
+    study = api.load(study_name, storage=storage, tracking_uri=tracking_uri)
+    click.echo(mask_url(study.report(output, top).text))
 
 
 @main.command()
@@ -494,10 +476,10 @@ def list_command(storage, as_json):
 def best(study_name, storage, tracking_uri, per, as_json):
     """The best complete search trial: value, parameters, trial number and MLflow run id (exit
     1 when no trial has completed yet)."""
-    from sweep.commands.status import stored_name
-    from sweep.views.trials import best as find_best, best_text
+    from sweep import api
+    from sweep.views.trials import best_text
 
-    data = find_best(stored_name(study_name), storage, tracking_uri, per)
+    data = api.load(study_name, storage=storage, tracking_uri=tracking_uri).best(per)
     if as_json:
         _echo_json(data)
     else:
@@ -515,12 +497,12 @@ def best(study_name, storage, tracking_uri, per, as_json):
 def export(study_name, storage, tracking_uri, fmt, output):
     """Write one record per trial: number, state, value, every parameter, epochs trained,
     per-epoch metrics and the MLflow run id."""
-    from sweep.commands.status import stored_name
-    from sweep.views.trials import check_output, export as write_export
+    from sweep import api
+    from sweep.views.trials import check_output
 
     check_output(fmt, output)  # before any store is opened
-    click.echo(mask_url(write_export(stored_name(study_name), storage, tracking_uri, fmt,
-                                     output)))
+    study = api.load(study_name, storage=storage, tracking_uri=tracking_uri)
+    click.echo(mask_url(study.export(output, fmt)))
 
 
 @main.command()

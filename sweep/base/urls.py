@@ -28,6 +28,18 @@ def sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def pinned_sqlite(url: str) -> str:
+    """``url`` with a relative SQLite file made absolute (``sqlite:///mlflow.db`` ->
+    ``sqlite:////work/mlflow.db``); any other URL unchanged. For MLflow clients: MLflow keeps
+    one store per URI string for the life of the process, so after a ``chdir`` (a notebook, a
+    second in-process launch elsewhere) a relative URI would go on naming the first folder's
+    file."""
+    path = sqlite_path(url)
+    if path is None or path.is_absolute() or url.startswith("sqlite:///file:"):
+        return url
+    return f"sqlite:///{path.resolve()}"
+
+
 def journal_path(url: str) -> Path | None:
     """The file behind a ``journal:///`` URL (None for other schemes)."""
     return Path(url[len("journal://"):]) if url.startswith("journal:///") else None

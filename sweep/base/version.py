@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from sweep import __version__
+#: the package version, here (``sweep.__version__`` reads it) so that no module of sweep imports
+#: the package root, which imports ``sweep.api`` on demand (keep it equal to pyproject.toml's)
+__version__ = "0.1.0"
 
 
 def code_version() -> str:

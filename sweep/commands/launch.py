@@ -17,7 +17,7 @@ import optuna
 import torch
 
 from sweep.loop.budget import budget_used, resolve_budget, update_parent_run
-
+from sweep.loop.cost import Cost, StepClock
 from sweep.loop.reconcile import reconcile
 from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
 from sweep.record import Tracker, check_tracking_uri, launch_lines, replay_spool
@@ -52,6 +52,7 @@ class LaunchOptions:
 class LaunchResult:
     text: str
     exit_code: int = 0
+    cost: Cost | None = None  # the cost line's numbers, once the first steps were timed
 
 
 def study_params(spec: StudySpec, opts: LaunchOptions, budget: int) -> dict:
@@ -87,6 +88,9 @@ class Display(Protocol):
     def closing(self, study: optuna.Study, budget: int, used: int) -> str:
         """The closing text: best trial, counts, where to look next."""
 
+    def say(self, line: str) -> None:
+        """A line to show at once, while trials run (the cost line), even when quiet."""
+
 
 @dataclass
 class StudyStores:
@@ -105,15 +109,17 @@ class StudyStores:
     storage_url: str = ""  # names the study's checkpoint folder (``checkpoints.storage_key``)
 
     def worker_context(self, spec: StudySpec, progress: Callable | None = None,
-                       stop: BoundedStop | None = None) -> WorkerContext:
+                       stop: BoundedStop | None = None,
+                       step_clock: StepClock | None = None) -> WorkerContext:
         """``progress``: a training-listener factory ``(trial number, epochs, row)`` for the
-        console; ``stop``: the command's bounded stop."""
+        console; ``stop``: the command's bounded stop; ``step_clock``: times the first steps
+        (the cost line)."""
         checkpoints = CheckpointDir(self.checkpoint_dir, self.code_version, self.device.type,
                                     storage_key(self.storage_url)) \
             if self.checkpoint_dir is not None else None
         return WorkerContext(spec, self.splits, self.device, self.tracker, self.experiment_id,
                              self.parent_run_id, self.code_version, progress=progress,
-                             checkpoints=checkpoints, stop=stop)
+                             checkpoints=checkpoints, stop=stop, step_clock=step_clock)
 
 
 def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool = True,
@@ -198,10 +204,13 @@ def _launch(spec: StudySpec, opts: LaunchOptions, display: Display,
         return done
     study, budget = stores.study, stores.budget
     display.watch_record(stores.tracker.lag_text)
+    # What the rest will cost, said once the first trial's steps were timed (``cost``).
+    clock = StepClock(spec.name, spec.total_steps, stores.device.type,
+                      lambda cost: display.say(cost.line()))
     bar = display.trial_bar(budget, budget_used(study))
     try:
-        report = run_worker(study, stores.worker_context(spec, display.epoch_bar, stop), budget,
-                            on_trial=bar)
+        report = run_worker(study, stores.worker_context(spec, display.epoch_bar, stop, clock),
+                            budget, on_trial=bar)
     finally:
         bar.close()
         if not (stop.deadline and stores.tracker.refusing):  # a stop in an outage: the next launch
@@ -213,8 +222,8 @@ def _launch(spec: StudySpec, opts: LaunchOptions, display: Display,
     if report.interrupted_by is not None:
         return LaunchResult("interrupted: the running trial(s) (every live slot of a fused pack) were "
                             "marked FAIL (KILLED in MLflow) and will be retried by the next launch\n" + text,
-                            128 + report.interrupted_by)
-    return LaunchResult(text)
+                            128 + report.interrupted_by, clock.cost)
+    return LaunchResult(text, cost=clock.cost)
 
 
 def worker_main(spec: StudySpec, opts: LaunchOptions, log=print) -> LaunchResult:

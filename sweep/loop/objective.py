@@ -84,6 +84,9 @@ class WorkerContext:
     progress: object | None = None
     checkpoints: CheckpointDir | None = None  # None: trials neither checkpoint nor resume
     stop: object | None = None  # the command's ``stopping.BoundedStop`` (None: the loop's own)
+    # A listener of every step the worker trains (``cost.StepClock``: the launch's cost line),
+    # told the pack size by the worker (``start``); None: no one is timing.
+    step_clock: object | None = None
 
 
 @dataclass
@@ -263,6 +266,8 @@ def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcom
     if isinstance(started, Outcome):
         return started
     listeners = started.listeners
+    if ctx.step_clock is not None:
+        listeners = [*listeners, ctx.step_clock]
     if interrupt is not None:
         listeners = [*listeners, interrupt]  # last: the steps it interrupts are logged first
     try:

@@ -91,9 +91,11 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     report = WorkerReport()
     storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
-    capacity = pack_capacity(ctx.spec.train, ctx.device,
-                             open_slots(study.get_trials(deepcopy=False), budget, phase))
+    left = open_slots(study.get_trials(deepcopy=False), budget, phase)
+    capacity = pack_capacity(ctx.spec.train, ctx.device, left)
     as_pack = trains_as_pack(ctx.spec.train, ctx.device, capacity)
+    if ctx.step_clock is not None:
+        ctx.step_clock.start(left, capacity)
     writer = ctx.checkpoints.writer if ctx.checkpoints is not None else None
     guard = SignalGuard(ctx.stop)
     try:

@@ -8,7 +8,7 @@ import os
 from sweep.base.files import check_writable_file, creation_lock
 from sweep.base.stopping import stop_seconds
 from sweep.base.text import first_line
-from sweep.base.urls import mask_url, sqlite_path
+from sweep.base.urls import mask_url, pinned_sqlite, sqlite_path
 from sweep.errors import TrackingError
 from sweep.record.metric_writer import backlog_points, spool_after_s
 from sweep.record.store_errors import CREDENTIALS_FIX, is_credentials
@@ -101,7 +101,7 @@ def connect(uri: str):
             # Creating a fresh MLflow SQLite store from several processes at once corrupts
             # it (alembic migrations race); serialise the first connection.
             with creation_lock(path):
-                client = MlflowClient(tracking_uri=uri)
+                client = MlflowClient(tracking_uri=pinned_sqlite(uri))
                 client.search_experiments(max_results=1)
         else:
             client = MlflowClient(tracking_uri=client_uri(uri))

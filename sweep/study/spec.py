@@ -95,9 +95,16 @@ def settings_overrides(spec: StudySpec, settings: Mapping[str, Mapping[str, Any]
     for section, values in settings.items():
         for key, value in values.items():
             if mine.get(section, {}).get(key) != value:
-                text = yaml.safe_dump(value, default_flow_style=True).strip()
-                flags.append(f"{section}.{key}={text.removesuffix(chr(10) + '...').strip()}")
+                flags.append(override_flag(f"{section}.{key}", value))
     return flags
+
+
+def override_flag(key: str, value: Any) -> str:
+    """The ``--set`` item that gives ``key`` the value ``value`` (``("train.epochs", 3)`` ->
+    ``train.epochs=3``): written as YAML, so ``parse_overrides`` reads back the same value and
+    type (the string ``"3"`` stays a string, None is null)."""
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return f"{key}={text.removesuffix(chr(10) + '...').strip()}"
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:

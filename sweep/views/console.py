@@ -95,6 +95,12 @@ class Console:
     def closing(self, study: optuna.Study, budget: int, used: int) -> str:
         return closing_summary(study, self.tracking_uri, budget, used)
 
+    def say(self, line: str) -> None:
+        """``line`` on stderr now, above the bars (tqdm keeps them whole), quiet or not."""
+        from tqdm import tqdm
+
+        tqdm.write(mask_url(line), file=sys.stderr)
+
 
 def closing_summary(study: optuna.Study, tracking_uri: str, budget: int, used: int) -> str:
     """The closing text: best search trial, counts, and how to open the MLflow UI

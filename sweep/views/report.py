@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweep.base.urls import pinned_sqlite
 from sweep.errors import SweepError
 from sweep.views.report_model import (DEFAULT_TOP_K, Confirmation, ReportData,
                                       compute_importances, load_report_data)
@@ -134,7 +135,7 @@ def write_report(study_name: str, storage_url: str, tracking_uri: str, out_dir: 
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = MlflowClient(tracking_uri=pinned_sqlite(tracking_uri))
         for path in files:
             client.log_artifact(data.parent_run_id, str(path), REPORT_ARTIFACT_PATH)
         if data.confirmation is not None:

@@ -187,6 +187,25 @@ def trial_records(trials: StudyTrials) -> list[dict]:
     return out
 
 
+def trials_frame(trials: StudyTrials):
+    """``trial_records`` as a pandas DataFrame beside Optuna's own columns
+    (``Study.trials_dataframe()``: number, value, datetimes, duration, params_*, user_attrs_*,
+    state): ``outcome`` (COMPLETE, PRUNED, DIVERGED, FAIL, RUNNING, WAITING), ``phase``,
+    ``epochs_trained``, ``run_id``, each final metric, and each per-epoch metric as a list by
+    epoch (``val_acc_by_epoch``...). One row per trial, by number."""
+    frame = trials.study.trials_dataframe(multi_index=False)
+    records = {r["number"]: r for r in trial_records(trials)}
+    numbers = list(frame["number"]) if len(frame) else []
+    columns = {"outcome": lambda r: r["state"], "phase": lambda r: r["phase"],
+               "epochs_trained": lambda r: r["epochs_trained"], "run_id": lambda r: r["run_id"],
+               **{key: (lambda r, key=key: r["final"][key]) for key in FINAL_METRICS},
+               **{f"{key}_by_epoch": (lambda r, key=key: r["metrics"][key])
+                  for key in EPOCH_METRICS}}
+    for name, read in columns.items():
+        frame[name] = [read(records[n]) for n in numbers]
+    return frame.sort_values("number").reset_index(drop=True) if numbers else frame
+
+
 def _csv(records: list[dict]) -> str:
     """Flat columns: number, state, phase, value, every parameter of any trial (empty where a
     trial lacks it), epochs_trained, run_id, test_acc, epoch_seconds, then ``KEY_E`` for each
