@@ -112,7 +112,7 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
     t = ctx.spec.train
     try:
         train_pack(next_job, capacity, ctx.splits, ctx.device, on_end, guards=(guard,),
-                   precision="auto" if t.bf16 else "fp32", graphs="auto", compile=t.compile,
+                   precision="auto", graphs="auto", compile=t.compile,  # the study's precision
                    stats=stats)
         split_time(stats, spent)
         return stats
