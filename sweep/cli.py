@@ -294,8 +294,9 @@ def worker(study_name, storage, tracking_uri, trials, data_dir, device, override
 @storage_option
 @tracking_uri_option
 @click.option("--repair", is_flag=True,
-              help="Fail stale RUNNING trials, end MLflow runs whose trial is finished and remove "
-                   "checkpoint files of no live trial.")
+              help="Replay the MLflow spool into the store, fail stale RUNNING trials (and "
+                   "re-enqueue them by the retry rule), end MLflow runs whose trial is finished "
+                   "and remove checkpoint files of no live trial.")
 @checkpoint_dir_option
 @json_option
 @friendly_errors
@@ -410,7 +411,8 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
              warmup_start_factor, params, val_losses, study_name, trial_number, storage,
              tracking_uri, as_csv, output):
     """Preview a learning-rate curve without training, or redraw a finished trial's curve and
-    check it against the lr metric in MLflow (exit 0 when equal to 1e-9, else 1)."""
+    check it against the lr metric in MLflow (exit 0 when the largest relative difference is at
+    most 1e-9, else 1)."""
     from sweep.views.preview import schedule_command
 
     answer = schedule_command(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps,
@@ -468,7 +470,7 @@ def ui(tracking_uri, study_name, port, host):
 @server_options(8080, "the dashboard")
 @friendly_errors
 def dashboard(storage, study_name, port, host):
-    """Start optuna-dashboard on the Optuna storage (pip install 'sweep[dashboard]')."""
+    """Start optuna-dashboard on the Optuna storage (pip install -e '.[dashboard]' in the checkout)."""
     from sweep.views.ui import serve_dashboard
 
     sys.exit(serve_dashboard(storage, host, port, study_name, echo=click.echo))

@@ -44,6 +44,14 @@ class TrackingError(SweepError):
     """Raised when the MLflow tracking URI is malformed or cannot be written."""
 
 
+class CredentialsRefused(TrackingError):
+    """Raised when the MLflow store refuses this process's credentials (HTTP 401/403) for a
+    trial's run start: the worker stops (its trials are re-enqueued, every queued point is
+    stored or spooled) instead of failing trial after trial. Exit status 6."""
+
+    exit_code = 6
+
+
 class DataError(SweepError):
     """Raised when the CIFAR-10 or CIFAR-100 folder is missing, cannot be downloaded or is
     corrupt."""

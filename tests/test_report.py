@@ -303,8 +303,8 @@ def test_dashboard_missing_package_says_how_to_install(monkeypatch):
     res = CliRunner().invoke(main, ["dashboard"])
     assert res.exit_code == 2
     assert res.output.strip() == (
-        "error: optuna-dashboard is not installed; install it with: pip install "
-        "'sweep[dashboard]' (or pip install optuna-dashboard)")
+        "error: optuna-dashboard is not installed; install it with: pip install -e "
+        "'.[dashboard]' in the sweep checkout (or pip install optuna-dashboard)")
 
 
 def test_points_missing_from_mlflow_are_named_never_an_empty_figure(fab, tmp_path):

@@ -316,3 +316,47 @@ def test_the_postgresql_client_has_keepalives_and_a_statement_timeout(postgres_s
         dsn = conn.connection.driver_connection.info.dsn
     assert "keepalives=1" in dsn and "keepalives_idle=30" in dsn
     assert tracker.uri == postgres_server[1]  # the spool's identity keeps the user's URL
+
+
+def test_credentials_refused_spool_at_once_in_one_line_and_the_store_is_tried_again(tmp_path):
+    """HTTP 401 (an MlflowException with the code MLflow gives a 401): everything pending and
+    the run's end go to the spool at the first refusal, not after 60 s; one line, however many
+    refusals; nothing set aside or lost; the first accepted write ends the episode."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import UNAUTHENTICATED
+
+    class Gate(Store):
+        refusal = None
+
+        def send(self, run_id, points):
+            if self.refusal is not None:
+                raise self.refusal
+            super().send(run_id, points)
+
+        def finish(self, end):
+            if self.refusal is not None:
+                raise self.refusal
+            super().finish(end)
+
+    store = Gate()
+    store.refusal = MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch "
+                                    "failed with error code 401 != 200. Response body: 'expired'",
+                                    error_code=UNAUTHENTICATED)
+    core, lines = _core(tmp_path, store)
+    end = RunEnd("a", "FINISHED", {}, 1)
+    core.feed([("a", _points(1500)), end])
+    core.step(0.0)
+    assert end.done.is_set() and end.spooled
+    assert _spooled(tmp_path / "spool") == ({"a": 1500}, {"a": "FINISHED"})
+    now = 0.0
+    for second in range(1, 31):  # 30 s more of refusals: each batch spooled, no new line
+        core.feed([("b", _points(10, 10 * second))])
+        now, _ = _run_until(core, now, float(second))
+    assert _spooled(tmp_path / "spool")[0]["b"] + core.backlog == 300
+    assert len([line for line in lines if "credentials" in line]) == 1 and len(lines) == 1
+    assert "MLFLOW_TRACKING_TOKEN" in lines[0] and core.set_aside == 0 and core.lost == 0
+    store.refusal = None
+    core.feed([("c", _points(5))])
+    _run_until(core, now, now + MAX_BACKOFF_S + 1)
+    assert store.points["c"] == 5 and not core.refusing
+    assert any("takes writes again" in line for line in lines)

@@ -8,7 +8,8 @@ What belongs to a study:
   in it. On a SQL store (SQLite, PostgreSQL) the runs are removed for good, their artifacts too,
   as ``mlflow gc`` would; over a tracking server they are deleted the server's way (marked
   deleted; the server's ``mlflow gc`` frees the space);
-* its checkpoints: ``CHECKPOINT_DIR/STUDY/`` (``checkpoints``);
+* its checkpoints: the folder ``CHECKPOINT_DIR/NAME-HASH/`` (``checkpoints.folder_of``: NAME the
+  study's name made safe for a file name, HASH its storage and identity);
 * its spool: the records of its runs in the tracking store's spool (``spool``); a segment that
   holds other studies' runs too keeps theirs.
 

@@ -16,7 +16,7 @@ from sweep.loop.reconcile import Reconciled, reconcile, stale_runs, worker_gone
 from sweep.stores.heartbeat import grace_period, heartbeat_ages
 from sweep.stores.checkpoints import (checkpoint_root, orphans, remove_orphans, storage_key,
     waiting_with_checkpoint)
-from sweep.record import Completeness, check_completeness, replay_spool
+from sweep.record import Completeness, check_completeness, replay_spool, restore_set_aside
 from sweep.record import Tracker
 from sweep.base.text import number_in
 
@@ -98,7 +98,7 @@ class StatusFacts:
                          + (" -- STALE (no live worker)" if r["stale"] else ""))
         if self.stale_trials:
             lines.append(f"fix: sweep status --repair (fails the stale trial(s) "
-                         f"{self.stale_trials} and re-enqueues each once)")
+                         f"{self.stale_trials} and re-enqueues those the retry rule allows)")
         if self.repaired is not None:
             lines.append(f"repaired: failed {len(self.repaired.failed_trials)} stale trial(s)"
                          + (f" {self.repaired.failed_trials}" if self.repaired.failed_trials else "")
@@ -138,6 +138,7 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     loaded, tracker, experiment_id = open_for_status(study, storage_url, tracking_uri)
     replayed: list[str] = []
     if repair and tracker is not None:  # first: a replayed run's end beats a repair's guess
+        restore_set_aside(tracker, replayed.append)  # the replay retries what was set aside
         replay_spool(tracker, replayed.append)
     fixed = reconcile(loaded, tracker, experiment_id) if repair else None
     if repair and tracker is not None:

@@ -4,8 +4,8 @@ which all use it; free of torch, so ``sweep report``/``status``/``list`` count t
 loading a training stack.
 
 The budget counts finished trials (complete + pruned + failed) across every worker and every
-resume. A trial that failed because its worker died or was interrupted is re-enqueued once; the
-failed original then no longer counts (its retry takes its place). A trial that lost the race
+resume. A trial that failed because its worker died or was interrupted is re-enqueued by the
+retry rule (``sweep.stores.retry``); the failed original then no longer counts (its retry takes its place). A trial that lost the race
 for the last slot is marked ``OVER_BUDGET`` and never counts. Repairing what dead workers leave
 behind is ``sweep.loop.reconcile``.
 """
@@ -17,6 +17,7 @@ import sys
 import optuna
 from optuna.trial import TrialState
 
+from sweep.errors import CredentialsRefused
 from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY
 from sweep.record import StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
@@ -163,7 +164,11 @@ def study_summary(study: optuna.Study) -> StudySummary:
 def update_parent_run(study: optuna.Study, tracker: Tracker, experiment_id: str | None,
                       parent_run_id: str | None = None) -> None:
     """Write ``study_summary`` to the study's parent run (found when not given); called after
-    each launch, worker and pool, and by ``sweep status --repair``."""
+    each launch, worker and pool, and by ``sweep status --repair``. Skipped on the way out of a
+    worker that the store's ``CredentialsRefused`` stops (called from a ``finally``): the store
+    would refuse this write too, and the worker's one line has said so."""
+    if isinstance(sys.exc_info()[1], CredentialsRefused):
+        return  # the next launch writes it
     if parent_run_id is None:
         parents = tracker.study_runs(experiment_id, study.study_name) if experiment_id else []
         if not parents:

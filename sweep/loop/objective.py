@@ -31,6 +31,7 @@ from sweep.stores.checkpoint_writer import CheckpointWriter
 from sweep.stores.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
 from sweep.stores.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
 from sweep.base.urls import mask_url
+from sweep.errors import CredentialsRefused
 from sweep.record import CODE_VERSION, REASON, RUN_END_BY, STATE, Tracker, TrialRun
 from sweep.training.train import StopTraining, TrainResult, train
 
@@ -124,7 +125,9 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
     listeners (a progress bar on console ``row`` when the worker shows progress). While the
     store is away the run's start waits and retries (a stop raises from ``interrupt.check``);
     returns a FAIL ``Outcome`` (the trial's own, to be told) only when the store refuses the run
-    for good. Shared by the unfused trial (``run_trial``) and the fused pack (``pack``)."""
+    for good; raises ``CredentialsRefused`` when it refuses the credentials (the worker stops
+    and the trial is retried: ``worker``). Shared by the unfused trial (``run_trial``) and the
+    fused pack (``pack``)."""
     spec = ctx.spec
     steps_per_epoch = spec.steps_per_epoch
     try:
@@ -148,6 +151,8 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
                   "sweep.model_source_sha256": model["model_source_sha256"],
                   **resumed, **(tags or {})},
             check=interrupt.check if interrupt is not None else None)
+    except CredentialsRefused:
+        raise  # not the trial's doing, and every later trial would meet it: the worker stops
     except Exception as err:  # e.g. a read-only or full MLflow store: this trial fails, loudly
         detail = " ".join(str(err).split())[:400]  # one line, with the driver's own reason
         message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: {detail}")

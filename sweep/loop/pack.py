@@ -34,6 +34,7 @@ import optuna
 from sweep.loop.objective import Outcome, StartedTrial, WorkerContext, end_trial, note, start_trial
 from sweep.loop.pack_times import split_time
 from sweep.base.urls import mask_url
+from sweep.errors import CredentialsRefused
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, train_pack
 
 
@@ -82,8 +83,12 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
             if trial is None:
                 return None
             seat = min(free)
-            started = timed("start_trial", start_trial, trial, ctx, row=1 + seat,
-                            tags={"sweep.pack": pack_id, "sweep.slot": seat}, interrupt=guard)
+            try:
+                started = timed("start_trial", start_trial, trial, ctx, row=1 + seat,
+                                tags={"sweep.pack": pack_id, "sweep.slot": seat}, interrupt=guard)
+            except CredentialsRefused:
+                began(trial)  # the worker retries it with the live slots, and stops
+                raise
             if isinstance(started, Outcome):  # its run could not be opened: it fails alone
                 settle(trial, started)
                 continue
@@ -117,7 +122,8 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
         split_time(stats, spent)
         return stats
     except BaseException as err:
-        interrupted = not isinstance(err, Exception)
+        # credentials refused at a slot's run start: every slot's trial is retried, as at a stop
+        interrupted = not isinstance(err, Exception) or isinstance(err, CredentialsRefused)
         for slot in list(live.values()):
             outcome = ended(slot, error=err)
             if not interrupted:

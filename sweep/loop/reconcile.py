@@ -36,8 +36,8 @@ from sweep.stores.retry import retry_later
 # --- failed and dead trials -------------------------------------------------------------------
 
 def fail_stale(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped beating (the storage's callback re-enqueues them once:
-    ``retry.retry_later``).
+    """Fail trials whose worker stopped beating (the storage's callback re-enqueues them by the
+    retry rule: ``retry.retry_later``).
     Optuna marks this experimental and meant for ``optimize``; sweep owns the ask/tell loop and
     beats itself (``stores.heartbeat.Heartbeat``), as optimize does (the CLI silences the warning)."""
     optuna.storages.fail_stale_trials(study)

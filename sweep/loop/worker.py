@@ -20,6 +20,7 @@ from sweep.training.capacity import pack_capacity, trains_as_pack
 from sweep.stores.heartbeat import Heartbeat, keeps_heartbeats
 from sweep.stores.retry import retry_later
 from sweep.base.stopping import BoundedStop, stop_seconds
+from sweep.errors import CredentialsRefused
 from sweep.study.phases import SEARCH
 
 
@@ -157,24 +158,38 @@ def _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity,
                     settle(trial, run_trial(trial, ctx, guard))
             except Interrupted as sig:
                 heartbeat.stop()
-                if writer is not None:
-                    # the files the retries load, and the notes retry_later reads: written
-                    # first, within the stop bound (an exception, not a signal: the same bound)
-                    writer.flush(guard.stop.deadline or time.monotonic() + stop_seconds())
-                for t in live.values():  # their runs are ended KILLED; the trials retried
-                    # Enqueue first, tell second: a second Ctrl-C in between must not leave
-                    # a FAIL without a retry (see retry.py).
-                    frozen = study._storage.get_trial(t._trial_id)
-                    if not retry_later(study, frozen, signalled=True) and ctx.checkpoints is not None:
-                        # no retry: nobody will resume its checkpoint
-                        ctx.checkpoints.discard(study, frozen)
-                    _tell(study, t, state=TrialState.FAIL)
+                _retry_live(study, ctx, live, writer, guard)
                 report.interrupted_by = sig.signum
                 break
+            except CredentialsRefused:
+                # The store refuses this process's credentials: every later trial would fail
+                # its run start. The live trials are retried like a stop's (budget untouched)
+                # and the worker stops with the one line (exit status 6).
+                heartbeat.stop()
+                _retry_live(study, ctx, live, writer, guard)
+                raise
             finally:
                 heartbeat.stop()
         if guard.signum is not None and report.interrupted_by is None:
             report.interrupted_by = guard.signum
+
+
+def _retry_live(study: optuna.Study, ctx: WorkerContext, live: dict, writer,
+                guard: SignalGuard) -> None:
+    """Fail the trials this worker began and has not told (``live``), each re-enqueued first
+    (``retry.retry_later``, as for a signal: not the trial's doing), after the checkpoints
+    their retries load are written, within the stop bound."""
+    if writer is not None:
+        # the files the retries load, and the notes retry_later reads: written first, within
+        # the stop bound (an exception, not a signal: the same bound)
+        writer.flush(guard.stop.deadline or time.monotonic() + stop_seconds())
+    for t in live.values():  # their runs are ended KILLED; the trials retried
+        # Enqueue first, tell second: a second Ctrl-C in between must not leave a FAIL
+        # without a retry (see retry.py).
+        frozen = study._storage.get_trial(t._trial_id)
+        if not retry_later(study, frozen, signalled=True) and ctx.checkpoints is not None:
+            ctx.checkpoints.discard(study, frozen)  # no retry: nobody will resume its checkpoint
+        _tell(study, t, state=TrialState.FAIL)
 
 
 def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuard,

@@ -16,7 +16,8 @@ from sweep.record.names import (BYTES_PER_POINT, CODE_VERSION, EPOCH_METRICS, EP
                                 STEP_METRICS, STEPS_TRAINED, points_per_trial)
 from sweep.record.spool import (SPOOL_DIR_NAME, Pending, SpoolWriter, drop_runs, pending,
                                 replay, spool_dir)
-from sweep.record.repair import end_stale_run, other_runs, remove_runs, tag_code_version
+from sweep.record.repair import (end_stale_run, other_runs, remove_runs, restore_set_aside,
+                                 tag_code_version)
 from sweep.record.sql_metrics import bulk_sender
 from sweep.record.study_runs import StudySummary
 from sweep.record.tracking import Tracker, open_existing_tracker
@@ -29,5 +30,6 @@ __all__ = [
     "SpoolWriter", "StudySummary", "Tracker", "TrialRun", "bulk_sender", "check_completeness",
     "check_tracking_uri", "drop_runs", "end_stale_run", "is_sql_store", "launch_lines", "open_existing_tracker",
     "other_runs", "pending", "points_per_trial", "remove_runs", "replay", "replay_spool",
+    "restore_set_aside",
     "spool_dir", "tag_code_version",
 ]

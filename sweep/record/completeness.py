@@ -127,7 +127,9 @@ class Completeness:
         if spool is not None and spool.set_aside:
             out.append(f"MLflow: {sum(n for n, _ in spool.set_aside.values())} point(s) of "
                        f"{len(spool.set_aside)} run(s) set aside in {spool.folder}/set-aside "
-                       f"(the store will never take them):")
+                       f"(refused for good; `{REPLAY_HINT}{f' --study {study}' if study else ''}` "
+                       f"retries them once the cause is "
+                       f"fixed, e.g. the run restored):")
             for run_id, (points, reason) in sorted(spool.set_aside.items())[:20]:
                 out.append(f"  run {run_id}: {points} point(s): {reason}")
         for trial, run_id, held in self.uncounted[:20]:

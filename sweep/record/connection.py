@@ -11,6 +11,7 @@ from sweep.base.text import first_line
 from sweep.base.urls import mask_url, sqlite_path
 from sweep.errors import TrackingError
 from sweep.record.metric_writer import backlog_points, spool_after_s
+from sweep.record.store_errors import CREDENTIALS_FIX, is_credentials
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Every store call has a bound, so a hung store becomes an outage (retried, then spooled) rather
@@ -106,8 +107,9 @@ def connect(uri: str):
             client = MlflowClient(tracking_uri=client_uri(uri))
             client.search_experiments(max_results=1)
     except Exception as err:
+        fix = f"; {CREDENTIALS_FIX}" if is_credentials(err) else ""  # HTTP 401/403
         raise TrackingError(f"MLflow tracking URI {mask_url(uri)!r} cannot be used: "
-                            f"{first_line(err)}") from None
+                            f"{first_line(err)}{fix}") from None
     return client
 
 

@@ -10,29 +10,31 @@ of size 5 overflow 10 reached"), after which a run's later points were dropped (
   cap). When the store is slow, points pile up meanwhile and the next chunks are fuller, so the
   cost per point falls as the load rises.
 * A refused write (pool timeout, "database is locked", a read-only file, a full disk, HTTP
-  429/5xx, connection refused: any exception) is retried with exponential backoff (0.2 s
+  408/429/5xx, a proxy's 404, connection refused: any transient exception) is retried with exponential backoff (0.2 s
   doubling to 5 s); nothing queued is discarded. Once the store has refused for
   ``SWEEP_SPOOL_AFTER_S`` seconds (60), everything pending goes to the spool on local disk
   (``sweep.record.spool``), and so does whatever arrives while the store stays down (one
   attempt every 5 s); the first accepted write ends the outage.
 * A run's end (tags, status) goes through the same queue after its points: it is sent only
   once every point of the run is stored, or spooled together with them.
+* Credentials refused (HTTP 401/403, ``store_errors.is_credentials``): everything pending goes
+  to the spool at once, with one line naming the fix; the store is still tried on the backoff.
 * A refusal that will never pass (``store_errors.is_permanent``: a deleted or inactive run, a
-  row gone, HTTP 4xx) sets that run's points and end aside in the spool folder with the
-  reason; the other runs go on.
+  row gone) sets that run's points and end aside in the spool folder with the reason; the
+  other runs go on (``sweep status --repair`` puts them back once the cause is fixed).
 * More than ``SWEEP_BACKLOG_POINTS`` queued: they go to the spool although the store takes
   writes (memory stays bounded when the store is slower than the trainer).
 * A stop (``stopping``): ``settle_by(deadline)`` lets the thread store what it can until the
   deadline, then ``spool_now`` writes the rest to the spool from the stopping thread.
 
 The rules live in ``writer_core.WriterCore`` (no thread, no clock of its own: tested with a fake
-clock); this module is the thin shell around it: the queue the training thread appends to, the
-one thread, the handles callers wait on (``writer_work``), and a stop's last words.
+clock); this module is the thin shell around it: the one thread, over the inbox the training
+thread appends to (``writer_inbox``), the handles callers wait on (``writer_work``) and a stop's
+last words (``last_words``).
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import sys
 import threading
@@ -42,9 +44,11 @@ from typing import Callable
 from sweep.base.text import first_line
 from sweep.errors import TrackingError
 from sweep.record.batch import MAX_BATCH, metric_sender, run_finisher
+from sweep.record.last_words import LastWords
 from sweep.record.spool import SpoolWriter
 from sweep.record.writer_core import FLUSH_S, WriterCore
-from sweep.record.writer_work import Drain, RunEnd, end_record, points_record
+from sweep.record.writer_inbox import Inbox
+from sweep.record.writer_work import Drain, RunEnd
 
 __all__ = ["FLUSH_S", "MetricWriter", "RunEnd", "backlog_points", "spool_after_s"]
 
@@ -107,31 +111,18 @@ class MetricWriter:
                                spool_after_s=spool_after_s(), backlog_cap=backlog_points(),
                                warn=self.warn, on_stored=on_stored,
                                mapper=self._pool.map if self._pool is not None else None)
-        self._inbox: collections.deque = collections.deque()
-        # Held while items move from the inbox into the core, so that ``spool_now`` (another
-        # thread, at a stop's deadline) sees every queued item in one place or the other.
-        self._moving = threading.RLock()  # reentrant: a second signal's handler may spool_now
-        self._abandoned = False  # spool_now took everything: the thread writes nothing more
-        self._words = threading.Lock()  # one spool_now at a time (the stop's one speaker)
-        self._speaking = 0  # points of the spool_now write under way
-        self._lost = 0  # points neither stored nor spooled at the stop (the disk refused them)
-        # The point of entry's bound: points in the inbox (not yet taken by the thread). Over
-        # the cap the thread is not taking (a store call that never returns): put_many spools.
-        self._entry = threading.Lock()
-        self._inbox_points = 0
-        self._entry_spooled = 0
-        self._entry_lost = 0
-        self._entry_warned = False
+        self._inbox = Inbox(self.core, spool, self.warn)
         self._wake = threading.Event()
+        self._words = LastWords(self._inbox, spool, self.warn, self._wake)
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
         self._thread.start()
 
-    # -- the counts (the core's) --
+    # -- the counts (the core's, the inbox's and the last words') --
     stored = property(lambda self: self.core.stored, doc="points the store took")
-    spooled = property(lambda self: self.core.spooled + self._entry_spooled,
+    spooled = property(lambda self: self.core.spooled + self._inbox.spooled,
                        doc="points written to the spool")
-    lost = property(lambda self: self.core.lost + self._lost + self._entry_lost,
+    lost = property(lambda self: self.core.lost + self._words.lost + self._inbox.lost,
                     doc="points neither stored nor spooled (the store and the disk refused)")
     set_aside = property(lambda self: self.core.set_aside,
                          doc="points of runs the store will never take")
@@ -144,8 +135,7 @@ class MetricWriter:
     @property
     def queued(self) -> int:
         """Points handed to the writer and not yet stored or spooled (benchmarks)."""
-        waiting = sum(len(item[1]) for item in list(self._inbox) if isinstance(item, tuple))
-        return waiting + sum(len(p) for p in list(self.core.pending.values()))
+        return self._inbox.queued_points + sum(len(p) for p in list(self.core.pending.values()))
 
     @property
     def on_stored(self) -> Callable | None:
@@ -165,32 +155,8 @@ class MetricWriter:
         """Queue ``points``: (key, value, timestamp ms, step) tuples of one run. Memory is
         bounded here: while the inbox already holds ``SWEEP_BACKLOG_POINTS`` (the thread is not
         taking them: a store call that does not return), the points go to the spool from this
-        thread instead, or are counted lost when the disk refuses too."""
-        with self._entry:
-            over = self._inbox_points + len(points) > self.core.backlog_cap
-            if not over:
-                self._inbox_points += len(points)
-        if over:
-            self._spool_at_entry(run_id, list(points))
-            return
-        self._inbox.append((run_id, points))
-
-    def _spool_at_entry(self, run_id: str, points: list) -> None:
-        try:
-            self.spool.append([points_record(run_id, points)])
-        except OSError as disk:
-            with self._entry:
-                self._entry_lost += len(points)
-            why = f"the spool refuses too ({first_line(disk, strerror=True)}): point(s) lost"
-        else:
-            self.core.mark_spooled(run_id)
-            with self._entry:
-                self._entry_spooled += len(points)
-            why = f"point(s) go to {self.spool.path} as they come"
-        if not self._entry_warned:
-            self._entry_warned = True
-            self.warn(f"MLflow writer: over {self.core.backlog_cap} points wait for a store call "
-                      f"that has not returned; {why} (SWEEP_BACKLOG_POINTS bounds the memory)")
+        thread instead, or are counted lost when the disk refuses too (``writer_inbox``)."""
+        self._inbox.put_many(run_id, points)
 
     def end(self, end: RunEnd) -> threading.Event:
         """Queue a run's end after its points; returns the event set once it is written."""
@@ -216,72 +182,17 @@ class MetricWriter:
         return self.spool_now()
 
     def spool_now(self, wait_s: float | None = None) -> bool:
-        """Write every queued point and run end to the spool now, from the calling thread
-        (a stop's deadline or second signal, when the writer thread may hang in a store that is
-        down); the thread then writes nothing more. One caller at a time: a second one (the
-        stop's timer while the main thread spools) waits for the first to finish, at most
-        ``wait_s`` seconds (None: no limit), then adds only what was queued since. A chunk the
-        thread is sending right now may end up both stored and spooled: a replay stores it once
-        (the spool's exactly-once rule). Returns False when the disk refuses (the points are
-        counted in ``lost``) or the wait ran out."""
-        if not self._words.acquire(timeout=-1 if wait_s is None else max(0.0, wait_s)):
-            return False
-        try:
-            return self._spool_queued()
-        finally:
-            self._words.release()
-
-    def _spool_queued(self) -> bool:
-        with self._moving:
-            pending, ends = {}, []
-            if not self._abandoned:  # a second call adds only new items
-                pending, ends = self.core.snapshot()
-            self._abandoned = True
-            queued = []
-            while self._inbox:
-                queued.append(self._inbox.popleft())
-        for item in queued:
-            if isinstance(item, tuple):
-                pending.setdefault(item[0], []).extend(item[1])
-            elif isinstance(item, RunEnd):
-                ends.append(item)
-            else:
-                item.done.set()  # a drain: everything before it is spooled below
-        records = [points_record(run, points) for run, points in pending.items() if points]
-        records += [end_record(e) for e in ends]
-        count = sum(len(p) for p in pending.values())
-        self._speaking = count
-        if records:
-            try:
-                self.spool.append(records)
-            except OSError as disk:
-                self._lost += count
-                self.warn(f"cannot spool to {self.spool.folder} at the stop "
-                          f"({first_line(disk)}): {count} point(s) lost")
-                return False
-            finally:
-                self._speaking = 0
-            self.core.spooled += count
-            self.warn(f"MLflow: stopping: {count} queued point(s) and {len(ends)} run end(s) "
-                      f"spooled to {self.spool.path}; the next sweep launch or `sweep status "
-                      f"--repair` replays them")
-        for e in ends:
-            e.spooled = True
-            e.done.set()
-        self._wake.set()
-        return True
+        """Write every queued point and run end to the spool now, from the calling thread (a
+        stop's deadline or second signal, when the writer thread may hang in a store that is
+        down); the thread then writes nothing more. One caller at a time; a second waits at
+        most ``wait_s`` seconds (``last_words.LastWords.spool_now``). False when the disk
+        refuses (the points are counted in ``lost``) or the wait ran out."""
+        return self._words.spool_now(wait_s)
 
     def whereabouts(self) -> str:
         """One line for a stop's exit: what this process's writer stored, spooled (where) and
         lost, with counts; and what a spool write under way holds, if one has not finished."""
-        where = self.spool.path or self.spool.folder
-        line = (f"MLflow: {self.stored:,} point(s) stored, {self.spooled:,} spooled to {where}"
-                f"{' (the next sweep launch or `sweep status --repair` replays them)' if self.spooled else ''}"
-                f", {self.lost:,} lost")
-        if self._speaking:
-            line += (f"; a spool write of {self._speaking:,} point(s) had not finished "
-                     f"(lost unless the segment holds them)")
-        return line
+        return self._words.whereabouts(self.stored, self.spooled, self.lost)
 
     def close(self) -> None:
         """Drain, stop the thread and close the spool segment (a replay may then take it)."""
@@ -294,16 +205,16 @@ class MetricWriter:
 
     # -- the writer thread --
     def _loop(self) -> None:
-        core = self.core
+        core, inbox = self.core, self._inbox
         while True:
             self._wake.clear()  # before taking: a wake that comes later is not lost
-            if self._abandoned:
-                for mark in core.drains:
+            if inbox.abandoned:
+                for mark in core.queue.drains:
                     mark.done.set()
                 return
-            self._take()
+            inbox.hand_over()
             core.enforce_cap(time.monotonic())
-            if self._closing and core.idle and not self._inbox:
+            if self._closing and core.idle and not inbox.items:
                 return
             try:
                 core.step(time.monotonic())
@@ -313,16 +224,3 @@ class MetricWriter:
             wait = core.wait_s(time.monotonic(), self._closing)
             if wait > 0:
                 self._wake.wait(wait)
-
-    def _take(self) -> None:
-        inbox = self._inbox
-        with self._moving:
-            if self._abandoned:
-                return
-            items = []
-            while inbox:
-                items.append(inbox.popleft())
-            self.core.feed(items)
-        taken = sum(len(item[1]) for item in items if isinstance(item, tuple))
-        with self._entry:
-            self._inbox_points -= taken

@@ -7,8 +7,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from sweep.base.text import first_line
+from sweep.record.set_aside import SET_ASIDE, restore
 from sweep.record.completeness import is_sql_store
 from sweep.record.names import CODE_VERSION, STATE
+from sweep.record.spool import spool_dir
 from sweep.record.tracking import Tracker
 
 _RUN_STATUS = {"COMPLETE": "FINISHED"}  # any other finished trial state -> FAILED
@@ -27,6 +30,23 @@ def end_stale_run(tracker: Tracker, run_id: str, state: str, error: str | None) 
         client.set_tag(run_id, "sweep.error", error)
     client.set_terminated(run_id, _RUN_STATUS.get(state, "FAILED"))
     return True
+
+
+def restore_set_aside(tracker: Tracker, log) -> int:
+    """Put the records this store set aside (runs it refused for good) back into its spool
+    (``set_aside.restore``), so that the replay that follows stores those it takes now (a run
+    restored in the UI) and sets the others aside again with today's reason. ``log`` hears one
+    line; returns the set-aside files put back (``sweep status --repair``)."""
+    folder = spool_dir(tracker.uri)
+    try:
+        count = restore(folder)
+    except OSError as err:
+        log(f"MLflow: set-aside records in {folder / SET_ASIDE} not put back "
+            f"({first_line(err, strerror=True)}); they stay set aside")
+        return 0
+    if count:
+        log(f"MLflow: {count} set-aside file(s) put back into the spool {folder} for the replay")
+    return count
 
 
 def tag_code_version(tracker: Tracker, run_id: str, version: str) -> None:

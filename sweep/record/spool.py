@@ -41,6 +41,7 @@ from pathlib import Path
 from sweep.base.urls import mask_url, sqlite_path
 from sweep.base.text import first_line
 from sweep.record.batch import MAX_BATCH, log_batch
+from sweep.record.set_aside import append as append_set_aside
 
 
 def spool_dir(tracking_uri: str) -> Path:
@@ -74,11 +75,8 @@ class SpoolWriter:
     def set_aside(self, records: list[dict], reason: str) -> None:
         """Append records the store will never take, with the reason, to this process's
         set-aside file (fsynced). Raises OSError when the disk refuses."""
-        folder = self.folder / SET_ASIDE
-        with self._lock:
-            folder.mkdir(parents=True, exist_ok=True)
-            _append_synced(folder / f"{self._name}.jsonl",
-                           [{**r, "reason": reason} for r in records])
+        with self._lock:  # set_aside.append: safe beside a repair moving the file
+            append_set_aside(self.folder, self._name, records, reason)
 
     def append(self, records: list[dict]) -> None:
         """Append records and fsync: once this returns they survive a crash of the process.

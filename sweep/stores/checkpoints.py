@@ -167,7 +167,8 @@ class TrialCheckpoint:
             write_atomic(self.path, payload)
         except Exception as err:  # a full or read-only disk, an outage: the resume, not the trial
             self._warn(f"checkpoint {self.path} not written ({first_line(err, typed=True, strerror=True, limit=200)}); the trial "
-                       f"trains on, but an interruption will restart it from step 0")
+                       f"trains on, but an interruption will resume it from its last checkpoint "
+                       f"written, or from step 0 if none was")
             return
         try:
             self.on_saved(epochs)

@@ -3,10 +3,10 @@
 * ``sqlite:///path.db`` (the embedded default): WAL journal, a 60 s busy timeout and
   heartbeats, so several local workers never crash on "database is locked".
 * ``journal:///path/file.log``: Optuna's JournalStorage on a file (shared file systems).
-* ``postgresql://user:pass@host/db``: the cluster storage (``pip install sweep[postgres]``).
+* ``postgresql://user:pass@host/db``: the cluster storage (``pip install -e '.[postgres]'`` in the checkout).
 
 Heartbeats (RDB storages): a trial whose worker died is failed after the grace period and its
-parameters are re-enqueued once.
+parameters are re-enqueued by the one retry rule (``sweep.stores.retry``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _unreachable(url: str, err: Exception) -> StorageError:
     server's or file's own complaint, credentials masked)."""
     if isinstance(err, ModuleNotFoundError):
         return StorageError(f"storage {mask_url(url)!r} needs the Python module {err.name!r}; "
-                            f"install it with: pip install 'sweep[postgres]'")
+                            f"install it with: pip install -e '.[postgres]' in the sweep checkout")
     reason = mask_url(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     return StorageError(f"storage {mask_url(url)!r} is unreachable: {reason}; check the URL, "
                         f"the server and the credentials")

@@ -78,12 +78,19 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+def read_batch_file(path: Path):
+    """The object one official batch file holds (a dict with ``data``, ``labels``, ``filenames``,
+    ``batch_label``; str keys), through an unpickler that loads data and nothing else. Raises
+    what ``open`` and ``pickle`` raise."""
+    with open(path, "rb") as f:
+        return _SafeUnpickler(f, encoding="latin1").load()
+
+
 def _read_batch(path: Path, fmt: Format = FORMATS["cifar10"]) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (uint8 images N x 3 x 32 x 32, int64 labels N). Any record count."""
     title, folder, key = fmt.title, fmt.folder, fmt.label_key
     try:
-        with open(path, "rb") as f:
-            batch = _SafeUnpickler(f, encoding="latin1").load()
+        batch = read_batch_file(path)
     except FileNotFoundError:
         raise DataError(f"{title} file missing: {path}; point --data-dir (or SWEEP_DATA_DIR) at a "
                         f"folder holding a complete {folder}/") from None

@@ -7,7 +7,7 @@ store: they refuse a missing SQLite file instead of serving a fresh empty one.
   MLflow's GenAI job runner is switched off since it starts a dozen processes this UI does not
   need) and prints the URL of the study's experiment in the classic runs view
   (``?workflowType=machine_learning``; MLflow 3 otherwise opens the GenAI trace overview).
-* ``sweep dashboard`` serves optuna-dashboard (``pip install 'sweep[dashboard]'``) in-process.
+* ``sweep dashboard`` serves optuna-dashboard (``pip install -e '.[dashboard]'`` in the checkout) in-process.
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ def serve_dashboard(storage_url: str, host: str = LOCALHOST, port: int = 8080,
     try:
         from optuna_dashboard import wsgi
     except ImportError:
-        raise SweepError("optuna-dashboard is not installed; install it with: "
-                         "pip install 'sweep[dashboard]' (or pip install optuna-dashboard)") from None
+        raise SweepError("optuna-dashboard is not installed; install it with: pip install -e "
+                         "'.[dashboard]' in the sweep checkout (or pip install optuna-dashboard)") from None
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     storage = open_existing_storage(storage_url)
