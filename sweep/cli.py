@@ -308,7 +308,9 @@ def status(study_name, storage, tracking_uri, repair, checkpoint_dir, as_json):
 @click.option("--partition", help="SLURM partition.")
 @click.option("--gpus-per-task", type=int, default=0, show_default=True, help="GPUs per worker.")
 @click.option("--cpus-per-task", type=int, help="CPUs per worker.")
-@click.option("--time", "time_limit", help="Time limit per task, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--time", "time_limit", help="Time limit per task, in any form sbatch takes: "
+                                            "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                                            "D-HH:MM:SS, UNLIMITED.")
 @trials_option
 @data_dir_option
 @device_option
@@ -332,12 +334,19 @@ def status(study_name, storage, tracking_uri, repair, checkpoint_dir, as_json):
 @click.option("--setup", multiple=True, metavar="LINE",
               help="A shell line each task runs before the worker starts, e.g. 'module load "
                    "cuda/12.4' (repeatable, in order; one that fails ends the task).")
+@click.option("--python", "python", metavar="PATH|current",
+              help="The Python on the compute nodes that runs the worker (PATH -m sweep.cli); "
+                   "'current': the one running this command. Default: the `sweep` on the "
+                   "node's PATH after the --setup lines.")
+@click.option("--single-node", is_flag=True,
+              help="With a SQLite or journal storage and --array > 1: run the tasks one at a "
+                   "time (--array=0-(K-1)%1), so one node at a time holds the file.")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script; create and submit nothing.")
 @friendly_errors
 def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, cpus_per_task,
            time_limit, trials, data_dir, device, overrides, job_dir, allow_space_change,
            allow_config_change, checkpoint_dir, requeue, account, qos, mem, constraint,
-           sbatch_options, setup, dry_run):
+           sbatch_options, setup, python, single_node, dry_run):
     """Submit a SLURM job array of ``sweep worker`` tasks sharing one study."""
     from pathlib import Path
 
@@ -351,7 +360,8 @@ def submit(study_name, array, storage, tracking_uri, partition, gpus_per_task, c
     text = run_submit(spec, LaunchOptions(storage, tracking_uri, data_dir, device, trials,
                                           allow_space_change, checkpoint_dir, allow_config_change),
                       SubmitOptions(array, Path(job_dir), partition, gpus_per_task, time_limit,
-                                    cpus_per_task, dry_run, requeue, site), list(overrides))
+                                    cpus_per_task, dry_run, requeue, site, python, single_node),
+                      list(overrides))
     click.echo(mask_url(text))
 
 

@@ -141,7 +141,7 @@ def submit_tiny_array(data_dir: Path, slurm_conf: str, folder: Path, storage: st
     done = subprocess.run(
         sweep_cmd("submit", "--study", str(TINY), "--array", str(tasks), "--trials", str(budget),
                   "--storage", storage, "--tracking-uri", tracking_uri, "--cpus-per-task", "1",
-                  "--time", "00:10:00", "--data-dir", str(data_dir),
+                  "--time", "00:10:00", "--data-dir", str(data_dir), "--python", sys.executable,
                   *[arg for s in sets for arg in ("--set", s)]),
         env=env, cwd=folder, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -11,6 +11,7 @@ test cluster the fixtures start.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def run_path(path: str, folder: Path, study: Path, env: dict, trials: int | None
     flag = ["--trials", str(trials)] if trials else []
     command = {"launch": ["launch", "--quiet"], "workers": ["launch", "--quiet", "--workers", "2"],
                "worker": ["worker"],
-               "submit": ["submit", "--array", "1", "--cpus-per-task", "1", "--time", "00:05:00"]}
+               "submit": ["submit", "--array", "1", "--cpus-per-task", "1", "--time", "00:05:00",
+                          "--python", sys.executable]}
     done = subprocess.run(sweep_cmd(*command[path], "--study", str(study), *stores, *flag),
                           env=env, cwd=folder, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

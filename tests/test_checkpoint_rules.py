@@ -283,22 +283,36 @@ def test_temporaries_are_unique_exclusive_and_leave_nothing(tmp_path):
     assert not target.is_symlink() and elsewhere.read_bytes() == b"not a checkpoint"
 
 
-def test_precision_and_compile_rules_of_a_resumed_trial():
-    """A pack that starts with a resumed trial trains in the precision it trained in (a pack of
-    one included); compiled vs eager is not part of a checkpoint's identity."""
+def test_precision_is_the_study_s_never_the_pack_s():
+    """A pack trains in its jobs' configured precision, a pack of one included, whoever joins
+    it; compiled vs eager is not part of a checkpoint's identity."""
     from sweep.stores.checkpoints import _NOT_IDENTITY
-    from sweep.training.fused import SlotJob, pack_bf16
+    from sweep.training.fused import pack_bf16
+    from sweep.training.train import trial_precision
 
-    def job(precision=None):
-        return SlotJob(cfg=None, listeners=(),
-                       resume=None if precision is None else {"precision": precision})
-
-    assert pack_bf16("auto", True, True, [job("bf16")])  # alone, yet bf16 as it began
-    assert not pack_bf16("auto", True, True, [job("fp32"), job(), job()])
-    assert pack_bf16("auto", True, True, [job(), job()]) and not pack_bf16("auto", True, True, [job()])
-    assert not pack_bf16("auto", False, True, [job("bf16")])  # the CPU: always fp32
-    assert not pack_bf16("fp32", True, True, [job("bf16")])  # asked for: as asked
+    assert pack_bf16("auto", True, True)  # alone too: train.bf16 on CUDA is bf16
+    assert not pack_bf16("auto", True, False)
+    assert not pack_bf16("auto", False, True)  # the CPU: always fp32
+    assert not pack_bf16("fp32", True, True) and pack_bf16("bf16", True, False)  # as asked
+    bf16 = dataclasses.replace(load_study("smoke").train, bf16=True)
+    assert trial_precision(bf16, torch.device("cuda")) == "bf16"
+    assert trial_precision(bf16, torch.device("cpu")) == "fp32"
+    assert trial_precision(dataclasses.replace(bf16, bf16=False), torch.device("cuda")) == "fp32"
     assert "compile" in _NOT_IDENTITY
+
+
+def test_a_retry_recorded_in_another_precision_restarts_from_step_0_in_one_line(tmp_path):
+    """A state whose steps ran in bf16 (a CUDA pack under the earlier rule) cannot go on in
+    the fp32 this trial trains in here: one line, and the retry restarts from step 0."""
+    folder, retry, cfg, lines = _retry_and_dir(tmp_path)
+    path = folder.folder(retry.study) / "trial-0.pt"
+    _write(folder, retry, cfg, lines, state={**_state(cfg), "precision": "bf16"})
+    assert _open(folder, retry, cfg).resume is None
+    assert lines == [f"trial 1 (a retry of trial 0): checkpoint {path} does not fit the trial "
+                     f"(ValueError: its steps ran in bf16, and the study trains in fp32 on cpu "
+                     f"(train.bf16: {str(cfg.train.bf16).lower()})); it restarts from step 0"]
+    _write(folder, retry, cfg, lines, state={**_state(cfg), "precision": "fp32"})
+    assert _open(folder, retry, cfg).resume["epochs"] == 1 and not lines
 
 
 def test_status_lists_checkpoint_files_of_no_live_trial_and_repair_removes_them(tmp_path):

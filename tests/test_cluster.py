@@ -39,7 +39,7 @@ def test_submit_array_on_postgres(postgres_server, slurm, tiny_cifar, tmp_path):
                                        budget, "train.epochs=4")
     assert PG_PASSWORD not in said
     script = (tmp_path / "sweep-jobs" / "sweep-tiny.sbatch").read_text()
-    env_file = tmp_path / "sweep-jobs" / "sweep-tiny.env"
+    [env_file] = (tmp_path / "sweep-jobs").glob("sweep-tiny.*.env")
     assert PG_PASSWORD not in script and "--array=0-2" in script and "--signal=B:TERM@60" in script
     assert PG_PASSWORD in env_file.read_text() and env_file.stat().st_mode & 0o077 == 0
 

@@ -472,3 +472,51 @@ def test_when_every_slot_has_ended_the_pack_refills_without_finishing_the_epoch(
     # both ended after their first chunk (3 steps): no idle steps to the epoch's end
     assert stats.idle_slot_steps == 0 and stats.wasted_slot_steps == 2 * 3
     assert len(record.lrs) == EPOCHS * STEPS and stats.shrinks == 1
+
+
+class _Steps:
+    """A listener that keeps the first step of each chunk it hears (a resumed slot's clock
+    starts at its checkpoint's step)."""
+
+    def __init__(self):
+        self.first: list[int] = []
+
+    def on_steps(self, first_step, lrs, losses):
+        if not self.first or first_step % STEPS == 0 and first_step > self.first[-1]:
+            self.first.append(first_step)
+
+    def on_epoch_end(self, epoch, metrics):
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("float64")
+def test_a_trial_beside_a_resumed_slot_trains_as_it_does_alone(data):
+    """A trial's numerics are its configuration's, never its pack's: config A trained alone (a
+    pack of one) and in a pack beside a slot that resumes config B's epoch-1 state gives the
+    same curve (the same LRs; losses and metrics within F64_TOL in float64); both packs train
+    in the study's precision. A job resuming a state trained in another precision is refused
+    in one line, and the pack trains on."""
+    spec, splits = data
+    a, b, _ = configs(spec)
+    states = []
+    train(b, splits, CPU, [Record()], checkpoint=lambda take: states.append(take()))
+    resumed = states[0]
+    assert resumed["epochs"] == 1 and resumed["precision"] == "fp32"
+
+    alone = Record()
+    stats_alone, ends_alone = run_pack([SlotJob(a, [alone], key="a")], 1, splits)
+    beside, other = Record(), _Steps()
+    stats, ends = run_pack([SlotJob(b, [other], key="b", resume=resumed),
+                            SlotJob(a, [beside], key="a")], 2, splits)
+    assert stats_alone.precision == stats.precision == "fp32"
+    assert ends["b"].result is not None and other.first == [STEPS]  # its last epoch only
+    assert_same_trial(alone, ends_alone["a"].result, beside, ends["a"])
+
+    refused = _Steps()  # alone: the pack ends it before training anything
+    stats, ends = run_pack([SlotJob(b, [refused], key="b",
+                                    resume={**resumed, "precision": "bf16"})], 1, splits)
+    assert refused.first == [] and stats.slot_steps == 0
+    assert str(ends["b"].error) == ("the job resumes a state trained in bf16 and the pack trains "
+                                    "in fp32; restart it from step 0 or train it in a pack of "
+                                    "its own precision")

@@ -285,3 +285,61 @@ def test_a_real_run_agrees_between_optuna_and_mlflow(tmp_path):
     run = client.get_run(ordinary.user_attrs["mlflow_run_id"])
     assert run.data.tags["sweep.prune_reason"] == "pruner"
     assert run.data.metrics["val_acc"] == ordinary.intermediate_values[0]  # last value visible
+
+
+def _first_prune(trial, values: list[float]) -> int | None:
+    """The first step at which the pruner stops ``trial`` reporting ``values``, else None."""
+    for step, value in enumerate(values):
+        trial.report(value, step)
+        if trial.should_prune():
+            return step
+    return None
+
+
+def _hyperband_study(name: str, pruner) -> optuna.Study:
+    """12 trials over 9 epochs, each better than the one before (none is pruned), so a trial
+    reporting 0.0 is pruned at the first rung of its bracket: step 1, step 3, or never."""
+    study = optuna.create_study(study_name=name, direction="maximize", pruner=pruner,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for n in range(12):
+        trial = study.ask()
+        assert _first_prune(trial, [0.5 + n / 100] * 9) is None
+        study.tell(trial, 0.5 + n / 100)
+    return study
+
+
+def test_a_retry_meets_the_pruning_decisions_of_the_trial_it_continues():
+    """Trial 12 dies after its first epoch; its retry is trial 13. The reference is Optuna's own
+    HyperbandPruner on a trial numbered 12 in a study of the same name and history; the study
+    name is one where Optuna would put trials 12 and 13 in brackets that decide differently, so
+    a retry drawn by its own number would fail the comparison."""
+    from sweep.stores.retry import retry_later
+    from sweep.study.pruning import PRUNING_TRIAL
+
+    worst = [0.0] * 9
+    for name in (f"hyperband-{i}" for i in range(200)):
+        plain = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=9, reduction_factor=3)
+        reference = _hyperband_study(name, plain)
+        expected = _first_prune(reference.ask(), worst)  # trial 12
+        if _first_prune(reference.ask(), worst) != expected:  # trial 13 decides otherwise
+            break
+    else:
+        pytest.fail("no study name puts trials 12 and 13 in brackets that decide differently")
+
+    pruner = build_pruner(PrunerSpec("hyperband", {"min_resource": 1, "reduction_factor": 3}), 9)
+    study = _hyperband_study(name, pruner)
+    original = study.ask()
+    assert original.number == 12 and _first_prune(original, worst[:1]) is None
+    study.tell(original, state=TrialState.FAIL)  # its worker died during epoch 2
+    assert retry_later(study, study._storage.get_trial(original._trial_id))
+    retry = study.ask()
+    assert retry.number == 13
+    assert study._storage.get_trial(retry._trial_id).system_attrs[PRUNING_TRIAL] == 12
+    assert _first_prune(retry, worst) == expected
+
+    # a retry of the retry (its worker stopped on a signal) still continues trial 12
+    study.tell(retry, state=TrialState.FAIL)
+    assert retry_later(study, study._storage.get_trial(retry._trial_id), signalled=True)
+    again = study.ask()
+    assert study._storage.get_trial(again._trial_id).system_attrs[PRUNING_TRIAL] == 12
+    assert _first_prune(again, worst) == expected

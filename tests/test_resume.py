@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -289,7 +290,8 @@ def test_scancelled_array_task_is_resumed_by_a_second_array(slurm, tmp_path, dat
         done = subprocess.run(
             sweep_cmd("submit", "--study", str(study_file), "--array", "1", "--trials", "1",
                       "--storage", storage, "--tracking-uri", tracking, "--cpus-per-task", "1",
-                      "--time", "00:10:00", "--data-dir", str(data), "--requeue"),
+                      "--time", "00:10:00", "--data-dir", str(data), "--requeue",
+                      "--python", sys.executable),
             env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout.split("submitted job ", 1)[1].split(":")[0]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_submit_dry_run_prints_script_and_writes_nothing(tmp_path, monkeypatch):
                  "#SBATCH --time=04:00:00", "#SBATCH --cpus-per-task=4",
                  "#SBATCH --signal=B:TERM@60", "exec ", " worker --study ", "--set train.epochs=2"):
         assert line in out
-    assert "s3cret" not in out and "sweep-tiny.env" in out
+    assert "s3cret" not in out and re.search(r"sweep-tiny\.\d{8}-\d{6}-[0-9a-f]{6}\.env", out)
     assert list(tmp_path.iterdir()) == []
 
 

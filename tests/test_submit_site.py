@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ SITE = ["--account", "physics", "--qos", "normal", "--mem", "500M", "--constrain
 def test_dry_run_shows_every_site_option_in_a_valid_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, [
-        "submit", "--study", str(TINY), "--array", "2", *SITE,
+        "submit", "--study", str(TINY), "--array", "2", "--single-node", *SITE,
         "--setup", "module load cuda/12.4", "--setup", "source ~/venvs/sweep/bin/activate",
         "--setup", "echo 'it''s ready'", "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -107,8 +108,8 @@ def test_a_job_slurm_refuses_creates_nothing(args, reason, slurm, tmp_path, monk
     """sbatch --test-only is asked before the stores: its refusal is the one line, and neither
     the study's SQLite files nor the job folder exist afterwards."""
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["submit", "--study", str(TINY), "--array", "2", *args],
-                                env={"SLURM_CONF": slurm})
+    result = CliRunner().invoke(main, ["submit", "--study", str(TINY), "--array", "2",
+                                       "--single-node", *args], env={"SLURM_CONF": slurm})
     assert result.exit_code == 2, result.output
     assert f"sbatch refused the job: {reason}" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
@@ -139,6 +140,7 @@ def test_array_with_every_site_option_runs_its_setup_in_the_worker(slurm, tiny_c
     done = subprocess.run(sweep_cmd(
         "submit", "--study", str(TINY), "--array", "2", "--trials", "1", "--storage", storage,
         "--tracking-uri", tracking, "--cpus-per-task", "1", "--time", "00:10:00", *SITE,
+        "--single-node", "--python", sys.executable,
         "--setup", f"export SWEEP_DATA_DIR={tiny_cifar}",
         "--setup", 'echo "sweep-setup: pid $$ data $SWEEP_DATA_DIR"',
         "--setup", 'test "$SLURM_ARRAY_TASK_ID" != 1'),

@@ -158,15 +158,17 @@ def open_study_stores(spec: StudySpec, opts: LaunchOptions, check_device: bool =
 
 
 def worker_command(spec: StudySpec, opts: LaunchOptions, overrides: Sequence[str],
-                   device: str | None = None) -> list[str]:
+                   device: str | None = None,
+                   program: Sequence[str] | None = None) -> list[str]:
     """The ``sweep worker`` command line that pool children and SLURM array tasks run.
 
     No URLs: they travel in the environment (``ps`` shows command lines to every user). No
     ``--trials``: the budget is stored in the study before any worker starts, and a worker
     without ``--trials`` reads it there. The data folder is passed as given, which the CLI has
-    already made absolute."""
-    cmd = [sys.executable, "-m", "sweep.cli", "worker", "--study", str(Path(spec.path).resolve()),
-           "--device", device or opts.device, "--quiet"]
+    already made absolute. ``program``: what starts sweep (default: this interpreter with
+    ``-m sweep.cli``; ``sweep submit`` passes the compute node's)."""
+    cmd = [*(program or (sys.executable, "-m", "sweep.cli")), "worker",
+           "--study", str(Path(spec.path).resolve()), "--device", device or opts.device, "--quiet"]
     for item in overrides:
         cmd += ["--set", item]
     if opts.data_dir:

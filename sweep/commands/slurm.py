@@ -4,18 +4,22 @@ Everything that can fail on user input is checked before anything is created; th
 the MLflow experiment and the parent run are created up front (so K tasks starting at once
 only open existing stores); then two files are written into the job folder:
 
-* ``NAME.env`` (mode 0600): ``SWEEP_STORAGE`` and ``MLFLOW_TRACKING_URI`` with their real
-  credentials. The batch script sources it, so the script itself, which SLURM copies into its
-  spool and shows via ``scontrol write batch_script``, carries no password.
-* ``NAME.sbatch``: the array. The task ``exec``s the worker, so the worker *is* the batch
-  shell: ``scancel``, preemption and ``--signal=B:TERM@60`` (60 s before the time limit)
-  deliver SIGTERM to it, and it ends its trial FAIL (re-enqueued) / KILLED in MLflow.
+* ``sweep-NAME.STAMP.env`` (mode 0600, one per submission, created whole): ``SWEEP_STORAGE`` and
+  ``MLFLOW_TRACKING_URI`` with their real credentials. The batch script sources it, so the
+  script itself, which SLURM copies into its spool and shows via ``scontrol write
+  batch_script``, carries no password; pending tasks of an earlier array keep reading theirs.
+* ``sweep-NAME.sbatch``: the array (``slurm_script`` writes it: quoting, ``--time``, the
+  interpreter). The task ``exec``s the worker, so the worker *is* the batch shell: ``scancel``,
+  preemption and ``--signal=B:TERM@60`` (60 s before the time limit) deliver SIGTERM to it,
+  and it ends its trial FAIL (re-enqueued) / KILLED in MLflow.
 
 What a particular cluster asks for (account, QOS, memory, features, other sbatch options, set-up
 lines) is checked and rendered by ``slurm_site``. Before anything is created, ``sbatch
 --test-only`` shows the script to slurmctld, so a job the cluster would refuse (an unknown
 feature, more memory than any node has, a bad partition, an account it refuses) is refused in
-one line with nothing written. Nothing here talks to slurmctld except ``sbatch`` itself
+one line with nothing written. A SQLite or journal storage is refused for an array of more than
+one task (its lock holds on one host) unless ``--single-node`` throttles it to one task at a
+time. Nothing here talks to slurmctld except ``sbatch`` itself
 (``SLURM_CONF`` is honoured).
 """
 
@@ -23,46 +27,34 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
+from sweep.base.urls import journal_path, local_file, mask_url, sqlite_path
+from sweep.commands.slurm_script import (SubmitOptions, check_flags, check_names, render_script,
+                                         worker_program)
 from sweep.errors import SubmitError
-from sweep.commands.slurm_site import SiteOptions, check_site, setup_block, site_directives
 from sweep.record import spool_root as find_spool_root
-from sweep.base.urls import journal_path, mask_url, sqlite_path
 
-_TIME = re.compile(r"^(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d$")
-_PARTITION = re.compile(r"^[\w.,-]+$")
-KILL_NOTICE_S = 60  # SIGTERM this long before the time limit: enough to end a trial cleanly
+__all__ = ["SubmitOptions", "submit"]
 
 
-@dataclass(frozen=True)
-class SubmitOptions:
-    array: int
-    job_dir: Path
-    partition: str | None = None
-    gpus_per_task: int = 0
-    time: str | None = None
-    cpus_per_task: int | None = None
-    dry_run: bool = False
-    requeue: bool = False  # SLURM requeues a preempted task / one on a failed node
-    site: SiteOptions = SiteOptions()  # account, QOS, memory, features, pass-through, set-up
 
-
-def check_submit(opts: SubmitOptions) -> None:
-    """Validate the flags; creates nothing."""
-    if opts.array < 1:
-        raise SubmitError(f"--array {opts.array}: must be at least 1 (one worker per task)")
-    if opts.time is not None and not _TIME.match(opts.time):
-        raise SubmitError(f"--time {opts.time!r}: use HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00")
-    if opts.partition is not None and not _PARTITION.match(opts.partition):
-        raise SubmitError(f"--partition {opts.partition!r}: not a SLURM partition name")
-    if opts.gpus_per_task < 0 or (opts.cpus_per_task is not None and opts.cpus_per_task < 1):
-        raise SubmitError("--gpus-per-task must be >= 0 and --cpus-per-task >= 1")
-    check_site(opts.site)
+def check_submit(opts: SubmitOptions, study_name: str, storage: str) -> None:
+    """Validate the flags, the names the script carries and the storage; creates nothing."""
+    check_flags(opts)
+    check_names(study_name, opts.job_dir, Path.cwd())
+    if opts.array > 1 and not opts.single_node and local_file(storage) is not None:
+        kind = "journal" if journal_path(storage) is not None else "SQLite"
+        raise SubmitError(
+            f"--array {opts.array} with {kind} storage {mask_url(storage)}: its lock that keeps "
+            f"two workers from taking one trial holds on one host only, and tasks may run on "
+            f"several nodes; use a PostgreSQL storage (--storage postgresql://USER@HOST/DB), or "
+            f"pass --single-node to run the tasks one at a time")
     if not opts.dry_run and shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found on PATH; run sweep submit on a SLURM login node, or "
                           "use --dry-run to see the script")
@@ -82,55 +74,32 @@ def absolute_url(url: str) -> str:
     return url
 
 
-def render_script(study_name: str, worker_cmd: list[str], opts: SubmitOptions,
-                  env_file: Path) -> str:
-    """The sbatch script (no credentials in it)."""
-    job = f"sweep-{study_name}"
-    out = opts.job_dir.resolve() / f"{job}-%A_%a.out"
-    lines = ["#!/bin/bash",
-             f"# sweep submit: {opts.array} workers of study {study_name!r}, one per array task.",
-             *site_directives(opts.site),  # first: where two lines disagree, sbatch takes the last
-             f"#SBATCH --job-name={job}",
-             f"#SBATCH --array=0-{opts.array - 1}",
-             "#SBATCH --ntasks=1",
-             f"#SBATCH --output={out}",
-             f"#SBATCH --chdir={Path.cwd()}",
-             # SIGTERM to the batch shell (the worker, see exec below) before the time limit.
-             f"#SBATCH --signal=B:TERM@{KILL_NOTICE_S}"]
-    if opts.partition:
-        lines.append(f"#SBATCH --partition={opts.partition}")
-    if opts.time:
-        lines.append(f"#SBATCH --time={opts.time}")
-    if opts.gpus_per_task:
-        lines.append(f"#SBATCH --gpus-per-task={opts.gpus_per_task}")
-    if opts.cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={opts.cpus_per_task}")
-    if opts.requeue:
-        # A requeued task starts its worker again, which resumes the trials it was training
-        # from their checkpoints; append: the output file keeps every run of the task.
-        lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
-    lines += [
-        "",
-        "# Storage and tracking URLs (with credentials) live in a mode-0600 file, not here.",
-        f"set -a; . {shlex.quote(str(env_file.resolve()))}; set +a",
-        "# torch uses this many threads on the CPU: the task's CPUs, not the node's.",
-        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
-        'echo "task ${SLURM_ARRAY_TASK_ID} on $(hostname): job ${SLURM_JOB_ID}"',
-        *setup_block(opts.site),
-        "# exec: the worker replaces this shell, so scancel/preemption SIGTERM reaches it.",
-        "exec " + " ".join(shlex.quote(a) for a in worker_cmd),
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (created 0600, never wider)."""
+    """Create ``path`` holding ``text``, readable by the owner only, all at once: written to a
+    fresh temporary file (O_EXCL, 0600) beside it, flushed, then renamed into place, so a reader
+    sees either no file or the whole of it, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its mode under O_CREAT
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def submission_files(job_dir: Path, study_name: str) -> tuple[Path, Path]:
+    """(env file, script) of one submission. The env file's name is this submission's own
+    (time and a random part), so pending tasks of an earlier array keep reading theirs; the
+    script is ``sweep-NAME.sbatch``, the latest (sbatch keeps its own copy of each)."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    name = f"sweep-{study_name}"
+    return job_dir / f"{name}.{stamp}.env", job_dir / f"{name}.sbatch"
 
 
 def env_text(values: dict[str, str]) -> str:
@@ -183,7 +152,7 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     from sweep.stores.storage import check_storage_url
     from sweep.record import check_tracking_uri
 
-    check_submit(opts)
+    check_submit(opts, spec.name, launch_opts.storage)
     launch_opts = replace(launch_opts, storage=absolute_url(launch_opts.storage),
                           tracking_uri=absolute_url(launch_opts.tracking_uri))
     # every task, on whichever node, checkpoints to the same folder (it must be shared)
@@ -193,8 +162,9 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     check_storage_url(storage)
     check_tracking_uri(tracking)
     name = f"sweep-{spec.name}"
-    env_file, script_file = opts.job_dir / f"{name}.env", opts.job_dir / f"{name}.sbatch"
-    script = render_script(spec.name, worker_command(spec, launch_opts, overrides), opts, env_file)
+    env_file, script_file = submission_files(opts.job_dir, spec.name)
+    worker = worker_command(spec, launch_opts, overrides, program=worker_program(opts.python))
+    script = render_script(spec.name, worker, opts, env_file)
     if opts.dry_run:
         return (f"# dry run: nothing created, written or submitted. The job would read the "
                 f"storage and tracking URLs from {env_file} (mode 0600).\n" + script)
@@ -206,17 +176,22 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     values = {"SWEEP_STORAGE": storage, "MLFLOW_TRACKING_URI": tracking,
               "SWEEP_SPOOL_DIR": str(spool_root)}
     write_private(env_file, env_text(values))
-    script_file.write_text(script)
+    write_private(script_file, script)  # no secret in it; written whole, like the env file
+    script_file.chmod(0o644)
     job_id = sbatch(script_file)
-    out = opts.job_dir.resolve() / f"{name}-{job_id}_*.out"
-    note = ("\nnote: SQLite on a cluster's shared file system is fragile; prefer postgresql:// "
-            "(see docs/clusters.md)" if storage.startswith("sqlite") else "")
-    return (f"submitted job {job_id}: array of {opts.array} workers for study {spec.name!r} "
+    # shell-ready: a name or folder with spaces or quotes is pasted as one word
+    out = shlex.quote(str(opts.job_dir.resolve() / f"{name}-{job_id}_")) + "*.out"
+    workers = f"{opts.array} worker{'s' if opts.array > 1 else ''}"
+    note = ("\nnote: --single-node: SLURM runs the tasks one at a time, so one node at a time "
+            "holds the study's file store; PostgreSQL runs them together (see docs/clusters.md)"
+            if opts.single_node and opts.array > 1 else "")
+    return (f"submitted job {job_id}: array of {workers} for study {spec.name!r} "
             f"(budget {budget} trials)\n"
             f"  script: {script_file} (URLs from {env_file}, mode 0600)\n"
             f"  follow: squeue -j {job_id}    tail -f {out}\n"
-            f"  status: sweep status --study {spec.name} --storage {mask_url(storage)} "
-            f"--tracking-uri {mask_url(tracking)}\n"
+            f"  status: sweep status --study {shlex.quote(spec.name)} "
+            f"--storage {shlex.quote(mask_url(storage))} "
+            f"--tracking-uri {shlex.quote(mask_url(tracking))}\n"
             f"  checkpoints: {checkpoints} (must be on a file system every node shares)\n"
             f"  MLflow spool: {spool_root} (shared too; `sweep status --repair` replays it)\n"
             f"  cancel: scancel {job_id} (running trials end FAIL/KILLED and are re-enqueued; "

@@ -1,7 +1,8 @@
 """What one cluster asks of a job beyond sweep's own script: ``sweep submit``'s ``--account``,
 ``--qos``, ``--mem``, ``--constraint``, the ``--sbatch-option`` pass-through and the ``--setup``
 lines run before the worker starts. Checked here (one line per problem, nothing created), then
-rendered as ``#SBATCH`` lines and a set-up block of the batch script (``slurm.render_script``).
+rendered as ``#SBATCH`` lines and a set-up block of the batch script
+(``slurm_script.render_script``).
 
 Rules:
 
@@ -134,10 +135,10 @@ def site_directives(site: SiteOptions) -> list[str]:
     lines = [f"#SBATCH --{flag}={value}" for flag, value in (
         ("account", site.account), ("qos", site.qos), ("mem", site.mem),
         ("constraint", site.constraint)) if value is not None]
-    return lines + [f"#SBATCH {_directive_word(option)}" for option in site.sbatch_options]
+    return lines + [f"#SBATCH {directive_word(option)}" for option in site.sbatch_options]
 
 
-def _directive_word(option: str) -> str:
+def directive_word(option: str) -> str:
     """``option`` as one word of an ``#SBATCH`` line: sbatch splits on whitespace, reads quotes
     and backslashes and ends the line at ``#``, so such a word is double-quoted and escaped."""
     if not _NEEDS_QUOTES.search(option):

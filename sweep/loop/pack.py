@@ -119,7 +119,7 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
         # the guards hear each chunk of the pack's steps once (the slots' listeners, per slot)
         guards = (guard,) if ctx.step_clock is None else (ctx.step_clock, guard)
         train_pack(next_job, capacity, ctx.splits, ctx.device, on_end, guards=guards,
-                   precision="auto" if t.bf16 else "fp32", graphs="auto", compile=t.compile,
+                   precision="auto", graphs="auto", compile=t.compile,  # the study's precision
                    stats=stats)
         split_time(stats, spent)
         return stats

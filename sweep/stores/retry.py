@@ -17,7 +17,9 @@ epoch must not lose the trial; each such retry needs a new signal, so this canno
 The retry keeps the original's seed (``sweep.seed``): it is the same trial continued, so it draws
 the same weights and batches whether it resumes from a checkpoint or restarts from step 0.
 ``retry_history`` lists every trial it continues, first the original (Optuna's own attribute:
-those trials no longer count towards the budget, ``sweep.loop.budget``).
+those trials no longer count towards the budget, ``sweep.loop.budget``). ``PRUNING_TRIAL``
+names the original too: the pruner draws the retry's Hyperband bracket from that number, so the
+retry meets the rungs its original would have (``sweep.study.pruning``).
 
 It is idempotent: a trial that already has a retry gets no second one, so the paths may meet.
 An interrupted worker enqueues the retry *before* it tells Optuna FAIL; a second Ctrl-C in
@@ -32,6 +34,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweep.study.phases import ENQUEUED_ATTRS, SEED
+from sweep.study.pruning import PRUNING_TRIAL, pruning_number
 
 FAILED_TRIAL, RETRY_HISTORY = "failed_trial", "retry_history"  # Optuna's own system attributes
 # user attributes: finished epochs in the trial's latest checkpoint / in the one it resumed from
@@ -59,5 +62,6 @@ def retry_later(study: optuna.Study, frozen: FrozenTrial, signalled: bool = Fals
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
         user_attrs=user_attrs,
-        system_attrs={FAILED_TRIAL: frozen.number, RETRY_HISTORY: [*history, frozen.number]}))
+        system_attrs={FAILED_TRIAL: frozen.number, RETRY_HISTORY: [*history, frozen.number],
+                      PRUNING_TRIAL: pruning_number(frozen)}))
     return True

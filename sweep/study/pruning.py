@@ -7,16 +7,47 @@ A step-``r`` decision happens after ``r + 1`` epochs: ``median`` with ``n_warmup
 may stop a trial after its first epoch; ``hyperband``/``successive_halving`` rungs sit at
 steps ``min_resource * reduction_factor**k`` (k >= the bracket's early-stopping rate).
 Divergence is not a pruner's business (it is per optimizer step, see ``sweep.training.divergence``).
+
+A retry (a trial continued after its worker died or was stopped, ``sweep.stores.retry``) meets
+the pruning decisions of the trial it continues: Optuna's Hyperband draws a trial's bracket from
+a hash of the study name and the trial's number, and the retry has a new number, so its bracket
+is drawn from the number it continues instead, recorded on it as ``PRUNING_TRIAL``. The other
+pruners compare a trial's values at a step with other trials' and never read its number.
 """
 
 from __future__ import annotations
 
+import copy
+
 import optuna
+from optuna.trial import FrozenTrial
 
 from sweep.study.phases import StudyView, is_search
 from sweep.study.specs import PrunerSpec
 
 DEFAULT_MEDIAN = {"n_startup_trials": 5, "n_warmup_steps": 2}
+# system attribute of a retry: the number of the first trial of its chain (the original), whose
+# Hyperband bracket it keeps (set when the retry is enqueued)
+PRUNING_TRIAL = "sweep.pruning_trial"
+
+
+def pruning_number(trial: FrozenTrial) -> int:
+    """The trial number ``trial``'s pruning decisions are drawn from: its original's for a
+    retry, else its own."""
+    return int(trial.system_attrs.get(PRUNING_TRIAL, trial.number))
+
+
+class RetryHyperbandPruner(optuna.pruners.HyperbandPruner):
+    """Optuna's ``HyperbandPruner``, with each trial's bracket drawn from ``pruning_number``: a
+    retry stays in its original's bracket (rungs, competitors, budget share) whatever its own
+    number. Every trial that was never a retry gets the bracket Optuna would give it."""
+
+    def _get_bracket_id(self, study: optuna.Study, trial: FrozenTrial) -> int:
+        number = pruning_number(trial)
+        if number != trial.number:
+            trial = copy.copy(trial)  # Optuna hashes study name and number; keep its formula
+            trial.number = number
+        return super()._get_bracket_id(study, trial)
 
 
 class GroupPruner(optuna.pruners.BasePruner):
@@ -59,7 +90,7 @@ def _optuna_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
     if kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **p})
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(**{"min_resource": 1, **p}, max_resource=epochs)
+        return RetryHyperbandPruner(**{"min_resource": 1, **p}, max_resource=epochs)
     if kind == "threshold":  # lower/upper were checked at load (pruner_problem)
         return optuna.pruners.ThresholdPruner(**p)
     if kind == "patient":

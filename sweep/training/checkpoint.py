@@ -13,7 +13,7 @@ A state is a dict of tensors and plain values (``torch.load(weights_only=True)``
   are closed forms of the step, so the step is their whole state);
 * ``generator``: the state of the trial's generator (data order and augmentation draws);
 * ``epochs`` (finished), ``steps`` (optimizer steps so far), ``history`` (per-epoch metrics);
-* ``precision``: "bf16" or "fp32", what the steps ran in (a pack resumes in it: ``fused.pack_bf16``).
+* ``precision``: "bf16" or "fp32", what the steps ran in (``train.check_resumable``).
 
 The global RNG is not saved: it only seeds the initial weights, which the state replaces.
 """

@@ -40,7 +40,7 @@ __all__ = ["SlotJob", "SlotEnd", "PackStats", "train_pack", "fusion_problem", "S
 #: vectors in the optimizer and the loss (``SlotOptimizer.PER_SLOT``, ``Pack.label_smoothing``);
 #: the warmup's shape and start factor live in each slot's own schedule.
 SHARED_KEYS = ("model", "width", "epochs", "batch_size", "optimizer", "eval_batch_size",
-               "sync_every_steps")
+               "sync_every_steps", "bf16")
 
 
 def _mismatch(first: TrainSpec, other: TrainSpec) -> str | None:
@@ -52,11 +52,16 @@ def _mismatch(first: TrainSpec, other: TrainSpec) -> str | None:
 
 
 class _Feeder:
-    """``next_job`` with the pack's rule: a job that differs in a shared key ends at once with
-    a ValueError naming the key (reported through ``on_end``) and the next one is asked for."""
+    """``next_job`` with the pack's rule: a job that differs in a shared key, or that resumes a
+    state trained in another precision than the pack's, ends at once with a ValueError saying
+    so (reported through ``on_end``) and the next one is asked for. (The study loop never
+    sends the latter: ``check_resumable`` restarts such a retry from step 0 first.)"""
 
-    def __init__(self, next_job: Callable[[], SlotJob | None], on_end: Callable[[SlotEnd], None]):
+    def __init__(self, next_job: Callable[[], SlotJob | None], on_end: Callable[[SlotEnd], None],
+                 precision: str, cuda: bool):
         self.next_job, self.on_end, self.first = next_job, on_end, None
+        self.requested, self.cuda = precision, cuda
+        self.bf16 = False  # the pack's precision, set by its first job
 
     def __call__(self) -> SlotJob | None:
         while True:
@@ -65,27 +70,29 @@ class _Feeder:
                 return None
             if self.first is None:
                 self.first = job.cfg.train
-            problem = _mismatch(self.first, job.cfg.train)
+                self.bf16 = pack_bf16(self.requested, self.cuda, self.first.bf16)
+            problem = _mismatch(self.first, job.cfg.train) or self._precision_problem(job)
             if problem is None:
                 return job
             self.on_end(SlotEnd(job.key, error=ValueError(problem)))
 
 
-def pack_bf16(precision: str, cuda: bool, allowed: bool, jobs: Sequence[SlotJob]) -> bool:
-    """Whether a pack starting ``jobs`` trains in bf16 autocast. The CPU: never. ``precision``
-    "bf16"/"fp32": as said. "auto": a pack that starts with resumed trials continues in the
-    precision the first of them trained in (recorded in its state), so a retry resumed alone
-    (a pack of one) goes on as it began; otherwise bf16 when 2+ jobs start and ``allowed``
-    (``train.bf16``; measured: one eager model is slower in bf16, a fused pack of 8 faster)."""
+    def _precision_problem(self, job: SlotJob) -> str | None:
+        mine = "bf16" if self.bf16 else "fp32"
+        saved = (job.resume or {}).get("precision", mine)
+        if saved == mine:
+            return None
+        return (f"the job resumes a state trained in {saved} and the pack trains in {mine}; "
+                f"restart it from step 0 or train it in a pack of its own precision")
+
+
+def pack_bf16(precision: str, cuda: bool, bf16: bool) -> bool:
+    """Whether a pack trains in bf16 autocast: never on the CPU; ``precision`` "bf16"/"fp32" as
+    said; "auto": the jobs' ``train.bf16`` (``train.trial_precision``), whatever the pack's
+    size and whoever joins it, so a trial's numerics never depend on how it was scheduled."""
     if not cuda:
         return False
-    if precision != "auto":
-        return precision == "bf16"
-    saved = next((j.resume["precision"] for j in jobs
-                  if j.resume is not None and j.resume.get("precision")), None)
-    if saved is not None:
-        return saved == "bf16"
-    return len(jobs) >= 2 and allowed
+    return bf16 if precision == "auto" else precision == "bf16"
 
 
 def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Splits,
@@ -104,7 +111,9 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     are pack-wide listeners called after every chunk and epoch with pack step/epoch numbers;
     whatever they raise propagates. A BaseException from a slot's listener propagates too;
     StopTraining or another Exception from it ends that slot alone.
-    ``precision``: "auto" (``pack_bf16``), "fp32", "bf16" (CUDA only; the CPU is always fp32). ``graphs``: "auto"/"on" capture the step as a CUDA
+    ``precision``: "auto" (the jobs' ``train.bf16``, ``pack_bf16``), "fp32", "bf16" (CUDA
+    only; the CPU is always fp32); a resumed job trained in another precision is refused (ends
+    with a ValueError). ``graphs``: "auto"/"on" capture the step as a CUDA
     graph on CUDA (eager with a warning if capture fails), "off" eager; the CPU is eager.
     ``compile`` (``train.compile``): True compiles the step and evaluation with torch.compile
     (inductor; on CUDA then captured as a graph), False does not, "auto" is ``train.compiles``'
@@ -126,7 +135,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     began = time.perf_counter()
     stats = stats if stats is not None else PackStats()
     stats.capacity = capacity
-    feed = _Feeder(next_job, on_end)
+    cuda = device.type == "cuda"
+    feed = _Feeder(next_job, on_end, precision, cuda)
     jobs: list[SlotJob] = []
     while len(jobs) < capacity and (job := feed()) is not None:
         jobs.append(job)
@@ -136,9 +146,8 @@ def train_pack(next_job: Callable[[], SlotJob | None], capacity: int, splits: Sp
     problem = fusion_problem(t.model, t.width)
     if problem:
         raise ValueError(f"{problem}; run it unfused")
-    cuda = device.type == "cuda"
-    # decided once for the pack's life (a slot must not change precision when the pack shrinks)
-    bf16 = pack_bf16(precision, cuda, t.bf16, jobs)
+    # decided once for the pack's life, by the jobs' configuration (``pack_bf16``)
+    bf16 = feed.bf16
     stats.precision = "bf16" if bf16 else "fp32"
     if cuda:
         # autotuning picks kernels by timing: not under deterministic algorithms (tests)

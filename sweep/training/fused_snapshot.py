@@ -51,7 +51,7 @@ class PackSnapshot:
         self._model, self._optim, self._optimizer = model, optim, optimizer
         self._names = [name for name, _ in net.named_parameters()]
         self._k, self._template, self._kind, self.clocks = k, template_state, kind, clocks
-        self._precision = precision  # bf16 or fp32: the rule a resumed slot keeps (fused.pack_bf16)
+        self._precision = precision  # bf16 or fp32: its retry resumes only in it (pack_bf16)
 
     def state(self, index: int) -> dict:
         """Slot ``index``'s training state (``sweep.training.checkpoint``'s format), cut from

@@ -120,15 +120,27 @@ def _autocast_for(device: torch.device, bf16: bool):
     return lambda: torch.autocast(device.type, enabled=False)
 
 
+def trial_precision(t, device: torch.device) -> str:
+    """The precision a trial trains in: ``bf16`` (autocast) on CUDA when ``train.bf16`` says
+    so, else ``fp32``; the study's, never the pack's (``train()`` and every fused pack)."""
+    return "bf16" if device.type == "cuda" and t.bf16 else "fp32"
+
+
 def check_resumable(state: Mapping, cfg: TrialConfig, steps_per_epoch: int,
                     device: torch.device) -> None:
     """Raise ValueError (one line) unless ``train(cfg, resume=state)`` (or a pack's slot) can
     continue from ``state``: its counts agree (``check_consistent``) and it restores into
     freshly built objects of ``cfg`` (weights, optimizer, schedule, generator; on the CPU but
     the generator). Called before a resumed trial's earlier steps are replayed into its
-    listeners, so a file that does not fit costs a restart from step 0, never a trial."""
+    listeners, so a file that does not fit costs a restart from step 0, never a trial. A state
+    trained in another precision than the trial's (``trial_precision``) does not fit: going on
+    in it would give the trial numerics its configuration does not ask for."""
     check_consistent(state, steps_per_epoch, cfg.train.epochs)
     t = cfg.train
+    saved, wanted = state.get("precision", "fp32"), trial_precision(t, device)
+    if saved != wanted:
+        raise ValueError(f"its steps ran in {saved}, and the study trains in {wanted} on "
+                         f"{device.type} (train.bf16: {str(t.bf16).lower()})")
     model = build_model(t.model, t.width, cfg.data.num_classes, t.model_args)
     schedule = LRSchedule(cfg.schedule, steps_per_epoch, cfg.train.epochs)
     load_unfused(state, model, build_optimizer(model, cfg), schedule,
@@ -211,7 +223,7 @@ def train(cfg: TrialConfig, splits: Splits, device: torch.device,
         if checkpoint is not None:  # before the listeners: a stop at this epoch's end keeps it
             state = host_state(unfused_state(
                 model, optimizer, schedule, generator, epoch + 1, result.steps, result.history,
-                "bf16" if device.type == "cuda" and t.bf16 else "fp32"))
+                trial_precision(t, device)))
             checkpoint(lambda state=state: state)
         for listener in listeners:
             listener.on_epoch_end(epoch, metrics)
