@@ -1,0 +1,211 @@
+"""The Optuna storage goes away while workers train (issue 32, item 2): the suite's real
+PostgreSQL stopped with ``pg_ctl -m fast`` and started again on the same port and data (a
+maintenance restart, a failover), shorter and longer than the heartbeat grace period; a SQLite
+file held by another process's ``BEGIN EXCLUSIVE`` past the busy timeout. Real ``sweep worker``
+processes; what arrived is counted with SQL on the stores, not through sweep."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from sweep.base.backoff import MAX_WAIT_S
+
+from helpers import PG_PASSWORD, REPO, TINY, sweep_cmd, sweep_env
+
+EPOCHS, BATCH, TRAIN = 6, 10, 150  # 10 steps an epoch: a trial is a few seconds on 2 loaded cores
+STEPS = EPOCHS * TRAIN // BATCH
+SETS = (f"train.epochs={EPOCHS}", f"train.batch_size={BATCH}", f"data.train_size={TRAIN}")
+GRACE_S = 8
+
+
+def _worker(folder: Path, env: dict, storage: str, tracking: str, *sets: str) -> subprocess.Popen:
+    args = [a for s in (*SETS, *sets) for a in ("--set", s)]
+    return subprocess.Popen(
+        sweep_cmd("worker", "--study", str(TINY), "--storage", storage, "--tracking-uri",
+                  tracking, "--trials", "4", "--device", "cpu", "--quiet", *args),
+        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _env(data: Path) -> dict:
+    return dict(sweep_env(data), SWEEP_HEARTBEAT_INTERVAL="1", SWEEP_GRACE_PERIOD=str(GRACE_S))
+
+
+def _pg(folder: str, *args: str) -> None:
+    """``pg_ctl`` on the suite's server, as its owner (scripts/start_postgres.sh)."""
+    binary = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1]
+    subprocess.run(["runuser", "-u", "postgres", "--", str(binary), "-D", f"{folder}/data",
+                    *args], check=True, capture_output=True, timeout=120)
+
+
+def _start_pg(folder: str, port: str) -> None:
+    _pg(folder, "-l", f"{folder}/server.log", "-w", "-t", "60", "-o",
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off "
+        f"-c max_connections=200", "start")
+
+
+def _rows(url: str, sql: str, **params) -> list:
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sqlalchemy.text(sql), params))
+    finally:
+        engine.dispose()
+
+
+def _training_pids(optuna_url: str) -> set:
+    """The pids of workers whose RUNNING trial has reported an epoch and has more to train."""
+    if not _rows(optuna_url, "SELECT to_regclass('trial_intermediate_values')")[0][0]:
+        return set()  # the workers have not created Optuna's tables yet
+    rows = _rows(optuna_url, """
+        SELECT a.value_json FROM trials t
+        JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = 'pid'
+        WHERE t.state = 'RUNNING' AND (SELECT count(*) FROM trial_intermediate_values v
+                                       WHERE v.trial_id = t.trial_id) BETWEEN 1 AND :most""",
+                 most=EPOCHS - 2)
+    return {r[0] for r in rows}
+
+
+def _create_tables(optuna_url: str, mlflow_url: str) -> None:
+    """Both stores' tables, created here once: two processes creating them at once on a fresh
+    PostgreSQL database race in the catalog (a duplicate ``pg_type`` row), a first-launch
+    matter that is not this test's."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    optuna.storages.RDBStorage(optuna_url).engine.dispose()
+    MlflowClient(mlflow_url).search_experiments(max_results=1)
+
+
+def _wait_training(optuna_url: str, workers: list, n: int) -> None:
+    deadline = time.monotonic() + 300
+    while len(_training_pids(optuna_url)) < n:
+        assert all(w.poll() is None for w in workers), [w.communicate()[1][-3000:] for w in workers]
+        assert time.monotonic() < deadline, f"{n} workers never trained at once"
+        time.sleep(0.1)
+
+
+def _check_stores(optuna_url: str, mlflow_url: str) -> None:
+    """Counted in SQL: the budget exact, no trial FAILED or left RUNNING, and every finished
+    trial's MLflow run holds its whole LR curve once (one point per step, steps 0..STEPS-1)."""
+    states = dict(_rows(optuna_url, "SELECT state, count(*) FROM trials GROUP BY state"))
+    assert states == {"COMPLETE": 4}, states
+    curves = _rows(mlflow_url, """
+        SELECT t.value, count(m.step), count(DISTINCT m.step), min(m.step), max(m.step)
+        FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'sweep.trial_number'
+        LEFT JOIN metrics m ON m.run_uuid = r.run_uuid AND m.key = 'lr'
+        WHERE r.status = 'FINISHED' GROUP BY t.value""")
+    assert sorted(int(c[0]) for c in curves) == [0, 1, 2, 3], curves
+    assert all(c[1:] == (STEPS, STEPS, 0, STEPS - 1) for c in curves), curves
+    running = _rows(mlflow_url, """
+        SELECT r.run_uuid, r.name, t.value FROM runs r
+        LEFT JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'sweep.role'
+        WHERE r.status = 'RUNNING'""")
+    assert not running, running
+
+
+def _outages(err: str) -> list[float]:
+    """The lengths the guard's "is back after N s" lines report; one "is away" line each."""
+    backs = [float(s) for s in re.findall(r"Optuna storage \S+ is back after ([0-9.]+) s", err)]
+    assert len(re.findall(r"Optuna storage \S+ is away", err)) == len(backs), err[-3000:]
+    return backs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("down_s", [3, GRACE_S + 6], ids=["within-grace", "past-grace"])
+def test_postgres_restart_while_two_workers_train(postgres_server, _postgres_cluster,
+                                                  tiny_cifar, tmp_path, down_s):
+    optuna_url, mlflow_url = postgres_server
+    folder, port = _postgres_cluster[0], optuna_url.rsplit(":", 1)[1].split("/")[0]
+    env = _env(tiny_cifar)
+    _create_tables(optuna_url, mlflow_url)
+    workers = [_worker(tmp_path, env, optuna_url, mlflow_url),
+               _worker(tmp_path, env, optuna_url, mlflow_url, "train.fuse=2")]
+    try:
+        _wait_training(optuna_url, workers, 2)  # both workers mid-training
+        _pg(folder, "-m", "fast", "-w", "stop")
+        stopped = time.monotonic()
+        try:
+            time.sleep(down_s)  # the outage itself: its length is the scenario
+        finally:
+            _start_pg(folder, port)
+        down = time.monotonic() - stopped
+        outs = [w.communicate(timeout=300) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    for w, (out, err) in zip(workers, outs):
+        assert w.returncode == 0, out[-2000:] + err[-4000:]
+        assert "Traceback" not in err and PG_PASSWORD not in out + err, err[-20000:]
+        lengths = _outages(err)
+        assert lengths and max(lengths) <= down + MAX_WAIT_S, (lengths, down, err[-2000:])
+        print(f"outage {down:.1f} s; the worker saw {lengths}")
+    if down_s > GRACE_S:
+        assert down > GRACE_S  # the workers' heartbeats were older than the grace period
+    _check_stores(optuna_url, mlflow_url)
+    shown = subprocess.run(sweep_cmd("status", "--study", "tiny", "--storage", optuna_url,
+                                     "--tracking-uri", mlflow_url),
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "4/4 trials used" in shown.stdout and "running 0" in shown.stdout
+
+
+_HOLD = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
+conn.execute("BEGIN EXCLUSIVE")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+@pytest.mark.slow
+def test_sqlite_file_locked_past_the_busy_timeout(tiny_cifar, tmp_path):
+    """Another process holds the Optuna SQLite file with ``BEGIN EXCLUSIVE`` for 6 s while the
+    worker trains, with a 1 s busy timeout: the worker's writes wait, then it finishes."""
+    db = tmp_path / "sweep.db"
+    env = dict(_env(tiny_cifar), SWEEP_BUSY_TIMEOUT_S="1")
+    worker = _worker(tmp_path, env, f"sqlite:///{db}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        deadline = time.monotonic() + 300
+        while not _sqlite_training(db):
+            assert worker.poll() is None, worker.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the worker never trained"
+            time.sleep(0.1)
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(db), "6"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        assert holder.wait(timeout=120) == 0
+        out, err = worker.communicate(timeout=300)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, out[-2000:] + err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    assert "database is locked" in err and _outages(err), err[-3000:]
+    with sqlite3.connect(db) as conn:
+        states = dict(conn.execute("SELECT state, count(*) FROM trials GROUP BY state"))
+    assert states == {"COMPLETE": 4}, states
+
+
+def _sqlite_training(db: Path) -> bool:
+    """A RUNNING trial of the SQLite store at ``db`` has reported an epoch and has more to go."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return bool(conn.execute(
+                """SELECT count(*) FROM trials t WHERE t.state = 'RUNNING' AND
+                   (SELECT count(*) FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id)
+                   BETWEEN 1 AND ?""", (EPOCHS - 2,)).fetchone()[0])
+    except sqlite3.Error:  # not created yet
+        return False
