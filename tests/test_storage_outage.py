@@ -130,6 +130,7 @@ def test_postgres_restart_while_two_workers_train(postgres_server, _postgres_clu
                _worker(tmp_path, env, optuna_url, mlflow_url, "train.fuse=2")]
     try:
         _wait_training(optuna_url, workers, 2)  # both workers mid-training
+        affected = _rows(optuna_url, "SELECT count(*) FROM trials WHERE state = 'RUNNING'")[0][0]
         _pg(folder, "-m", "fast", "-w", "stop")
         stopped = time.monotonic()
         try:
@@ -148,7 +149,7 @@ def test_postgres_restart_while_two_workers_train(postgres_server, _postgres_clu
         assert "Traceback" not in err and PG_PASSWORD not in out + err, err[-20000:]
         lengths = _outages(err)
         assert lengths and max(lengths) <= down + MAX_WAIT_S, (lengths, down, err[-2000:])
-        print(f"outage {down:.1f} s; the worker saw {lengths}")
+        print(f"outage {down:.1f} s, {affected} trials training; the worker saw {lengths}")
     if down_s > GRACE_S:
         assert down > GRACE_S  # the workers' heartbeats were older than the grace period
     _check_stores(optuna_url, mlflow_url)
