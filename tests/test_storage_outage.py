@@ -54,8 +54,9 @@ def _start_pg(folder: str, port: str) -> None:
 def _rows(url: str, sql: str, **params) -> list:
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
-        with engine.connect() as conn:
-            return list(conn.execute(sqlalchemy.text(sql), params))
+        with engine.begin() as conn:
+            result = conn.execute(sqlalchemy.text(sql), params)
+            return list(result) if result.returns_rows else []
     finally:
         engine.dispose()
 
@@ -210,3 +211,55 @@ def _sqlite_training(db: Path) -> bool:
                    BETWEEN 1 AND ?""", (EPOCHS - 2,)).fetchone()[0])
     except sqlite3.Error:  # not created yet
         return False
+
+
+@pytest.mark.slow
+def test_no_stale_judgement_right_after_a_restart(postgres_server, _postgres_cluster,
+                                                   monkeypatch):
+    """A worker cut off by a restart does not fail another worker's trial on its first look
+    after it: that trial's heartbeat is old because nobody could beat. Once a grace period has
+    passed since the storage came back, the same trial, still silent, is failed and retried."""
+    import threading
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from sweep.base.stopping import BoundedStop
+    from sweep.loop.reconcile import fail_stale
+    from sweep.stores.storage import open_storage
+
+    optuna_url = postgres_server[0]
+    folder, port = _postgres_cluster[0], optuna_url.rsplit(":", 1)[1].split("/")[0]
+    grace = 3
+    monkeypatch.setenv("SWEEP_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("SWEEP_GRACE_PERIOD", str(grace))
+    storage = open_storage(optuna_url)
+    storage.guard.watch(BoundedStop(), lambda: None)  # a worker's guard: it waits
+    study = optuna.create_study(study_name="stale", storage=storage)
+    other = study.ask()  # another worker's trial, beating until the restart
+    storage.record_heartbeat(other._trial_id)
+    _rows(optuna_url, "UPDATE trial_heartbeats SET heartbeat = heartbeat - interval '1 hour'")
+
+    _pg(folder, "-m", "fast", "-w", "stop")
+    try:
+        waiting = threading.Thread(target=study.get_trials)  # this worker, cut off: it waits
+        waiting.start()
+        while not storage.guard.back_within(grace):  # it has seen the storage go away
+            time.sleep(0.05)
+    finally:
+        _start_pg(folder, port)
+    waiting.join(timeout=120)
+    assert not waiting.is_alive()
+
+    fail_stale(study)  # the first look after the outage: heartbeats are not judged yet
+    assert storage.get_trial(other._trial_id).state == TrialState.RUNNING
+
+    deadline = time.monotonic() + 120
+    while storage.guard.back_within(grace) or storage._server_up_for() < grace:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    fail_stale(study)  # a grace period after the storage came back: it is stale now
+    trials = study.get_trials(deepcopy=False)
+    assert storage.get_trial(other._trial_id).state == TrialState.FAIL
+    assert [t.system_attrs.get("failed_trial") for t in trials if t.state == TrialState.WAITING] \
+        == [other.number]
