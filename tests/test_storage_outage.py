@@ -108,7 +108,8 @@ def _check_stores(optuna_url: str, mlflow_url: str) -> None:
     running = _rows(mlflow_url, """
         SELECT r.run_uuid, r.name, t.value FROM runs r
         LEFT JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'sweep.role'
-        WHERE r.status = 'RUNNING'""")
+        WHERE r.status = 'RUNNING' AND r.lifecycle_stage = 'active'""")  # not the parent a
+    # worker that lost the race to create it deleted (a deleted run keeps its status)
     assert not running, running
 
 
