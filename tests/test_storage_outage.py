@@ -264,3 +264,77 @@ def test_no_stale_judgement_right_after_a_restart(postgres_server, _postgres_clu
     assert storage.get_trial(other._trial_id).state == TrialState.FAIL
     assert [t.system_attrs.get("failed_trial") for t in trials if t.state == TrialState.WAITING] \
         == [other.number]
+
+
+def test_a_permanent_store_error_is_one_line_and_an_unwatched_outage_too(tmp_path, monkeypatch):
+    """Outside a worker's loop (``sweep status``, ``best``...) nothing waits: a file locked past
+    the busy timeout is one line naming the storage; a store error that no wait cures (a table
+    gone) is one line anywhere, never retried."""
+    import optuna
+
+    from sweep.base.stopping import BoundedStop
+    from sweep.errors import StorageError
+    from sweep.stores.storage import open_storage
+
+    monkeypatch.setenv("SWEEP_BUSY_TIMEOUT_S", "0.2")
+    db = tmp_path / "sweep.db"
+    storage = open_storage(f"sqlite:///{db}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(StorageError) as away:
+        trial.set_user_attr("k", 1)
+    holder.execute("COMMIT")
+    assert str(away.value).startswith(f"storage sqlite:///{db} is away (database is locked)")
+    assert "\n" not in str(away.value)
+
+    storage.guard.watch(BoundedStop(), lambda: None)  # a worker's: transient errors would wait
+    holder.execute("DROP TABLE trial_intermediate_values")
+    with pytest.raises(StorageError) as refused:
+        trial.report(0.5, 0)
+    assert str(refused.value).startswith(f"storage sqlite:///{db} refused to report a value: ")
+    assert "no such table" in str(refused.value) and "\n" not in str(refused.value)
+
+
+class _Stopped(BaseException):
+    pass
+
+
+def test_a_stop_during_the_wait_raises_the_stop(tmp_path, monkeypatch):
+    """A worker waiting for a locked SQLite file gets its stop at once (the stop, not the
+    store's error), so it can re-enqueue its trials within ``SWEEP_STOP_S``."""
+    import threading
+    from types import SimpleNamespace
+
+    import optuna
+
+    from sweep.stores.storage import open_storage
+
+    monkeypatch.setenv("SWEEP_BUSY_TIMEOUT_S", "0.2")
+    db = tmp_path / "sweep.db"
+    storage = open_storage(f"sqlite:///{db}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    stop = SimpleNamespace(deadline=None)  # a BoundedStop's view: its deadline once it began
+
+    def interrupt():
+        raise _Stopped()
+
+    storage.guard.watch(stop, interrupt)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    seen = threading.Event()
+    storage.guard._log = lambda line: seen.set()  # the outage line: the write is waiting
+
+    def signal_once_waiting():
+        seen.wait(60)
+        stop.deadline = time.monotonic() + 30
+
+    threading.Thread(target=signal_once_waiting).start()
+    try:
+        with pytest.raises(_Stopped):
+            trial.set_user_attr("k", 1)
+    finally:
+        holder.execute("COMMIT")
+    assert seen.is_set()
