@@ -186,9 +186,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 with storage.engine.connect() as conn:  # WAL persists in the file once set
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             return storage
-        return _ServerStorage(
-            url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
-            guard=guard, **kwargs)
+        connect = {"connect_timeout": 10}
+        if urlsplit(url).scheme.startswith("postgresql"):
+            # A server that vanished in a failover sends no reset: keepalives find the dead
+            # connection (30 + 3 x 10 s), which the guard then waits out, instead of a call
+            # that never returns.
+            connect.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                           keepalives_count=3)
+        return _ServerStorage(url, engine_kwargs={"pool_pre_ping": True, "connect_args": connect},
+                              guard=guard, **kwargs)
     except Exception as err:
         raise _unreachable(url, err) from None
 
