@@ -18,7 +18,7 @@ import sqlalchemy
 
 from sweep.base.backoff import MAX_WAIT_S
 
-from helpers import PG_PASSWORD, REPO, TINY, sweep_cmd, sweep_env
+from helpers import PG_PASSWORD, TINY, sweep_cmd, sweep_env
 
 EPOCHS, BATCH, TRAIN = 6, 10, 150  # 10 steps an epoch: a trial is a few seconds on 2 loaded cores
 STEPS = EPOCHS * TRAIN // BATCH
