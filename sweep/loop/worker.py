@@ -17,6 +17,7 @@ from sweep.loop.reconcile import end_stale_runs, fail_dead_trials
 from sweep.loop.objective import Outcome, WorkerContext, run_trial
 from sweep.loop.pack import run_pack
 from sweep.training.capacity import pack_capacity, trains_as_pack
+from sweep.stores.guard import watch_stop
 from sweep.stores.heartbeat import Heartbeat, keeps_heartbeats
 from sweep.stores.retry import retry_later
 from sweep.base.stopping import BoundedStop, stop_seconds
@@ -98,6 +99,7 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
         ctx.step_clock.start(left, capacity)
     writer = ctx.checkpoints.writer if ctx.checkpoints is not None else None
     guard = SignalGuard(ctx.stop)
+    watch_stop(storage, guard.stop, guard.check)  # the storage away: wait, bounded by the stop
     try:
         _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity, as_pack,
               writer)

@@ -3,6 +3,7 @@ answers, and the client itself (created once per store, under a lock for a fresh
 
 from __future__ import annotations
 
+import logging
 import os
 
 from sweep.base.files import check_writable_file, creation_lock
@@ -84,6 +85,13 @@ def client_uri(uri: str) -> str:
     return parts._replace(query=urlencode({**query, **added})).geturl() if added else uri
 
 
+def _not_handled(record: logging.LogRecord) -> bool:
+    """False for MLflow's traceback of a database error the writer handles: a SQL store that
+    is away (``OperationalError``) becomes ``TEMPORARILY_UNAVAILABLE``, retried, then spooled,
+    and says so in one line; MLflow's logger printed a page per refused call besides."""
+    return not record.getMessage().startswith("SQLAlchemy database error")
+
+
 def connect(uri: str):
     """An ``MlflowClient`` for ``uri`` (checked with ``check_tracking_uri``) that has answered
     one query. Raises TrackingError, one masked line, when the store cannot be used."""
@@ -95,6 +103,7 @@ def connect(uri: str):
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
+    logging.getLogger("mlflow.store.db.utils").addFilter(_not_handled)  # once: a set of filters
     path = sqlite_path(uri)
     try:
         if path is not None:

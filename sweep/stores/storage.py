@@ -1,7 +1,11 @@
 """Optuna storages from a URL, and the masking of credentials in any URL we print.
 
-* ``sqlite:///path.db`` (the embedded default): WAL journal, a 60 s busy timeout and
-  heartbeats, so several local workers never crash on "database is locked".
+* ``sqlite:///path.db`` (the embedded default): WAL journal, a busy timeout
+  (``SWEEP_BUSY_TIMEOUT_S``, 60 s) and heartbeats, so several local workers never crash on
+  "database is locked".
+
+The RDB storages are guarded (``guard.py``): in a worker, a storage that goes away (a server
+restart, a lock held past the busy timeout) is waited for with the project's backoff.
 * ``journal:///path/file.log``: Optuna's JournalStorage on a file (shared file systems).
 * ``postgresql://user:pass@host/db``: the cluster storage (``pip install -e '.[postgres]'`` in the checkout).
 
@@ -22,6 +26,7 @@ import optuna
 from sweep.base.files import check_writable_file, creation_lock, path_lock
 from sweep.base.urls import journal_path, local_file, mask_url, sqlite_path
 from sweep.errors import StorageError
+from sweep.stores.guard import Guarded, StorageGuard
 from sweep.stores.retry import retry_later
 
 DEFAULT_STORAGE = "sqlite:///sweep.db"
@@ -32,7 +37,7 @@ def heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-class _SQLiteStorage(optuna.storages.RDBStorage):
+class _SQLiteStates(optuna.storages.RDBStorage):
     """RDBStorage whose trial state changes are atomic between the processes of a host.
 
     Optuna checks and sets a trial's state in one session with ``SELECT ... FOR UPDATE``; SQLite
@@ -50,6 +55,29 @@ class _SQLiteStorage(optuna.storages.RDBStorage):
     def set_trial_state_values(self, trial_id, state, values=None):
         with path_lock(self._path, "-state"):
             return super().set_trial_state_values(trial_id, state, values)
+
+
+class _SQLiteStorage(Guarded, _SQLiteStates):
+    """The SQLite storage, guarded (``guard``): the file lock is taken by each try, so no
+    process holds it while the guard waits."""
+
+
+class _ServerStorage(Guarded, optuna.storages.RDBStorage):
+    """A database server's storage (PostgreSQL, MySQL), guarded (``guard``)."""
+
+
+def busy_timeout_s() -> float:
+    """How long a SQLite write waits for a lock another process holds before the guard's
+    backoff takes over (``SWEEP_BUSY_TIMEOUT_S``, default 60). Raises StorageError."""
+    text = os.environ.get("SWEEP_BUSY_TIMEOUT_S", "60")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise StorageError(f"SWEEP_BUSY_TIMEOUT_S must be a number of seconds > 0, got {text!r}; "
+                           f"fix or unset it")
+    return value
 
 
 @contextlib.contextmanager
@@ -110,6 +138,7 @@ def check_storage_url(url: str) -> None:
         if path is None:
             raise StorageError(f"storage {url!r}: use sqlite:///PATH.db (a file, so workers share it)")
         check_writable_file(path, "SQLite storage")
+        busy_timeout_s()
     elif scheme.startswith("postgresql") or scheme.startswith("mysql"):
         if not urlsplit(url).hostname and "host=" not in url:
             raise StorageError(f"storage {mask_url(url)!r}: no host; expected "
@@ -146,17 +175,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     kwargs = dict(heartbeat_interval=interval, grace_period=grace,
                   heartbeat_stale_trial_callback=retry_later)
     path = sqlite_path(url)
+    guard = StorageGuard(mask_url(url))
+    timeout = busy_timeout_s() if path is not None else None
     try:
         if path is not None:
             with creation_lock(path):
                 storage = _SQLiteStorage(
-                    path, url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
+                    path, url, engine_kwargs={"connect_args": {"timeout": timeout}},
+                    guard=guard, **kwargs)
                 with storage.engine.connect() as conn:  # WAL persists in the file once set
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             return storage
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}},
-            **kwargs)
+        connect = {"connect_timeout": 10}
+        if urlsplit(url).scheme.startswith("postgresql"):
+            # A server that vanished in a failover sends no reset: keepalives find the dead
+            # connection (30 + 3 x 10 s), which the guard then waits out, instead of a call
+            # that never returns.
+            connect.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                           keepalives_count=3)
+        return _ServerStorage(url, engine_kwargs={"pool_pre_ping": True, "connect_args": connect},
+                              guard=guard, **kwargs)
     except Exception as err:
         raise _unreachable(url, err) from None
 
