@@ -214,3 +214,174 @@ def test_a_retry_the_rule_refuses_takes_its_checkpoint_file_with_it(tmp_path):
     checkpoints.writer.close(time.monotonic() + 30)
     assert not path.exists()
     assert _retries(db) == [0]  # the one it was; none for the refused retry
+
+
+# --- real workers: a stop in a refill's store wait; one slot's tell; an unopenable file --------
+
+def _study(tmp_path: Path, trials: int, epochs: int, fuse: int) -> Path:
+    path = tmp_path / "life.yaml"
+    path.write_text(f"""
+name: life
+seed: 0
+trials: {trials}
+objective: {{metric: val_acc, direction: maximize}}
+sampler: {{type: random}}
+pruner: {{type: none}}
+data: {{train_size: 100, val_size: 40, test_size: 40}}
+train: {{model: resnet8, width: 1, epochs: {epochs}, batch_size: 50, fuse: {fuse}}}
+space:
+  warmup_steps: 0
+  base_lr: {{type: float, low: 0.05, high: 0.4, log: true}}
+  scheduler: {{cosine: {{}}}}
+""")
+    return path
+
+
+def _launch(tmp_path: Path, study: Path, data: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen(sweep_cmd("launch", "--study", str(study), "--quiet"), cwd=tmp_path,
+                            env=dict(sweep_env(data), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+                                     **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, code: int = 0) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return err
+
+
+def _wait_sql(db: Path, proc: subprocess.Popen, query: str, done, timeout: float = 200):
+    """Until ``done(rows)`` holds for ``query`` on ``db`` (read-only; the file may not exist
+    yet); the rows."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            rows = _sql(db, query)
+            if done(rows):
+                return rows
+        except sqlite3.OperationalError:
+            pass  # not created yet, or busy
+        time.sleep(0.05)
+    raise AssertionError(f"never held: {query}")
+
+
+def _attr(db: Path, number: int, key: str):
+    rows = _sql(db, "SELECT a.value_json FROM trial_user_attributes a JOIN trials t ON "
+                    "t.trial_id = a.trial_id WHERE t.number = ? AND a.key = ?", number, key)
+    return rows[0][0] if rows else None
+
+
+@pytest.mark.slow
+def test_a_stop_during_a_refills_wait_for_the_store_leaves_no_trial_running(tmp_path, tiny_cifar):
+    """A pack of 2 with a budget of 3: once both first runs are open, another process holds the
+    MLflow store (``BEGIN EXCLUSIVE``), so the refill's run start waits for it. SIGTERM during
+    that wait (its warning line on stderr is the event): the claimed refill is re-enqueued at
+    once, nothing stays RUNNING, and a second worker finishes the study and exits 0."""
+    import queue
+    import threading
+
+    study, db = _study(tmp_path, trials=3, epochs=4, fuse=2), tmp_path / "sweep.db"
+    first = _launch(tmp_path, study, tiny_cifar, SWEEP_STOP_S="4")
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in first.stderr], daemon=True).start()
+    _wait_sql(db, first, "SELECT count(*) FROM trial_user_attributes WHERE key = 'mlflow_run_id'",
+              lambda rows: rows[0][0] == 2)
+    holder = sqlite3.connect(tmp_path / "mlflow.db", timeout=60, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        deadline = time.monotonic() + 200
+        while True:  # the refill's run start refused: the worker waits for the store
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if "refused trial #2's run start" in line:
+                break
+        assert _attr(db, 2, "pid") == str(first.pid)  # claimed visibly before the wait
+        assert _sql(db, "SELECT count(*) FROM trial_heartbeats h JOIN trials t ON "
+                        "t.trial_id = h.trial_id WHERE t.number = 2") == [(1,)]
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"), (3, "WAITING")]
+    assert _retries(db) == [2]
+    _finish(_launch(tmp_path, study, tiny_cifar))
+    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "COMPLETE"), (1, "COMPLETE"), (2, "FAIL"), (3, "COMPLETE")]
+
+
+@pytest.mark.slow
+def test_one_slots_tell_refused_ends_that_slot_alone(tmp_path, tiny_cifar):
+    """A pack of 4; the Optuna store refuses trial 1's COMPLETE (a SQLite trigger that fails
+    with an OperationalError, "malformed JSON": a real error of the real database, which Optuna
+    raises as StorageInternalError; once, since its retry has another number; not RAISE(),
+    whose IntegrityError Optuna's tell swallows). Trial 1 is re-enqueued with one line and its
+    retry resumes from its checkpoint; the other three COMPLETE."""
+    db = tmp_path / "sweep.db"
+    optuna.storages.RDBStorage(f"sqlite:///{db}")  # the tables, so the trigger can be added
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE UPDATE OF state ON trials WHEN NEW.state = "
+                     "'COMPLETE' AND NEW.number = 1 BEGIN SELECT json('injected fault'); END")
+    err = _finish(_launch(tmp_path, _study(tmp_path, trials=4, epochs=2, fuse=4), tiny_cifar))
+    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE"), (3, "COMPLETE"), (4, "COMPLETE")]
+    assert _retries(db) == [1]
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("trial 1:")]
+    assert line.startswith("trial 1: its tell failed (StorageInternalError: ") and line.endswith(
+        "; re-enqueued")
+    assert _attr(db, 4, "resumed_epochs") == "1"  # its file was kept for it
+    for number in (0, 2, 3):
+        assert _attr(db, number, "checkpoint_epochs") == "1"
+    assert not list((tmp_path / "sweep-checkpoints").glob("*/*.pt"))  # each left with its trial
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_opened_restarts_its_trial_from_step_0(tmp_path, tiny_cifar):
+    """SIGTERM once the trial's first checkpoint is noted; then a directory stands where its
+    file was, and beside it a stale temporary that cannot be removed (a non-empty directory,
+    as another user's file in a sticky /scratch). The retry restarts from step 0 with one line
+    naming the file and the cause, the temporary is one warning, and the trial completes."""
+    study, db = _study(tmp_path, trials=1, epochs=3, fuse=1), tmp_path / "sweep.db"
+    first = _launch(tmp_path, study, tiny_cifar)
+    _wait_sql(db, first, "SELECT count(*) FROM trial_user_attributes WHERE key = "
+                         "'checkpoint_epochs'", lambda rows: rows[0][0] == 1)
+    first.send_signal(signal.SIGTERM)
+    _finish(first, 128 + signal.SIGTERM)
+    (path,) = (tmp_path / "sweep-checkpoints").glob("life-*/trial-0.pt")
+    path.unlink()
+    (path / "inside").mkdir(parents=True)
+    stale = path.parent / ".trial-0.pt.node.1.abc.tmp"
+    (stale / "inside").mkdir(parents=True)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    err = _finish(_launch(tmp_path, study, tiny_cifar))
+    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "FAIL"), (1, "COMPLETE")]
+    assert f"trial 1 (a retry of trial 0): checkpoint {path} cannot be opened (not a regular " \
+           f"file); it restarts from step 0" in err.splitlines()
+    assert [ln for ln in err.splitlines() if ln.startswith(f"warning: stale temporary {stale} ")]
+    assert _attr(db, 1, "resumed_epochs") is None
+    run = _attr(db, 1, "mlflow_run_id").strip('"')
+    with sqlite3.connect(tmp_path / "mlflow.db") as conn:  # every step once, from step 0
+        steps = conn.execute("SELECT step, count(*) FROM metrics WHERE run_uuid = ? AND key = "
+                             "'lr' GROUP BY step", (run,)).fetchall()
+    assert steps == [(step, 1) for step in range(3 * 2)]
+
+
+@pytest.mark.slow
+def test_a_stop_re_enqueues_before_the_checkpoint_flush(tmp_path, tiny_cifar):
+    """A disk so slow that no checkpoint write ends within the stop's bound (each waits 60 s,
+    ``SWEEP_STOP_S`` is 3): SIGTERM once the trial reported an epoch (a write of it waits). The
+    trial is failed and re-enqueued first, so its retry is there although the flush never
+    finished (the flush used to come first, and the bound's timer exited before the retry)."""
+    study, db = _study(tmp_path, trials=1, epochs=20, fuse=1), tmp_path / "sweep.db"
+    first = _launch(tmp_path, study, tiny_cifar, SWEEP_STOP_S="3",
+                    SWEEP_CHECKPOINT_WRITE_DELAY_S="60")
+    _wait_sql(db, first, "SELECT count(*) FROM trial_intermediate_values",
+              lambda rows: rows[0][0] >= 1)
+    first.send_signal(signal.SIGTERM)
+    _finish(first, 128 + signal.SIGTERM)
+    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "FAIL"), (1, "WAITING")]
+    assert _retries(db) == [0]
