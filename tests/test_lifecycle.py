@@ -238,9 +238,13 @@ space:
 
 
 def _launch(tmp_path: Path, study: Path, data: Path, **env) -> subprocess.Popen:
+    """``sweep launch`` of ``study`` in ``tmp_path``; a ``hook`` folder there (a
+    ``sitecustomize.py``) goes first on the worker's path."""
+    base = sweep_env(data)
+    if (tmp_path / "hook").is_dir():
+        base["PYTHONPATH"] = f"{tmp_path / 'hook'}{os.pathsep}{base['PYTHONPATH']}"
     return subprocess.Popen(sweep_cmd("launch", "--study", str(study), "--quiet"), cwd=tmp_path,
-                            env=dict(sweep_env(data), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-                                     **env),
+                            env=dict(base, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -385,3 +389,40 @@ def test_a_stop_re_enqueues_before_the_checkpoint_flush(tmp_path, tiny_cifar):
     assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
         (0, "FAIL"), (1, "WAITING")]
     assert _retries(db) == [0]
+
+
+_PACK_FAULT = '''
+import os
+if os.environ.get("SWEEP_TEST_PACK_FAULT"):  # the whole pack fails once, at its second epoch
+    import sweep.training.fused_pack as fused_pack
+    _run_epoch, _epochs = fused_pack.Pack.run_epoch, []
+
+    def run_epoch(self, guards, pack_step):
+        _epochs.append(pack_step)
+        if len(_epochs) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return _run_epoch(self, guards, pack_step)
+
+    fused_pack.Pack.run_epoch = run_epoch
+'''
+
+
+@pytest.mark.slow
+def test_a_failed_pack_re_enqueues_its_slots_to_resume(tmp_path, tiny_cifar):
+    """The whole pack of 2 fails in its second epoch (a CUDA error, raised by a
+    ``sitecustomize`` on the worker's path): both trials are re-enqueued, not failed, and their
+    retries resume from the checkpoint of the first epoch and complete."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_PACK_FAULT)
+    db = tmp_path / "sweep.db"
+    proc = _launch(tmp_path, _study(tmp_path, trials=2, epochs=3, fuse=2), tiny_cifar,
+                   SWEEP_TEST_PACK_FAULT="1")
+    err = _finish(proc)
+    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "FAIL"), (1, "FAIL"), (2, "COMPLETE"), (3, "COMPLETE")]
+    assert _retries(db) == [0, 1]
+    (line,) = [ln for ln in err.splitlines() if "the pack of 2 trial(s) failed" in ln]
+    assert "RuntimeError: CUDA error" in line
+    for retry in (2, 3):
+        assert _attr(db, retry, "resumed_epochs") == "1"

@@ -178,9 +178,10 @@ class Trials:
         note(trial, "error", why or "interrupted")  # a finished trial takes no more notes
         won, retried = give_up(self.study, trial._trial_id, signalled)
         self._leave(owned, Phase.REENQUEUED)
-        if won and retried and signalled and owned.checkpoint is not None:
-            # A stop: the writes still queued hold the epochs the retry resumes from; they are
-            # the stop's flush (after this, within SWEEP_STOP_S), not the retry's to lose.
+        if won and retried and owned.checkpoint is not None:
+            # The writes still queued hold the epochs the retry resumes from: still this
+            # worker's to finish (a stop's flush, within SWEEP_STOP_S; a retry taken by this
+            # worker waits for them before it reads the file), not the retry's to lose.
             owned.checkpoint.owns = lambda: True
         if won and not retried:
             self._remove_file(owned)  # nobody will resume it
