@@ -28,7 +28,8 @@ from helpers import REPO, sweep_cmd, sweep_env
 from sweep.loop.lifecycle import Outcome, Trials
 from sweep.loop.reconcile import fail_dead_trials
 from sweep.stores.checkpoint_writer import DELAY_ENV, CheckpointWriter
-from sweep.stores.checkpoints import TMP_IDLE_S, CheckpointDir, stale_temporaries
+from sweep.stores.checkpoints import (TMP_IDLE_S, CheckpointDir, stale_temporaries,
+                                      storage_key)
 from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY
 from sweep.stores.storage import open_storage
 
@@ -342,19 +343,32 @@ def test_one_slots_tell_refused_ends_that_slot_alone(tmp_path, tiny_cifar):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_that_cannot_be_opened_restarts_its_trial_from_step_0(tmp_path, tiny_cifar):
-    """SIGTERM once the trial's first checkpoint is noted; then a directory stands where its
-    file was, and beside it a stale temporary that cannot be removed (a non-empty directory,
-    as another user's file in a sticky /scratch). The retry restarts from step 0 with one line
-    naming the file and the cause, the temporary is one warning, and the trial completes."""
+def test_a_stop_re_enqueues_first_and_an_unopenable_checkpoint_restarts_from_step_0(
+        tmp_path, tiny_cifar):
+    """A disk so slow that no checkpoint write ends within the stop's bound (each waits 60 s,
+    ``SWEEP_STOP_S`` is 3): SIGTERM once the trial reported an epoch (a write of it waits). The
+    trial is failed and re-enqueued first, so its retry is there although the flush never
+    finished (the flush used to come first, and the bound's timer exited before the retry).
+
+    Then a directory stands where its file would be, and beside it a stale temporary that
+    cannot be removed (a non-empty directory, as another user's file in a sticky /scratch).
+    The retry restarts from step 0 with one line naming the file and the cause, the temporary
+    is one warning, and the trial completes."""
     study, db = _study(tmp_path, trials=1, epochs=3, fuse=1), tmp_path / "sweep.db"
-    first = _launch(tmp_path, study, tiny_cifar)
-    _wait_sql(db, first, "SELECT count(*) FROM trial_user_attributes WHERE key = "
-                         "'checkpoint_epochs'", lambda rows: rows[0][0] == 1)
+    first = _launch(tmp_path, study, tiny_cifar, SWEEP_STOP_S="3",
+                    SWEEP_CHECKPOINT_WRITE_DELAY_S="60")
+    _wait_sql(db, first, "SELECT count(*) FROM trial_intermediate_values",
+              lambda rows: rows[0][0] >= 1)
     first.send_signal(signal.SIGTERM)
     _finish(first, 128 + signal.SIGTERM)
-    (path,) = (tmp_path / "sweep-checkpoints").glob("life-*/trial-0.pt")
-    path.unlink()
+    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
+        (0, "FAIL"), (1, "WAITING")]
+    assert _retries(db) == [0]
+
+    url = f"sqlite:///{db}"
+    path = CheckpointDir(tmp_path / "sweep-checkpoints", "", "cpu", storage_key(url)).path(
+        optuna.load_study(study_name="life", storage=url), 0)
+    assert not path.exists()  # never written: the disk was slower than the stop
     (path / "inside").mkdir(parents=True)
     stale = path.parent / ".trial-0.pt.node.1.abc.tmp"
     (stale / "inside").mkdir(parents=True)
@@ -371,24 +385,6 @@ def test_a_checkpoint_that_cannot_be_opened_restarts_its_trial_from_step_0(tmp_p
         steps = conn.execute("SELECT step, count(*) FROM metrics WHERE run_uuid = ? AND key = "
                              "'lr' GROUP BY step", (run,)).fetchall()
     assert steps == [(step, 1) for step in range(3 * 2)]
-
-
-@pytest.mark.slow
-def test_a_stop_re_enqueues_before_the_checkpoint_flush(tmp_path, tiny_cifar):
-    """A disk so slow that no checkpoint write ends within the stop's bound (each waits 60 s,
-    ``SWEEP_STOP_S`` is 3): SIGTERM once the trial reported an epoch (a write of it waits). The
-    trial is failed and re-enqueued first, so its retry is there although the flush never
-    finished (the flush used to come first, and the bound's timer exited before the retry)."""
-    study, db = _study(tmp_path, trials=1, epochs=20, fuse=1), tmp_path / "sweep.db"
-    first = _launch(tmp_path, study, tiny_cifar, SWEEP_STOP_S="3",
-                    SWEEP_CHECKPOINT_WRITE_DELAY_S="60")
-    _wait_sql(db, first, "SELECT count(*) FROM trial_intermediate_values",
-              lambda rows: rows[0][0] >= 1)
-    first.send_signal(signal.SIGTERM)
-    _finish(first, 128 + signal.SIGTERM)
-    assert _sql(db, "SELECT number, state FROM trials ORDER BY number") == [
-        (0, "FAIL"), (1, "WAITING")]
-    assert _retries(db) == [0]
 
 
 _PACK_FAULT = '''
