@@ -104,6 +104,27 @@ def wait_epochs(db: Path, proc: subprocess.Popen, epochs: int, timeout: float = 
     raise AssertionError(f"no trial reached epoch {epochs}")
 
 
+def wait_noted(db: Path, proc: subprocess.Popen, epochs: int, trials: int,
+               timeout: float = 200) -> None:
+    """Until ``trials`` RUNNING trials have noted a checkpoint of ``epochs`` epochs or more:
+    the note the checkpoint writer records after the file, so the file is there (waiting for
+    the reported epochs instead raced the writer on a loaded machine)."""
+    query = ("SELECT a.value_json FROM trial_user_attributes a JOIN trials t ON "
+             "t.trial_id = a.trial_id WHERE t.state = 'RUNNING' AND a.key = 'checkpoint_epochs'")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                noted = [int(v) for (v,) in conn.execute(query).fetchall()]
+            if len(noted) == trials and min(noted) >= epochs:
+                return
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no {trials} trials noted a checkpoint of {epochs} epochs")
+
+
 def checkpoints_of(folder: Path) -> Path:
     """The study's checkpoint folder: ``sweep-checkpoints/resume-HASH`` (one study per test)."""
     (found,) = (folder / "sweep-checkpoints").glob("resume-*")
@@ -153,9 +174,9 @@ CUSTOM_MODEL = ("train.model=examples.tiny_cnn:build_net", "train.model_args={ch
                          ids=["fuse1", "fuse2", "custom-model"])
 def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data, study_file, fuse,
                                                                  sets):
-    """On a slow disk (every write delayed longer than an epoch): the stop waits for the
-    checkpoints still pending, the retries resume from them exactly, and the pack's training
-    thread never waited for a write."""
+    """On a slow disk (every write delayed longer than an epoch): the stop re-enqueues the
+    trials, then waits for the checkpoints still pending; the retries resume from them exactly,
+    and the pack's training thread never waited for a write."""
     ref = start(tmp_path / "ref", data, study_file, fuse, trials=fuse, sets=sets)  # alongside
     cut_dir = tmp_path / "cut"
     cut = start(cut_dir, data, study_file, fuse, trials=fuse, write_delay=SLOW_DISK_S, sets=sets)
@@ -173,14 +194,14 @@ def test_sigterm_mid_epoch_then_relaunch_resumes_bit_identically(tmp_path, data,
     for number, epochs in saved.items():
         path = checkpoints_of(cut_dir) / f"trial-{number}.pt"
         payload = torch.load(path, weights_only=True)
-        # the checkpoint of every epoch the trial reported, and its note: the stop waited for
-        # the write still pending at the signal (it ended after the signal)
-        assert payload["state"]["epochs"] == epochs == study.trials[number].user_attrs[
-            "checkpoint_epochs"]
+        # the checkpoint of every epoch the trial reported: the stop's flush wrote the write
+        # still pending at the signal (it ended after the signal). The flush comes after the
+        # trial was failed and re-enqueued, so its note may lag the file (a failed trial takes
+        # no more notes); a retry trusts a file ahead of its note, never one behind it.
+        assert payload["state"]["epochs"] == epochs
+        assert study.trials[number].user_attrs.get("checkpoint_epochs", 0) <= epochs
         assert path.stat().st_mtime > signalled
-    from sweep.commands.status import status_text
-
-    assert f"{fuse} waiting trial(s) resume from a checkpoint" in status_text(study, None, None)
+    assert [t.state for t in study.trials[fuse:]] == [TrialState.WAITING] * fuse
 
     out, err = finish(start(cut_dir, data, study_file, fuse, trials=fuse,
                             write_delay=SLOW_DISK_S, sets=sets))
@@ -217,7 +238,7 @@ def test_sigkill_resumes_from_the_last_saved_epoch_and_a_truncated_file_restarts
     checkpoint written at the last epoch end before the kill; the other's file is truncated, so
     it restarts from step 0 after one clear line. The two share a pack, at different epochs."""
     cut = start(tmp_path, data, study_file, fuse=2, trials=2)
-    wait_epochs(tmp_path / "sweep.db", cut, 2)
+    wait_noted(tmp_path / "sweep.db", cut, 2, trials=2)
     cut.kill()
     cut.communicate(timeout=60)
     folder = checkpoints_of(tmp_path)

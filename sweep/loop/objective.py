@@ -4,9 +4,10 @@
 stop or exception -> outcome, run ended) are the two halves every trial goes through, alone
 (``run_trial``) or as a slot of a fused pack (``sweep.loop.pack``).
 
-The MLflow run of a trial always ends: FINISHED (complete), KILLED (pruned, diverged or
-interrupted) or FAILED (the trial raised). Nothing here decides the study loop; see
-``sweep.loop.worker``.
+The MLflow run of a trial always ends: FINISHED (complete), KILLED (pruned, diverged,
+interrupted or re-enqueued) or FAILED (the trial raised). What happens to the Optuna trial
+around these two halves (claimed, told or re-enqueued once, its checkpoint file): ``lifecycle``;
+the study loop: ``worker``.
 """
 
 from __future__ import annotations
@@ -32,20 +33,11 @@ from sweep.stores.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckp
 from sweep.stores.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
 from sweep.base.urls import mask_url
 from sweep.errors import CredentialsRefused
+from sweep.loop.lifecycle import Outcome, note
 from sweep.record import CODE_VERSION, REASON, RUN_END_BY, STATE, Tracker, TrialRun
 from sweep.training.train import StopTraining, TrainResult, train
 
 import torch
-
-
-def note(trial: optuna.Trial, key: str, value) -> None:
-    """``trial.set_user_attr`` that tolerates a trial another worker already failed: this worker
-    stalled past the heartbeat grace period and its trial was failed and re-enqueued meanwhile.
-    The trial's run still ends and ``tell`` ignores it (``worker._tell``); the worker goes on."""
-    try:
-        trial.set_user_attr(key, value)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
 
 
 class PruningListener:
@@ -87,14 +79,6 @@ class WorkerContext:
     # A listener of every step the worker trains (``cost.StepClock``: the launch's cost line),
     # told the pack size by the worker (``start``); None: no one is timing.
     step_clock: object | None = None
-
-
-@dataclass
-class Outcome:
-    state: optuna.trial.TrialState
-    value: float | None = None
-    run_id: str = ""
-    detail: str = ""
 
 
 @dataclass
@@ -161,8 +145,8 @@ def start_trial(trial: optuna.Trial, ctx: WorkerContext, tags: Mapping[str, obje
         message = mask_url(f"could not start the trial's MLflow run: {type(err).__name__}: {detail}")
         note(trial, "error", message)
         return Outcome(optuna.trial.TrialState.FAIL, detail=message)
-    for key, value in (("seed", cfg.seed), ("mlflow_run_id", run.run_id),
-                       ("host", socket.gethostname()), ("pid", os.getpid()), *model.items()):
+    # host and pid are the claim's notes (``lifecycle.Trials.claim``), written before any wait
+    for key, value in (("seed", cfg.seed), ("mlflow_run_id", run.run_id), *model.items()):
         note(trial, key, value)
     listeners = [run, DivergenceMonitor(spec.divergence, cfg.schedule.warmup_steps, steps_per_epoch,
                                            num_classes=cfg.data.num_classes),
@@ -193,16 +177,22 @@ def _resumed(started: StartedTrial) -> StartedTrial | Outcome:
                                    if lst is not started.checkpoint.record])
     except StopTraining as stop:
         return end_trial(started, stop=stop)
+    except Exception as err:  # a store refusing the replay: the caller re-enqueues the trial
+        end_trial(started, error=err, background=True, requeued=True)
+        raise
     return started
 
 
 def end_trial(started: StartedTrial, result: TrainResult | None = None,
               stop: StopTraining | None = None, error: BaseException | None = None,
-              tags: Mapping[str, object] | None = None, background: bool = False) -> Outcome:
+              tags: Mapping[str, object] | None = None, background: bool = False,
+              requeued: bool = False) -> Outcome:
     """Record how the trial ended (exactly one of ``result``, ``stop``, ``error``) in its
     Optuna user attributes and its MLflow run, and end the run: FINISHED (complete), KILLED
-    (pruned, diverged or interrupted: ``error`` not an ``Exception``) or FAILED. Returns the
-    outcome to tell Optuna. With ``background`` (every trial of the study loop) the run is ended
+    (pruned, diverged, interrupted: ``error`` not an ``Exception``, or ``requeued``: the worker
+    re-enqueues it, e.g. its pack failed) or FAILED. Returns the outcome to tell Optuna (the
+    caller tells it, or re-enqueues the trial: ``lifecycle.Trials``; the checkpoint file goes
+    after the tell). With ``background`` (every trial of the study loop) the run is ended
     by the tracker's one writer thread once its points are stored (tags, status; the LR-curve
     figure after): the caller tells Optuna at once, since everything the run will hold is
     queued by then; a store that refuses is retried, then spooled (``metric_writer``)."""
@@ -212,11 +202,6 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
         note(trial, RUN_END_BY, run.end_by())
     if started.progress is not None:
         started.progress.close()
-    interrupted = error is not None and not isinstance(error, Exception)
-    if started.checkpoint is not None and not interrupted:
-        # the trial is done (an interrupted one's retry needs its file): removed by the writer,
-        # after any write of it still pending
-        started.checkpoint.remove_after(started.writer)
     if stop is not None:
         # prune_reason/prune_step/prune_epoch, and the listener's detail: prune_pruner and
         # prune_value (an ordinary prune), prune_loss and prune_cause (divergence).
@@ -231,14 +216,15 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
     if error is not None or result is None:  # interruption, or a bug/OOM in the trial
         err = error if error is not None else RuntimeError("the trial ended without a result")
         interrupted = not isinstance(err, Exception)
+        killed = interrupted or requeued  # not the trial's doing: its retry goes on
         message = mask_url(f"{type(err).__name__}: {err}".strip())[:2000]
         note(trial, "error", "interrupted" if interrupted else message)
         trace = "" if interrupted else "".join(traceback.format_exception(err))[-4000:]
         try:
-            run.finish("KILLED" if interrupted else "FAILED",
+            run.finish("KILLED" if killed else "FAILED",
                        {STATE: "FAIL", "sweep.error": "interrupted" if interrupted else message,
                         "sweep.traceback": trace, **extra},
-                       curve_png=not interrupted, background=background)
+                       curve_png=not killed, background=background)
         except Exception:
             pass  # the store failing too must not hide the trial's own error
         return Outcome(optuna.trial.TrialState.FAIL, run_id=run.run_id,
@@ -259,12 +245,17 @@ def end_trial(started: StartedTrial, result: TrainResult | None = None,
     return Outcome(optuna.trial.TrialState.COMPLETE, value, run.run_id)
 
 
-def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None) -> Outcome:
-    """Train one trial; returns its outcome. Re-raises only interruptions (BaseException),
-    which the optional ``interrupt`` listener raises from the training loop."""
+def run_trial(trial: optuna.Trial, ctx: WorkerContext, interrupt=None,
+              on_started: Callable[[StartedTrial], None] | None = None) -> Outcome:
+    """Train one trial; returns its outcome (to be told). Re-raises interruptions
+    (BaseException), which the optional ``interrupt`` listener raises from the training loop,
+    and an error of its start or end (its replay, a store refusing a note: the caller
+    re-enqueues it, ``lifecycle``). ``on_started`` hears the trial once its run is open."""
     started = start_trial(trial, ctx, interrupt=interrupt)
     if isinstance(started, Outcome):
         return started
+    if on_started is not None:
+        on_started(started)
     listeners = started.listeners
     if ctx.step_clock is not None:
         listeners = [*listeners, ctx.step_clock]

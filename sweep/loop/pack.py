@@ -6,8 +6,14 @@ one (``objective.start_trial`` / ``objective.end_trial``): its own Optuna trial 
 intermediate values through the same ``PruningListener``, user attributes), its own nested MLflow
 run (per-step ``lr`` and ``train_loss``, per-epoch ``val_loss``/``val_acc``, ``test_acc``, the
 LR-curve figure) and its own ``DivergenceMonitor``. The worker (``worker.run_worker``) owns the
-rest of the study loop: asking trials within the budget, heartbeats, signals and telling Optuna;
-this module only fills slots, tags them and ends them.
+rest of the study loop: asking trials within the budget and signals; each trial's one outcome
+(heartbeat, told or re-enqueued, its checkpoint file) is ``lifecycle.Trials``'; this module
+fills slots, tags them and ends them.
+
+One slot, one fate: an error in one slot's start, end, tell, checkpoint or replay ends that slot
+alone (re-enqueued under the retry rule, one line); the others train on. A failure of the whole
+pack (a CUDA error, out of memory) re-enqueues every live slot to resume from its last
+checkpoint, and no checkpoint of a live or re-enqueued trial is removed.
 
 Tags on each slot's run: ``sweep.pack`` (an id shared by the trials of one pack),
 ``sweep.slot`` (the seat it took, 0..K-1; a seat freed by a pruned trial is taken by the next
@@ -31,9 +37,10 @@ from typing import Callable
 
 import optuna
 
-from sweep.loop.objective import Outcome, StartedTrial, WorkerContext, end_trial, note, start_trial
+from sweep.base.text import first_line
+from sweep.loop.lifecycle import Outcome, Phase, Trials
+from sweep.loop.objective import StartedTrial, WorkerContext, end_trial, start_trial
 from sweep.loop.pack_times import split_time
-from sweep.base.urls import mask_url
 from sweep.errors import CredentialsRefused
 from sweep.training.fused import PackStats, SlotEnd, SlotJob, train_pack
 
@@ -50,18 +57,15 @@ class _Seated:
 
 
 def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: WorkerContext,
-             capacity: int, guard, began: Callable[[optuna.Trial], None],
-             settle: Callable[[optuna.Trial, Outcome], None]) -> PackStats | None:
-    """Train ``first`` and further trials from ``ask()`` (None: no more within the budget) as
-    one pack of up to ``capacity`` slots, until no slot is live.
+             capacity: int, guard, trials: Trials) -> PackStats | None:
+    """Train ``first`` and further trials from ``ask()`` (None: no more within the budget; each
+    trial claimed by ``trials``) as one pack of up to ``capacity`` slots, until no slot is live.
 
-    The worker hears of each trial twice: ``began(trial)`` once its run is open (it beats the
-    trial's heartbeat from then on) and ``settle(trial, outcome)`` once it has ended (it tells
-    Optuna; the trial's run is already ended or queued to be). An interruption raised by
-    ``guard`` ends every live slot's run as KILLED and propagates: the trials that got
-    ``began`` and no ``settle`` are the worker's to fail and re-enqueue. Any other exception
-    out of the pack fails every live slot with it; returns None then, else the pack's
-    ``PackStats``."""
+    Each slot's outcome goes to ``trials`` (told, or re-enqueued when its own start, end, tell
+    or checkpoint failed). An interruption raised by ``guard`` ends every live slot's run as
+    KILLED and propagates: the trials still owned are the worker's to re-enqueue. Any other
+    exception out of the pack re-enqueues every trial it owns (the live slots resume from
+    their last checkpoints); returns None then, else the pack's ``PackStats``."""
     pack_id = uuid.uuid4().hex[:12]
     stats = PackStats()
     waiting = [first]
@@ -87,12 +91,14 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
                 started = timed("start_trial", start_trial, trial, ctx, row=1 + seat,
                                 tags={"sweep.pack": pack_id, "sweep.slot": seat}, interrupt=guard)
             except CredentialsRefused:
-                began(trial)  # the worker retries it with the live slots, and stops
-                raise
-            if isinstance(started, Outcome):  # its run could not be opened: it fails alone
-                settle(trial, started)
+                raise  # the worker re-enqueues every trial it owns, as at a stop, and stops
+            except Exception as err:  # its replay, a store refusing a note: this slot alone
+                trials.requeue(trial, why=f"its start failed ({first_line(err, typed=True)})")
                 continue
-            began(trial)
+            if isinstance(started, Outcome):  # its run could not be opened: it fails alone
+                timed("tell", trials.tell, trial, started)
+                continue
+            trials.move(trial, Phase.TRAINING, started.checkpoint)
             free.remove(seat)
             slot = _Seated(started, seat, {trial.number})
             for other in live.values():
@@ -106,13 +112,22 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
     def ended(slot: _Seated, **how) -> Outcome:
         live.pop(slot.trial.number, None)
         free.append(slot.seat)
+        trials.move(slot.trial, Phase.ENDING)
         return end_trial(slot.started, background=True, **how,
                          tags={"sweep.pack_trials": ",".join(map(str, sorted(slot.peers)))})
 
-    def on_end(end: SlotEnd) -> None:
+    def on_end(end: SlotEnd) -> None:  # never raises: one slot's error is that slot's alone
         slot = end.key
-        outcome = ended(slot, result=end.result, stop=end.stop, error=end.error)
-        timed("tell", settle, slot.trial, outcome)
+        try:
+            outcome = ended(slot, result=end.result, stop=end.stop, error=end.error,
+                            requeued=end.requeue)
+        except Exception as err:
+            trials.requeue(slot.trial, why=f"its end failed ({first_line(err, typed=True)})")
+            return
+        if end.requeue:
+            trials.requeue(slot.trial, why=f"its {first_line(end.error)}")
+            return
+        timed("tell", trials.tell, slot.trial, outcome)
 
     t = ctx.spec.train
     try:
@@ -127,13 +142,16 @@ def run_pack(first: optuna.Trial, ask: Callable[[], optuna.Trial | None], ctx: W
         # credentials refused at a slot's run start: every slot's trial is retried, as at a stop
         interrupted = not isinstance(err, Exception) or isinstance(err, CredentialsRefused)
         for slot in list(live.values()):
-            outcome = ended(slot, error=err)
-            if not interrupted:
-                settle(slot.trial, outcome)
+            try:  # killed, not failed: the retry resumes from the slot's last checkpoint
+                ended(slot, error=err, requeued=True)
+            except Exception:
+                pass  # the store is away too: the run is reconciled once its trial is failed
         if interrupted:
             raise
-        for trial in waiting:  # the pack failed before its first slot was filled
-            message = mask_url(f"{type(err).__name__}: {err}")[:2000]
-            note(trial, "error", message)
-            settle(trial, Outcome(optuna.trial.TrialState.FAIL, detail=message))
+        owned = trials.owned()
+        if owned:
+            trials.log(f"warning: the pack of {len(owned)} trial(s) failed "
+                       f"({first_line(err, typed=True)}); each is re-enqueued under the retry "
+                       f"rule, to resume from its last checkpoint")
+        trials.requeue_all(signalled=False, why="its pack failed")
         return None

@@ -30,7 +30,8 @@ from sweep.loop.budget import FINISHED
 from sweep.record import end_stale_run
 from sweep.record import pending
 from sweep.record import RUN_END_BY, Tracker
-from sweep.stores.retry import retry_later
+from sweep.stores.checkpoints import original_number
+from sweep.stores.retry import FAILED_TRIAL, retry_later
 
 
 # --- failed and dead trials -------------------------------------------------------------------
@@ -66,11 +67,13 @@ def worker_gone(t, host: str | None = None, me: int | None = None) -> bool:
             and not _pid_alive(pid))
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
+def fail_dead_trials(study: optuna.Study, checkpoints=None) -> list[int]:
     """Fail RUNNING trials whose worker is gone; returns their numbers.
 
     Stale heartbeats (RDB storages) go through Optuna, which also re-enqueues them; trials run by
     a dead process on this host are failed and re-enqueued here (works for every storage).
+    ``checkpoints`` (the worker's ``CheckpointDir``): the file of a failed trial the retry rule
+    refused (a retry that made no progress) leaves with it, nobody resumes it.
     """
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if not before:
@@ -92,7 +95,21 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
                     failed.append(t.number)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another worker got there first
+    if checkpoints is not None and failed:
+        _drop_unretried_files(study, failed, checkpoints)
     return failed
+
+
+def _drop_unretried_files(study: optuna.Study, numbers: list[int], checkpoints) -> None:
+    """Remove the checkpoint files of the FAIL trials ``numbers`` that have no retry."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get(FAILED_TRIAL) for t in trials}
+    by_number = {t.number: t for t in trials}
+    for number in numbers:
+        t = by_number.get(number)
+        if t is not None and t.state == TrialState.FAIL and number not in retried:
+            checkpoints.writer.remove(checkpoints.path(study, original_number(t.system_attrs,
+                                                                              number)))
 
 
 # --- MLflow runs left RUNNING -----------------------------------------------------------------

@@ -14,13 +14,14 @@ from optuna.trial import TrialState
 
 from sweep.loop.budget import DONE, RUN, next_step, open_slots, over_budget
 from sweep.loop.reconcile import end_stale_runs, fail_dead_trials
-from sweep.loop.objective import Outcome, WorkerContext, run_trial
+from sweep.loop.lifecycle import Outcome, Phase, Trials
+from sweep.loop.objective import WorkerContext, run_trial
 from sweep.loop.pack import run_pack
 from sweep.training.capacity import pack_capacity, trains_as_pack
 from sweep.stores.guard import watch_stop
-from sweep.stores.heartbeat import Heartbeat, keeps_heartbeats
-from sweep.stores.retry import retry_later
+from sweep.stores.heartbeat import keeps_heartbeats
 from sweep.base.stopping import BoundedStop, stop_seconds
+from sweep.base.text import first_line
 from sweep.errors import CredentialsRefused
 from sweep.study.phases import SEARCH
 
@@ -90,7 +91,6 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
     re-enqueued retry must still be run by someone.
     """
     report = WorkerReport()
-    storage = study._storage
     end_stale_runs(study, ctx.tracker, ctx.experiment_id)
     left = open_slots(study.get_trials(deepcopy=False), budget, phase)
     capacity = pack_capacity(ctx.spec.train, ctx.device, left)
@@ -99,17 +99,18 @@ def run_worker(study: optuna.Study, ctx: WorkerContext, budget: int, on_trial=No
         ctx.step_clock.start(left, capacity)
     writer = ctx.checkpoints.writer if ctx.checkpoints is not None else None
     guard = SignalGuard(ctx.stop)
-    watch_stop(storage, guard.stop, guard.check)  # the storage away: wait, bounded by the stop
+    watch_stop(study._storage, guard.stop, guard.check)  # the storage away: wait, bounded by the stop
     try:
-        _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity, as_pack,
-              writer)
+        _loop(study, ctx, budget, on_trial, phase, report, guard, capacity, as_pack)
     except BaseException:
         # Any exception leaving the worker: the same bound as a stop for what is queued.
         deadline = time.monotonic() + stop_seconds()
         _close_checkpoints(writer, deadline)
         ctx.tracker.settle_by(deadline)
         raise
-    if guard.stop.deadline is not None:  # a stop: checkpoints and the record, within the bound
+    if guard.stop.deadline is not None:
+        # a stop: the trials are re-enqueued or told already (``_loop``); the checkpoint flush
+        # and the record's then share what is left of the bound
         _close_checkpoints(writer, guard.stop.deadline)
         ctx.tracker.settle_by(guard.stop.deadline)
         return report  # stale runs: the next launch or `sweep status --repair`
@@ -130,96 +131,89 @@ def _close_checkpoints(writer, deadline: float) -> None:
         writer.close(deadline)
 
 
-def _loop(study, ctx, budget, on_trial, phase, report, guard, storage, capacity,
-          as_pack, writer) -> None:
-    """``run_worker``'s ask -> run -> tell loop, under the signal guard."""
+def _loop(study, ctx, budget, on_trial, phase, report, guard, capacity, as_pack) -> None:
+    """``run_worker``'s ask -> run -> tell loop, under the signal guard; each trial's one
+    outcome is ``lifecycle.Trials``'."""
+    def heard(t, outcome: Outcome) -> None:
+        report.ran.append(outcome)
+        if on_trial is not None:
+            on_trial(t.number, outcome)
+
+    trials = Trials(study, ctx.checkpoints, on_outcome=heard)
     with guard:
-        while (trial := _ask(study, ctx, budget, guard, True, phase)) is not None:
-            live = {trial._trial_id: trial}  # began, not yet told
-            heartbeat = Heartbeat(storage, trial._trial_id)
-
-            def began(t):
-                live[t._trial_id] = t
-                heartbeat.add(t._trial_id)
-
-            def settle(t, outcome):
-                heartbeat.discard(t._trial_id)
-                live.pop(t._trial_id, None)
-                if outcome.state == TrialState.COMPLETE:
-                    _tell(study, t, outcome.value)
-                else:
-                    _tell(study, t, state=outcome.state)
-                report.ran.append(outcome)
-                if on_trial is not None:
-                    on_trial(t.number, outcome)
-
-            try:
-                if as_pack:
-                    stats = run_pack(trial, lambda: _ask(study, ctx, budget, guard, False, phase),
-                                     ctx, capacity, guard, began, settle)
-                    report.packs.append(stats)
-                else:
-                    settle(trial, run_trial(trial, ctx, guard))
-            except Interrupted as sig:
-                heartbeat.stop()
-                _retry_live(study, ctx, live, writer, guard)
-                report.interrupted_by = sig.signum
-                break
-            except CredentialsRefused:
-                # The store refuses this process's credentials: every later trial would fail
-                # its run start. The live trials are retried like a stop's (budget untouched)
-                # and the worker stops with the one line (exit status 6).
-                heartbeat.stop()
-                _retry_live(study, ctx, live, writer, guard)
-                raise
-            finally:
-                heartbeat.stop()
+        try:
+            while (trial := _ask(study, ctx, budget, guard, True, phase, trials)) is not None:
+                try:
+                    if as_pack:
+                        stats = run_pack(trial, lambda: _ask(study, ctx, budget, guard, False,
+                                                             phase, trials),
+                                         ctx, capacity, guard, trials)
+                        report.packs.append(stats)
+                    else:
+                        _run_one(trial, ctx, guard, trials)
+                except Interrupted as sig:
+                    # First, before anything that can take long: every trial this worker owns
+                    # is re-enqueued (its run was ended KILLED on the way out)
+                    trials.requeue_all(signalled=True)
+                    report.interrupted_by = sig.signum
+                    break
+                except CredentialsRefused:
+                    # The store refuses this process's credentials: every later trial would fail
+                    # its run start. The owned trials are retried as at a stop (not their doing:
+                    # the budget untouched) and the worker stops with the one line (exit 6).
+                    trials.requeue_all(signalled=True)
+                    raise
+        except BaseException as err:
+            trials.requeue_all(signalled=False, why=f"its worker failed "
+                                                    f"({first_line(err, typed=True)})")
+            raise
+        finally:
+            trials.close()
         if guard.signum is not None and report.interrupted_by is None:
             report.interrupted_by = guard.signum
 
 
-def _retry_live(study: optuna.Study, ctx: WorkerContext, live: dict, writer,
-                guard: SignalGuard) -> None:
-    """Fail the trials this worker began and has not told (``live``), each re-enqueued first
-    (``retry.retry_later``, as for a signal: not the trial's doing), after the checkpoints
-    their retries load are written, within the stop bound."""
-    if writer is not None:
-        # the files the retries load, and the notes retry_later reads: written first, within
-        # the stop bound (an exception, not a signal: the same bound)
-        writer.flush(guard.stop.deadline or time.monotonic() + stop_seconds())
-    for t in live.values():  # their runs are ended KILLED; the trials retried
-        # Enqueue first, tell second: a second Ctrl-C in between must not leave a FAIL
-        # without a retry (see retry.py).
-        frozen = study._storage.get_trial(t._trial_id)
-        if not retry_later(study, frozen, signalled=True) and ctx.checkpoints is not None:
-            ctx.checkpoints.discard(study, frozen)  # no retry: nobody will resume its checkpoint
-        _tell(study, t, state=TrialState.FAIL)
+def _run_one(trial: optuna.Trial, ctx: WorkerContext, guard: "SignalGuard", trials: Trials) -> None:
+    """An unfused trial: trained, then told; an error of its start or end (not of its training,
+    which is its outcome) re-enqueues it under the rule. Credentials refused stop the worker."""
+    try:
+        outcome = run_trial(trial, ctx, guard, on_started=lambda started: trials.move(
+            trial, Phase.TRAINING, started.checkpoint))
+    except CredentialsRefused:
+        raise
+    except Exception as err:
+        trials.requeue(trial, why=f"its start or end failed ({first_line(err, typed=True)})")
+        return
+    trials.tell(trial, outcome)
 
 
 def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuard,
-         wait: bool, phase: str = SEARCH) -> optuna.Trial | None:
-    """The next trial within the budget, or None once it is spent (or a signal came).
+         wait: bool, phase: str, trials: Trials) -> optuna.Trial | None:
+    """The next trial within the budget, claimed by ``trials`` at once (its heartbeat and
+    host/pid notes before anything waits), or None once the budget is spent (or a signal came).
 
     With ``wait``, while the remaining budget is held by other workers' RUNNING trials, poll
     every second instead of leaving: if such a worker died, its trial is failed (heartbeat or
     dead local pid) and its re-enqueued retry must still be run by someone. A fused pack asks
     without waiting for its later slots (its own live trials hold the rest of the budget)."""
     while guard.signum is None:
-        if fail_dead_trials(study):
+        if fail_dead_trials(study, ctx.checkpoints):
             try:
                 end_stale_runs(study, ctx.tracker, ctx.experiment_id)
             except Exception:
                 pass  # the MLflow store is away: the next reconcile ends them
-        trials = study.get_trials(deepcopy=False)
-        step = next_step(trials, budget, phase)
+        known = study.get_trials(deepcopy=False)
+        step = next_step(known, budget, phase)
         if step != RUN:
-            if not wait or step == DONE or not _can_wait(study, trials):
+            if not wait or step == DONE or not _can_wait(study, known):
                 return None
             time.sleep(_POLL_SECONDS)  # others' trials are running; one may be dead
             continue
         trial = study.ask()  # warns that heartbeats suit optimize(): cli._silence_known_warnings
+        trials.claim(trial)
         if not over_budget(study, trial, budget, phase):
             return trial
+        trials.release(trial)  # told FAIL as over the budget
     return None
 
 
@@ -233,18 +227,3 @@ def _can_wait(study: optuna.Study, trials) -> bool:
         return True
     host = socket.gethostname()
     return all(t.user_attrs.get("host") == host for t in trials if t.state == TrialState.RUNNING)
-
-
-def _tell(study: optuna.Study, trial: optuna.Trial, value=None, state=None) -> None:
-    """``study.tell`` that tolerates a trial already failed by another worker's stale check
-    (a worker that stalled longer than the grace period): its retry is already queued."""
-    try:
-        if state is None:
-            study.tell(trial, value)
-        else:
-            study.tell(trial, state=state)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
-    except ValueError:  # "Cannot tell a FAIL trial": failed by another worker's stale check
-        if not study._storage.get_trial(trial._trial_id).state.is_finished():
-            raise

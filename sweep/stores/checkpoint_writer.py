@@ -16,8 +16,10 @@ Bounded and safe:
   of this thread, after any write of that file in progress; ``wait_for`` (before a retry loads a
   checkpoint) returns once nothing of that file is left.
 * ``flush(deadline)`` (a stop) waits until everything is written or the deadline passes;
-  ``close(deadline)`` then stops the thread, dropping what waits. A checkpoint not written by
-  then is simply the previous one: the rename is atomic, a file is never torn.
+  ``close(deadline)`` then stops the thread, dropping the writes that wait. A checkpoint not
+  written by then is simply the previous one: the rename is atomic, a file is never torn. The
+  removals that wait are done by ``close`` itself (an unlink is quick): a finished trial's file
+  leaves with it even when a slow disk held the flush past the deadline.
 
 ``SWEEP_CHECKPOINT_WRITE_DELAY_S`` (tests only) delays every write by that many seconds: a slow
 disk, for the tests that show training never waits for one.
@@ -64,6 +66,7 @@ class CheckpointWriter:
         self._cond = threading.Condition()
         self._pending: dict[Path, _Op] = {}  # one per file, oldest first
         self._round: set[Path] = set()  # the files of the round in progress not yet done
+        self._todo: list[tuple[Path, _Op]] = []  # the round's operations not yet started
         self._working = False  # a round is in progress
         # the writer thread's own: the operation running, the notes its round holds back
         self._current: _Op | None = None
@@ -117,16 +120,24 @@ class CheckpointWriter:
             return True
 
     def close(self, deadline: float | None = None) -> bool:
-        """``flush(deadline)``, then stop the thread: what still waits is dropped (the previous
-        checkpoint stays); a write in progress past the deadline finishes or dies with the
-        process. Whether everything was done."""
+        """``flush(deadline)``, then stop the thread: the writes that still wait are dropped
+        (the previous checkpoint stays), the removals that wait are done here (but not of a
+        file whose write is in progress past the deadline: that write finishes or dies with the
+        process, and ``sweep status --repair`` removes what it leaves). Whether everything was
+        done."""
         done = self.flush(deadline)
         with self._cond:
             if self._stop is not None:
                 self._stop.set()
             self._thread = self._stop = None
+            running = self._round - {path for path, _ in self._todo}  # a write under way
+            removals = [path for path, op in (*self._pending.items(), *self._todo)
+                        if not op.write and path not in running]
             self._pending.clear()
+            self._todo = []
             self._cond.notify_all()
+        for path in removals:
+            _unlink(path)
         return done
 
     # --- the thread --------------------------------------------------------------------------
@@ -152,29 +163,33 @@ class CheckpointWriter:
                     self._cond.wait()
                 if stop.is_set():
                     return
-                round_ = list(self._pending.items())
+                self._todo = list(self._pending.items())
                 self._pending.clear()
-                self._round, self._working = {path for path, _ in round_}, True
+                self._round, self._working = {path for path, _ in self._todo}, True
             try:
-                self._write_round(round_, stop)
+                self._write_round(stop)
             finally:
-                round_ = None  # the copies go now, not at the next round (their buffers return)
                 with self._cond:
-                    self._round, self._working = set(), False
+                    if self._stop in (stop, None):  # not a thread started after a close
+                        self._todo = []  # the copies go now, not at the next round
+                        self._round, self._working = set(), False
                     self._cond.notify_all()
 
-    def _write_round(self, round_: list[tuple[Path, _Op]], stop: threading.Event) -> None:
+    def _write_round(self, stop: threading.Event) -> None:
         self._notes = []
-        for i, (path, op) in enumerate(round_):
-            if stop.is_set():
-                return
+        while True:
+            with self._cond:  # one at a time: ``close`` takes the removals not yet started
+                if stop.is_set() or not self._todo:
+                    break
+                path, op = self._todo.pop(0)
             self._current = op
             self._timed(lambda: self._run(op, stop), op.on_done, path)
-            round_[i] = (path, None)  # done with its copy
-            self._current = op = None
+            self._current = op = None  # done with its copy
             with self._cond:
                 self._round.discard(path)
                 self._cond.notify_all()
+        if stop.is_set():
+            return
         notes, self._notes = self._notes, []
         for note, on_done in notes:
             if stop.is_set():

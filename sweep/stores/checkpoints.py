@@ -21,20 +21,24 @@ per-epoch metrics are the state's ``history``). A retry of an interrupted trial 
 it (identity, counts, the epochs its trial recorded, that it restores into the trial's model and
 optimizer), replays those steps and epochs into its listeners (its MLflow run gets the whole
 curve from step 0, its Optuna trial every epoch's intermediate value, its divergence monitor the
-state it had) and trains on from the first unfinished epoch. Any problem reading or checking a
-file is one line and a restart from step 0 of that trial alone; any problem writing one is a
-warning and training goes on. Only the trial that owns a file (its Optuna trial is RUNNING)
-writes or removes it: a stalled worker whose trial was failed meanwhile leaves its retry's file
-alone. The file is removed when its trial finishes (complete, pruned, diverged, failed), and
-kept when it is interrupted and retried; ``sweep status`` lists files of no live trial
-(``orphans``) and ``--repair`` removes them.
+state it had) and trains on from the first unfinished epoch. Any problem opening, reading or
+checking a file (an OSError such as ESTALE or EACCES, a storage error reading the epochs its
+trial recorded, a corrupt file) is one line naming the file and the cause, and a restart from
+step 0 of that trial alone; any problem writing one is a warning and training goes on. Only the
+trial that owns a file (its Optuna trial is RUNNING) writes it: a stalled worker whose trial was
+failed meanwhile leaves its retry's file alone. The file leaves with its trial
+(``loop.lifecycle``): removed once the trial is told (complete, pruned, diverged, failed) or
+not retried, kept while it is re-enqueued; ``sweep status`` lists files of no live trial
+(``orphans``) and ``--repair`` removes them (the safety net).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,6 +61,10 @@ MANIFEST = "study.json"  # in each study folder: whose files these are
 # A temporary older than the oldest running trial by this much belongs to no live writer (the
 # margin covers clocks of the nodes and the file server that differ by a little).
 TMP_MARGIN_S = 60.0
+# A temporary not written to for this long belongs to no live writer either, whatever trial is
+# RUNNING (one stuck RUNNING must not pin the sweep): a write's bytes move its mtime, and a
+# save is one file of at most a few hundred MB (a frozen writer's rename then fails: a warning).
+TMP_IDLE_S = 600.0
 # Settings that change how a trial is run, not what it computes: a trial may resume under others.
 _NOT_IDENTITY = ("fuse", "compile", "sync_every_steps")
 
@@ -257,10 +265,14 @@ class CheckpointDir:
         failed = system_attrs.get(FAILED_TRIAL)
         if failed is None:
             return found  # a fresh trial: whatever is in the file is not its own
-        self.writer.wait_for(found.path)  # never read a file while a write of it is pending
-        payload, problem = _load(found.path, identity, _recorded_epochs(study, failed))
-        if payload is not None and problem is None:
-            problem = self._fits(found.path, payload["state"], cfg, steps_per_epoch)
+        try:
+            self.writer.wait_for(found.path)  # never read a file while a write of it is pending
+            payload, problem = _load(found.path, identity, _recorded_epochs(study, failed))
+            if payload is not None and problem is None:
+                problem = self._fits(found.path, payload["state"], cfg, steps_per_epoch)
+        except Exception as err:  # the storage refused the epochs its trial recorded, ...
+            payload, problem = None, (f"checkpoint {found.path} cannot be opened "
+                                      f"({first_line(err, typed=True, limit=200)})")
         if problem:
             self.log(f"trial {trial.number} (a retry of trial {failed}): {problem}; it restarts "
                      f"from step 0")
@@ -287,14 +299,20 @@ class CheckpointDir:
         if folder in self._swept:
             return
         self._swept.add(folder)
-        for path in stale_temporaries(study, folder):
-            path.unlink(missing_ok=True)
-
-    def discard(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Remove the checkpoint of a trial that will not be retried (if it still owns it),
-        after any pending write of it."""
-        if trial.state == optuna.trial.TrialState.RUNNING:
-            self.writer.remove(self.path(study, original_number(trial.system_attrs, trial.number)))
+        try:
+            stale = stale_temporaries(study, folder)
+        except Exception as err:  # the folder or the storage refused: the next process sweeps
+            self.log(f"warning: the stale temporaries of {folder} were not looked for "
+                     f"({first_line(err, typed=True, limit=200)}); `sweep status --repair` "
+                     f"removes them")
+            return
+        for path in stale:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:  # another user's file in a sticky /scratch, a stale handle
+                self.log(f"warning: stale temporary {path} not removed "
+                         f"({first_line(err, typed=True, strerror=True, limit=200)}); "
+                         f"`sweep status --repair` lists it")
 
     def _identity(self, study: optuna.Study, original: int, cfg) -> dict:
         attrs = study.user_attrs
@@ -330,8 +348,14 @@ def _load(path: Path, identity: Mapping, expected: int | None) -> tuple[dict | N
     the storage refused while the file was written), never behind (an older file)."""
     from sweep.training.checkpoint import check_state, read
 
-    if not path.is_file():
+    try:
+        is_file = stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
         return None, (f"its checkpoint {path} (epoch {expected}) is missing" if expected else None)
+    except OSError as err:  # ESTALE on NFS, EACCES, an I/O error: one line, from step 0
+        return None, f"checkpoint {path} cannot be opened ({first_line(err, typed=True)})"
+    if not is_file:
+        return None, f"checkpoint {path} cannot be opened (not a regular file)"
     try:
         payload = read(path)
         if payload.get("format") != FORMAT:
@@ -368,18 +392,19 @@ def _config_difference(saved: Mapping, now: Mapping) -> str:
 
 def stale_temporaries(study: optuna.Study, folder: Path) -> list[Path]:
     """Temporaries in ``folder`` older than every running trial of ``study`` (by
-    ``TMP_MARGIN_S``): a write renames its temporary within one save, so these were left by a
-    killed writer."""
+    ``TMP_MARGIN_S``), or not written to for ``TMP_IDLE_S`` whatever is running: a write renames
+    its temporary within one save, so these were left by a killed writer."""
     temporaries = sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
     if not temporaries:
         return []
     starts = [t.datetime_start for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if t.datetime_start]
     oldest = min(starts).timestamp() if starts else time.time()
+    cutoff = max(oldest - TMP_MARGIN_S, time.time() - TMP_IDLE_S)
     out = []
     for path in temporaries:
         try:
-            if path.stat().st_mtime < oldest - TMP_MARGIN_S:
+            if path.lstat().st_mtime < cutoff:
                 out.append(path)
         except FileNotFoundError:
             pass  # renamed or removed meanwhile

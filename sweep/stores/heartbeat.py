@@ -27,14 +27,19 @@ class Heartbeat:
         self._stop = threading.Event()
         interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
         self._thread = None
+        self._interval = interval
         if interval:
-            self._interval = interval
             self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
             self._thread.start()
 
     def add(self, trial_id: int) -> None:
+        """Beat for ``trial_id`` from now on, its first beat at once (on the caller's thread):
+        Optuna's stale check skips a RUNNING trial without a heartbeat row, so a worker killed
+        before the thread's next beat would leave it RUNNING for good."""
         with self._lock:
             self._trial_ids.add(trial_id)
+        if self._interval:
+            self._record(trial_id)
 
     def discard(self, trial_id: int) -> None:
         with self._lock:
@@ -45,12 +50,15 @@ class Heartbeat:
             with self._lock:
                 ids = list(self._trial_ids)
             for trial_id in ids:
-                try:
-                    self._storage.record_heartbeat(trial_id)
-                except Exception:
-                    pass  # a missed beat is harmless; a dead storage shows up at tell()
+                self._record(trial_id)
             if self._stop.wait(self._interval):
                 return
+
+    def _record(self, trial_id: int) -> None:
+        try:
+            self._storage.record_heartbeat(trial_id)
+        except Exception:
+            pass  # a missed beat is harmless; a dead storage shows up at tell()
 
     def stop(self):
         self._stop.set()

@@ -22,10 +22,11 @@ names the original too: the pruner draws the retry's Hyperband bracket from that
 retry meets the rungs its original would have (``sweep.study.pruning``).
 
 It is idempotent: a trial that already has a retry gets no second one, so the paths may meet.
-An interrupted worker enqueues the retry *before* it tells Optuna FAIL; a second Ctrl-C in
-between leaves a RUNNING trial that already has its retry, which the next launch fails (dead
-pid or stale heartbeat) without enqueueing it again. (In the other order, a second Ctrl-C
-between the two left a FAIL trial with no retry, counted against the budget.)
+Each path fails the trial by a compare-and-set of its state first (RUNNING -> FAIL; the storage
+refuses to finish a finished trial) and only the winner calls this: Optuna's stale check, the
+dead-pid check and a worker giving its own trials up (``loop.lifecycle.give_up``: a stop, a
+slot's error, a failed pack). A stale check racing a signalled retry thus makes one retry, not
+two owners of one checkpoint file (the check here is read-then-add, not atomic on its own).
 """
 
 from __future__ import annotations

@@ -50,6 +50,9 @@ class SlotEnd:
     result: TrainResult | None = None  # trained all epochs
     stop: StopTraining | None = None   # a listener stopped it (pruned / diverged)
     error: Exception | None = None     # a listener raised another Exception, or the job was bad
+    # the slot's machinery failed, not its training (its checkpoint hand-off raised): the
+    # caller may re-enqueue the trial to resume it rather than fail it
+    requeue: bool = False
 
 
 @dataclass
@@ -293,6 +296,11 @@ class Pack(PackState, PackStep, PackEvaluation):
             end = SlotEnd(s.job.key, error=err)
         if end is not None:
             self._end(s, end, wasted=True)
+
+    def _machinery_failed(self, s: _Slot, why: str) -> None:
+        """End ``s`` alone for an error of its machinery (``why``), not of its training: its
+        ``SlotEnd`` asks the caller to re-enqueue it (``requeue``)."""
+        self._end(s, SlotEnd(s.job.key, error=RuntimeError(why), requeue=True), wasted=True)
 
     def _end(self, s: _Slot, end: SlotEnd, wasted: bool = False) -> None:
         s.ended, s.wasted = True, wasted

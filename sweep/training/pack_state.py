@@ -7,6 +7,7 @@ import functools
 import time
 from typing import Sequence
 
+from sweep.base.text import first_line
 from sweep.training.checkpoint import check_state
 from sweep.training.fused_model import load_slot
 from sweep.training.fused_snapshot import PackSnapshot, SlotClock
@@ -54,5 +55,9 @@ class PackState:
         if wanted:
             snapshot = self.snapshot(wanted)
             for k in wanted:
-                self.slots[k].job.checkpoint(functools.partial(snapshot.state, k))
+                try:
+                    self.slots[k].job.checkpoint(functools.partial(snapshot.state, k))
+                except Exception as err:  # one slot's hand-off: that slot ends, the others train
+                    self._machinery_failed(self.slots[k], f"checkpoint failed "
+                                                          f"({first_line(err, typed=True)})")
         self.stats.add_time("checkpoint", time.perf_counter() - began)
