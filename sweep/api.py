@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # for the annotations only: importing them loads optuna, torc
     import pandas
 
     from sweep.commands.status import StatusFacts
-    from sweep.loop.cost import Cost
+    from sweep.loop import Cost
     from sweep.views.report import ReportResult
 
 __all__ = ["launch", "plan", "load", "Launched", "Study"]
@@ -132,7 +132,7 @@ class Study:
     def optuna(self) -> "optuna.Study":
         """The Optuna study itself (``optuna.load_study``), loaded once."""
         if self._optuna is None:
-            from sweep.stores.storage import load_existing_study
+            from sweep.stores import load_existing_study
 
             with known_warnings_ignored():
                 self._optuna = load_existing_study(self.name, self.storage)
@@ -206,7 +206,7 @@ class Study:
 # --- the defaults and the checks the command line does in click --------------------------------
 
 def _default_storage() -> str:
-    from sweep.stores.storage import DEFAULT_STORAGE
+    from sweep.stores import DEFAULT_STORAGE
 
     return os.environ.get("SWEEP_STORAGE") or DEFAULT_STORAGE
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from sweep.errors import SweepError
-from sweep.stores.storage import DEFAULT_STORAGE
+from sweep.stores import DEFAULT_STORAGE
 from sweep.base.urls import mask_url
 from sweep.record import DEFAULT_TRACKING_URI
 
@@ -49,7 +49,7 @@ def _complete_study(ctx, param, incomplete: str):
     """Shell completion of --study: the study names in the storage the command line names (or
     SWEEP_STORAGE, or the default), silently none when it is unreachable, then the study files
     in studies/. Prints nothing: a completion must never show a URL or its credentials."""
-    from sweep.stores.storage import study_names
+    from sweep.stores import study_names
     from sweep.study.spec import available_studies
 
     url = ctx.params.get("storage") or os.environ.get("SWEEP_STORAGE") or DEFAULT_STORAGE

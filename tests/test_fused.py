@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from sweep.study.schedules import LRSchedule, ScheduleConfig, resolve_params
+from sweep.study.schedules import ScheduleConfig, resolve_params
 from sweep.study.space import trial_config
 from sweep.study.specs import DivergenceSpec
 from sweep.study.spec import parse_study

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from helpers import REPO, sweep_cmd, sweep_env
 from sweep.cli import main
 from sweep.errors import ConfigChangedError
-from sweep.loop.identity import CHANGES, IDENTITY, identity
+from sweep.loop.identity import CHANGES, IDENTITY, identity_of
 from sweep.loop.budget import SETTINGS
 from sweep.loop.study import open_study
 from sweep.stores.storage import open_storage
@@ -33,13 +33,13 @@ def attrs(tmp_path) -> dict:
 
 def test_the_identity_holds_every_training_setting_but_fuse():
     spec = load_study("smoke")
-    found = identity(spec)
+    found = identity_of(spec)
     for key in ("train.epochs", "train.model", "train.weight_decay", "data.train_size",
                 "objective.metric", "divergence.enabled", "pruner.type", "seed"):
         assert key in found, key
     assert "train.fuse" not in found
-    assert identity(load_study("smoke", ["train.fuse=4"])) == found  # same computation fused
-    assert identity(load_study("smoke", ["train.epochs=3"]))["train.epochs"] == 3
+    assert identity_of(load_study("smoke", ["train.fuse=4"])) == found  # same computation fused
+    assert identity_of(load_study("smoke", ["train.epochs=3"]))["train.epochs"] == 3
 
 
 def test_a_changed_setting_is_refused_naming_the_key_and_nothing_is_written(tmp_path):

@@ -187,14 +187,20 @@ def test_a_circle_is_found():
     assert ["sweep.base.text", "sweep.base.urls"] in cycles(graph)
 
 
-def test_code_outside_the_record_imports_it_through_its_public_names():
-    """``sweep.record``'s ``__init__`` names its surface; nothing outside ``sweep/record/`` reaches
-    behind it (the modules there may move names between them freely)."""
-    import sweep.record
+@pytest.mark.parametrize("package", ["record", "stores", "loop"])
+def test_code_outside_a_package_imports_it_through_its_public_names(package):
+    """Each of these packages' ``__init__`` names its surface; nothing outside the package reaches
+    behind it (the modules inside may move names between them freely). No public name is also a
+    submodule's name: once that submodule is imported, the package attribute would be the module."""
+    import importlib
 
+    public = importlib.import_module(f"sweep.{package}")
+    inside = f"sweep.{package}"
     behind = {f"{module} imports {target}" for module, targets in internal_graph().items()
-              if not module.startswith("sweep.record") for target in targets
-              if target.startswith("sweep.record.")}
+              if not module.startswith(inside) for target in targets
+              if target.startswith(inside + ".")}
     assert not behind, "\n".join(sorted(behind))
-    missing = [name for name in sweep.record.__all__ if not hasattr(sweep.record, name)]
-    assert not missing and len(set(sweep.record.__all__)) == len(sweep.record.__all__)
+    missing = [name for name in public.__all__ if getattr(public, name, None) is None]
+    assert not missing and len(set(public.__all__)) == len(public.__all__)
+    submodules = {p.stem for p in (PACKAGE / package).glob("*.py")}
+    assert not submodules & set(public.__all__), "public names that are also module names"

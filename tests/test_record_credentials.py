@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import optuna
 import pytest

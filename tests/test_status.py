@@ -21,7 +21,7 @@ from sweep.commands.launch import LaunchOptions
 from sweep.commands.pool import PoolOptions, device_assignments, worker_environments
 from sweep.study.spec import load_study
 from sweep.loop.budget import budget_used, resolve_budget
-from sweep.loop.reconcile import fail_dead_trials, reconcile, stale_runs
+from sweep.loop.reconcile import fail_dead_trials, reconcile_study, stale_runs
 from sweep.stores.retry import retry_later
 from sweep.commands.status import status_text
 from sweep.stores.storage import open_storage
@@ -72,7 +72,7 @@ def test_stale_heartbeat_trial_failed_retried_and_run_ended(spec, tmp_path, monk
     # trial's run is ended by the first call already).
     failed, ended, deadline = [], [], time.monotonic() + 60
     while not failed and time.monotonic() < deadline:
-        fixed = reconcile(study, tracker, experiment_id)
+        fixed = reconcile_study(study, tracker, experiment_id)
         failed, ended = failed + fixed.failed_trials, ended + fixed.ended_runs
         time.sleep(0.1)
     assert failed == [0] and sorted(ended) == sorted([dead_run, done_run])
@@ -85,7 +85,7 @@ def test_stale_heartbeat_trial_failed_retried_and_run_ended(spec, tmp_path, monk
         run = tracker.client.get_run(run_id)
         assert run.info.status == "FAILED" and run.data.tags["sweep.state"] == state
     assert stale_runs(study, tracker, experiment_id) == []
-    assert reconcile(study, tracker, experiment_id).ended_runs == []  # idempotent
+    assert reconcile_study(study, tracker, experiment_id).ended_runs == []  # idempotent
 
     # The CLI shows the same, masked and repaired state. The PRUNED trial's run ended without
     # a count: nothing retries a PRUNED trial, so its points may be lost -> exit 3, named.
@@ -117,7 +117,7 @@ def test_a_trial_re_enqueued_before_its_worker_vanished_gets_no_second_retry(spe
         retry_later(study, study._storage.get_trial(trial._trial_id))
     failed, deadline = [], time.monotonic() + 60
     while len(failed) < 2 and time.monotonic() < deadline:
-        failed += reconcile(study, tracker, experiment_id).failed_trials
+        failed += reconcile_study(study, tracker, experiment_id).failed_trials
         time.sleep(0.1)
     assert sorted(failed) == [0, 1]
     trials = study.get_trials(deepcopy=False)

@@ -4,9 +4,9 @@ plan: ``sweep.loop.confirm_plan``)."""
 from __future__ import annotations
 
 from sweep.base.stopping import BoundedStop
-from sweep.loop.budget import budget_used, update_parent_run
-from sweep.loop.confirm_plan import as_searched, budget_line, prepare_replicates, resolve_plan
-from sweep.stores.storage import load_existing_study
+from sweep.loop import budget_used, update_parent_run
+from sweep.loop import as_searched, budget_line, prepare_replicates, resolve_plan
+from sweep.stores import load_existing_study
 from sweep.study.phases import CONFIRM
 from sweep.study.specs import StudySpec
 
@@ -26,7 +26,7 @@ def _confirm(spec: StudySpec, opts, display, seeds, top, log, overrides_given,
              stop: BoundedStop):
     # Training imports here: `sweep report` reads plans from this module without loading torch.
     from sweep.commands.launch import LaunchResult, open_study_stores
-    from sweep.loop.worker import run_worker
+    from sweep.loop import run_worker
 
     # Planned on the existing study before any store is opened for writing: a study that is
     # absent or has nothing to confirm, or contradicting flags, leave everything untouched.

@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import SweepError
-from sweep.stores.checkpoints import folder_of, resolve_dir, storage_key
+from sweep.stores import folder_of, resolve_dir, storage_key
 from sweep.record import other_runs, remove_runs
 from sweep.record import drop_runs, pending
 from sweep.commands.status import open_for_status

@@ -13,11 +13,11 @@ import dataclasses
 
 import yaml
 
-from sweep.loop.budget import BUDGET, budget_used, chosen_budget
-from sweep.stores.checkpoints import resolve_dir
+from sweep.loop import BUDGET, budget_used, chosen_budget
+from sweep.stores import resolve_dir
 from sweep.base.urls import mask_url
-from sweep.loop.identity import IDENTITY, differences, identity
-from sweep.stores.storage import peek_study
+from sweep.loop import IDENTITY, differences, identity_of
+from sweep.stores import peek_study
 from sweep.record import BYTES_PER_POINT, check_tracking_uri, points_per_trial
 from sweep.study.specs import CategoricalParam, Fixed, FloatParam, IntParam, StudySpec
 
@@ -96,7 +96,7 @@ def dry_run(spec: StudySpec, opts) -> str:
         f"{_size(points * BYTES_PER_POINT)} at ~{BYTES_PER_POINT} bytes per point",
         f"checkpoints: {checkpoints}",
     ]
-    changed = differences(stored.user_attrs.get(IDENTITY) or {}, identity(spec)) \
+    changed = differences(stored.user_attrs.get(IDENTITY) or {}, identity_of(spec)) \
         if stored is not None else []
     if changed:
         lines.append("settings: the stored study was created with " + ", ".join(

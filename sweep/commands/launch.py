@@ -16,20 +16,20 @@ from typing import Callable, Protocol, Sequence
 import optuna
 import torch
 
-from sweep.loop.budget import budget_used, resolve_budget, update_parent_run
-from sweep.loop.cost import Cost, StepClock
-from sweep.loop.reconcile import reconcile
-from sweep.stores.checkpoints import CheckpointDir, resolve_dir, storage_key
+from sweep.loop import budget_used, resolve_budget, update_parent_run
+from sweep.loop import Cost, StepClock
+from sweep.loop import reconcile_study
+from sweep.stores import CheckpointDir, resolve_dir, storage_key
 from sweep.record import Tracker, check_tracking_uri, launch_lines, replay_spool
-from sweep.loop.objective import WorkerContext
-from sweep.loop.pack_times import log_pack_times, time_table
+from sweep.loop import WorkerContext
+from sweep.loop import log_pack_times, time_table
 from sweep.base.stopping import BoundedStop
-from sweep.stores.storage import check_storage_url, open_storage
+from sweep.stores import check_storage_url, open_storage
 from sweep.base.urls import mask_url
 from sweep.record import tag_code_version
 from sweep.base.version import code_version
-from sweep.loop.study import open_study
-from sweep.loop.worker import run_worker
+from sweep.loop import open_study
+from sweep.loop import run_worker
 from sweep.study.specs import StudySpec
 from sweep.training.data import Splits, load_splits, locate
 from sweep.training.model_check import check_model
@@ -244,7 +244,7 @@ def _worker_main(spec: StudySpec, opts: LaunchOptions, log, stop: BoundedStop) -
     # Every worker builds its sampler from the study's seed; unseeded, N workers would propose
     # the same N parameter sets in lockstep. (A parallel sweep is not reproducible anyway.)
     study.sampler.reseed_rng()
-    fixed = reconcile(study, ctx.tracker, ctx.experiment_id)
+    fixed = reconcile_study(study, ctx.tracker, ctx.experiment_id)
     me = f"{socket.gethostname()}:{os.getpid()}"
     if fixed.failed_trials or fixed.ended_runs:
         log(f"worker {me}: failed stale trial(s) {fixed.failed_trials}, ended "

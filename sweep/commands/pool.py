@@ -18,9 +18,9 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from sweep.loop.budget import budget_used, update_parent_run
+from sweep.loop import budget_used, update_parent_run
 
-from sweep.loop.reconcile import reconcile
+from sweep.loop import reconcile_study
 from sweep.record import launch_lines
 from sweep.commands.launch import (Display, LaunchOptions, LaunchResult, nothing_to_run,
     open_study_stores, worker_command)
@@ -62,7 +62,7 @@ def launch_pool(spec: StudySpec, opts: LaunchOptions, pool: PoolOptions,
                 display: Display) -> LaunchResult:
     stores = open_study_stores(spec, opts, load_data=False)
     study, budget = stores.study, stores.budget
-    reconcile(study, stores.tracker, stores.experiment_id)
+    reconcile_study(study, stores.tracker, stores.experiment_id)
     done = nothing_to_run(spec, stores, display)
     if done is not None:
         return done

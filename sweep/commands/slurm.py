@@ -147,9 +147,9 @@ def submit(spec, launch_opts, opts: SubmitOptions, overrides: list[str]) -> str:
     ``dry_run``, only print the script: nothing is created or written). Returns the text to show."""
     from dataclasses import replace
 
-    from sweep.stores.checkpoints import resolve_dir
+    from sweep.stores import resolve_dir
     from sweep.commands.launch import open_study_stores, worker_command
-    from sweep.stores.storage import check_storage_url
+    from sweep.stores import check_storage_url
     from sweep.record import check_tracking_uri
 
     check_submit(opts, spec.name, launch_opts.storage)

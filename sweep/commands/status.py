@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from sweep.loop.budget import BUDGET, budget_used, state_counts, update_parent_run
-from sweep.loop.reconcile import Reconciled, reconcile, stale_runs, worker_gone
-from sweep.stores.heartbeat import grace_period, heartbeat_ages
-from sweep.stores.checkpoints import (checkpoint_root, orphans, remove_orphans, storage_key,
-    waiting_with_checkpoint)
+from sweep.loop import BUDGET, budget_used, state_counts, update_parent_run
+from sweep.loop import Reconciled, reconcile_study, stale_runs, worker_gone
+from sweep.stores import grace_period, heartbeat_ages
+from sweep.stores import (checkpoint_root, orphans, remove_orphans, storage_key,
+                          waiting_with_checkpoint)
 from sweep.record import Completeness, check_completeness, replay_spool, restore_set_aside
 from sweep.record import Tracker
 from sweep.base.text import number_in
@@ -145,7 +145,7 @@ def show_status(study: str, storage_url: str, tracking_uri: str, repair: bool = 
     if repair and tracker is not None:  # first: a replayed run's end beats a repair's guess
         restore_set_aside(tracker, replayed.append)  # the replay retries what was set aside
         replay_spool(tracker, replayed.append)
-    fixed = reconcile(loaded, tracker, experiment_id) if repair else None
+    fixed = reconcile_study(loaded, tracker, experiment_id) if repair else None
     if repair and tracker is not None:
         update_parent_run(loaded, tracker, experiment_id)
     root = checkpoint_root(checkpoint_dir, storage_url)
@@ -206,7 +206,7 @@ def open_for_status(study: str, storage_url: str, tracking_uri: str):
     """(study, tracker or None, experiment id or None) for ``sweep status``; creates no store.
 
     ``study`` is a study name, or a study file (its ``name`` is used)."""
-    from sweep.stores.storage import load_existing_study
+    from sweep.stores import load_existing_study
     from sweep.base.urls import sqlite_path
 
     study = stored_name(study)

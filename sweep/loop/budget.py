@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import CredentialsRefused
-from sweep.stores.retry import FAILED_TRIAL, RETRY_HISTORY
+from sweep.stores import FAILED_TRIAL, RETRY_HISTORY
 from sweep.record import StudySummary, Tracker
 from sweep.study.phases import CONFIRM, SEARCH, is_search, phase_of
 from sweep.study.specs import StudySpec

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from sweep.errors import ConfirmError
 from sweep.loop.budget import CONFIRM_BUDGET, SETTINGS, budget_used
-from sweep.stores.storage import study_lock
+from sweep.stores import study_lock
 from sweep.study.phases import CONFIRM, CONFIRM_KEY, GROUP, PHASE, SEED, is_search
 from sweep.study.specs import IntParam, StudySpec
 from sweep.study.spec import load_study, settings_overrides

@@ -53,7 +53,7 @@ def _as_written(pruner) -> dict:
             "wrapped": _as_written(pruner.wrapped) if pruner.wrapped else None}
 
 
-def identity(spec: StudySpec) -> dict[str, Any]:
+def identity_of(spec: StudySpec) -> dict[str, Any]:
     """``{"train.epochs": 30, "data.train_size": 48000, ..., "seed": 0}`` for ``spec``."""
     out: dict[str, Any] = {"seed": spec.seed}
     for section in ("train", "data", "objective", "divergence"):
@@ -78,7 +78,7 @@ def check_identity(study, spec: StudySpec, allow_change: bool = False) -> bool:
     """Store ``spec``'s identity in a study that has none; refuse (``ConfigChangedError``) or,
     with ``allow_change``, record and adopt one that differs (then True). ``study`` is an
     Optuna study."""
-    current = identity(spec)
+    current = identity_of(spec)
     stored = study.user_attrs.get(IDENTITY)
     if stored is None:
         study.set_user_attr(IDENTITY, current)

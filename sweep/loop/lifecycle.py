@@ -44,9 +44,9 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.base.text import first_line
-from sweep.stores.checkpoints import original_number
-from sweep.stores.heartbeat import Heartbeat
-from sweep.stores.retry import retry_later
+from sweep.stores import original_number
+from sweep.stores import Heartbeat
+from sweep.stores import retry_later
 
 
 class Phase(enum.Enum):

@@ -28,9 +28,9 @@ from sweep.study.phases import phase_tags
 from sweep.study.pruning import describe_pruner
 from sweep.study.space import TrialConfig, trial_config
 from sweep.study.specs import StudySpec
-from sweep.stores.checkpoint_writer import CheckpointWriter
-from sweep.stores.checkpoints import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
-from sweep.stores.retry import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
+from sweep.stores import CheckpointWriter
+from sweep.stores import RESUMED_AT_STEP, CheckpointDir, TrialCheckpoint
+from sweep.stores import CHECKPOINT_EPOCHS, RESUMED_EPOCHS
 from sweep.base.urls import mask_url
 from sweep.errors import CredentialsRefused
 from sweep.loop.lifecycle import Outcome, note

@@ -30,8 +30,8 @@ from sweep.loop.budget import FINISHED
 from sweep.record import end_stale_run
 from sweep.record import pending
 from sweep.record import RUN_END_BY, Tracker
-from sweep.stores.checkpoints import original_number
-from sweep.stores.retry import FAILED_TRIAL, retry_later
+from sweep.stores import original_number
+from sweep.stores import FAILED_TRIAL, retry_later
 
 
 # --- failed and dead trials -------------------------------------------------------------------
@@ -169,7 +169,7 @@ class Reconciled:
     ended_runs: list[str] = field(default_factory=list)
 
 
-def reconcile(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None) -> Reconciled:
+def reconcile_study(study: optuna.Study, tracker: Tracker | None, experiment_id: str | None) -> Reconciled:
     """Fail dead workers' trials, then end MLflow runs whose trial is finished (when there is an
     MLflow store to look at)."""
     failed = fail_dead_trials(study)

@@ -10,9 +10,9 @@ import warnings
 import optuna
 
 from sweep.errors import SpaceChangedError
-from sweep.loop.identity import IDENTITY, check_identity, identity
+from sweep.loop.identity import IDENTITY, check_identity, identity_of
 from sweep.loop.budget import SETTINGS
-from sweep.stores.checkpoints import STUDY_UID
+from sweep.stores import STUDY_UID
 from sweep.study.phases import SearchOnlySampler
 from sweep.study.pruning import build_pruner
 from sweep.study.specs import StudySpec
@@ -67,7 +67,7 @@ def open_study(spec: StudySpec, storage, allow_space_change: bool = False,
         study.set_user_attr("sweep.description", spec.description)
         study.set_user_attr("sweep.study_file", str(spec.path))
         study.set_user_attr(SETTINGS, trial_settings(spec))  # what `sweep confirm` replicates
-        study.set_user_attr(IDENTITY, identity(spec))
+        study.set_user_attr(IDENTITY, identity_of(spec))
         return study
     if check_identity(study, spec, allow_config_change):
         study.set_user_attr(SETTINGS, trial_settings(spec))  # confirm replicates the new ones

@@ -18,8 +18,8 @@ from sweep.loop.lifecycle import Outcome, Phase, Trials
 from sweep.loop.objective import WorkerContext, run_trial
 from sweep.loop.pack import run_pack
 from sweep.training.capacity import pack_capacity, trains_as_pack
-from sweep.stores.guard import watch_stop
-from sweep.stores.heartbeat import keeps_heartbeats
+from sweep.stores import watch_stop
+from sweep.stores import keeps_heartbeats
 from sweep.base.stopping import BoundedStop, stop_seconds
 from sweep.base.text import first_line
 from sweep.errors import CredentialsRefused

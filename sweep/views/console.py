@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from sweep.loop.budget import state_counts
+from sweep.loop import state_counts
 from sweep.base.urls import mask_url
 from sweep.study.phases import SEARCH, search_view
 

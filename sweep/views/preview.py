@@ -190,7 +190,7 @@ _CURVE_OVERRIDES = (("data", "train_size"), ("train", "batch_size"), ("train", "
 
 
 def _load_trial(study_name: str, number: int, storage_url: str):
-    from sweep.stores.storage import load_existing_study
+    from sweep.stores import load_existing_study
 
     study = load_existing_study(study_name, storage_url)
     found = [t for t in study.get_trials(deepcopy=False) if t.number == number]

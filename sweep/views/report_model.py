@@ -28,11 +28,11 @@ import optuna
 from optuna.trial import TrialState
 
 from sweep.errors import TrackingError
-from sweep.loop.budget import FINISHED, budget_used, counted, state_counts
-from sweep.loop.budget import outcome as trial_outcome
+from sweep.loop import FINISHED, budget_used, counted, state_counts
+from sweep.loop import outcome as trial_outcome
 from sweep.record import check_completeness, open_existing_tracker
-from sweep.loop.confirm_plan import stored_plan
-from sweep.stores.storage import load_existing_study
+from sweep.loop import stored_plan
+from sweep.stores import load_existing_study
 from sweep.base.urls import mask_url
 from sweep.study.phases import CONFIRM, GROUP, SEARCH
 from sweep.views.stats import Difference, Interval, t_interval, welch

@@ -19,8 +19,8 @@ from pathlib import Path
 import optuna
 
 from sweep.errors import NoResultError, SweepError
-from sweep.loop.budget import best_trial, outcome
-from sweep.stores.storage import load_existing_study
+from sweep.loop import best_trial, outcome
+from sweep.stores import load_existing_study
 from sweep.record import EPOCH_METRICS, EPOCHS_TRAINED, FINAL_METRICS, open_existing_tracker
 from sweep.study.phases import phase_of
 from sweep.views.report_model import run_of

@@ -26,7 +26,7 @@ import urllib.request
 from typing import Callable
 
 from sweep.errors import StorageError, SweepError, TrackingError
-from sweep.stores.storage import open_existing_storage
+from sweep.stores import open_existing_storage
 from sweep.record import open_existing_tracker
 from sweep.base.urls import mask_url, sqlite_path
 
