@@ -209,7 +209,7 @@ def _ask(study: optuna.Study, ctx: WorkerContext, budget: int, guard: SignalGuar
                 return None
             time.sleep(_POLL_SECONDS)  # others' trials are running; one may be dead
             continue
-        trial = study.ask()  # warns that heartbeats suit optimize(): cli._silence_known_warnings
+        trial = study.ask()  # warns that heartbeats suit optimize(): cli.options.silence_known_warnings
         trials.claim(trial)
         if not over_budget(study, trial, budget, phase):
             return trial
