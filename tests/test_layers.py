@@ -204,3 +204,28 @@ def test_code_outside_a_package_imports_it_through_its_public_names(package):
     assert not missing and len(set(public.__all__)) == len(public.__all__)
     submodules = {p.stem for p in (PACKAGE / package).glob("*.py")}
     assert not submodules & set(public.__all__), "public names that are also module names"
+
+
+MODULE_LINES, CLASS_LINES = 500, 200  # the bounds of issue 31: past them a file holds two concerns
+
+
+def sizes_over(limit_module: int, limit_class: int, sources: dict[str, str]) -> list[str]:
+    """Modules longer than ``limit_module`` lines and classes longer than ``limit_class``."""
+    over = []
+    for name, text in sorted(sources.items()):
+        if text.count("\n") > limit_module:
+            over.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > limit_class:
+                over.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    return over
+
+
+def test_no_module_or_class_is_past_its_size_bound():
+    sources = {name: path.read_text() for name, path in modules().items()}
+    assert not sizes_over(MODULE_LINES, CLASS_LINES, sources)
+    # the check itself: a class one line past the bound, and a module, are caught
+    long_class = "class Big:\n" + "    x = 1\n" * CLASS_LINES
+    assert sizes_over(MODULE_LINES, CLASS_LINES, {"m": long_class}) == [f"m.Big: {CLASS_LINES + 1} lines"]
+    assert sizes_over(MODULE_LINES, CLASS_LINES, {"m": "x = 1\n" * (MODULE_LINES + 1)}) \
+        == [f"m: {MODULE_LINES + 1} lines"]

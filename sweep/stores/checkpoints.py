@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,13 +45,13 @@ from typing import Callable, Mapping, Sequence
 
 import optuna
 
+from sweep.stores.checkpoint_load import FORMAT, load_checked
 from sweep.stores.checkpoint_writer import CheckpointWriter
 from sweep.base.text import first_line, number_in
 from sweep.stores.retry import CHECKPOINT_EPOCHS, FAILED_TRIAL, RESUMED_EPOCHS, RETRY_HISTORY
 from sweep.base.urls import local_file, store_identity
 from sweep.training.atomic import TMP_SUFFIX, temporary_name, write_bytes_atomic
 
-FORMAT = 1
 DIR_NAME = "sweep-checkpoints"
 RESUMED_AT_STEP = "sweep.resumed_at_step"  # MLflow tag and Optuna user attribute
 STUDY_UID = "sweep.uid"  # study user attribute, set at creation: tells a re-created study apart
@@ -267,7 +265,7 @@ class CheckpointDir:
             return found  # a fresh trial: whatever is in the file is not its own
         try:
             self.writer.wait_for(found.path)  # never read a file while a write of it is pending
-            payload, problem = _load(found.path, identity, _recorded_epochs(study, failed))
+            payload, problem = load_checked(found.path, identity, _recorded_epochs(study, failed))
             if payload is not None and problem is None:
                 problem = self._fits(found.path, payload["state"], cfg, steps_per_epoch)
         except Exception as err:  # the storage refused the epochs its trial recorded, ...
@@ -334,58 +332,6 @@ def _recorded_epochs(study: optuna.Study, number: int) -> int | None:
         return None
     counts = [attrs[k] for k in (CHECKPOINT_EPOCHS, RESUMED_EPOCHS) if attrs.get(k)]
     return max(counts) if counts else None
-
-
-_WHAT = {"study": "another study", "study_uid": "an earlier study of the same name",
-         "space": "another search space", "code": "another code version", "trial": "another trial",
-         "device": "another device type", "config": "another configuration"}
-
-
-def _load(path: Path, identity: Mapping, expected: int | None) -> tuple[dict | None, str | None]:
-    """(payload, None) for a checkpoint to check further; (None, None) when there is none and
-    none was expected; (None, problem) otherwise. ``expected``: the epochs its trial recorded;
-    the file may be ahead of it (the note follows the write: a kill between them, or a note
-    the storage refused while the file was written), never behind (an older file)."""
-    from sweep.training.checkpoint import check_state, read
-
-    try:
-        is_file = stat.S_ISREG(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return None, (f"its checkpoint {path} (epoch {expected}) is missing" if expected else None)
-    except OSError as err:  # ESTALE on NFS, EACCES, an I/O error: one line, from step 0
-        return None, f"checkpoint {path} cannot be opened ({first_line(err, typed=True)})"
-    if not is_file:
-        return None, f"checkpoint {path} cannot be opened (not a regular file)"
-    try:
-        payload = read(path)
-        if payload.get("format") != FORMAT:
-            raise ValueError(f"format {payload.get('format')!r}, not {FORMAT}")
-        check_state(payload["state"])
-        if len(payload["lrs"]) != payload["state"]["steps"] or \
-                len(payload["losses"]) != len(payload["lrs"]):
-            raise ValueError("its step record does not match its state")
-        saved = dict(payload["identity"])
-    except (ValueError, KeyError, TypeError) as err:
-        return None, f"checkpoint {path} is corrupt ({err})"
-    for key, what in _WHAT.items():
-        if saved.get(key) != identity.get(key):
-            detail = _difference(saved.get(key), identity.get(key)) if key != "config" else \
-                _config_difference(saved.get(key) or {}, identity["config"])
-            return None, f"checkpoint {path} was written for {what} ({detail})"
-    epochs = payload["state"]["epochs"]
-    if not isinstance(epochs, int) or epochs < (expected or 0):
-        return None, (f"checkpoint {path} holds {epochs!r} epochs, older than the {expected} its "
-                      f"trial recorded")
-    return payload, None
-
-
-def _difference(saved, now) -> str:
-    return f"{saved!r}, this is {now!r}"
-
-
-def _config_difference(saved: Mapping, now: Mapping) -> str:
-    key = next((k for k in sorted({*saved, *now}) if saved.get(k) != now.get(k)), "?")
-    return f"{key} {saved.get(key)!r}, now {now.get(key)!r}"
 
 
 # --- files of no live trial --------------------------------------------------------------------

@@ -30,7 +30,8 @@ import torch
 from sweep.study.specs import TrainSpec
 from sweep.training.data import Splits
 from sweep.training.fused_model import fusion_problem
-from sweep.training.fused_pack import Pack, PackStats, SlotEnd, SlotJob
+from sweep.training.fused_pack import Pack, PackStats
+from sweep.training.pack_ends import SlotEnd, SlotJob
 from sweep.training.train import Listener, compiles
 
 __all__ = ["SlotJob", "SlotEnd", "PackStats", "train_pack", "fusion_problem", "SHARED_KEYS"]

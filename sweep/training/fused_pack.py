@@ -18,7 +18,6 @@ from torch import nn
 
 from sweep.base.text import first_line
 from sweep.study.schedules import LRSchedule
-from sweep.study.space import TrialConfig
 from sweep.study.specs import TrainSpec
 from sweep.training.compiling import DynamoWatch
 from sweep.training.data import Splits, augment_draws, crop_flip
@@ -26,33 +25,11 @@ from sweep.training.fused_model import copy_slots, decays, fuse, load_slot
 from sweep.training.fused_optim import SlotOptimizer, build_slot_optimizer
 from sweep.training.host_copy import HostBuffers
 from sweep.training.models import build_model, memory_format
+from sweep.training.pack_ends import PackEnds, SlotEnd, SlotJob
 from sweep.training.pack_eval import PackEvaluation, StackedNormalizer
 from sweep.training.pack_state import PackState
 from sweep.training.pack_step import PackStep
-from sweep.training.train import Listener, StopTraining, TrainResult
-
-
-@dataclass
-class SlotJob:
-    cfg: TrialConfig              # the slot's complete trial config
-    listeners: Sequence[Listener]  # as train()'s; steps/epochs are the slot's own, from 0
-    key: object = None            # the caller's handle, handed back in SlotEnd
-    # as train()'s: called at each of the slot's epoch ends (before its listeners) with a
-    # function that returns the slot's training state from a copy taken then (call it later, on
-    # any thread); and a state to continue from (sweep.training.checkpoint)
-    checkpoint: Callable[[Callable[[], dict]], None] | None = None
-    resume: dict | None = None
-
-
-@dataclass
-class SlotEnd:
-    key: object
-    result: TrainResult | None = None  # trained all epochs
-    stop: StopTraining | None = None   # a listener stopped it (pruned / diverged)
-    error: Exception | None = None     # a listener raised another Exception, or the job was bad
-    # the slot's machinery failed, not its training (its checkpoint hand-off raised): the
-    # caller may re-enqueue the trial to resume it rather than fail it
-    requeue: bool = False
+from sweep.training.train import Listener, TrainResult
 
 
 @dataclass
@@ -108,7 +85,7 @@ class _Slot:
     order: torch.Tensor | None = None  # this epoch's permutation of the training split
 
 
-class Pack(PackState, PackStep, PackEvaluation):
+class Pack(PackState, PackStep, PackEvaluation, PackEnds):
     """The fused network, its optimizer and step, and the slots; ``train_pack`` drives it."""
 
     def __init__(self, t: TrainSpec, splits: Splits, device: torch.device, bf16: bool,
@@ -275,40 +252,6 @@ class Pack(PackState, PackStep, PackEvaluation):
                 s = self.slots[k]
                 result = TrainResult(history=s.history, test_acc=test_acc[k], steps=s.step)
                 self._end(s, SlotEnd(s.job.key, result=result))
-
-    def _notify(self, s: _Slot, call: Callable[[Listener], None]) -> None:
-        """Call ``s``'s listeners; StopTraining or another Exception ends this slot alone."""
-        if s.ended:
-            return
-        end = None
-        try:
-            for listener in s.job.listeners:
-                began = time.perf_counter()
-                try:
-                    call(listener)
-                finally:  # per listener type too: tracking, pruning, divergence, progress
-                    seconds = time.perf_counter() - began
-                    self.stats.add_time("listeners", seconds)
-                    self.stats.add_time(f"listener {type(listener).__name__}", seconds)
-        except StopTraining as stop:
-            end = SlotEnd(s.job.key, stop=stop)
-        except Exception as err:
-            end = SlotEnd(s.job.key, error=err)
-        if end is not None:
-            self._end(s, end, wasted=True)
-
-    def _machinery_failed(self, s: _Slot, why: str) -> None:
-        """End ``s`` alone for an error of its machinery (``why``), not of its training: its
-        ``SlotEnd`` asks the caller to re-enqueue it (``requeue``)."""
-        self._end(s, SlotEnd(s.job.key, error=RuntimeError(why), requeue=True), wasted=True)
-
-    def _end(self, s: _Slot, end: SlotEnd, wasted: bool = False) -> None:
-        s.ended, s.wasted = True, wasted
-        began = time.perf_counter()
-        try:
-            self.on_end(end)
-        finally:
-            self.stats.add_time("ends", time.perf_counter() - began)
 
     def release(self) -> list[int]:
         """Count the slots that ended this epoch; return their indices (free for refilling)."""
