@@ -1,6 +1,9 @@
 """The stores a study keeps besides MLflow: the Optuna storage, heartbeats, the retry rule,
 checkpoint files and their writer. Never imports mlflow."""
 
+from sweep.base.lazy import lazy_names
+
+
 # The public names and the module each lives in; loaded on first use, so importing the
 # package stays light (no torch, optuna or mlflow until a name needs them).
 _PUBLIC = {
@@ -38,17 +41,4 @@ _PUBLIC = {
 }
 
 __all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        import importlib
-
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC)
