@@ -209,7 +209,9 @@ def test_redrawn_trials_match_the_logged_lr_metric(tiny_cifar, tmp_path, monkeyp
     first = check_trial("lrcheck", 0, "sqlite:///sweep.db", "sqlite:///mlflow.db")
     assert first.matches and first.logged_steps == 18
     assert first.curve.schedule.warmup_shape in ("exponential", "constant")
-    client = MlflowClient("sqlite:///mlflow.db")
+    # an absolute URI: MLflow keeps one store per URI string per process, and an earlier test
+    # of this session may have opened "sqlite:///mlflow.db" in another folder
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     client.log_metric(first.run_id, "lr", first.curve.lrs[9] * (1 + 1e-6), step=9)
     corrupted = check_trial("lrcheck", 0, "sqlite:///sweep.db", "sqlite:///mlflow.db")
     assert not corrupted.matches and corrupted.worst_step == 9

@@ -53,6 +53,8 @@ _TRANSIENT_WORDS = ("database is locked", "database table is locked", "connectio
                     "connection is closed", "connection is lost", "broken pipe",
                     "read-only transaction", "no connection to the server", "consuming input",
                     "ssl syscall", "too many clients", "gone away", "lost connection")
+_SQLITE_TRANSIENT_WORDS = ("database is locked", "database table is locked", "database is busy",
+                           "unable to open database file", "disk i/o error")
 _PERMANENT_WORDS = ("authentication failed", "no pg_hba.conf entry", "does not exist",
                     "permission denied", "no such table", "no such column", "syntax error",
                     "readonly database")
@@ -90,6 +92,10 @@ def is_transient(err: BaseException) -> bool:
     text = " ".join(str(e) for e in chain).lower()
     if any(word in text for word in _PERMANENT_WORDS):
         return False
+    if any(type(e).__module__.startswith("sqlite3") for e in chain):
+        # SQLite's OperationalError also means a bad statement or value (malformed JSON, a
+        # trigger's RAISE, a full disk); only a lock or a file that did not open passes
+        return any(word in text for word in _SQLITE_TRANSIENT_WORDS)
     for e in chain:
         if isinstance(e, (sqlalchemy.exc.TimeoutError, sqlalchemy.exc.DisconnectionError,
                           sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
