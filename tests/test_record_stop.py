@@ -69,9 +69,10 @@ def _spooled_steps(folder: Path) -> list[int]:
     return steps
 
 
-@pytest.mark.parametrize("second", [None, "at once", "while spooling"])
-def test_a_stop_with_a_locked_store_and_a_large_backlog_spools_every_point(tmp_path, template,
-                                                                           second):
+def _stopped_with_its_store_locked(tmp_path, template):
+    """A child that queued ``POINTS`` points for a run while another process holds the run's
+    SQLite store (``BEGIN EXCLUSIVE``), then got SIGTERM: ``(db, child, lock, run_id)``. The
+    caller closes ``lock`` and reaps ``child``."""
     db = tmp_path / "mlflow.db"
     shutil.copy(template, db)
     env = {"SWEEP_STOP_S": str(STOP_S), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
@@ -88,6 +89,19 @@ def test_a_stop_with_a_locked_store_and_a_large_backlog_spools_every_point(tmp_p
         child.stdin.flush()
         assert child.stdout.readline().strip() == "fed"
         child.send_signal(signal.SIGTERM)
+    except BaseException:
+        lock.close()
+        child.kill()
+        child.wait()
+        raise
+    return db, child, lock, run_id
+
+
+@pytest.mark.parametrize("second", [None, "at once", "while spooling"])
+def test_a_stop_with_a_locked_store_and_a_large_backlog_spools_every_point(tmp_path, template,
+                                                                           second):
+    db, child, lock, run_id = _stopped_with_its_store_locked(tmp_path, template)
+    try:
         if second == "at once":
             child.send_signal(signal.SIGTERM)
         elif second == "while spooling":
@@ -133,21 +147,8 @@ def full_spool(tmp_path):
 
 def test_a_stop_onto_a_full_spool_disk_exits_in_time_and_counts_what_it_lost(tmp_path, template,
                                                                              full_spool):
-    db = tmp_path / "mlflow.db"
-    shutil.copy(template, db)
-    env = {"SWEEP_STOP_S": str(STOP_S), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
-           "HOME": str(tmp_path)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, f"sqlite:///{db}"], cwd=tmp_path,
-                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    lock = sqlite3.connect(db, isolation_level=None, timeout=60)
+    db, child, lock, run_id = _stopped_with_its_store_locked(tmp_path, template)
     try:
-        run_id = child.stdout.readline().strip()
-        lock.execute("BEGIN EXCLUSIVE")
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        assert child.stdout.readline().strip() == "fed"
-        child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=30)  # within SLURM's KillWait, or it fails here
     finally:
         lock.close()
@@ -157,10 +158,7 @@ def test_a_stop_onto_a_full_spool_disk_exits_in_time_and_counts_what_it_lost(tmp
     with sqlite3.connect(db) as conn:
         stored = conn.execute("SELECT count(*) FROM metrics WHERE run_uuid = ?",
                               (run_id,)).fetchone()[0]
-    readable = []
-    for path in full_spool.glob("*.jsonl"):  # a torn last line is no point of anyone's
-        for record in spool_records(path):
-            readable += [p[3] for p in record.get("metrics", ())]
+    readable = _spooled_steps(full_spool)  # a torn last line is no point of anyone's
     exit_line = out.strip().splitlines()[-1]
     lost = POINTS - stored - len(set(readable))
     assert lost > 0 and f", {lost:,} lost" in exit_line, exit_line

@@ -114,9 +114,6 @@ def list_command(storage, as_json):
         click.echo(mask_url(list_studies(storage)))
 
 
-# --- for scripts: best, export, delete --------------------------------------------------------
-
-
 @click.command()
 @study_option()
 @storage_option

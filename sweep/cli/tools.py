@@ -32,9 +32,6 @@ def validate(files):
 
 
 
-# --- parallel workers, status, SLURM (issue 6) ------------------------------------------------
-
-
 @click.command()
 @click.option("--scheduler", help="Scheduler type (constant, step, multistep, exponential, cosine, "
                                   "cosine_restarts, plateau, onecycle, linear, polynomial, "
@@ -78,9 +75,6 @@ def schedule(scheduler, base_lr, epochs, steps_per_epoch, warmup_steps, warmup_s
     if answer.csv is not None:
         click.echo(answer.csv, nl=False)
     sys.exit(answer.exit_code)
-
-
-# --- report, MLflow UI, optuna-dashboard, list (issue 7) --------------------------------------
 
 
 @click.command()
