@@ -229,3 +229,13 @@ def test_no_module_or_class_is_past_its_size_bound():
     assert sizes_over(MODULE_LINES, CLASS_LINES, {"m": long_class}) == [f"m.Big: {CLASS_LINES + 1} lines"]
     assert sizes_over(MODULE_LINES, CLASS_LINES, {"m": "x = 1\n" * (MODULE_LINES + 1)}) \
         == [f"m: {MODULE_LINES + 1} lines"]
+
+
+def test_no_two_classes_in_sweep_share_a_name():
+    """Two classes of one name (two ``_Slot``s once, two ``Heartbeat``s) read as one thing."""
+    seen: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                seen.setdefault(node.name, []).append(name)
+    assert not {cls: where for cls, where in seen.items() if len(where) > 1}

@@ -48,7 +48,7 @@ import sweep.record.spool_format as spool_format
 from sweep.record.batch import MAX_BATCH, log_batch
 from sweep.record.set_aside import SET_ASIDE
 from sweep.record.set_aside import append as append_set_aside
-from sweep.record.spool_locks import Heartbeat, claimed, create_note, live, locking, marker_of
+from sweep.record.spool_locks import LeaseKeeper, claimed, create_note, live, locking, marker_of
 
 DAMAGED = "damaged"
 
@@ -83,7 +83,7 @@ class SpoolWriter:
         self.host = host or socket.gethostname()
         self.path: Path | None = None
         self._fd: int | None = None
-        self._beat: Heartbeat | None = None
+        self._beat: LeaseKeeper | None = None
         self._opened = 0  # segments opened (a lock-file writer judged dead opens another)
         # the writer thread, and a stop's last words: reentrant, as a second signal's handler may
         # run on a thread that is inside append already
@@ -136,7 +136,7 @@ class SpoolWriter:
                     raise
             else:
                 fd = os.open(segment, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-                self._beat = Heartbeat(marker)
+                self._beat = LeaseKeeper(marker)
         except BaseException:
             with contextlib.suppress(OSError):
                 marker.unlink()

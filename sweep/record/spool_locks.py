@@ -132,7 +132,7 @@ def live(segment: Path) -> bool:
     return note_alive(marker_of(segment)) is not False
 
 
-class Heartbeat:
+class LeaseKeeper:
     """Touches a lock-file marker every ``LEASE_S / 6`` seconds until stopped."""
 
     def __init__(self, path: Path):
@@ -231,7 +231,7 @@ def _claim_file(segment: Path):
                 with contextlib.suppress(FileExistsError):
                     os.link(broken, claim)
             broken.unlink()
-    beat = Heartbeat(claim)  # a long replay keeps its claim
+    beat = LeaseKeeper(claim)  # a long replay keeps its claim
     try:
         yield True
     finally:

@@ -21,7 +21,7 @@ from sweep.training.fused import SlotJob, train_pack
 from sweep.training.train import train
 
 
-class _Clock:
+class _ChunkTimes:
     """A listener (or pack guard) noting the time of every chunk's end, after its host sync."""
 
     def __init__(self):
@@ -55,7 +55,7 @@ def step_throughput(model: str, width: int, k: int, batch: int, device: torch.de
     cfgs = [TrialConfig(base_lr=0.05, schedule=ScheduleConfig("constant"), train=t,
                         data=DataSpec(train_size=n, val_size=batch, test_size=batch),
                         seed=slot, sampled={}) for slot in range(k)]
-    clock = _Clock()
+    clock = _ChunkTimes()
     if fused:
         jobs = iter([SlotJob(cfg, []) for cfg in cfgs])
         train_pack(lambda: next(jobs, None), k, splits, device, lambda end: None, [clock],
